@@ -1,0 +1,1 @@
+"""2DQuant post-training quantization: fake quantizers, DOBI, DQC, baselines and QDQ export."""

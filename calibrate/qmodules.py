@@ -1,0 +1,60 @@
+"""Quantized layers: a linear whose input and weight go through ``BoundFakeQuantizer``s.
+
+For the fused qkv linear, ``groups=3`` splits the weight into its q, k and v row blocks, each with
+its own weight quantizer. The paper also gives each block its own input quantizer (qkv separation,
+``shared_input=False``); a deployed engine wants one quantized input for the fused GEMM
+(``shared_input=True``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calibrate.quantizer import BoundFakeQuantizer, Search
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, bits: int, groups: int = 1, shared_input: bool = False,
+                 act_search: Search = "two_sided") -> None:
+        super().__init__()
+        if linear.out_features % groups:
+            raise ValueError(f"out_features {linear.out_features} not divisible by groups {groups}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.groups = groups
+        self.weight = linear.weight
+        self.bias = linear.bias
+        n_act = 1 if shared_input else groups
+        self.act_quantizers = nn.ModuleList(BoundFakeQuantizer(bits, act_search) for _ in range(n_act))
+        self.weight_quantizers = nn.ModuleList(BoundFakeQuantizer(bits) for _ in range(groups))
+
+    @property
+    def shared_input(self) -> bool:
+        return len(self.act_quantizers) == 1
+
+    def weight_blocks(self) -> tuple[torch.Tensor, ...]:
+        return self.weight.chunk(self.groups, 0)
+
+    def bias_blocks(self) -> tuple[torch.Tensor | None, ...]:
+        if self.bias is None:
+            return (None,) * self.groups
+        return self.bias.chunk(self.groups, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared_input:
+            xq = self.act_quantizers[0](x)
+        outs = []
+        for i, (w, b) in enumerate(zip(self.weight_blocks(), self.bias_blocks())):
+            xi = xq if self.shared_input else self.act_quantizers[i](x)
+            outs.append(F.linear(xi, self.weight_quantizers[i](w), b))
+        return outs[0] if self.groups == 1 else torch.cat(outs, dim=-1)
+
+    def to_float(self) -> nn.Linear:
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        lin.weight = self.weight
+        lin.bias = self.bias
+        return lin
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, groups={self.groups}"

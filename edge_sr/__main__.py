@@ -1,0 +1,3 @@
+from edge_sr.cli import main
+
+main()

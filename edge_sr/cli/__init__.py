@@ -1,0 +1,66 @@
+"""The ``edge-sr`` command line: a thin shell over the Python API.
+
+Each command lives in its own module (``edge_sr/cli/<name>_cmd.py``) and is imported only when it
+is invoked, so ``edge-sr --help`` stays fast and never touches torch, onnxruntime or tensorrt.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from edge_sr.errors import EdgeSRError
+from edge_sr.logutil import setup_logging
+
+COMMANDS = {
+    "eval": "edge_sr.cli.eval_cmd:eval_cmd",
+    "calibrate": "edge_sr.cli.calibrate_cmd:calibrate_cmd",
+    "export": "edge_sr.cli.export_cmd:export_cmd",
+    "build": "edge_sr.cli.build_cmd:build_cmd",
+    "upscale": "edge_sr.cli.upscale_cmd:upscale_cmd",
+    "profile": "edge_sr.cli.profile_cmd:profile_cmd",
+    "models": "edge_sr.cli.models_cmd:models_cmd",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgeSRError as e:
+            if ctx.obj and ctx.obj.get("verbose"):
+                logging.getLogger("edge_sr").exception("error")
+            click.echo(f"edge-sr: error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("edge-sr: interrupted; nothing half-written was kept", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging, and tracebacks on errors.")
+@click.version_option(package_name="edge-sr")
+@click.pass_context
+def main(ctx: click.Context, quiet: bool, verbose: bool) -> None:
+    """edge-sr: 2DQuant low-bit super-resolution for edge devices."""
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose
+    setup_logging(quiet=quiet, verbose=verbose)
+
+
+def run() -> None:  # pragma: no cover - console entry for `python -m edge_sr`
+    sys.exit(main())

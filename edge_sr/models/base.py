@@ -1,0 +1,101 @@
+"""What every edge-sr model exposes, so calibration, export and runtime stay architecture-free.
+
+A model marks each activation quantization point with an ``ActSlot`` (an identity in full
+precision) and keeps its quantizable linears as plain ``nn.Linear``. ``quant_points()`` lists both,
+with the role that decides the DOBI search (one-sided for softmax and post-GELU tensors), and
+``feature_modules()`` names the outputs that DQC's feature loss reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Roles of quantization points. "attn_probs" (softmax output) and the input of "fc2"
+# (post-GELU) are long-tailed: the paper searches them one-sided.
+LONG_TAILED_ROLES = frozenset({"attn_probs", "fc2"})
+
+
+class ActSlot(nn.Identity):
+    """An activation quantization point; the identity until calibration swaps in a quantizer."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__()
+        self.role = role
+
+    def extra_repr(self) -> str:
+        return f"role={self.role!r}"
+
+
+@dataclass(frozen=True)
+class QuantPoint:
+    """One place a quantizer goes: a linear (weight + input quantizers) or an activation slot."""
+
+    name: str  # module path, e.g. "layers.0.residual_group.blocks.1.attn.qkv"
+    kind: Literal["linear", "act"]
+    role: str  # "qkv", "proj", "fc1", "fc2", "q", "k", "v", "attn_probs"
+
+    @property
+    def long_tailed_input(self) -> bool:
+        """Whether the activation this point quantizes is long-tailed (paper: one-sided DOBI)."""
+        return self.role in LONG_TAILED_ROLES
+
+
+@dataclass(frozen=True)
+class SizeRequirements:
+    """Input constraints: the model pads to ``multiple`` itself; fixed-shape tiles must obey it."""
+
+    multiple: int
+    minimum: int = 1
+
+    def padding(self, h: int, w: int) -> tuple[int, int]:
+        return (-h) % self.multiple, (-w) % self.multiple
+
+    def check_tile(self, h: int, w: int) -> str | None:
+        """Return why a fixed tile shape is invalid, or None when it is fine."""
+        if h % self.multiple or w % self.multiple:
+            return f"tile {h}x{w} is not a multiple of {self.multiple}"
+        if min(h, w) < self.minimum:
+            return f"tile {h}x{w} is smaller than the minimum {self.minimum}"
+        return None
+
+
+def pad_flip(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
+    """Pad bottom/right with a flipped copy, as the official SwinIR test script does."""
+    if pad_h:
+        x = torch.cat([x, torch.flip(x, [2])], 2)[:, :, : x.shape[2] + pad_h, :]
+    if pad_w:
+        x = torch.cat([x, torch.flip(x, [3])], 3)[:, :, :, : x.shape[3] + pad_w]
+    return x
+
+
+def pad_reflect_symmetric(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad all sides evenly with reflection (used by models that pad centrally)."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if not (ph or pw):
+        return x
+    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="reflect")
+
+
+class SRModel(nn.Module):
+    """Base class of edge-sr's SR networks. Input and output are RGB in [0, 1], NCHW."""
+
+    arch: str = "?"
+    scale: int
+    size_requirements: SizeRequirements
+
+    def quant_points(self) -> list[QuantPoint]:
+        raise NotImplementedError
+
+    def feature_modules(self) -> list[str]:
+        """Module paths whose outputs DQC's feature loss compares (teacher vs student)."""
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """Constructor arguments, recorded in manifests."""
+        raise NotImplementedError

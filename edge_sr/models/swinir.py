@@ -1,0 +1,256 @@
+"""SwinIR-light (Liang et al., 2021), written for edge-sr.
+
+State-dict compatible with the official release (``002_lightweightSR_DIV2K_s64w8_SwinIR-S_x*.pth``)
+for every learned parameter. The ``attn_mask`` and ``relative_position_index`` buffers are not part
+of our state dict: they are recomputed from the input size, so any input size works and export to
+a fixed shape bakes them in as constants. Window partitioning is pure reshapes (no Python loop over
+windows). Quantization points are ``ActSlot`` identities and plain ``nn.Linear`` layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge_sr.models.base import ActSlot, QuantPoint, SizeRequirements, SRModel, pad_flip
+
+RGB_MEAN = (0.4488, 0.4371, 0.4040)
+
+
+def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B * nW, ws * ws, C)."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, ws * ws, c)
+
+
+def window_reverse(windows: torch.Tensor, ws: int, h: int, w: int) -> torch.Tensor:
+    """(B * nW, ws * ws, C) -> (B, H, W, C)."""
+    c = windows.shape[-1]
+    x = windows.view(-1, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, h, w, c)
+
+
+def relative_position_index(ws: int) -> torch.Tensor:
+    coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij"))
+    flat = coords.flatten(1)
+    rel = (flat[:, :, None] - flat[:, None, :]).permute(1, 2, 0) + (ws - 1)
+    return rel[:, :, 0] * (2 * ws - 1) + rel[:, :, 1]
+
+
+def shift_attention_mask(h: int, w: int, ws: int, shift: int) -> torch.Tensor:
+    """(nW, ws*ws, ws*ws) mask of 0 / -100 for shifted-window attention, as in Swin/SwinIR."""
+    img = torch.zeros(1, h, w, 1)
+    cnt = 0
+    for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+        for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+            img[:, hs, wsl, :] = cnt
+            cnt += 1
+    win = window_partition(img, ws).squeeze(-1)
+    mask = win.unsqueeze(1) - win.unsqueeze(2)
+    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+
+class WindowAttention(nn.Module):
+    def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.dim, self.window_size, self.num_heads = dim, window_size, num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * window_size - 1) ** 2, num_heads)
+        )
+        self.register_buffer(
+            "relative_position_index", relative_position_index(window_size), persistent=False
+        )
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.q_quant, self.k_quant, self.v_quant = ActSlot("q"), ActSlot("k"), ActSlot("v")
+        self.attn_probs_quant = ActSlot("attn_probs")
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b_, n, c = x.shape
+        nh = self.num_heads
+        qkv = self.qkv(x).reshape(b_, n, 3, nh, c // nh).permute(2, 0, 3, 1, 4)
+        q = self.q_quant(qkv[0] * self.scale)
+        k = self.k_quant(qkv[1])
+        v = self.v_quant(qkv[2])
+        attn = q @ k.transpose(-2, -1)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        attn = attn + bias.view(n, n, nh).permute(2, 0, 1).unsqueeze(0)
+        if mask is not None:
+            nw = mask.shape[0]
+            attn = attn.view(b_ // nw, nw, nh, n, n) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, nh, n, n)
+        attn = self.attn_probs_quant(attn.softmax(dim=-1))
+        x = (attn @ v).transpose(1, 2).reshape(b_, n, c)
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwinTransformerBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int,
+                 mlp_ratio: float) -> None:
+        super().__init__()
+        self.window_size, self.shift_size = window_size, shift_size
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window_size, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self._mask_cache: dict[tuple, torch.Tensor] = {}
+
+    def _mask(self, h: int, w: int, device: torch.device) -> torch.Tensor | None:
+        if self.shift_size == 0:
+            return None
+        key = (h, w, device)
+        if key not in self._mask_cache:
+            if len(self._mask_cache) > 8:
+                self._mask_cache.clear()
+            self._mask_cache[key] = shift_attention_mask(h, w, self.window_size,
+                                                         self.shift_size).to(device)
+        return self._mask_cache[key]
+
+    def forward(self, x: torch.Tensor, x_size: tuple[int, int]) -> torch.Tensor:
+        h, w = x_size
+        b, _, c = x.shape
+        ws, s = self.window_size, self.shift_size
+        y = self.norm1(x).view(b, h, w, c)
+        if s:
+            y = torch.roll(y, shifts=(-s, -s), dims=(1, 2))
+        y = self.attn(window_partition(y, ws), mask=self._mask(h, w, x.device))
+        y = window_reverse(y, ws, h, w)
+        if s:
+            y = torch.roll(y, shifts=(s, s), dims=(1, 2))
+        x = x + y.reshape(b, h * w, c)
+        return x + self.mlp(self.norm2(x))
+
+
+class BasicLayer(nn.Module):
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int,
+                 mlp_ratio: float) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            SwinTransformerBlock(dim, num_heads, window_size,
+                                 0 if i % 2 == 0 else window_size // 2, mlp_ratio)
+            for i in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor, x_size: tuple[int, int]) -> torch.Tensor:
+        for blk in self.blocks:
+            x = blk(x, x_size)
+        return x
+
+
+class RSTB(nn.Module):
+    """Residual Swin Transformer Block: 6 Swin blocks, a 3x3 conv, a residual."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int,
+                 mlp_ratio: float) -> None:
+        super().__init__()
+        self.residual_group = BasicLayer(dim, depth, num_heads, window_size, mlp_ratio)
+        self.conv = nn.Conv2d(dim, dim, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor, x_size: tuple[int, int]) -> torch.Tensor:
+        h, w = x_size
+        b, _, c = x.shape
+        y = self.residual_group(x, x_size).transpose(1, 2).reshape(b, c, h, w)
+        return self.conv(y).flatten(2).transpose(1, 2) + x
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.flatten(2).transpose(1, 2))
+
+
+class SwinIRLight(SRModel):
+    """SwinIR-light: embed 60, depths [6,6,6,6], 6 heads, window 8, ``pixelshuffledirect``."""
+
+    arch = "swinir-light"
+
+    def __init__(self, scale: int = 2, embed_dim: int = 60, depths: tuple[int, ...] = (6, 6, 6, 6),
+                 num_heads: tuple[int, ...] = (6, 6, 6, 6), window_size: int = 8,
+                 mlp_ratio: float = 2.0, in_chans: int = 3) -> None:
+        super().__init__()
+        if scale not in (2, 3, 4):
+            raise ValueError(f"SwinIR-light scale must be 2, 3 or 4, got {scale}")
+        self.scale, self.window_size = scale, window_size
+        self._config = dict(scale=scale, embed_dim=embed_dim, depths=list(depths),
+                            num_heads=list(num_heads), window_size=window_size,
+                            mlp_ratio=mlp_ratio, in_chans=in_chans)
+        self.size_requirements = SizeRequirements(multiple=window_size, minimum=window_size)
+        self.register_buffer("mean", torch.tensor(RGB_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
+        self.patch_embed = PatchEmbed(embed_dim)
+        self.layers = nn.ModuleList(
+            RSTB(embed_dim, d, nh, window_size, mlp_ratio) for d, nh in zip(depths, num_heads)
+        )
+        self.norm = nn.LayerNorm(embed_dim)
+        self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1)
+        self.upsample = nn.Sequential(
+            nn.Conv2d(embed_dim, in_chans * scale * scale, 3, 1, 1), nn.PixelShuffle(scale)
+        )
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def config(self) -> dict:
+        return dict(self._config)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        t = self.patch_embed(x)
+        for layer in self.layers:
+            t = layer(t, (h, w))
+        return self.norm(t).transpose(1, 2).reshape(b, c, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        pad_h, pad_w = self.size_requirements.padding(h, w)
+        x = pad_flip(x, pad_h, pad_w)
+        x = x - self.mean
+        feat = self.conv_first(x)
+        x = self.upsample(self.conv_after_body(self.forward_features(feat)) + feat) + self.mean
+        return x[:, :, : h * self.scale, : w * self.scale]
+
+    def quant_points(self) -> list[QuantPoint]:
+        points = []
+        for r, layer in enumerate(self.layers):
+            for k in range(len(layer.residual_group.blocks)):
+                p = f"layers.{r}.residual_group.blocks.{k}"
+                points += [
+                    QuantPoint(f"{p}.attn.qkv", "linear", "qkv"),
+                    QuantPoint(f"{p}.attn.q_quant", "act", "q"),
+                    QuantPoint(f"{p}.attn.k_quant", "act", "k"),
+                    QuantPoint(f"{p}.attn.v_quant", "act", "v"),
+                    QuantPoint(f"{p}.attn.attn_probs_quant", "act", "attn_probs"),
+                    QuantPoint(f"{p}.attn.proj", "linear", "proj"),
+                    QuantPoint(f"{p}.mlp.fc1", "linear", "fc1"),
+                    QuantPoint(f"{p}.mlp.fc2", "linear", "fc2"),
+                ]
+        return points
+
+    def feature_modules(self) -> list[str]:
+        return [f"layers.{r}.residual_group" for r in range(len(self.layers))]
