@@ -9,6 +9,7 @@ with the role that decides the DOBI search (one-sided for softmax and post-GELU 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -99,3 +100,32 @@ class SRModel(nn.Module):
     def config(self) -> dict:
         """Constructor arguments, recorded in manifests."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How the checkpoint registry recognises and builds one architecture from a state dict.
+
+    ``detect(state_dict) -> bool`` looks only at keys and shapes. ``build(state_dict, scale)``
+    infers the hyper-parameters from the tensors, loads strictly on every learned parameter
+    (buffers such as ``attn_mask``/``relative_position_index`` may be absent or present) and
+    raises ``EdgeSRError`` naming the mismatch (e.g. an x3 checkpoint asked to run x2).
+    """
+
+    name: str
+    detect: Callable[[dict], bool]
+    build: Callable[[dict, int | None], SRModel]
+
+
+@dataclass(frozen=True)
+class CheckpointEntry:
+    """A named checkpoint: official file name, URL, size and checksum where known."""
+
+    name: str  # e.g. "swinir-light-x2", "swinir-light-x2-ref", "ngswin-x2"
+    arch: str
+    scale: int
+    filename: str
+    url: str | None = None
+    sha256: str | None = None
+    size: int | None = None
+    shared_relpath: str | None = None  # path under $EDGE_SR_DATA, for the shipped checkpoints

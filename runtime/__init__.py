@@ -1,0 +1,1 @@
+"""Deployment: backends (ONNX Runtime, TensorRT, CUDA), engine build, tiling, upscale, profiling."""
