@@ -13,7 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_sr.models.base import ActSlot, QuantPoint, SizeRequirements, SRModel, pad_flip
+from edge_sr.errors import EdgeSRError
+from edge_sr.models.base import (
+    ActSlot,
+    Architecture,
+    QuantPoint,
+    SizeRequirements,
+    SRModel,
+    pad_flip,
+)
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
@@ -254,3 +262,128 @@ class SwinIRLight(SRModel):
 
     def feature_modules(self) -> list[str]:
         return [f"layers.{r}.residual_group" for r in range(len(self.layers))]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading official-format state dicts: hyper-parameters come from the tensors themselves.
+
+BUFFER_SUFFIXES = ("attn_mask", "relative_position_index")
+_BLOCK0 = "layers.0.residual_group.blocks.0."
+
+
+def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Return the bare state dict of a BasicSR/SwinIR-style checkpoint.
+
+    Like the official ``main_test_swinir.py``: ``params_ema`` if present, else ``params``, else the
+    dict itself (``state_dict`` is accepted too). DataParallel ``module.`` prefixes are stripped.
+    """
+    if not isinstance(obj, dict):
+        raise EdgeSRError(f"{source}: expected a dict of tensors, found {type(obj).__name__}")
+    for key in ("params_ema", "params", "state_dict"):
+        if key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    sd = {}
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise EdgeSRError(
+                f"{source}: expected a dict of tensors, found entry {k!r} of type "
+                f"{type(v).__name__}"
+            )
+        sd[k[len("module."):] if k.startswith("module.") else k] = v
+    return sd
+
+
+def is_swinir(sd: dict) -> bool:
+    """Any SwinIR variant (light, classical, real-world); ``build`` rejects the unsupported ones."""
+    return all(k in sd for k in ("conv_first.weight", "conv_after_body.weight",
+                                 _BLOCK0 + "attn.relative_position_bias_table",
+                                 _BLOCK0 + "attn.qkv.weight"))
+
+
+def infer_swinir_config(sd: dict, source: str = "checkpoint") -> dict:
+    """SwinIR-light constructor arguments read from tensor shapes (no scale check here)."""
+    if "conv_before_upsample.0.weight" in sd or "conv_last.weight" in sd:
+        dim = sd["conv_first.weight"].shape[0]
+        raise EdgeSRError(
+            f"{source} is a classical/real-world SwinIR (embed_dim {dim}, has "
+            "conv_before_upsample/conv_last), not SwinIR-light; edge-sr supports only "
+            "SwinIR-light (upsampler pixelshuffledirect)"
+        )
+    if "upsample.0.weight" not in sd or sd["upsample.0.weight"].dim() != 4:
+        raise EdgeSRError(f"{source}: SwinIR without a pixelshuffledirect upsampler "
+                          "(no 4-D upsample.0.weight); only SwinIR-light is supported")
+    if "layers.0.conv.weight" not in sd:
+        raise EdgeSRError(f"{source}: SwinIR with resi_connection other than '1conv' "
+                          "(no layers.0.conv.weight); only SwinIR-light is supported")
+    embed_dim, in_chans = sd["conv_first.weight"].shape[:2]
+    n_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
+    depths, heads = [], []
+    for i in range(n_layers):
+        blocks = {int(k.split(".")[4]) for k in sd if k.startswith(f"layers.{i}.residual_group.")}
+        depths.append(1 + max(blocks) if blocks else 0)
+        heads.append(sd[f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table"]
+                     .shape[1])
+    table = sd[_BLOCK0 + "attn.relative_position_bias_table"].shape[0]
+    side = round(table ** 0.5)
+    if side * side != table or side % 2 == 0:
+        raise EdgeSRError(f"{source}: relative_position_bias_table has {table} rows, "
+                          "expected (2*window-1)^2")
+    hidden = sd[_BLOCK0 + "mlp.fc1.weight"].shape[0]
+    out = sd["upsample.0.weight"].shape[0]
+    scale = round((out / in_chans) ** 0.5)
+    if scale * scale * in_chans != out:
+        raise EdgeSRError(f"{source}: upsample.0.weight has {out} output channels, "
+                          f"expected {in_chans}*scale^2")
+    return dict(scale=scale, embed_dim=int(embed_dim), depths=tuple(depths),
+                num_heads=tuple(heads), window_size=(side + 1) // 2,
+                mlp_ratio=hidden / embed_dim, in_chans=int(in_chans))
+
+
+def swinir_from_state_dict(sd: object, scale: int | None = None,
+                           source: str = "checkpoint") -> SwinIRLight:
+    """Build a SwinIR-light from an official-format checkpoint, strict on every learned tensor.
+
+    Accepts ``{'params_ema'|'params'|'state_dict': ...}`` or a bare dict, with or without the
+    ``attn_mask``/``relative_position_index`` buffers (we recompute them), and ``module.``
+    prefixes. A scale that disagrees with the upsampler is an error, never a silent reshape.
+    """
+    sd = unwrap_state_dict(sd, source)
+    if not is_swinir(sd):
+        raise EdgeSRError(f"{source} is not a SwinIR checkpoint (no {_BLOCK0}attn.qkv.weight)")
+    cfg = infer_swinir_config(sd, source)
+    if scale is not None and scale != cfg["scale"]:
+        out = sd["upsample.0.weight"].shape[0]
+        raise EdgeSRError(
+            f"{source} is x{cfg['scale']} (upsample.0.weight has {out} output channels) "
+            f"but --scale {scale} was requested"
+        )
+    if cfg["scale"] not in (2, 3, 4):
+        raise EdgeSRError(f"{source} is x{cfg['scale']}; SwinIR-light supports x2, x3, x4")
+    model = SwinIRLight(**cfg)
+    learned = {k: v for k, v in sd.items() if k.rsplit(".", 1)[-1] not in BUFFER_SUFFIXES}
+    load_strict(model, learned, source)
+    return model.eval()
+
+
+def load_strict(model: nn.Module, learned: dict, source: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-sentence error naming the first mismatches."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in learned]
+    unexpected = [k for k in learned if k not in own]
+    wrong = [f"{k} {tuple(learned[k].shape)} vs {tuple(v.shape)}"
+             for k, v in own.items() if k in learned and learned[k].shape != v.shape]
+    problems = []
+    for what, names in (("missing", missing), ("unexpected", unexpected),
+                        ("wrong shape (checkpoint vs model)", wrong)):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            problems.append(f"{what}: {', '.join(names[:3])}{more}")
+    if problems:
+        raise EdgeSRError(f"{source} does not match {type(model).__name__}: "
+                          + "; ".join(problems))
+    model.load_state_dict(learned, strict=True)
+
+
+ARCHITECTURE = Architecture(name="swinir-light", detect=is_swinir,
+                            build=lambda sd, scale: swinir_from_state_dict(sd, scale))
