@@ -1,0 +1,168 @@
+"""Score a predictor on benchmark sets with the literature's protocol (spec §5, data/README.md).
+
+Per image: the whole LR goes through the predictor (batch 1, no tiling), the output is clamped to
+[0, 1] and rounded to uint8, and Y-PSNR / Y-SSIM are taken against the mod-cropped HR with
+``crop = scale`` border pixels removed. Set scores are means over images.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from edge_sr.data.datasets import SRPair, dataset_label, load_benchmark
+from edge_sr.data.images import save_image, to_tensor, to_uint8
+from edge_sr.errors import EdgeSRError
+from edge_sr.logutil import progress_disabled
+from edge_sr.metrics import psnr_y, ssim_y
+from edge_sr.predictors import Predictor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    """What to score: set names (or folders), scale (default: the predictor's), options.
+
+    ``save_images``: folder for the SR outputs (``<dir>/<set>/<name>.png``).
+    ``crop``: border pixels removed before the metrics (default: the scale).
+    ``limit``: score only the first N images of each set (smoke runs; not for reporting).
+    """
+
+    datasets: list[str]
+    scale: int | None = None
+    save_images: str | Path | None = None
+    crop: int | None = None
+    limit: int | None = None
+    ssim: bool = True
+    progress: bool = True
+
+
+@dataclass
+class ImageResult:
+    name: str
+    psnr: float
+    ssim: float | None
+    seconds: float  # predictor time only
+    lr_pixels: int
+
+
+@dataclass
+class DatasetResult:
+    name: str
+    images: list[ImageResult] = field(default_factory=list)
+
+    @property
+    def psnr(self) -> float:
+        return math.fsum(r.psnr for r in self.images) / len(self.images)
+
+    @property
+    def ssim(self) -> float | None:
+        vals = [r.ssim for r in self.images]
+        return None if any(v is None for v in vals) else math.fsum(vals) / len(vals)
+
+    @property
+    def seconds(self) -> float:
+        return math.fsum(r.seconds for r in self.images)
+
+    @property
+    def lr_megapixels(self) -> float:
+        return sum(r.lr_pixels for r in self.images) / 1e6
+
+
+@dataclass
+class EvalResult:
+    model: str
+    scale: int
+    datasets: dict[str, DatasetResult]
+
+    def to_json(self) -> dict:
+        """``{"model", "scale", "datasets": {set: {"psnr", "ssim", "images"}}}``."""
+        return {
+            "model": self.model,
+            "scale": self.scale,
+            "datasets": {
+                k: {"psnr": round(d.psnr, 6),
+                    "ssim": None if d.ssim is None else round(d.ssim, 6),
+                    "images": len(d.images)}
+                for k, d in self.datasets.items()
+            },
+        }
+
+    def per_image(self) -> list[dict]:
+        """One row per image, for debugging and plots."""
+        return [{"dataset": k, "image": r.name, "psnr": r.psnr, "ssim": r.ssim,
+                 "seconds": r.seconds}
+                for k, d in self.datasets.items() for r in d.images]
+
+    def table(self) -> str:
+        """A plain-text table: set, images, PSNR, SSIM."""
+        rows = [f"{'set':<12} {'images':>6} {'PSNR (dB)':>10} {'SSIM':>7}"]
+        for k, d in self.datasets.items():
+            ssim = "-" if d.ssim is None else f"{d.ssim:.4f}"
+            rows.append(f"{k:<12} {len(d.images):>6} {d.psnr:>10.4f} {ssim:>7}")
+        return f"{self.model} x{self.scale}\n" + "\n".join(rows)
+
+
+def evaluate_pairs(predictor: Predictor, pairs: list[SRPair], scale: int, label: str = "images",
+                   crop: int | None = None, ssim: bool = True,
+                   save_dir: str | Path | None = None, progress: bool = True) -> DatasetResult:
+    """Score ``predictor`` on (name, LR, HR) pairs; the lower-level API under ``evaluate``."""
+    crop = scale if crop is None else crop
+    out = DatasetResult(label)
+    bar = tqdm(pairs, desc=f"{label} x{scale}", unit="img", leave=False,
+               disable=not progress or progress_disabled())
+    for pair in bar:
+        x = to_tensor(pair.lr)
+        t0 = time.perf_counter()
+        y = predictor(x)
+        dt = time.perf_counter() - t0
+        expect = (1, 3, x.shape[2] * scale, x.shape[3] * scale)
+        if tuple(y.shape) != expect:
+            raise EdgeSRError(f"{getattr(predictor, 'name', 'predictor')}: expected an output of "
+                              f"shape {expect} for {label}/{pair.name}, got {tuple(y.shape)}")
+        sr = to_uint8(y)
+        del y
+        if save_dir is not None:
+            save_image(Path(save_dir) / f"{pair.name}.png", sr)
+        p = psnr_y(sr, pair.hr, crop)
+        s = ssim_y(sr, pair.hr, crop) if ssim else None
+        out.images.append(ImageResult(pair.name, p, s, dt, pair.lr.shape[0] * pair.lr.shape[1]))
+        log.debug("%s/%s: %.4f dB, %.2f s", label, pair.name, p, dt)
+        bar.set_postfix(psnr=f"{out.psnr:.3f}")
+    bar.close()
+    if not out.images:
+        raise EdgeSRError(f"{label}: expected at least one image to score, found none")
+    return out
+
+
+def evaluate(predictor: Predictor, config: EvalConfig) -> EvalResult:
+    """Score ``predictor`` on every set of ``config`` and return the per-set and per-image results."""
+    scale = int(predictor.scale)
+    if config.scale is not None and int(config.scale) != scale:
+        raise EdgeSRError(f"--scale {config.scale}: the model {predictor.name} is x{scale}")
+    if not config.datasets:
+        raise EdgeSRError("--datasets: expected at least one set name, got none")
+    # Resolve every set first so a typo in the last name fails before hours of work.
+    labels = [dataset_label(d) for d in config.datasets]
+    from edge_sr.data.datasets import POOL_VAL, resolve_dataset
+
+    for d in config.datasets:
+        if str(d) != POOL_VAL:
+            resolve_dataset(d)
+    results: dict[str, DatasetResult] = {}
+    for d, label in zip(config.datasets, labels):
+        pairs = load_benchmark(d, scale)
+        if config.limit is not None:
+            pairs = pairs[: config.limit]
+        save_dir = Path(config.save_images) / label if config.save_images else None
+        res = evaluate_pairs(predictor, pairs, scale, label=label, crop=config.crop,
+                             ssim=config.ssim, save_dir=save_dir, progress=config.progress)
+        log.info("%s x%d: %.4f dB over %d images", label, scale, res.psnr, len(res.images))
+        results[label] = res
+    return EvalResult(model=predictor.name, scale=scale, datasets=results)
