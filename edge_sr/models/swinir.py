@@ -121,6 +121,7 @@ class SwinTransformerBlock(nn.Module):
     def _mask(self, h: int, w: int, device: torch.device) -> torch.Tensor | None:
         if self.shift_size == 0:
             return None
+        h, w = int(h), int(w)  # under ONNX tracing these are tensors; the mask is a constant
         key = (h, w, device)
         if key not in self._mask_cache:
             if len(self._mask_cache) > 8:

@@ -1,0 +1,69 @@
+"""Full-precision ONNX export at a fixed input shape (input ``lr``, output ``sr``).
+
+torch 2.13's default (dynamo) exporter needs ``onnxscript``, which edge-sr does not depend on; the
+TorchScript-based exporter (``dynamo=False``) handles SwinIR-light and gives a plain graph. The
+shape is fixed so window partitioning, padding and the shifted-window masks are baked in as
+constants, which is what ONNX Runtime's and TensorRT's graph optimisers and the QDQ export expect.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edge_sr.errors import EdgeSRError
+from edge_sr.fileio import atomic_path
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "lr"
+OUTPUT_NAME = "sr"
+MIN_OPSET = 17
+
+
+def export_fp_onnx(model: nn.Module, path: str | os.PathLike, tile: tuple[int, int] = (64, 64),
+                   batch: int = 1, opset: int = MIN_OPSET) -> Path:
+    """Export ``model`` for a ``(batch, 3, *tile)`` input in [0, 1]; written atomically.
+
+    The model pads a tile that is not a multiple of its window itself (the padding is baked into
+    the graph), so any tile works; multiples of ``size_requirements.multiple`` waste no compute.
+    """
+    h, w = tile
+    if h <= 0 or w <= 0 or batch <= 0:
+        raise EdgeSRError(f"ONNX export: tile {h}x{w} and batch {batch} must be positive")
+    if opset < MIN_OPSET:
+        raise EdgeSRError(f"ONNX export: opset {opset} requested, at least {MIN_OPSET} is needed "
+                          "(LayerNormalization)")
+    path = Path(path)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    x = torch.rand(batch, 3, h, w, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)  # warm the per-shape caches (attention masks) so they export as constants
+            with atomic_path(path) as tmp, warnings.catch_warnings():
+                # The tracer warns that shapes become constants: that is the point here.
+                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+                warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX")
+                warnings.filterwarnings("ignore", message=".*will be removed")
+                torch.onnx.export(model, (x,), str(tmp), input_names=[INPUT_NAME],
+                                  output_names=[OUTPUT_NAME], opset_version=opset,
+                                  do_constant_folding=True, dynamo=False)
+                _check(tmp)
+    finally:
+        model.train(was_training)
+    log.info("exported %s (%dx%dx%dx%d, opset %d)", path, batch, 3, h, w, opset)
+    return path
+
+
+def _check(path: Path) -> None:
+    import onnx
+
+    onnx.checker.check_model(str(path))

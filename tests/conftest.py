@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny random SwinIR-light factory and the shared data folder.
+
+Tests never download: ``EDGE_SR_OFFLINE=1`` is set for the whole session.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from edge_sr.models.swinir import SwinIRLight
+from edge_sr.paths import data_root as _data_root
+
+os.environ["EDGE_SR_OFFLINE"] = "1"
+
+
+def make_tiny_swinir(scale: int = 2, seed: int = 0, embed_dim: int = 12,
+                     depths: tuple[int, ...] = (2, 2), num_heads: tuple[int, ...] = (2, 2),
+                     window_size: int = 8, mlp_ratio: float = 2.0) -> SwinIRLight:
+    """A small SwinIR-light in eval mode with seeded, non-trivial weights.
+
+    The default init leaves biases at 0, LayerNorms at identity and position biases near 0, which
+    would hide mistakes in those paths; every parameter gets seeded noise on top.
+    """
+    torch.manual_seed(seed)
+    model = SwinIRLight(scale, embed_dim=embed_dim, depths=depths, num_heads=num_heads,
+                        window_size=window_size, mlp_ratio=mlp_ratio)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            std = 0.5 if "relative_position_bias_table" in name else 0.05
+            p.add_(torch.randn(p.shape, generator=gen) * std)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_swinir() -> Callable[..., SwinIRLight]:
+    """Factory: ``tiny_swinir(scale=2, seed=0, **config)`` -> a seeded tiny SwinIR-light."""
+    return make_tiny_swinir
+
+
+@pytest.fixture
+def data_root() -> Path:
+    """The shared data folder; skips the test when it is not available."""
+    root = _data_root(required=False)
+    if root is None:
+        pytest.skip("shared data not found (set EDGE_SR_DATA)")
+    return root
