@@ -1,0 +1,296 @@
+"""Replace the traced placeholder nodes with exact Q/DQ subgraphs (see ``grid.py`` for the maths).
+
+Activation site ``P`` (``edge_sr::QAct``)::
+
+    x -> P/Sub (x - m) -> P/Clip -> P/QuantizeLinear -> P/DequantizeLinear -> P/AddShift (+m) -> ...
+
+When the value only flows (through Transpose/Reshape) into a MatMul, ``P/AddShift`` is dropped and
+the MatMul gets exact rank-1 corrections, so the MatMul sees the DQ output and ORT can fuse it:
+``(a+α)(b+β) = ab + β·rowsum(a) + α·colsum(b) + K·α·β`` (nodes ``<MatMul name>/corr*``).
+
+Quantized linear ``P`` (``edge_sr::QLinear``), for group j (one group, or q/k/v of a fused qkv
+whose inputs are quantized separately)::
+
+    P/act{i}/{Sub,Clip,QuantizeLinear,DequantizeLinear}      the input, as above (shift m_x)
+    P/W{j} (int8/int4 initializer) -> P/W{j}/DequantizeLinear (zp 0)
+    P/MatMul{j}(a, W) + [P/ReduceSum{j}(a)·m_w + (b + m_x·Σ_k ŵ)]   (bias kept out of the MatMul)
+    P/Concat (groups > 1)
+
+The bias is added as a separate Add of a non-constant tensor so ORT does not fold MatMul+Add into
+an FP Gemm (deploy notes §B1). Every Q, DQ and MatMul node carries ``metadata_props``
+``edge_sr.site``/``edge_sr.bits``/``edge_sr.kind`` (and ``qmin``/``qmax``) and a JSON doc_string.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from calibrate.export.grid import ActEncoding, Target, act_encoding, weight_encoding
+from calibrate.export.trace import DOMAIN
+from calibrate.qmodules import QuantLinear
+from calibrate.quantizer import BoundFakeQuantizer
+
+PASS_THROUGH = {"Transpose", "Reshape"}
+
+
+@dataclass(frozen=True)
+class EmitOptions:
+    target: Target
+    weight_container: str  # "auto" (int4 for <= 4 bits), "int8" or "int4"
+
+
+def _meta(node: onnx.NodeProto, **kv) -> onnx.NodeProto:
+    for k, v in kv.items():
+        entry = node.metadata_props.add()
+        entry.key, entry.value = f"edge_sr.{k}", str(v)
+    node.doc_string = json.dumps(kv, sort_keys=True)
+    return node
+
+
+class _Graph:
+    """Collects new nodes and initializers for the rebuilt graph."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def const(self, name: str, value, dtype=np.float32) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def int_tensor(self, name: str, codes: np.ndarray, container: str) -> str:
+        codes = np.asarray(codes)
+        if container == "int4":
+            self.inits.append(helper.make_tensor(name, TensorProto.INT4, codes.shape,
+                                                 codes.flatten().tolist()))
+        else:
+            dtype = np.uint8 if container == "uint8" else np.int8
+            if codes.min(initial=0) < np.iinfo(dtype).min or codes.max(initial=0) > np.iinfo(
+                    dtype).max:  # pragma: no cover - encodings keep codes in range
+                raise AssertionError(f"{name}: codes do not fit {container}")
+            self.inits.append(numpy_helper.from_array(codes.astype(dtype), name))
+        return name
+
+    def add(self, op: str, inputs: list[str], outputs: list[str], name: str,
+            **attrs) -> onnx.NodeProto:
+        node = helper.make_node(op, inputs, outputs, name=name, **attrs)
+        self.nodes.append(node)
+        return node
+
+
+def _emit_act(g: _Graph, x: str, enc: ActEncoding, prefix: str, site: str, dq_copies: int = 1
+              ) -> list[str]:
+    """Sub -> Clip -> Q -> DQ; returns the DQ outputs (``x_hat - m``), one per requested copy."""
+    cur = x
+    if enc.shift != 0.0:
+        g.add("Sub", [cur, g.const(f"{prefix}shift", enc.shift)], [f"{prefix}shifted"],
+              f"{prefix}Sub")
+        cur = f"{prefix}shifted"
+    g.add("Clip", [cur, g.const(f"{prefix}clip_lo", enc.clip_lo),
+                   g.const(f"{prefix}clip_hi", enc.clip_hi)], [f"{prefix}clipped"], f"{prefix}Clip")
+    scale = g.const(f"{prefix}scale", enc.scale)
+    zp = g.const(f"{prefix}zero_point", enc.zero_point,
+                 np.uint8 if enc.container == "uint8" else np.int8)
+    meta = dict(site=site, kind="act", bits=enc.bits, qmin=enc.qmin, qmax=enc.qmax)
+    _meta(g.add("QuantizeLinear", [f"{prefix}clipped", scale, zp], [f"{prefix}q"],
+                f"{prefix}QuantizeLinear"), **meta)
+    outs = []
+    for c in range(dq_copies):
+        sfx = "" if c == 0 else f"_{c}"
+        _meta(g.add("DequantizeLinear", [f"{prefix}q", scale, zp], [f"{prefix}dq{sfx}"],
+                    f"{prefix}DequantizeLinear{sfx}"), **meta)
+        outs.append(f"{prefix}dq{sfx}")
+    return outs
+
+
+def _emit_linear(g: _Graph, node: onnx.NodeProto, site: str, lin: QuantLinear,
+                 opts: EmitOptions) -> list[dict]:
+    """The subgraph of one quantized linear; returns one metadata record per MatMul."""
+    x, out = node.input[0], node.output[0]
+    acts = [act_encoding(q, opts.target) for q in lin.act_quantizers]
+    dqs = [_emit_act(g, x, e, f"{site}/act{i}/", site, dq_copies=2) for i, e in enumerate(acts)]
+    wencs = [weight_encoding(q, w) for q, w in zip(lin.weight_quantizers, lin.weight_blocks())]
+    biases = [None if b is None else b.detach().double().numpy() for b in lin.bias_blocks()]
+    # Shared input: one GEMM over all groups (per-column weight scale); else one per group.
+    plan = [(0, list(range(lin.groups)))] if lin.shared_input else [(j, [j]) for j in
+                                                                     range(lin.groups)]
+    outs, records = [], []
+    for j, groups in plan:
+        enc = acts[j if not lin.shared_input else 0]
+        a, a_sum = dqs[j if not lin.shared_input else 0]
+        ws = [wencs[k] for k in groups]
+        bits = max(w.bits for w in ws)
+        container = ("int4" if opts.weight_container in ("auto", "int4") and bits <= 4
+                     else "uint8" if opts.target == "ort" else "int8")
+        codes = np.concatenate([w.codes for w in ws], 0).T  # (K, N) for MatMul(a, W)
+        deq = np.concatenate([w.dequant for w in ws], 0).astype(np.float64)  # (N, K)
+        col = np.concatenate([np.full(w.codes.shape[0], 1.0) for w in ws])
+        scales = np.concatenate([np.full(w.codes.shape[0], w.scale, np.float32) for w in ws])
+        shifts = np.concatenate([np.full(w.codes.shape[0], w.shift, np.float32) for w in ws])
+        bias = np.concatenate([b if b is not None else np.zeros(w.codes.shape[0])
+                               for b, w in zip((biases[k] for k in groups), ws)])
+        bias = (bias + enc.shift * deq.sum(1) * col).astype(np.float32)
+        p = f"{site}/W{j}"
+        per_col = len(ws) > 1
+        scale = g.const(f"{p}_scale", scales if per_col else scales[0])
+        zp_vals = np.zeros(codes.shape[1] if per_col else (), np.int64)
+        if container == "uint8":  # codes + 2^(b-1) with that zero point: same dequantized values
+            off = np.concatenate([np.full(w.codes.shape[0], 2 ** (w.bits - 1)) for w in ws])
+            codes = codes.astype(np.int64) + off[None, :]
+            zp_vals = off if per_col else np.asarray(off[0])
+        wname = g.int_tensor(p, codes, container)
+        zp = g.int_tensor(f"{p}_zero_point", zp_vals, container)
+        lo = 0 if container == "uint8" else -(2 ** (bits - 1))
+        wmeta = dict(site=site, kind="weight", bits=bits, qmin=lo, qmax=lo + 2**bits - 1,
+                     container=container)
+        _meta(g.add("DequantizeLinear", [wname, scale, zp], [f"{p}_dq"],
+                    f"{p}/DequantizeLinear", **({"axis": 1} if per_col else {})), **wmeta)
+        mm = f"{site}/MatMul{j}"
+        _meta(g.add("MatMul", [a, f"{p}_dq"], [f"{mm}_out"], mm), site=site, kind="linear",
+              bits=bits, a_bits=enc.bits, w_bits=bits, group=j, weight=wname,
+              act_q=f"{site}/act{j if not lin.shared_input else 0}/QuantizeLinear")
+        g.add("ReduceSum", [a_sum, g.const(f"{site}/axes_last{j}", [-1], np.int64)],
+              [f"{site}/rowsum{j}"], f"{site}/ReduceSum{j}", keepdims=1)
+        g.add("Mul", [f"{site}/rowsum{j}", g.const(f"{p}_shift", shifts)], [f"{site}/wcorr{j}"],
+              f"{site}/MulShift{j}")
+        g.add("Add", [f"{site}/wcorr{j}", g.const(f"{site}/bias{j}", bias)], [f"{site}/corr{j}"],
+              f"{site}/AddBias{j}")
+        yj = out if len(plan) == 1 else f"{site}/out{j}"
+        g.add("Add", [f"{mm}_out", f"{site}/corr{j}"], [yj], f"{site}/Add{j}")
+        outs.append(yj)
+        records.append(dict(site=site, kind="linear", matmul=mm, group=j, weight=wname,
+                            weight_container=container, w_bits=bits, a_bits=enc.bits,
+                            act=enc.meta(), weight_scale=scales.tolist() if per_col
+                            else float(scales[0]), weight_shift=shifts.tolist() if per_col
+                            else float(shifts[0]), in_features=int(codes.shape[0]),
+                            out_features=int(codes.shape[1])))
+    if len(plan) > 1:
+        g.add("Concat", outs, [out], f"{site}/Concat", axis=-1)
+    return records
+
+
+def replace_sites(proto: onnx.ModelProto, linears: dict[str, QuantLinear],
+                  acts: dict[str, BoundFakeQuantizer], opts: EmitOptions
+                  ) -> tuple[onnx.ModelProto, list[dict], dict[str, tuple[str, float]]]:
+    """Pass 1: every placeholder becomes its exact Q/DQ subgraph (activations with AddShift).
+
+    Returns the model, per-site records and, for each activation site's output tensor, its DQ
+    tensor and shift (used by ``fold_matmul_shifts``).
+    """
+    g = _Graph()
+    records: list[dict] = []
+    act_outputs: dict[str, tuple[str, float]] = {}
+    for node in proto.graph.node:
+        if node.domain != DOMAIN:
+            g.nodes.append(node)
+            continue
+        site = helper.get_attribute_value(node.attribute[0]).decode()
+        if node.op_type == "QLinear":
+            records += _emit_linear(g, node, site, linears[site], opts)
+        elif node.op_type == "QAct":
+            enc = act_encoding(acts[site], opts.target)
+            (dq,) = _emit_act(g, node.input[0], enc, f"{site}/", site)
+            g.add("Add", [dq, g.const(f"{site}/shift_back", enc.shift)], [node.output[0]],
+                  f"{site}/AddShift")
+            act_outputs[node.output[0]] = (dq, enc.shift)
+            records.append(dict(site=site, kind="act", q=f"{site}/QuantizeLinear", **enc.meta()))
+        else:  # pragma: no cover - trace.py emits only the two kinds
+            raise AssertionError(f"unknown placeholder {node.op_type}")
+    del proto.graph.node[:]
+    proto.graph.node.extend(g.nodes)
+    proto.graph.initializer.extend(g.inits)
+    return proto, records, act_outputs
+
+
+def fold_matmul_shifts(proto: onnx.ModelProto, act_outputs: dict[str, tuple[str, float]]
+                       ) -> list[str]:
+    """Pass 2: feed MatMuls the DQ outputs directly and add exact rank-1 corrections.
+
+    Needs inferred shapes (K). Returns the names of the MatMuls that were rewritten.
+    """
+    graph = proto.graph
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+              for vi in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def source(t: str) -> tuple[onnx.NodeProto, str, float] | None:
+        """Follow single-consumer shape ops back to an activation site's AddShift output."""
+        while t not in act_outputs:
+            p = producer.get(t)
+            if p is None or p.op_type not in PASS_THROUGH or len(consumers.get(t, [])) != 1:
+                return None
+            t = p.input[0]
+        if len(consumers.get(t, [])) != 1:
+            return None
+        dq, shift = act_outputs[t]
+        return consumers[t][0], dq, shift
+
+    extra: dict[str, list[onnx.NodeProto]] = {}
+    dead: set[str] = set()
+    done = []
+    for mm in [n for n in graph.node if n.op_type == "MatMul"]:
+        found = [source(t) for t in mm.input[:2]]
+        if not any(found):
+            continue
+        shifts = [0.0, 0.0]
+        for k, f in enumerate(found):
+            if f is None:
+                continue
+            head, dq, shifts[k] = f
+            old = [i for i, t in enumerate(head.input) if t in act_outputs]
+            dead.add(producer[head.input[old[0]]].name)
+            head.input[old[0]] = dq
+        alpha, beta = shifts
+        a, b, c = mm.input[0], mm.input[1], mm.output[0]
+        kdim = shapes.get(a, [0])[-1]
+        if not kdim:
+            raise AssertionError(f"no static shape for {a} (MatMul {mm.name})")
+        raw = f"{mm.name}/raw"
+        mm.output[0] = raw
+        new, terms = [], []
+        if beta:
+            new += [helper.make_node("ReduceSum", [a, f"{mm.name}/ax_m1"], [f"{mm.name}/rs_a"],
+                                     name=f"{mm.name}/corr_ReduceSumA", keepdims=1),
+                    helper.make_node("Mul", [f"{mm.name}/rs_a", f"{mm.name}/beta"],
+                                     [f"{mm.name}/ta"], name=f"{mm.name}/corr_MulA")]
+            terms.append(f"{mm.name}/ta")
+        if alpha:
+            new += [helper.make_node("ReduceSum", [b, f"{mm.name}/ax_m2"], [f"{mm.name}/rs_b"],
+                                     name=f"{mm.name}/corr_ReduceSumB", keepdims=1),
+                    helper.make_node("Mul", [f"{mm.name}/rs_b", f"{mm.name}/alpha"],
+                                     [f"{mm.name}/tb"], name=f"{mm.name}/corr_MulB")]
+            terms.append(f"{mm.name}/tb")
+        if alpha and beta:
+            terms.append(f"{mm.name}/kab")
+        cur = raw
+        for i, t in enumerate(terms):
+            out = c if i == len(terms) - 1 else f"{mm.name}/acc{i}"
+            new.append(helper.make_node("Add", [cur, t], [out], name=f"{mm.name}/corr_Add{i}"))
+            cur = out
+        graph.initializer.extend([
+            numpy_helper.from_array(np.array([-1], np.int64), f"{mm.name}/ax_m1"),
+            numpy_helper.from_array(np.array([-2], np.int64), f"{mm.name}/ax_m2"),
+            numpy_helper.from_array(np.array(beta, np.float32), f"{mm.name}/beta"),
+            numpy_helper.from_array(np.array(alpha, np.float32), f"{mm.name}/alpha"),
+            numpy_helper.from_array(np.array(kdim * alpha * beta, np.float32), f"{mm.name}/kab"),
+        ])
+        extra[mm.name] = new
+        done.append(mm.name)
+    nodes = []
+    for n in graph.node:
+        if n.name in dead:
+            continue
+        nodes.append(n)
+        nodes += extra.get(n.name, [])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return done

@@ -1,0 +1,113 @@
+"""Exact integer encodings of 2DQuant's learned grids (the maths of the QDQ export).
+
+A quantizer's grid is ``l + k*s`` (k = 0..n, n = 2^b - 1, ``s = (u - l)/n``); its zero point
+``-l/s`` is real, so ONNX's ``(q - zp)*s`` cannot hold it directly. We shift by a constant ``m``:
+
+    m = l + z*s        (z an integer)
+    x - m  has grid (k - z)*s   -> integer multiples of s: QuantizeLinear/DequantizeLinear hold it
+    round((x - m)/s) = round((x - l)/s) - z    (z integer, so rounding ties are unchanged)
+
+* target ``ort``: uint8 container with zero point ``z = clip(round(-l/s), 0, 255)``; the stored
+  code is k itself and ``m`` is the sub-step remainder (0 <= |m| <= s/2 when l <= 0 <= u).
+* target ``trt``: int8 container, zero point 0, ``z = 2^(b-1)`` (deploy notes §0.1): the stored
+  code is ``k - 2^(b-1)`` in [-2^(b-1), 2^(b-1) - 1], symmetric as TensorRT requires.
+
+The ONNX pattern is ``Sub(m) -> Clip -> QuantizeLinear -> DequantizeLinear`` (the float Clip keeps
+ORT's integer fusions); the DQ output is ``x_hat - m``. The shift ``m`` is given back exactly by the
+consumer: folded into the next linear's bias, or by rank-1 terms around an attention MatMul (see
+``emit.py``). Weights use the trt form (zp 0, codes ``k - 2^(b-1)``, int8 or int4) and their shift
+``m_w`` becomes a per-token rank-1 term ``m_w * sum_k a_k``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from calibrate.quantizer import BoundFakeQuantizer
+
+Target = Literal["ort", "trt"]
+
+
+def _step(q: BoundFakeQuantizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lower, upper, step) as float32 tensors, computed exactly as ``fake_quant`` does."""
+    lower, upper = q.lower.detach().float(), q.upper.detach().float()
+    return lower, upper, (upper - lower) / (2**q.bits - 1)
+
+
+@dataclass(frozen=True)
+class ActEncoding:
+    """How one activation quantizer becomes ``Sub -> Clip -> Q -> DQ`` (all float32 constants)."""
+
+    bits: int
+    lower: float
+    upper: float
+    scale: float
+    shift: float  # m: the DQ output is x_hat - m
+    container: Literal["uint8", "int8"]
+    zero_point: int
+    clip_lo: float  # Clip bounds on x - m, i.e. (-z)*s and (n - z)*s
+    clip_hi: float
+    qmin: int  # the stored codes lie in [qmin, qmax] (true b-bit range inside the container)
+    qmax: int
+
+    def meta(self) -> dict:
+        return {"bits": self.bits, "lower": self.lower, "upper": self.upper, "scale": self.scale,
+                "shift": self.shift, "container": self.container, "zero_point": self.zero_point,
+                "qmin": self.qmin, "qmax": self.qmax}
+
+
+def act_encoding(q: BoundFakeQuantizer, target: Target) -> ActEncoding:
+    lower, upper, step = _step(q)
+    if not float(step) > 0:
+        raise ValueError(f"upper bound {float(upper)} must exceed lower bound {float(lower)}")
+    n = 2**q.bits - 1
+    if target == "ort":
+        z = int(np.clip(np.rint(-float(lower) / float(step)), 0, 255))
+        container, zp, qmin, qmax = "uint8", z, 0, n
+    elif target == "trt":
+        z = 2 ** (q.bits - 1)
+        container, zp, qmin, qmax = "int8", 0, -z, n - z
+    else:
+        raise ValueError(f"target must be 'ort' or 'trt', got {target!r}")
+    shift = lower + step * z
+    return ActEncoding(
+        bits=q.bits, lower=float(lower), upper=float(upper), scale=float(step), shift=float(shift),
+        container=container, zero_point=zp, clip_lo=float(step * (-z)),
+        clip_hi=float(step * (n - z)), qmin=qmin, qmax=qmax,
+    )
+
+
+@dataclass(frozen=True)
+class WeightEncoding:
+    """Signed codes ``k - 2^(b-1)`` with scale ``s`` and shift ``m_w = l + 2^(b-1)*s``.
+
+    ``codes * scale + shift`` reproduces the fake-quant weight; ``dequant`` is that weight exactly
+    as ``fake_quant`` computes it (used to fold biases in float64).
+    """
+
+    bits: int
+    codes: np.ndarray  # int8 array, same shape as the weight
+    scale: float
+    shift: float
+    dequant: np.ndarray  # float32, the fake-quant weight
+
+    def meta(self) -> dict:
+        return {"bits": self.bits, "scale": self.scale, "shift": self.shift,
+                "qmin": -(2 ** (self.bits - 1)), "qmax": 2 ** (self.bits - 1) - 1}
+
+
+def weight_encoding(q: BoundFakeQuantizer, w: torch.Tensor) -> WeightEncoding:
+    lower, upper, step = _step(q)
+    w = w.detach().float()
+    k = torch.round((torch.minimum(torch.maximum(w, lower), upper) - lower) / step)
+    deq = lower + step * k
+    c = 2 ** (q.bits - 1)
+    codes = (k - c).to(torch.int64).numpy()
+    if codes.min() < -c or codes.max() > c - 1:  # pragma: no cover - guarded by the clip above
+        raise AssertionError("weight codes left their b-bit range")
+    return WeightEncoding(bits=q.bits, codes=codes.astype(np.int8), scale=float(step),
+                          shift=float(lower + step * c), dequant=deq.numpy().astype(np.float32))
