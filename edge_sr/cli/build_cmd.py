@@ -1,0 +1,50 @@
+"""``edge-sr build``: one command from a checkpoint to a deployable engine (``runtime.build``)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from edge_sr.cli.options import logging_options
+
+
+@click.command("build")
+@click.option("--bits", type=int, required=True, help="Weight and activation bit width (2, 3, 4).")
+@click.option("--scale", type=int, required=True, help="Upscaling factor (2, 3, 4).")
+@click.option("--model", metavar="NAME|PATH", default=None,
+              help="Checkpoint name or .pth path [default: swinir-light-x{scale}-ref].")
+@click.option("--backend", type=click.Choice(["auto", "ort", "trt"]), default="auto",
+              show_default=True, help="auto: TensorRT with a CUDA GPU, else ONNX Runtime (CPU).")
+@click.option("--recipe", type=click.Choice(["fast", "paper"]), default="fast", show_default=True,
+              help="Calibration recipe: fast (minutes on a CPU) or paper (the 2DQuant schedule).")
+@click.option("--method", type=click.Choice(["2dquant"]), default="2dquant", show_default=True)
+@click.option("--tile", default="64", show_default=True,
+              help="LR tile the engine runs: N or WxH (a multiple of the model's window).")
+@click.option("--batch", type=int, default=1, show_default=True, help="Tiles per engine call.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Engine directory [default: engines/<model>-w{bits}a{bits}].")
+@click.option("--force", is_flag=True, help="Replace --out if it exists (only once the build "
+                                            "succeeded).")
+@click.option("--threads", type=int, default=None, help="Threads for validation (ORT).")
+@click.option("--print-config", is_flag=True, help="Print the build configuration and stop.")
+@logging_options
+def build_cmd(bits, scale, model, backend, recipe, method, tile, batch, out, force, threads,
+              print_config) -> None:
+    """Build a quantized SR engine: checkpoint -> calibrate -> export -> build -> validate."""
+    from edge_sr.cli.options import parse_size
+    from runtime.build import BuildConfig, build, config_dict
+
+    cfg = BuildConfig(bits=bits, scale=scale, model=model, backend=backend, recipe=recipe,
+                      method=method, tile=parse_size(tile, "--tile"), batch=batch, out=out,
+                      force=force, threads=threads)
+    if print_config:
+        click.echo(json.dumps(config_dict(cfg), indent=2))
+        return
+    res = build(cfg)
+    v = res.manifest.validation
+    click.echo(f"engine: {res.path}")
+    click.echo("stages: " + ", ".join(f"{k} {t:.1f}s" for k, t in res.stage_seconds.items()))
+    click.echo(f"validation ({len(v['per_image'])} held-out BSD200 crops): engine "
+               f"{v['psnr_y_db']:.3f} dB, fake-quant {v['psnr_y_fake_quant_db']:.3f} dB, FP "
+               f"{v['psnr_y_fp_db']:.3f} dB; fidelity vs fake-quant {v['fidelity_psnr_y_db']:.2f} dB")

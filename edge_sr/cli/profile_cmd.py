@@ -1,0 +1,31 @@
+"""``edge-sr profile``: latency / throughput / memory of an engine (``runtime.profile``)."""
+
+from __future__ import annotations
+
+import click
+
+from edge_sr.cli.options import logging_options
+
+
+@click.command("profile")
+@click.option("--engine", type=click.Path(), required=True, help="Engine directory (edge-sr build).")
+@click.option("--input-size", default="320x180", show_default=True, help="LR frame WIDTHxHEIGHT.")
+@click.option("--runs", type=int, default=20, show_default=True, help="Timed frames.")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed frames first.")
+@click.option("--compare", is_flag=True, help="Also profile the FP32 graph, interleaved.")
+@click.option("--threads", type=int, default=None, help="Inference threads [default: all cores].")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="JSON output [default: results/profile/<engine>_<W>x<H>.json].")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="PNG plot [default: the JSON path with .png].")
+@logging_options
+def profile_cmd(engine, input_size, runs, warmup, compare, threads, json_path, plot_path) -> None:
+    """Profile an engine: p50/p90/p99 latency, frames/s and peak memory after warm-up."""
+    from edge_sr.cli.options import parse_size
+    from runtime.profile import ProfileConfig, profile, table
+
+    res = profile(ProfileConfig(engine=engine, input_size=parse_size(input_size, "--input-size"),
+                                runs=runs, warmup=warmup, compare=compare, threads=threads,
+                                json_path=json_path, plot_path=plot_path))
+    click.echo(table(res))
+    click.echo(f"wrote {res['json']} and {res['plot']}")
