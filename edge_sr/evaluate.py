@@ -156,7 +156,7 @@ def evaluate(predictor: Predictor, config: EvalConfig) -> EvalResult:
         if str(d) != POOL_VAL:
             resolve_dataset(d)
     results: dict[str, DatasetResult] = {}
-    for d, label in zip(config.datasets, labels):
+    for d, label in zip(config.datasets, labels, strict=True):
         pairs = load_benchmark(d, scale)
         if config.limit is not None:
             pairs = pairs[: config.limit]

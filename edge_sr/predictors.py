@@ -88,7 +88,7 @@ def make_predictor(model=None, scale: int | None = None,
     if model is None:
         raise EdgeSRError("--model: expected a checkpoint name or path, got nothing")
     if isinstance(model, torch.nn.Module):
-        found = int(getattr(model, "scale"))
+        found = int(model.scale)
         _check_scale(scale, found, "the model")
         return TorchPredictor(model.to(device), found, name=type(model).__name__)
     from edge_sr.checkpoints import load_model

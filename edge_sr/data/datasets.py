@@ -71,7 +71,7 @@ def load_benchmark(name: str | os.PathLike, scale: int,
     shipped LR file or an LR whose size is not the cropped HR's divided by ``scale``.
     """
     if str(name) == POOL_VAL:
-        from edge_sr.data.pool import pool_split, pool_pairs
+        from edge_sr.data.pool import pool_pairs, pool_split
 
         return pool_pairs(pool_split().val, scale)
     set_dir = resolve_dataset(name, root)

@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): throughput and timing figures, written to results/bench/."""
