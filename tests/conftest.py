@@ -50,3 +50,12 @@ def data_root() -> Path:
     if root is None:
         pytest.skip("shared data not found (set EDGE_SR_DATA)")
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: on a loaded 2-core CI box, extra threads only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,6 +15,8 @@ from edge_sr.checkpoints import list_checkpoints, load_model, resolve_checkpoint
 from edge_sr.errors import EdgeSRError
 from edge_sr.models.base import CheckpointEntry
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ from edge_sr.models import detect_architecture, swinir_from_state_dict
 from edge_sr.models.base import pad_flip
 from edge_sr.models.swinir import infer_swinir_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SIZES = [(16, 16), (24, 40), (13, 21), (30, 17)]  # the last three are not multiples of 8
 
 

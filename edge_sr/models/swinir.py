@@ -10,7 +10,6 @@ windows). Quantization points are ``ActSlot`` identities and plain ``nn.Linear``
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edge_sr.errors import EdgeSRError
@@ -206,7 +205,7 @@ class SwinIRLight(SRModel):
         self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
         self.patch_embed = PatchEmbed(embed_dim)
         self.layers = nn.ModuleList(
-            RSTB(embed_dim, d, nh, window_size, mlp_ratio) for d, nh in zip(depths, num_heads)
+            RSTB(embed_dim, d, nh, window_size, mlp_ratio) for d, nh in zip(depths, num_heads, strict=True)
         )
         self.norm = nn.LayerNorm(embed_dim)
         self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1)
