@@ -205,7 +205,8 @@ class SwinIRLight(SRModel):
         self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
         self.patch_embed = PatchEmbed(embed_dim)
         self.layers = nn.ModuleList(
-            RSTB(embed_dim, d, nh, window_size, mlp_ratio) for d, nh in zip(depths, num_heads, strict=True)
+            RSTB(embed_dim, d, nh, window_size, mlp_ratio)
+            for d, nh in zip(depths, num_heads, strict=True)
         )
         self.norm = nn.LayerNorm(embed_dim)
         self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1)
