@@ -31,6 +31,12 @@ from edge_sr.models.swinir import relative_position_index, window_partition, win
 LOGIT_SCALE_MAX = math.log(1.0 / 0.01)
 
 
+def dims(x: torch.Tensor) -> tuple[int, ...]:
+    """The shape as Python ints: under ONNX tracing the sizes become constants (fixed-shape export),
+    which keeps the graph free of Shape/Gather chains."""
+    return tuple(int(d) for d in x.shape)
+
+
 def _slot(role: str, quantizable: bool) -> nn.Module:
     return ActSlot(role) if quantizable else nn.Identity()
 
@@ -60,7 +66,7 @@ class WindowAttention(nn.Module):
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        b_, n, _ = x.shape
+        b_, n, _ = dims(x)
         nh = self.num_heads
         qkv = self.qkv(x).reshape(b_, n, 3, nh, -1).permute(2, 0, 3, 1, 4)
         q = self.q_quant(F.normalize(qkv[0], dim=-1))
@@ -70,7 +76,7 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         attn = attn + bias.view(n, n, nh).permute(2, 0, 1).unsqueeze(0)
         if mask is not None:
-            nw = mask.shape[0]
+            nw = int(mask.shape[0])
             attn = attn.view(b_ // nw, nw, nh, n, n) + mask.unsqueeze(1).unsqueeze(0)
             attn = attn.view(-1, nh, n, n)
         attn = self.attn_probs_quant(attn.softmax(dim=-1))
@@ -90,9 +96,9 @@ class Mlp(nn.Module):
 
 def _pad_forward(u: torch.Tensor, n: int) -> torch.Tensor:
     """Official ``seq_refl_win_pad`` (forward): append rows/cols h-n..h-2 at the bottom/right."""
-    h = u.shape[2]
+    h = int(u.shape[2])
     u = torch.cat([u, u[:, :, h - n: h - 1]], dim=2)
-    w = u.shape[3]
+    w = int(u.shape[3])
     return torch.cat([u, u[:, :, :, w - n: w - 1]], dim=3)
 
 
@@ -115,7 +121,7 @@ class NGramContext(nn.Module):
     def _slide(self, u: torch.Tensor) -> torch.Tensor:
         """Attention over each ngram x ngram patch of the padded unigrams, averaged: (B, C, h, w)."""
         n = self.ngram
-        b, c, hp, wp = u.shape
+        b, c, hp, wp = dims(u)
         h, w = hp - n + 1, wp - n + 1
         # Token a*n + j of window (y, x) is unigram (y + a, x + j): the official unfold layout.
         tokens = torch.stack([u[:, :, a: a + h, j: j + w] for a in range(n) for j in range(n)], -1)
@@ -145,7 +151,7 @@ class NGramWindowPartition(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, D) -> (B, H, W, D), context added and (if shifted) rolled."""
-        b, h, w, c = x.shape
+        b, h, w, c = dims(x)
         ws = self.window_size
         ctx = self.ngram_context(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         x = x.view(b, h // ws, ws, w // ws, ws, c) + ctx.reshape(b, h // ws, 1, w // ws, 1, c)
@@ -173,7 +179,7 @@ class NSTB(nn.Module):
                 mask: torch.Tensor | None) -> torch.Tensor:
         """x: (B, H*W, D); ``mask`` is the shifted-window mask for this size (used iff shifted)."""
         h, w = size
-        b, _, c = x.shape
+        b, _, c = dims(x)
         ws, s = self.window_size, self.shift_size
         y = self.ngram_window_partition(x.view(b, h, w, c))
         y = self.attn(window_partition(y, ws), mask=mask if s else None)

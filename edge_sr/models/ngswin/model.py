@@ -12,7 +12,8 @@ pixel-shuffle reconstruction. Input is RGB in [0, 1], normalised with per-scale 
 
 Padding follows the official test script: symmetric (edge-including mirror) at the bottom and
 right, to a multiple of 4 * window_size (32). We also pad to at least 8 * window_size (64): the
-official N-gram padding needs two windows per side at the H/4 stage and fails below that.
+official N-gram padding needs two windows per side at the H/4 stage and fails below that (the
+official code cannot run such inputs at all, so this changes no official result).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_sr.models.base import QuantPoint, SizeRequirements, SRModel
-from edge_sr.models.ngswin.blocks import NSTB, run_blocks
+from edge_sr.models.ngswin.blocks import NSTB, dims, run_blocks
 from edge_sr.models.swinir import shift_attention_mask
 
 MEAN = (0.4485, 0.4375, 0.4045)
@@ -38,7 +39,7 @@ def pad_symmetric(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
     """
     for dim, pad in ((2, pad_h), (3, pad_w)):
         if pad:
-            size = x.shape[dim]
+            size = int(x.shape[dim])
             period = torch.cat([x, torch.flip(x, [dim])], dim)
             reps = -(-(size + pad) // (2 * size))
             x = torch.cat([period] * reps, dim).narrow(dim, 0, size + pad)
@@ -46,7 +47,8 @@ def pad_symmetric(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
 
 
 def _tokens_to_image(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w)
+    b, _, c = dims(t)
+    return t.transpose(1, 2).reshape(b, c, h, w)
 
 
 def _image_to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +74,7 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         h, w = size
-        b, _, c = x.shape
+        b, _, c = dims(x)
         x = x.view(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 2, 4, 5)
         return self.reduction(self.norm(x.reshape(b, (h // 2) * (w // 2), 4 * c)))
 
@@ -126,7 +128,7 @@ class SCDPBottleneck(nn.Module):
                 sizes: list[tuple[int, int]]) -> torch.Tensor:
         """shallow: (B, D, H, W); feats[i]: (B, H*W/4^i, D) -> (B, H*W, dec_dim)."""
         parts, pooled = [], shallow
-        for i, (f, (h, w)) in enumerate(zip(feats, sizes)):
+        for i, (f, (h, w)) in enumerate(zip(feats, sizes, strict=True)):
             if i:
                 pooled = F.max_pool2d(pooled, 2)
             y = _tokens_to_image(f, h, w) + F.leaky_relu(pooled)
@@ -162,8 +164,11 @@ class NGswin(SRModel):
                             dec_dim=dec_dim, dec_depths=dec_depths, dec_num_heads=dec_num_heads,
                             window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                             img_norm=img_norm, in_chans=in_chans)
-        unit = 4 * window_size  # three stages at H, H/2, H/4, each a whole number of windows
-        self.size_requirements = SizeRequirements(multiple=unit, minimum=2 * unit)
+        # Stages at H, H/2, H/4 must each hold whole windows; the N-gram padding needs at least
+        # ngram windows per side at every stage (two at H/4 for the official ngram 2).
+        unit = 4 * window_size
+        need = window_size * max(ngrams[0], 2 * ngrams[1], 4 * ngrams[2], ngrams[3])
+        self.size_requirements = SizeRequirements(multiple=unit, minimum=-(-need // unit) * unit)
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(STD[scale]).view(1, 3, 1, 1), persistent=False)
         self.shallow_extract = ShallowExtractor(in_chans, embed_dim)
@@ -215,7 +220,7 @@ class NGswin(SRModel):
 
     def forward_body(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised, padded image (B, 3, H, W) -> reconstruction, still normalised."""
-        _, _, h, w = x.shape
+        h, w = int(x.shape[2]), int(x.shape[3])  # constants under ONNX tracing
         sizes = [(h, w), (h // 2, w // 2), (h // 4, w // 4)]
         masks = [self._mask(sh, sw, x.device) for sh, sw in sizes]
         shallow = self.shallow_extract(x)
@@ -232,7 +237,7 @@ class NGswin(SRModel):
         return self.to_target(_tokens_to_image(y, h, w))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
+        h, w = int(x.shape[2]), int(x.shape[3])  # constants under ONNX tracing: a fixed shape
         hp, wp = self.padded_size(h, w)
         x = pad_symmetric(x, hp - h, wp - w)
         if self.img_norm:
