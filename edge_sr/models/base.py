@@ -8,8 +8,8 @@ with the role that decides the DOBI search (one-sided for softmax and post-GELU 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
