@@ -32,6 +32,7 @@ import onnx
 from torch import nn
 
 from calibrate.export.emit import EmitOptions, fold_matmul_shifts, replace_sites
+from calibrate.export.tidy import share_constants
 from calibrate.export.trace import DOMAIN, TRACE_OPSET, quant_sites, trace_with_sites
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import atomic_path
@@ -113,13 +114,6 @@ def _set_opset(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     return out
 
 
-def _drop_unused_initializers(proto: onnx.ModelProto) -> None:
-    used = {i for n in proto.graph.node for i in n.input}
-    keep = [t for t in proto.graph.initializer if t.name in used]
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(keep)
-
-
 def build_qdq(model: nn.Module, cfg: ExportConfig) -> tuple[onnx.ModelProto, list[dict]]:
     """The in-memory QDQ model and its per-site records (no file written)."""
     _check_model(model, cfg)
@@ -133,7 +127,8 @@ def build_qdq(model: nn.Module, cfg: ExportConfig) -> tuple[onnx.ModelProto, lis
     proto.opset_import.extend([onnx.helper.make_opsetid("", cfg.opset)])
     proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     fold_matmul_shifts(proto, act_outputs)
-    _drop_unused_initializers(proto)
+    saved = share_constants(proto)
+    log.debug("shared identical constants: %.1f MB saved", saved / 1e6)
     del proto.graph.value_info[:]
     proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     meta = dict(version=1, target=cfg.target, config={**asdict(cfg), "tile": list(cfg.tile)},

@@ -65,9 +65,13 @@ class _Graph:
 
     def int_tensor(self, name: str, codes: np.ndarray, container: str) -> str:
         codes = np.asarray(codes)
-        if container == "int4":
-            self.inits.append(helper.make_tensor(name, TensorProto.INT4, codes.shape,
-                                                 codes.flatten().tolist()))
+        if container == "int4":  # two codes per byte, low nibble first (ONNX's INT4 layout)
+            flat = (codes.astype(np.int64).reshape(-1) & 0x0F).astype(np.uint8)
+            if flat.size % 2:
+                flat = np.append(flat, np.uint8(0))
+            packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+            self.inits.append(helper.make_tensor(name, TensorProto.INT4, codes.shape, packed,
+                                                 raw=True))
         else:
             dtype = np.uint8 if container == "uint8" else np.int8
             if codes.min(initial=0) < np.iinfo(dtype).min or codes.max(initial=0) > np.iinfo(

@@ -7,10 +7,14 @@ A quantizer's grid is ``l + k*s`` (k = 0..n, n = 2^b - 1, ``s = (u - l)/n``); it
     x - m  has grid (k - z)*s   -> integer multiples of s: QuantizeLinear/DequantizeLinear hold it
     round((x - m)/s) = round((x - l)/s) - z    (z integer, so rounding ties are unchanged)
 
-* target ``ort``: uint8 container with zero point ``z = clip(round(-l/s), 0, 255)``; the stored
-  code is k itself and ``m`` is the sub-step remainder (0 <= |m| <= s/2 when l <= 0 <= u).
+* target ``ort``: uint8 container, ``z = 0``, so ``m = l`` and the stored code is k itself. The
+  float ops are then torch's own (``x - l``, clip, ``/ s``, round half-even), so even exact rounding
+  ties agree bit for bit. (A zero point ``round(-l/s)`` would leave a smaller shift, but ``x - m``
+  is a different float subtraction and flips exact ties: measured, see the tests.)
 * target ``trt``: int8 container, zero point 0, ``z = 2^(b-1)`` (deploy notes §0.1): the stored
-  code is ``k - 2^(b-1)`` in [-2^(b-1), 2^(b-1) - 1], symmetric as TensorRT requires.
+  code is ``k - 2^(b-1)`` in [-2^(b-1), 2^(b-1) - 1], symmetric as TensorRT requires. Exact in real
+  arithmetic; in float32, ``x - m`` differs from ``x - l`` by rounding, so inputs lying exactly on
+  a rounding midpoint (measure zero for real activations) can land one level apart.
 
 The ONNX pattern is ``Sub(m) -> Clip -> QuantizeLinear -> DequantizeLinear`` (the float Clip keeps
 ORT's integer fusions); the DQ output is ``x_hat - m``. The shift ``m`` is given back exactly by the
@@ -66,7 +70,7 @@ def act_encoding(q: BoundFakeQuantizer, target: Target) -> ActEncoding:
         raise ValueError(f"upper bound {float(upper)} must exceed lower bound {float(lower)}")
     n = 2**q.bits - 1
     if target == "ort":
-        z = int(np.clip(np.rint(-float(lower) / float(step)), 0, 255))
+        z = 0  # x - l, clipped, divided by s and rounded: torch's own sequence of float ops
         container, zp, qmin, qmax = "uint8", z, 0, n
     elif target == "trt":
         z = 2 ** (q.bits - 1)

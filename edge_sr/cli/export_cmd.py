@@ -1,0 +1,43 @@
+"""``edge-sr export``: write the QDQ ONNX of a calibration file (thin shell over
+``calibrate.export_qdq.export_qdq``)."""
+
+from __future__ import annotations
+
+import click
+
+from edge_sr.cli.options import logging_options
+
+
+@click.command("export")
+@click.argument("calibration", type=click.Path(dir_okay=False))
+@click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+              help="ort: uint8 activations with zero points; trt: symmetric, zero point 0.")
+@click.option("--tile", default="64x64", show_default=True, metavar="WxH",
+              help="Fixed LR input tile of the graph; a multiple of the model's window.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Fixed batch size.")
+@click.option("--opset", type=int, default=21, show_default=True, help="ONNX opset (>= 21).")
+@click.option("--weights", "weight_container", type=click.Choice(["auto", "int8", "int4"]),
+              default="auto", show_default=True,
+              help="Weight storage: auto = INT4 for <= 4 bits (smallest file); int8 = what "
+                   "ONNX Runtime fuses into integer MatMul kernels.")
+@click.option("--lowbit-plugin", is_flag=True,
+              help="Replace quantized linears with edge_sr::LowBitLinear plugin nodes (TensorRT).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The .onnx file to write (atomically).")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@logging_options
+def export_cmd(calibration, target, tile, batch, opset, weight_container, lowbit_plugin,
+               output, force) -> None:
+    """Export CALIBRATION (a file from ``edge-sr calibrate``) as QDQ ONNX, exact to its grids."""
+    from pathlib import Path
+
+    from calibrate.export_qdq import ExportConfig, export_qdq
+    from edge_sr.cli.options import parse_size
+    from edge_sr.errors import EdgeSRError
+
+    if not Path(calibration).is_file():
+        raise EdgeSRError(f"CALIBRATION: file {calibration} not found")
+    cfg = ExportConfig(target=target, tile=parse_size(tile, "--tile"), batch=batch, opset=opset,
+                       lowbit_plugin=lowbit_plugin, weight_container=weight_container)
+    path = export_qdq(calibration, cfg, output, force=force)
+    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
