@@ -93,8 +93,7 @@ def test_lowbit_plugin_graph(trt_export, tmp_path):
     to plain ops it computes what the QDQ graph computes (and the fake-quant model)."""
     import onnx
 
-    from calibrate.export_plugin import (OP_TYPE, apply_lowbit_plugins,
-                                         decompose_lowbit_plugins)
+    from calibrate.export_plugin import OP_TYPE, apply_lowbit_plugins, decompose_lowbit_plugins
 
     st, path = trt_export
     proto = onnx.load(str(path))
@@ -163,7 +162,6 @@ def test_polygraphy_lint_flags_the_custom_op(trt_export, tmp_path):
 
 
 def test_plugin_pass_refuses_foreign_models():
-    import onnx
     from onnx import TensorProto, helper
 
     from calibrate.export_plugin import apply_lowbit_plugins

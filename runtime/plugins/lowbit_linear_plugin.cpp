@@ -13,7 +13,9 @@
 // w_lower, w_scale (float32[N]).
 //
 // NOTE: written against the TensorRT 10 headers (NvInferRuntime.h / NvInferPluginBase.h) and
-// NVIDIA's IPluginV3 samples, but NOT compiled on the machine that wrote it (no TensorRT there).
+// NVIDIA's IPluginV3 samples, but NOT compiled against real TensorRT headers on the machine that
+// wrote it (no TensorRT there). It was only syntax-checked (g++ -fsyntax-only -Wall -Wextra, no
+// errors or warnings) against a hand-transcribed stub of the TRT 10 plugin interfaces.
 #include "esr_lowbit.h"
 
 #include <NvInfer.h>
@@ -146,7 +148,7 @@ public:
     int32_t getNbOutputs() const noexcept override { return 1; }
 
     int32_t configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs,
-        DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override
+        DynamicPluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept override
     {
         if (nbInputs != expectedInputs() || nbOutputs != 1)
         {
@@ -182,7 +184,7 @@ public:
     }
 
     bool supportsFormatCombination(
-        int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept override
+        int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t /*nbOutputs*/) noexcept override
     {
         PluginTensorDesc const& d = inOut[pos].desc;
         if (d.format != TensorFormat::kLINEAR)
