@@ -24,7 +24,10 @@ _DETECT_KEYS = (
     "decoder_layer1.blocks.0.attn.qkv.weight",
     "to_target.before_shuffle.weight",
 )
-_UPSTREAM = "https://github.com/rami0205/NGramSwin/raw/main/pretrain/"
+# Pinned to the commit the shared copies come from (data README); the default branch is not named
+# anywhere in the repository, a commit is.
+_UPSTREAM = ("https://github.com/rami0205/NGramSwin/raw/"
+             "8d0d6490954ecb1ce6cf9bf5d2d511de44b1fb44/pretrain/")
 
 CHECKPOINTS = [
     CheckpointEntry(
