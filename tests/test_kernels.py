@@ -177,3 +177,72 @@ def test_gpu_lowbit_linear_within_fp16_noise(bits, groups, shared):
         want16 = q(x16.float())
     got16 = lb.lowbit_linear_cuda(x16.cuda(), p.to("cuda")).float().cpu()
     assert (got16 - want16).abs().max().item() < tol
+
+
+# ---- the CUDA kernel bodies, emulated on the CPU ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """lowbit_kernels.cuh compiled as host C++ (one std::thread per CUDA thread, see
+    runtime/kernels/host_emulation.cpp): the kernels' indexing and maths, without a GPU."""
+    import ctypes
+
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no g++")
+    so = tmp_path_factory.mktemp("emu") / "libemu.so"
+    r = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", "-ffp-contract=off", "-shared",
+                        "-fPIC", "-I", str(KERNELS), str(KERNELS / "host_emulation.cpp"), "-o",
+                        str(so)], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        pytest.skip(f"g++ cannot build the emulation (needs C++20 <barrier>, _Float16): "
+                    f"{r.stderr[-300:]}")
+    lib = ctypes.CDLL(str(so))
+    vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.emu_fake_quant_f32.argtypes = [vp, vp, i64, vp, vp, i32]
+    lib.emu_lowbit_linear_fused.argtypes = [vp, i32, i64, i64, i64, i32, vp, vp, i32, vp, i32,
+                                            vp, vp, vp, vp, i32]
+    return lib
+
+
+def test_emulated_fake_quant_kernel_bit_exact(emulated):
+    x = torch.randn(1000) * 2
+    lo, up = torch.tensor([-1.37]), torch.tensor([2.11])
+    for bits in range(2, 9):
+        y = torch.empty_like(x)
+        emulated.emu_fake_quant_f32(x.data_ptr(), y.data_ptr(), x.numel(), lo.data_ptr(),
+                                    up.data_ptr(), bits)
+        assert torch.equal(y, fake_quant_nograd(x, lo[0], up[0], bits))
+
+
+@pytest.mark.parametrize("bits,groups,shared", [(2, 1, True), (3, 3, False), (4, 3, True),
+                                                (8, 1, True)])
+def test_emulated_lowbit_linear_kernel(emulated, bits, groups, shared):
+    """Several M/N blocks, K not a multiple of the tile, 3 activation groups: FP32 output equals
+    the fake-quant linear to float noise, FP16 output to FP16 rounding."""
+    torch.manual_seed(bits)
+    for k, m in ((20, 70), (45, 130)):  # K below and above one 32-code chunk
+        q = QuantLinear(nn.Linear(k, 36 if groups == 3 else 24), bits, groups=groups,
+                        shared_input=shared)
+        for i, aq in enumerate(q.act_quantizers):
+            aq.set_bounds(-1.1 - 0.13 * i, 1.3 + 0.21 * i)
+        for wq, w in zip(q.weight_quantizers, q.weight_blocks()):
+            wq.set_bounds(float(w.detach().min()), float(w.detach().max()))
+        p = lb.params_from_quant_linear(q)
+        x = torch.randn(m, k)
+        with torch.no_grad():
+            want = q(x)
+        for x_dtype, out_dtype in ((0, torch.float32), (1, torch.float16)):
+            xin = x if x_dtype == 0 else x.half()
+            with torch.no_grad():
+                ref = want if x_dtype == 0 else q(xin.float())
+            out = torch.empty(m, p.out_features, dtype=out_dtype)
+            emulated.emu_lowbit_linear_fused(
+                xin.data_ptr(), x_dtype, m, k, p.out_features, p.act_groups,
+                p.act_lower.data_ptr(), p.act_upper.data_ptr(), bits, p.packed.data_ptr(), bits,
+                p.w_lower.data_ptr(), p.w_scale.data_ptr(), p.bias.data_ptr(), out.data_ptr(),
+                0 if out_dtype == torch.float32 else 1)
+            err = (out.float() - ref).abs().max().item()
+            scale = ref.abs().max().item()
+            assert err < (1e-5 if out_dtype == torch.float32 else 2 ** -10) * max(scale, 1.0)
