@@ -237,13 +237,15 @@ def test_engine_compat_check():
 
 @pytest.mark.skipif(HAS_GPU, reason="a CUDA GPU is present")
 def test_cuda_backend_without_gpu_is_a_clear_error():
-    from runtime.backends.cuda import CudaBackend, profile_cuda
+    from runtime.backends.cuda import CudaBackend, profile_cuda, profile_engine_cuda
 
     fp, _ = _student()
     with pytest.raises(EdgeSRError, match="no CUDA GPU"):
         CudaBackend.create(fp_model=fp, precision="fp16")
     with pytest.raises(EdgeSRError, match="no CUDA GPU"):
         profile_cuda(fp, runs=1)
+    with pytest.raises(EdgeSRError, match="no CUDA GPU"):
+        profile_engine_cuda("engines/any")
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU")

@@ -207,3 +207,46 @@ def profile_cuda(fp_model=None, students: dict | None = None, input_size: tuple[
             r[f"ratio_vs_{b}"] = ms / r["p50_ms"]
     log.info("profiled %d configurations in %.1f s", len(rows), time.perf_counter() - t0)
     return rows
+
+
+def models_for_engine(engine_dir, calibration=None):
+    """The FP model and the calibrated student behind an engine directory.
+
+    The FP checkpoint comes from ``manifest.model.path``; the calibration from ``calibration``
+    (a file), else the build cache (``$EDGE_SR_CACHE/calibrations/<manifest.calibration.file>``).
+    A full-precision engine (``bits`` null) has no student.
+    """
+    import os
+    from pathlib import Path
+
+    from edge_sr.checkpoints import load_model
+    from runtime.engine import read_manifest
+
+    m = read_manifest(engine_dir)
+    lm = load_model(m.model["path"], scale=m.scale)
+    if m.bits is None:
+        return lm.model, None
+    if calibration is None:
+        name = (m.calibration or {}).get("file")
+        base = Path(os.environ.get("EDGE_SR_CACHE") or Path.home() / ".cache" / "edge-sr")
+        calibration = base / "calibrations" / name if name else None
+    if calibration is None or not Path(calibration).is_file():
+        raise EdgeSRError(f"--engine {engine_dir}: its calibration file ({calibration}) is not "
+                          "here; pass it with --calibration (edge-sr calibrate writes one)")
+    from calibrate.calibfile import load_calibrated
+
+    cal = load_calibrated(calibration, model=lm.model)
+    return lm.model, getattr(cal, "model", cal).eval()
+
+
+def profile_engine_cuda(engine_dir, input_size: tuple[int, int] = (180, 320), runs: int = 20,
+                        warmup: int = 3, compare: bool = True, calibration=None,
+                        compute_dtype: str = "fp16") -> list[dict]:
+    """``edge-sr profile --engine DIR --backend cuda [--compare]``: the engine's calibrated
+    model with the low-bit kernels (and FP16/FP32 baselines) on this GPU; ``input_size`` is
+    (height, width) of the LR frame, as ``edge_sr.cli.options.parse_size`` returns it."""
+    require_cuda()
+    fp, student = models_for_engine(engine_dir, calibration)
+    students = {} if student is None else {_lowbit_name(student): student}
+    return profile_cuda(fp, students, input_size=input_size, runs=runs, warmup=warmup,
+                        compare=compare or student is None, compute_dtype=compute_dtype)
