@@ -285,3 +285,22 @@ def test_tensorrt_fp16_engine_matches_ort(tmp_path):
     be = trt_backend.TensorRTBackend(tmp_path / "m.engine")
     assert np.abs(be.run(x) - _ort(str(tmp_path / "m.onnx"), x)).max() < 2e-2
     assert (tmp_path / "cache").is_file()
+
+
+def test_export_with_lowbit_plugin_flag(tmp_path):
+    """``--target trt --lowbit-plugin`` (ExportConfig.lowbit_plugin) runs this pass on export."""
+    if importlib.util.find_spec("calibrate.export_qdq") is None:
+        pytest.skip("calibrate.export_qdq not available")
+    import onnx
+
+    from calibrate.export_plugin import META_KEY, OP_TYPE
+    from calibrate.export_qdq import ExportConfig, export_qdq
+
+    _, st = _student(bits=3)
+    out = export_qdq(st, ExportConfig(target="trt", tile=(8, 8), lowbit_plugin=True),
+                     tmp_path / "plugin.onnx")
+    proto = onnx.load(str(out))
+    nodes = [n for n in proto.graph.node if n.op_type == OP_TYPE]
+    meta = json.loads(next(p.value for p in proto.metadata_props if p.key == META_KEY))
+    assert nodes and len(meta["nodes"]) == len(nodes)
+    assert {n["w_bits"] for n in meta["nodes"]} == {3}
