@@ -22,7 +22,7 @@ from edge_sr.data import load_benchmark
 from edge_sr.evaluate import evaluate_pairs
 from edge_sr.fileio import versions, write_json
 from edge_sr.paths import REPO_ROOT
-from edge_sr.predictors import make_predictor
+from edge_sr.predictors import keep_freed_memory, make_predictor
 
 
 def cpu_model() -> str:
@@ -44,6 +44,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(REPO_ROOT / "results" / "bench" / "eval_throughput.json"))
     args = ap.parse_args(argv)
 
+    keep_freed_memory()
     pred = make_predictor(args.model, threads=args.threads)
     pairs = load_benchmark(args.dataset, pred.scale)
     mp = sum(p.lr.shape[0] * p.lr.shape[1] for p in pairs) / 1e6
