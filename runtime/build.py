@@ -55,6 +55,7 @@ class BuildConfig:
     val_crop: int = 96  # centre LR crop of each (keeps validation to seconds)
     cache_dir: str | Path | None = None
     seed: int = 0
+    calib_iterations: int | None = None  # override the recipe's DQC iterations (smoke tests)
 
     def __post_init__(self) -> None:
         self.tile = tuple(int(t) for t in self.tile)
@@ -111,7 +112,7 @@ def calibration_key(model_sha256: str, cfg: BuildConfig) -> str:
     """Hash of every input that determines a calibration (not the tile, backend or output)."""
     blob = json.dumps({"v": CALIB_CACHE_VERSION, "model": model_sha256, "scale": cfg.scale,
                        "bits": cfg.bits, "recipe": cfg.recipe, "method": cfg.method,
-                       "seed": cfg.seed}, sort_keys=True)
+                       "seed": cfg.seed, "iterations": cfg.calib_iterations}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -135,7 +136,8 @@ def run_calibration(lm, cfg: BuildConfig, output: Path) -> Path:
         raise MissingDependencyError(f"calibration: calibrate.api is not available in this "
                                      f"edge-sr ({e})") from None
     cc = CalibrationConfig(model=str(lm.path), scale=cfg.scale, bits=cfg.bits,
-                           recipe=cfg.recipe, output=str(output), seed=cfg.seed)
+                           method=cfg.method, recipe=cfg.recipe, output=str(output),
+                           seed=cfg.seed, iterations=cfg.calib_iterations)
     return Path(calibrate(cc))
 
 

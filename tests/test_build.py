@@ -1,0 +1,199 @@
+"""``edge-sr build`` end to end on a tiny random SwinIR-light, plus engine-directory validation.
+
+The calibration stage is swapped for a DOBI-only calibration (H3's real ``dobi.init_bounds``, a
+few seconds) so the pipeline is tested without DQC's minutes; ``test_real_calibration_api``
+runs the real ``calibrate.api`` when it is available.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import runtime.build as rb
+from edge_sr.errors import EdgeSRError
+from runtime.engine import MANIFEST, MODEL_FILE, open_engine
+
+pytestmark = pytest.mark.usefixtures("data_root")  # validation reads held-out BSD200 images
+
+
+def _fast_calibration(calls):
+    from calibrate.dobi import init_bounds
+    from calibrate.prepare import QuantRecipe, prepare
+
+    def run_calibration(lm, cfg, output):
+        calls.append(cfg.bits)
+        student = prepare(lm.model, QuantRecipe(bits=cfg.bits))
+        init_bounds(student, torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+        torch.save({"bits": cfg.bits, "state": student.state_dict()}, output)
+        return output
+
+    def load_student(path, lm):
+        obj = torch.load(path)
+        student = prepare(lm.model, QuantRecipe(bits=obj["bits"]))
+        student.load_state_dict(obj["state"])
+        return student.eval()
+
+    return run_calibration, load_student
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from conftest import make_tiny_swinir
+
+    d = tmp_path_factory.mktemp("build")
+    ckpt = d / "tiny_x2.pth"
+    torch.save({"params": make_tiny_swinir(2).state_dict()}, ckpt)
+    calls: list[int] = []
+    run_cal, load_student = _fast_calibration(calls)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rb, "run_calibration", run_cal)
+        mp.setattr(rb, "load_student", load_student)
+
+        def cfg(**kw):
+            base = dict(bits=4, scale=2, model=str(ckpt), tile=(32, 32), out=d / "eng",
+                        cache_dir=d / "cache", threads=1, val_images=2, val_crop=40)
+            return rb.BuildConfig(**(base | kw))
+
+        res = rb.build(cfg())
+        yield {"dir": d, "cfg": cfg, "res": res, "calls": calls, "mp": mp}
+
+
+def test_build_writes_engine_and_manifest(env):
+    res = env["res"]
+    out = env["dir"] / "eng"
+    assert res.path == out and {p.name for p in out.iterdir()} == {
+        MANIFEST, MODEL_FILE, "model_fp32.onnx"}
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["scale"] == 2 and m["bits"] == 4 and m["backend"] == "onnxruntime"
+    assert m["tile"] == [32, 32] and m["overlap"] == 8 and m["precision"] == "w4a4-qdq"
+    assert m["model"]["arch"] == "swinir-light" and len(m["model"]["sha256"]) == 64
+    assert len(m["calibration"]["sha256"]) == 64 and m["calibration"]["cached"] is False
+    assert set(m["stage_seconds"]) == {"checkpoint", "calibrate", "export", "build", "validate"}
+    assert "onnxruntime" in m["versions"] and m["created"]
+    v = m["validation"]
+    assert len(v["per_image"]) == 2 and "BSD200" in v["images"]
+    # The QDQ engine reproduces the fake-quant model through the same tiles (export is exact
+    # to float noise: a few pixels may differ by one grey level after rounding).
+    assert v["fidelity_psnr_y_db"] > 60
+    assert all(r["max_abs_diff_vs_fake_quant"] <= 2 for r in v["per_image"])
+    # no hidden staging directories are left beside the engine
+    assert not [p for p in env["dir"].iterdir() if p.name.startswith(".eng")]
+    assert oct(out.stat().st_mode & 0o777) == "0o755"
+
+
+def test_calibration_is_cached(env):
+    n = len(env["calls"])
+    res = rb.build(env["cfg"](out=env["dir"] / "eng2", backend="ort"))
+    assert len(env["calls"]) == n  # no new calibration
+    assert res.manifest.calibration["cached"] is True
+    assert res.manifest.calibration["sha256"] == env["res"].manifest.calibration["sha256"]
+    shutil.rmtree(res.path)
+
+
+def test_existing_out_needs_force(env):
+    out = env["dir"] / "eng"
+    before = (out / MANIFEST).read_bytes()
+    with pytest.raises(EdgeSRError, match="already exists; pass --force"):
+        rb.build(env["cfg"]())
+    assert (out / MANIFEST).read_bytes() == before
+
+
+def test_interrupt_leaves_nothing(env, monkeypatch):
+    out = env["dir"] / "eng_interrupted"
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rb, "stage_validate", boom)
+    with pytest.raises(KeyboardInterrupt):
+        rb.build(env["cfg"](out=out))
+    assert not out.exists()
+    assert not [p for p in env["dir"].iterdir() if p.name.startswith(".eng_interrupted")]
+
+
+def test_force_replaces_only_after_success(env, monkeypatch):
+    out = env["dir"] / "eng"
+    before = (out / MANIFEST).read_bytes()
+
+    def fail(*a, **k):
+        raise EdgeSRError("validation failed on purpose")
+
+    monkeypatch.setattr(rb, "stage_validate", fail)
+    with pytest.raises(EdgeSRError, match="on purpose"):
+        rb.build(env["cfg"](force=True))
+    assert (out / MANIFEST).read_bytes() == before  # the old engine is intact
+
+
+def test_build_config_errors(env):
+    with pytest.raises(EdgeSRError, match="--backend"):
+        rb.BuildConfig(bits=4, scale=2, backend="cuda")
+    with pytest.raises(EdgeSRError, match="--scale"):
+        rb.BuildConfig(bits=4, scale=5)
+    with pytest.raises(EdgeSRError, match="--tile: tile 30x30 is not a multiple of 8"):
+        rb.build(env["cfg"](tile=(30, 30), out=env["dir"] / "eng_badtile"))
+    with pytest.raises(EdgeSRError, match="x2"):  # an x2 checkpoint asked for x3
+        rb.build(env["cfg"](scale=3, out=env["dir"] / "eng_x3"))
+    assert rb.resolve_backend("ort") == "onnxruntime"
+    if not torch.cuda.is_available():
+        assert rb.resolve_backend("auto") == "onnxruntime"
+    assert rb.BuildConfig(bits=4, scale=3).out_dir().as_posix() == \
+        "engines/swinir-light-x3-ref-w4a4"
+
+
+def test_open_engine_validation(env):
+    src = env["dir"] / "eng"
+    eng = open_engine(src, scale=2)
+    assert eng.manifest.scale == 2 and eng.file("model") == src / MODEL_FILE
+    with pytest.raises(EdgeSRError, match="x2 engine.*manifest.json says scale 2"):
+        open_engine(src, scale=3)
+    with pytest.raises(EdgeSRError, match="no such directory"):
+        open_engine(env["dir"] / "missing")
+    bad = env["dir"] / "eng_bad"
+    shutil.copytree(src, bad)
+    (bad / MODEL_FILE).write_bytes((bad / MODEL_FILE).read_bytes()[:-10])
+    with pytest.raises(EdgeSRError, match="does not match the SHA-256"):
+        open_engine(bad)
+    (bad / MANIFEST).write_text("{not json")
+    with pytest.raises(EdgeSRError, match="expected valid JSON"):
+        open_engine(bad)
+    (bad / MANIFEST).write_text(json.dumps({"name": "x"}))
+    with pytest.raises(EdgeSRError, match="expected the keys"):
+        open_engine(bad)
+    os.remove(bad / MANIFEST)
+    with pytest.raises(EdgeSRError, match="expected manifest.json"):
+        open_engine(bad)
+
+
+def test_cli_print_config_and_errors(env):
+    from click.testing import CliRunner
+
+    from edge_sr.cli import main
+
+    r = CliRunner().invoke(main, ["build", "--bits", "4", "--scale", "2", "--print-config"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads(r.output)
+    assert cfg["model"] is None and cfg["out"] == "engines/swinir-light-x2-ref-w4a4"
+    assert cfg["tile"] == [64, 64] and cfg["recipe"] == "fast"
+    r = CliRunner().invoke(main, ["build", "--bits", "4", "--scale", "2", "--out",
+                                  str(env["dir"] / "eng")])
+    assert r.exit_code == 2 and "already exists; pass --force" in r.output
+
+
+def test_real_calibration_api(tmp_path, env):
+    """With the real calibrate.api (when present): DOBI + 2 DQC iterations on the tiny model."""
+    pytest.importorskip("calibrate.api")
+    pytest.importorskip("calibrate.calibfile")
+    env["mp"].undo()
+    try:
+        res = rb.build(env["cfg"](out=tmp_path / "eng_real", cache_dir=tmp_path / "cache",
+                                  calib_iterations=2))
+    finally:
+        run_cal, load_student = _fast_calibration(env["calls"])
+        env["mp"].setattr(rb, "run_calibration", run_cal)
+        env["mp"].setattr(rb, "load_student", load_student)
+    assert res.manifest.validation["fidelity_psnr_y_db"] > 40

@@ -1,0 +1,206 @@
+"""``edge-sr upscale`` (images, folders, videos, streams) and ``edge-sr profile`` on a tiny engine.
+
+The engine here is written by hand (a tiny random SwinIR-light exported at 16x16, FP graphs as
+both model.onnx and model_fp32.onnx), so these tests do not depend on calibration.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edge_sr.errors import EdgeSRError, MissingDependencyError
+from runtime.upscale import UpscaleConfig, upscale
+
+cv2 = pytest.importorskip("cv2")
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    from conftest import make_tiny_swinir
+
+    from edge_sr.onnx_export import export_fp_onnx
+    from runtime.engine import FP32_FILE, MODEL_FILE, Manifest, file_entry, write_manifest
+
+    d = tmp_path_factory.mktemp("engine") / "tiny"
+    d.mkdir()
+    model = make_tiny_swinir(2)
+    export_fp_onnx(model, d / MODEL_FILE, tile=(16, 16))
+    export_fp_onnx(model, d / FP32_FILE, tile=(16, 16))
+    write_manifest(d, Manifest(name="tiny", model={"name": "tiny"}, scale=2, bits=None,
+                               backend="onnxruntime", tile=[16, 16], batch=1, overlap=4,
+                               precision="fp32", files={"model": file_entry(d, MODEL_FILE),
+                                                        "fp32": file_entry(d, FP32_FILE)}))
+    return d
+
+
+def _png(path, h, w, seed=0):
+    from PIL import Image
+
+    rgb = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path)
+    return rgb
+
+
+def _video(path, n, h=20, w=24, fourcc="MJPG"):
+    wr = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 5, (w, h))
+    assert wr.isOpened()
+    for i in range(n):
+        wr.write(np.full((h, w, 3), 20 * i, np.uint8))
+    wr.release()
+    return path
+
+
+def _frames(path):
+    cap = cv2.VideoCapture(str(path))
+    out = []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            break
+        out.append(f)
+    cap.release()
+    return out
+
+
+def _cfg(engine, out, *inputs, **kw):
+    return UpscaleConfig(engine=engine, inputs=[str(i) for i in inputs], output=out, threads=1,
+                         **kw)
+
+
+def test_images_and_folders(engine, tmp_path):
+    from edge_sr.data import load_image
+    from runtime.predictors import engine_predictor
+    from runtime.upscale import upscale_frame
+
+    src = tmp_path / "in"
+    src.mkdir()
+    a = _png(src / "a.png", 19, 23, 1)
+    _png(src / "b.jpg", 8, 40, 2)
+    rep = upscale(_cfg(engine, tmp_path / "out", src))
+    assert sorted(p.name for p in rep.outputs) == ["a.png", "b.png"] and rep.frames == 2
+    sr = load_image(tmp_path / "out" / "a.png")
+    assert sr.shape == (38, 46, 3)
+    np.testing.assert_array_equal(sr, upscale_frame(engine_predictor(engine, threads=1), a))
+    # one image to a file name
+    rep = upscale(_cfg(engine, tmp_path / "single.png", src / "a.png"))
+    assert rep.outputs == [tmp_path / "single.png"]
+    np.testing.assert_array_equal(load_image(tmp_path / "single.png"), sr)
+
+
+def test_existing_output_needs_force(engine, tmp_path):
+    _png(tmp_path / "a.png", 16, 16)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.png").write_bytes(b"keep me")
+    with pytest.raises(EdgeSRError, match="already exists; pass --force"):
+        upscale(_cfg(engine, out, tmp_path / "a.png"))
+    assert (out / "a.png").read_bytes() == b"keep me"
+    upscale(_cfg(engine, out, tmp_path / "a.png", force=True))
+    assert (out / "a.png").read_bytes() != b"keep me"
+
+
+def test_unreadable_image_writes_nothing(engine, tmp_path):
+    _png(tmp_path / "good.png", 16, 16)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / "out"
+    with pytest.raises(EdgeSRError, match="bad.png: expected a readable image"):
+        upscale(_cfg(engine, out, tmp_path / "good.png", tmp_path / "bad.png"))
+    assert not out.exists() or not list(out.iterdir())
+    with pytest.raises(EdgeSRError, match="no such file"):
+        upscale(_cfg(engine, out, tmp_path / "missing.png"))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(EdgeSRError, match="expected an image"):
+        upscale(_cfg(engine, out, tmp_path / "notes.txt"))
+
+
+def test_engine_errors(engine, tmp_path):
+    _png(tmp_path / "a.png", 16, 16)
+    with pytest.raises(EdgeSRError, match="x2 engine"):
+        upscale(_cfg(engine, tmp_path / "o", tmp_path / "a.png", scale=4))
+    with pytest.raises(EdgeSRError, match="no such directory"):
+        upscale(_cfg(tmp_path / "nope", tmp_path / "o", tmp_path / "a.png"))
+
+
+def test_video_frame_by_frame(engine, tmp_path):
+    src = _video(tmp_path / "clip.avi", 4)
+    rep = upscale(_cfg(engine, tmp_path / "out", src))
+    frames = _frames(tmp_path / "out" / "clip.mp4")
+    assert rep.frames == 4 and len(frames) == 4 and frames[0].shape == (40, 48, 3)
+    assert not rep.warnings
+    # grey levels survive (lossy codecs: loose tolerance); frame i was 20*i everywhere
+    means = [f.mean() for f in frames]
+    assert means == sorted(means) and means[-1] - means[0] > 30
+
+
+def test_video_that_ends_early(engine, tmp_path):
+    src = _video(tmp_path / "cut.avi", 12)
+    data = src.read_bytes()
+    src.write_bytes(data[: int(len(data) * 0.6)])  # header still announces 12 frames
+    rep = upscale(_cfg(engine, tmp_path / "out", src))
+    n = len(_frames(tmp_path / "out" / "cut.mp4"))
+    assert 0 < rep.frames < 12 and n == rep.frames
+    assert rep.warnings and "ended early" in rep.warnings[0]
+    empty = tmp_path / "empty.avi"
+    empty.write_bytes(data[:64])
+    with pytest.raises(EdgeSRError, match="empty.avi"):
+        upscale(_cfg(engine, tmp_path / "out2", empty))
+    assert not (tmp_path / "out2" / "empty.mp4").exists()
+
+
+def test_stream_source(engine, tmp_path):
+    """The camera/stream path, fed a synthetic video file through --source."""
+    src = _video(tmp_path / "cam.avi", 6)
+    rep = upscale(UpscaleConfig(engine=engine, source=str(src), output=tmp_path / "rec",
+                                max_frames=3, threads=1))
+    assert rep.outputs == [tmp_path / "rec" / "stream.mp4"] and rep.frames == 3
+    assert len(_frames(rep.outputs[0])) == 3
+    if "GStreamer:                   YES" not in cv2.getBuildInformation():
+        with pytest.raises(MissingDependencyError, match="without GStreamer"):
+            upscale(UpscaleConfig(engine=engine, source="videotestsrc ! appsink",
+                                  output=tmp_path / "gst"))
+    with pytest.raises(EdgeSRError, match="could not open"):
+        upscale(UpscaleConfig(engine=engine, source=str(tmp_path / "nocam.avi"),
+                              output=tmp_path / "x"))
+
+
+def test_cli_upscale(engine, tmp_path):
+    from click.testing import CliRunner
+
+    from edge_sr.cli import main
+
+    _png(tmp_path / "a.png", 16, 20)
+    args = ["upscale", "--engine", str(engine), str(tmp_path / "a.png"), "-o",
+            str(tmp_path / "o"), "--threads", "1"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "o" / "a.png").is_file()
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and "already exists" in r.output
+
+
+def test_profile_compare_json_plot(engine, tmp_path):
+    from click.testing import CliRunner
+
+    from edge_sr.cli import main
+
+    js = tmp_path / "p.json"
+    r = CliRunner().invoke(main, ["profile", "--engine", str(engine), "--input-size", "40x24",
+                                  "--runs", "3", "--warmup", "1", "--compare", "--threads", "1",
+                                  "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(js.read_text())
+    assert res["input_size"] == {"width": 40, "height": 24}
+    assert res["output_size"] == {"width": 80, "height": 48}
+    assert res["tiles_per_frame"] == 2 * 3
+    for k in ("quantized", "fp32"):
+        v = res["variants"][k]
+        assert v["runs"] == 3 and len(v["latencies_ms"]) == 3
+        assert 0 < v["p50_ms"] <= v["p90_ms"] <= v["p99_ms"]
+        assert v["memory"]["peak_rss_increase_mib"] >= 0
+    assert res["ratio_fp32_over_quantized_p50"] > 0
+    png = js.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "p50 ms" in r.output and "FP32 / quantized" in r.output
