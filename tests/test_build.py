@@ -184,6 +184,7 @@ def test_cli_print_config_and_errors(env):
     assert r.exit_code == 2 and "already exists; pass --force" in r.output
 
 
+@pytest.mark.slow
 def test_real_calibration_api(tmp_path, env):
     """With the real calibrate.api (when present): DOBI + 2 DQC iterations on the tiny model."""
     pytest.importorskip("calibrate.api")

@@ -44,11 +44,13 @@ def _png(path, h, w, seed=0):
     return rgb
 
 
-def _video(path, n, h=20, w=24, fourcc="MJPG"):
+def _video(path, n, h=20, w=24, fourcc="MJPG", noise=False):
     wr = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 5, (w, h))
     assert wr.isOpened()
+    rng = np.random.default_rng(0)
     for i in range(n):
-        wr.write(np.full((h, w, 3), 20 * i, np.uint8))
+        wr.write(rng.integers(0, 256, (h, w, 3), dtype=np.uint8) if noise
+                 else np.full((h, w, 3), 20 * i, np.uint8))
     wr.release()
     return path
 
@@ -130,15 +132,23 @@ def test_video_frame_by_frame(engine, tmp_path):
     frames = _frames(tmp_path / "out" / "clip.mp4")
     assert rep.frames == 4 and len(frames) == 4 and frames[0].shape == (40, 48, 3)
     assert not rep.warnings
-    # grey levels survive (lossy codecs: loose tolerance); frame i was 20*i everywhere
-    means = [f.mean() for f in frames]
-    assert means == sorted(means) and means[-1] - means[0] > 30
+    # each output frame is the engine's SR of the decoded input frame; mp4v is lossy and the
+    # tiny random model's output is noise-like, so compare channel means (a BGR/RGB swap would
+    # move them by ~100 grey levels here)
+    from runtime.predictors import engine_predictor
+    from runtime.upscale import upscale_frame
+
+    pred = engine_predictor(engine, threads=1)
+    for lr, out in zip(_frames(src), frames):
+        want = upscale_frame(pred, lr[:, :, ::-1])[:, :, ::-1].astype(float)
+        out = out.astype(float)
+        assert np.abs(out.mean((0, 1)) - want.mean((0, 1))).max() < 12  # channel order kept
 
 
 def test_video_that_ends_early(engine, tmp_path):
-    src = _video(tmp_path / "cut.avi", 12)
+    src = _video(tmp_path / "cut.avi", 12, noise=True)  # noise: frames dominate the file size
     data = src.read_bytes()
-    src.write_bytes(data[: int(len(data) * 0.6)])  # header still announces 12 frames
+    src.write_bytes(data[: int(len(data) * 0.6)])  # the header still announces 12 frames
     rep = upscale(_cfg(engine, tmp_path / "out", src))
     n = len(_frames(tmp_path / "out" / "cut.mp4"))
     assert 0 < rep.frames < 12 and n == rep.frames
