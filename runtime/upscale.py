@@ -215,6 +215,7 @@ def run_video(predictor, job: Job, cfg: UpscaleConfig, report: UpscaleReport) ->
                f"announces (truncated or corrupt); {job.dst} holds the {n} decoded frames")
         log.warning(msg)
         report.warnings.append(msg)
+    _share(job.dst)
     log.info("%s -> %s: %d frames x%d", job.src, job.dst, n, s)
     report.frames += n
     report.outputs.append(job.dst)
@@ -235,6 +236,7 @@ def upscale(cfg: UpscaleConfig) -> UpscaleReport:
                       len(images) < 2):
             sr = upscale_frame(predictor, load_image(j.src))
             save_image(j.dst, sr)
+            _share(j.dst)
             report.outputs.append(j.dst)
             report.frames += 1
             log.info("%s -> %s (%dx%d)", j.src, j.dst, sr.shape[1], sr.shape[0])
@@ -247,5 +249,8 @@ def upscale(cfg: UpscaleConfig) -> UpscaleReport:
     return report
 
 
-def outputs_exist(paths: list[str | os.PathLike]) -> list[Path]:
-    return [Path(p) for p in paths if Path(p).exists()]
+def _share(path: Path) -> None:
+    """Give an output the usual umask permissions (``atomic_path``'s mkstemp makes it 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
