@@ -13,8 +13,10 @@ Latency runs FP32 and quantized sessions interleaved, one warm-up each, median o
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -27,7 +29,7 @@ import torch
 from calibrate.export.ortcheck import fused_op_types, integer_coverage, make_session
 from calibrate.export.tidy import share_constants
 from calibrate.export_qdq import ExportConfig, export_qdq
-from edge_sr.fileio import versions, write_json
+from edge_sr.fileio import atomic_path, versions, write_json
 from edge_sr.paths import REPO_ROOT
 
 log = logging.getLogger("benchmarks.export")
@@ -54,31 +56,50 @@ def calib_lr(scale: int, n: int = 8, size: int = 64, seed: int = 0) -> torch.Ten
     return torch.stack(out).float() / 255
 
 
-def student(scale: int, bits: int, calib: torch.Tensor, fp=None):
-    """(fake-quant model, method) for the reference checkpoint."""
-    fp = fp if fp is not None else fp_model(scale)
-    try:
-        from calibrate.dobi import init_bounds
-    except ImportError:
-        init_bounds = None
-    if init_bounds is None:
-        from calibrate.export.students import minmax_student
-
-        return minmax_student(fp, calib, bits, shrink=1.0), "minmax"
+def students(scale: int, bits_list: list[int], calib: torch.Tensor, fp=None) -> dict:
+    """{bits: (fake-quant model, method)} for the reference checkpoint, one DOBI pass for all."""
     from calibrate.prepare import QuantRecipe, prepare
 
-    st = prepare(fp, QuantRecipe(bits=bits))
-    init_bounds(st, calib)
-    return st, "dobi"
+    fp = fp if fp is not None else fp_model(scale)
+    try:
+        from calibrate.dobi import apply_bounds, dobi_bounds
+    except ImportError:
+        from calibrate.export.students import minmax_student
+
+        return {b: (minmax_student(fp, calib, b, shrink=1.0), "minmax") for b in bits_list}
+    key = hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:12]
+    cache = OUT_DIR / "cache" / f"dobi_x{fp.scale}_{key}_{'-'.join(map(str, bits_list))}.pt"
+    if cache.exists():  # same checkpoint scale, same patches, same bits: same bounds
+        bounds = torch.load(cache)
+    else:
+        bounds, _ = dobi_bounds(prepare(fp, QuantRecipe(bits=bits_list[0])), calib, bits_list)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache) as tmp:
+            torch.save(bounds, tmp)
+    out = {}
+    for b in bits_list:
+        st = prepare(fp, QuantRecipe(bits=b))
+        apply_bounds(st, bounds[b])
+        out[b] = (st, "dobi")
+    return out
 
 
 def onnx_bytes(path: Path) -> dict:
-    """File bytes, and bytes after sharing identical traced constants (the attention masks)."""
+    """File bytes, bytes after sharing identical traced constants (the attention masks), and
+    where the bytes go: quantized-linear codes, FP conv weights, other float constants."""
     proto = onnx.load(str(path))
     raw = path.stat().st_size
     saved = share_constants(proto)
-    weights = sum(len(t.raw_data) for t in proto.graph.initializer if "/W" in t.name)
-    return {"file_bytes": raw, "shared_bytes": raw - saved, "quantized_weight_bytes": weights}
+    cats = {"quantized_weight_codes": 0, "conv_weights": 0, "other_constants": 0}
+    for t in proto.graph.initializer:
+        n = len(t.raw_data) or t.ByteSize()
+        if re.search(r"/W\d+$", t.name):
+            cats["quantized_weight_codes"] += n
+        elif len(t.dims) == 4 and ("conv" in t.name or "upsample" in t.name):
+            cats["conv_weights"] += n
+        else:
+            cats["other_constants"] += n
+    return {"file_bytes": raw, "shared_bytes": raw - saved, **cats}
 
 
 def run_size(args) -> dict:
@@ -95,8 +116,7 @@ def run_size(args) -> dict:
             m.weight.numel() * 4 for n, m in fp.named_modules()
             if isinstance(m, torch.nn.Linear) and ".residual_group." in n)
         rows.append(fp_row)
-        for bits in args.bits:
-            st, method = student(2, bits, calib, fp)
+        for bits, (st, method) in students(2, args.bits, calib, fp).items():
             for wc in ("int8", "auto"):
                 p = export_qdq(st, ExportConfig(tile=tuple(args.tile), weight_container=wc),
                                Path(d) / f"q{bits}_{wc}.onnx")
@@ -114,12 +134,12 @@ def run_latency(args) -> dict:
            "load_average": os.getloadavg(), "cpu": _cpu(), "rows": rows, "versions": versions()}
     fp = fp_model(2)
     calib = calib_lr(2, n=args.calib)
-    students = {b: student(2, b, calib, fp) for b in args.bits}
+    studs = students(2, args.bits, calib, fp)
     with tempfile.TemporaryDirectory() as d:
         for tile in args.tiles:
             t = (tile, tile)
             graphs = {"fp32": export_fp_onnx(fp, Path(d) / f"fp_{tile}.onnx", tile=t, opset=20)}
-            for b, (st, _) in students.items():
+            for b, (st, _) in studs.items():
                 for wc in ("int8", "auto"):
                     graphs[f"W{b}A{b} weights={wc}"] = export_qdq(
                         st, ExportConfig(tile=t, weight_container=wc), Path(d) / f"q{b}{wc}.onnx")
@@ -145,24 +165,33 @@ def run_latency(args) -> dict:
     return out
 
 
+def center_crop(pair, size: int, scale: int):
+    """The central ``size`` x ``size`` LR patch of a pair and its HR (shared-CPU budget runs)."""
+    h, w = pair.lr.shape[:2]
+    i, j = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return type(pair)(pair.name, pair.lr[i:i + size, j:j + size],
+                      pair.hr[i * scale:(i + size) * scale, j * scale:(j + size) * scale])
+
+
 def run_fidelity(args) -> dict:
     from calibrate.export.fidelity import dataset_fidelity
     from edge_sr.data import load_benchmark
 
     rows = []
     out = {"benchmark": "export_fidelity", "tile": args.tile, "target": args.target,
+           "crop": args.crop,
            "rows": rows, "versions": versions()}
     with tempfile.TemporaryDirectory() as d:
         for scale in args.scales:
             fp = fp_model(scale)
             calib = calib_lr(scale, n=args.calib)
-            for bits in args.bits:
-                st, method = student(scale, bits, calib, fp)
+            for bits, (st, method) in students(scale, args.bits, calib, fp).items():
                 p = export_qdq(st, ExportConfig(target=args.target, tile=tuple(args.tile)),
                                Path(d) / "q.onnx")
                 sess = make_session(p, threads=args.threads)
                 for ds in args.datasets:
-                    pairs = load_benchmark(ds, scale)
+                    pairs = [center_crop(p, args.crop, scale) if args.crop else p
+                             for p in load_benchmark(ds, scale)]
                     r = dataset_fidelity(st, sess, pairs, tuple(args.tile), scale,
                                          f"{ds} x{scale} W{bits}A{bits}")
                     rows.append({"dataset": ds, "scale": scale, "bits": bits,
@@ -190,9 +219,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--tile", type=int, nargs=2, default=[64, 64])
     ap.add_argument("--tiles", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--target", default="ort")
+    ap.add_argument("--crop", type=int, default=None,
+                    help="fidelity: score only each image's central CROP x CROP LR patch")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--calib", type=int, default=8, help="calibration patches (64x64 LR)")
+    ap.add_argument("--calib", type=int, default=4, help="calibration patches (64x64 LR)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
