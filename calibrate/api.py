@@ -1,0 +1,199 @@
+"""``calibrate(CalibrationConfig) -> Path``: the Python API under ``edge-sr calibrate``.
+
+Flow: load the FP checkpoint -> split the training pool (calibration / held-out validation) ->
+``prepare`` the student -> bounds by DOBI, MinMax or Percentile from one FP pass over 32
+calibration patches -> (2DQuant) DQC -> write the calibration file. Everything is seeded, so the
+same config gives the same file (callers may cache on the config).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from calibrate.baselines import PERCENTILES, baseline_bounds
+from calibrate.calibfile import CalibrationMeta, save_calibration, state_checksum
+from calibrate.dobi import apply_bounds, dobi_bounds
+from calibrate.dqc import DQCConfig, _val_psnr, run_dqc
+from calibrate.prepare import QuantRecipe, prepare
+from calibrate.quantizer import check_bits
+from edge_sr.errors import EdgeSRError
+from edge_sr.fileio import versions
+
+log = logging.getLogger(__name__)
+
+METHODS = ("2dquant", "dobi", "minmax", "percentile")
+
+# DQC budgets. "fast" was sized on the shared 2-core CPU (see docs/results/accuracy.md).
+RECIPES = {
+    "paper": dict(dqc=DQCConfig(iterations=4000, batch=16, lr_patch=64, val_every=100,
+                                ckpt_every=100), val_patches=16, val_patch=64),
+    "fast": dict(dqc=DQCConfig(iterations=60, batch=4, lr_patch=16, val_every=20,
+                               ckpt_every=10), val_patches=4, val_patch=32),
+}
+CALIB_PATCHES, CALIB_PATCH = 32, 64  # DOBI data, as the reference (spec §4.4)
+DQC_IMAGES = 64  # DQC draws its patches from this many calibration images
+VAL_IMAGES = 10  # held-out images the validation patches come from
+MIN_POOL_IMAGES = 2  # at least one calibration and one held-out image
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """One calibration run. ``model`` is a registry name or a checkpoint path."""
+
+    model: str
+    bits: int
+    output: str | Path
+    scale: int | None = None
+    method: Literal["2dquant", "dobi", "minmax", "percentile"] = "2dquant"
+    recipe: Literal["fast", "paper"] = "fast"
+    seed: int = 0
+    qkv_separation: bool = True
+    search_assignment: Literal["paper", "released"] = "paper"
+    feature_loss: Literal["fixed", "released"] = "fixed"
+    resume: bool = False
+    pool: str | Path | None = None  # image folder; default data/train/BSD200
+    percentile: float | None = None  # None: pick among PERCENTILES on held-out images
+    iterations: int | None = None  # override the recipe's DQC iterations (smoke runs)
+
+    def validate(self) -> None:
+        try:
+            check_bits(self.bits)
+        except ValueError:
+            raise EdgeSRError(f"--bits: expected an integer from 2 to 8, got {self.bits!r}"
+                              ) from None
+        if self.method not in METHODS:
+            raise EdgeSRError(f"--method: expected one of {', '.join(METHODS)}, got "
+                              f"{self.method!r}")
+        if self.recipe not in RECIPES:
+            raise EdgeSRError(f"--recipe: expected fast or paper, got {self.recipe!r}")
+
+    def quant_recipe(self) -> QuantRecipe:
+        return QuantRecipe(self.bits, self.qkv_separation, self.search_assignment)
+
+    def dqc_config(self) -> DQCConfig:
+        base = RECIPES[self.recipe]["dqc"]
+        kw = asdict(base) | {"seed": self.seed, "feature_loss": self.feature_loss}
+        if self.iterations is not None:
+            kw["iterations"] = self.iterations
+        return DQCConfig(**kw)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["output"] = str(self.output)
+        d["pool"] = None if self.pool is None else str(self.pool)
+        return d
+
+
+@dataclass
+class PoolData:
+    calib_lr: torch.Tensor  # DOBI / baseline statistics
+    val: tuple[torch.Tensor, torch.Tensor]  # held-out (LR, HR) patches
+    sampler: object  # PatchSampler over the calibration images (DQC)
+
+
+def pool_data(scale: int, recipe: str = "fast", seed: int = 0,
+              pool: str | Path | None = None, lr_patch: int | None = None) -> PoolData:
+    """Calibration patches, held-out validation patches and the DQC sampler, all seeded."""
+    from edge_sr.data.images import list_images
+    from edge_sr.data.pool import PatchSampler, pool_split
+    from edge_sr.paths import train_dir
+
+    root = Path(pool) if pool is not None else train_dir()
+    n = len(list_images(root)) if root.is_dir() else 0
+    if n < MIN_POOL_IMAGES:
+        raise EdgeSRError(f"image pool {root}: expected at least {MIN_POOL_IMAGES} images (one "
+                          f"to calibrate on, one held out), found {n}")
+    split = pool_split(root, n_val=min(20, max(1, n // 10)), seed=0)
+    r = RECIPES[recipe]
+    # A seeded subset of the calibration images: each image's LR (MATLAB bicubic) costs ~1 s, and
+    # 32 calibration patches come from (up to) 32 images, as in the reference (spec §4.4).
+    order = np.random.default_rng(seed).permutation(len(split.calib))
+    calib_imgs = [split.calib[i] for i in order[:CALIB_PATCHES]]
+    dqc_imgs = [split.calib[i] for i in order[:DQC_IMAGES]]
+    val_imgs = list(split.val[:VAL_IMAGES])
+    calib = PatchSampler(CALIB_PATCH, scale, seed=seed, images=calib_imgs).sample(CALIB_PATCHES)
+    val = PatchSampler(r["val_patch"], scale, flips=False, rot=False, seed=seed + 1,
+                       images=val_imgs).sample(r["val_patches"])
+    sampler = PatchSampler(lr_patch or r["dqc"].lr_patch, scale, seed=seed, images=dqc_imgs)
+    return PoolData(calib[0], val, sampler)
+
+
+def dqc_sampler(sampler, seed: int):
+    """``sample(iteration, n)``: patches that depend only on (seed, iteration), for resume."""
+    def sample(it: int, n: int) -> torch.Tensor:
+        sampler.rng = np.random.default_rng([seed, it])
+        return sampler.sample(n)[0]
+    return sample
+
+
+def pick_percentile(student: nn.Module, per_p: dict[str, dict], data: PoolData,
+                    scale: int) -> tuple[str, dict[str, float]]:
+    """The percentile whose bounds give the best held-out PSNR (never a test set)."""
+    scores = {}
+    for key in (f"p{p}" for p in PERCENTILES):
+        apply_bounds(student, per_p[key])
+        scores[key] = _val_psnr(student, *data.val, scale)
+    return max(scores, key=scores.get), scores
+
+
+def calibrate(cfg: CalibrationConfig) -> Path:
+    """Calibrate ``cfg.model`` at ``cfg.bits`` with ``cfg.method`` and write ``cfg.output``."""
+    cfg.validate()
+    from edge_sr.checkpoints import load_model
+
+    torch.manual_seed(cfg.seed)
+    lm = load_model(cfg.model, scale=cfg.scale)
+    scale = lm.scale
+    data = pool_data(scale, cfg.recipe, cfg.seed, cfg.pool)
+    student = prepare(lm.model, cfg.quant_recipe())
+    stats: dict = {"val_patches": list(data.val[0].shape)}
+    t0 = time.perf_counter()
+    if cfg.method in ("dobi", "2dquant"):
+        bounds, rep = dobi_bounds(student, data.calib_lr, [cfg.bits])
+        apply_bounds(student, bounds[cfg.bits])
+        stats["dobi_seconds"] = rep.seconds
+    else:
+        per, rep = baseline_bounds(student, data.calib_lr)
+        if cfg.method == "minmax":
+            apply_bounds(student, per["minmax"])
+        elif cfg.percentile is not None:
+            key = f"p{cfg.percentile}"
+            if key not in per:
+                raise EdgeSRError(f"--percentile: expected one of {PERCENTILES}, got "
+                                  f"{cfg.percentile}")
+            apply_bounds(student, per[key])
+        else:
+            key, scores = pick_percentile(student, per, data, scale)
+            apply_bounds(student, per[key])
+            stats |= {"percentile": key, "percentile_val_psnr": scores}
+        stats["stats_seconds"] = rep.seconds
+    stats["val_psnr_init"] = _val_psnr(student, *data.val, scale)
+    if cfg.method == "2dquant":
+        dqc_cfg = cfg.dqc_config()
+        state = Path(str(cfg.output) + ".dqc-state.pt")
+        r = run_dqc(student, lm.model, dqc_sampler(data.sampler, cfg.seed), data.val, dqc_cfg,
+                    state_path=state, resume=cfg.resume)
+        stats |= {"dqc_seconds": r.seconds, "dqc_iterations": r.iterations,
+                  "dqc_best_iteration": r.best_iteration, "val_psnr": r.best_val_psnr,
+                  "dqc_history": r.history, "dqc_config": asdict(dqc_cfg)}
+        state.unlink(missing_ok=True)
+    else:
+        stats["val_psnr"] = stats["val_psnr_init"]
+    stats["seconds"] = time.perf_counter() - t0
+    meta = CalibrationMeta(
+        bits=cfg.bits, scale=scale, method=cfg.method, recipe=cfg.quant_recipe().to_dict(),
+        checkpoint_name=lm.name, checkpoint_sha256=lm.sha256,
+        state_sha256=state_checksum(lm.model), arch=lm.arch, config=cfg.to_dict(), stats=stats,
+        versions=versions())
+    out = save_calibration(cfg.output, student, meta)
+    log.info("wrote %s (%s, W%dA%d, x%d, held-out %.3f dB)", out, cfg.method, cfg.bits,
+             cfg.bits, scale, stats["val_psnr"])
+    return out

@@ -1,0 +1,147 @@
+"""Calibration files: the learned bounds of every quantizer plus what they are valid for.
+
+A file is ``torch.save`` of a small dict of plain Python values (loadable with
+``weights_only=True``): format tag and version, ``bounds`` {quantizer name: (lower, upper)} and
+``meta`` (bits, scale, method, recipe, the FP checkpoint's name, file sha256 and state checksum,
+the calibration config, timings, versions). Loading rebuilds the student from the FP checkpoint
+and the stored recipe; the bit width comes from the recipe, and a file that disagrees with what
+the caller asks for (bits, scale, recipe, checkpoint) is an error that names both (spec §7.13).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from calibrate.dobi import apply_bounds
+from calibrate.prepare import QuantRecipe, prepare, quantizers
+from edge_sr.errors import EdgeSRError
+from edge_sr.fileio import atomic_path
+
+FORMAT = "edge-sr-calibration"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class CalibrationMeta:
+    bits: int
+    scale: int
+    method: str
+    recipe: dict  # QuantRecipe.to_dict()
+    checkpoint_name: str
+    checkpoint_sha256: str
+    state_sha256: str  # checksum of the FP state dict (checks an in-memory model too)
+    arch: str
+    config: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)  # timings, DQC history, chosen percentile, ...
+    versions: dict = field(default_factory=dict)
+
+    @property
+    def quant_recipe(self) -> QuantRecipe:
+        return QuantRecipe(**self.recipe)
+
+
+@dataclass
+class CalibratedModel:
+    model: nn.Module  # fake-quant SRModel in eval mode
+    meta: CalibrationMeta
+
+    @property
+    def bounds(self) -> dict[str, tuple[float, float]]:
+        return {n: (float(q.lower.detach()), float(q.upper.detach())) for n, q in quantizers(self.model)}
+
+
+def state_checksum(model: nn.Module) -> str:
+    """sha256 over the FP model's state dict (names, dtypes, shapes and bytes, sorted by name)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_calibration(path: str | os.PathLike, student: nn.Module, meta: CalibrationMeta) -> Path:
+    """Write ``student``'s bounds and ``meta`` atomically."""
+    path = Path(path)
+    obj = {"format": FORMAT, "version": VERSION, "meta": asdict(meta),
+           "bounds": {n: (float(q.lower.detach()), float(q.upper.detach())) for n, q in quantizers(student)}}
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return path
+
+
+def read_calibration(path: str | os.PathLike) -> tuple[dict, CalibrationMeta]:
+    """(bounds, meta) of a calibration file, checked for format and completeness."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeSRError(f"calibration file {path}: expected a file written by 'edge-sr "
+                          "calibrate', found nothing there")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise EdgeSRError(f"calibration file {path}: expected a torch.save'd calibration, could "
+                          f"not read it ({type(e).__name__})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise EdgeSRError(f"calibration file {path}: expected format {FORMAT!r}, found "
+                          f"{obj.get('format') if isinstance(obj, dict) else type(obj).__name__!r}")
+    if obj.get("version") != VERSION:
+        raise EdgeSRError(f"calibration file {path}: expected version {VERSION}, found "
+                          f"{obj.get('version')}")
+    names = {f.name for f in fields(CalibrationMeta)}
+    meta = CalibrationMeta(**{k: v for k, v in obj["meta"].items() if k in names})
+    return obj["bounds"], meta
+
+
+def _mismatch(path: Path, what: str, stored, asked) -> EdgeSRError:
+    return EdgeSRError(f"calibration file {path} was made for {what} {stored}, but {what} "
+                       f"{asked} was asked for")
+
+
+def load_calibrated(path: str | os.PathLike, model=None, *, bits: int | None = None,
+                    scale: int | None = None, recipe: QuantRecipe | None = None) -> CalibratedModel:
+    """Rebuild the fake-quant student of a calibration file.
+
+    ``model``: None (the checkpoint the file names), a registry name / checkpoint path, or an FP
+    ``SRModel``; it must be the checkpoint the file was calibrated on. ``bits``, ``scale`` and
+    ``recipe``, when given, must match the file.
+    """
+    path = Path(path)
+    bounds, meta = read_calibration(path)
+    if bits is not None and bits != meta.bits:
+        raise _mismatch(path, "bits", meta.bits, bits)
+    if scale is not None and scale != meta.scale:
+        raise _mismatch(path, "scale", meta.scale, scale)
+    if recipe is not None and recipe.to_dict() != meta.recipe:
+        raise _mismatch(path, "recipe", meta.recipe, recipe.to_dict())
+    if model is None or isinstance(model, (str, os.PathLike)):
+        from edge_sr.checkpoints import load_model
+
+        lm = load_model(model if model is not None else meta.checkpoint_name)
+        if lm.sha256 != meta.checkpoint_sha256:
+            raise EdgeSRError(
+                f"calibration file {path} was made for checkpoint {meta.checkpoint_name} "
+                f"(sha256 {meta.checkpoint_sha256[:12]}), but checkpoint {lm.name} "
+                f"(sha256 {lm.sha256[:12]}) was given")
+        fp = lm.model
+    else:
+        fp = model
+        if state_checksum(fp) != meta.state_sha256:
+            raise EdgeSRError(
+                f"calibration file {path} was made for checkpoint {meta.checkpoint_name} "
+                f"(state checksum {meta.state_sha256[:12]}), but the given model's weights "
+                f"differ (checksum {state_checksum(fp)[:12]})")
+    if int(fp.scale) != meta.scale:
+        raise _mismatch(path, "scale", meta.scale, int(fp.scale))
+    student = prepare(fp, meta.quant_recipe)
+    try:
+        apply_bounds(student, {k: tuple(v) for k, v in bounds.items()})
+    except ValueError as e:
+        raise EdgeSRError(f"calibration file {path}: its quantizers do not fit the model ({e})"
+                          ) from None
+    return CalibratedModel(student.eval(), meta)

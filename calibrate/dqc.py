@@ -1,0 +1,213 @@
+"""DQC: distillation quantization calibration (spec §4). Only the quantizers' bounds train.
+
+Loss = output L1 (student vs FP teacher, no ground truth) + lambda * sum of feature terms at the
+model's ``feature_modules()`` outputs. ``feature_loss="fixed"`` (default) is the intended loss:
+each feature is divided by its own per-sample L2 norm (detached) and the term is the squared
+distance between the unit-normalised student and teacher features, averaged over the batch (the
+per-sample MSE times the element count, so it is scale-free and not vanishingly small).
+``"released"`` reproduces the released code bit for bit in its maths: the (B,1,1,1) norm
+broadcast over (B,N,C) features to (B,B,N,C), MSE divided again by the element count, and the
+output L1 divided by the per-sample element count (spec §4.2, §7.3-5).
+
+Adam (lr 1e-2 constant, betas (0.9, 0.99)). Validation PSNR on held-out pool patches (never the
+test sets) picks the final bounds among the DOBI start and every validated iteration. State is
+saved atomically every ``ckpt_every`` iterations; ``resume`` continues from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from calibrate.prepare import bound_parameters, quantizers
+from edge_sr.fileio import atomic_path
+from edge_sr.logutil import progress_disabled
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DQCConfig:
+    iterations: int = 4000
+    batch: int = 16
+    lr_patch: int = 64
+    lr: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.99)
+    feature_weight: float = 5.0
+    feature_loss: Literal["fixed", "released"] = "fixed"
+    val_every: int = 100
+    ckpt_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.feature_loss not in ("fixed", "released"):
+            raise ValueError(f"feature_loss must be 'fixed' or 'released', got {self.feature_loss!r}")
+        if self.iterations < 0 or self.batch < 1 or self.lr_patch < 8:
+            raise ValueError("DQC needs iterations >= 0, batch >= 1 and lr_patch >= 8, got "
+                             f"{self.iterations}, {self.batch}, {self.lr_patch}")
+
+
+@dataclass
+class DQCReport:
+    iterations: int
+    seconds: float
+    best_iteration: int
+    best_val_psnr: float
+    history: list[dict] = field(default_factory=list)
+
+
+def output_loss(out_s: torch.Tensor, out_t: torch.Tensor, variant: str) -> torch.Tensor:
+    l1 = (out_s - out_t).abs().mean()
+    if variant == "released":  # mean * B / numel: divided again by the per-sample count
+        return l1 * out_s.shape[0] / out_s.numel()
+    return l1
+
+
+def feature_loss(fs: torch.Tensor, ft: torch.Tensor, variant: str) -> torch.Tensor:
+    b = fs.shape[0]
+    ns = fs.reshape(b, -1).norm(dim=1).detach()
+    nt = ft.reshape(b, -1).norm(dim=1).detach()
+    if variant == "released":
+        # norms reshaped to (B,1,1,1) against (B,N,C): broadcasts to (B,B,N,C) (spec §7.3)
+        a, c = fs / ns.view(b, 1, 1, 1), ft / nt.view(b, 1, 1, 1)
+        return F.mse_loss(a, c) / a.numel()
+    shape = (b,) + (1,) * (fs.dim() - 1)
+    a, c = fs / ns.view(shape).clamp_min(1e-12), ft / nt.view(shape).clamp_min(1e-12)
+    return ((a - c) ** 2).reshape(b, -1).sum(dim=1).mean()
+
+
+class _FeatureTap:
+    """Forward hooks that keep the latest outputs of the named modules."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.out: dict[str, torch.Tensor] = {}
+        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str):
+        def f(mod, inp, out):
+            self.out[name] = out
+        return f
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _val_psnr(student: nn.Module, val_lr: torch.Tensor, val_hr: torch.Tensor, scale: int) -> float:
+    """Mean Y-PSNR (crop = scale) of the student on held-out patches, via edge_sr.metrics."""
+    from edge_sr.data.images import to_uint8
+    from edge_sr.metrics import psnr_y
+
+    with torch.no_grad():
+        sr = student(val_lr)
+    vals = [psnr_y(to_uint8(sr[i:i + 1]), to_uint8(val_hr[i:i + 1]), scale)
+            for i in range(sr.shape[0])]
+    return float(sum(min(v, 100.0) for v in vals) / len(vals))
+
+
+def _bounds_state(student: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{n}.{k}": getattr(q, k).detach().clone() for n, q in quantizers(student)
+            for k in ("lower", "upper")}
+
+
+def _load_bounds(student: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for n, q in quantizers(student):
+            q.lower.copy_(state[f"{n}.lower"])
+            q.upper.copy_(state[f"{n}.upper"])
+
+
+def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int], torch.Tensor],
+            val: tuple[torch.Tensor, torch.Tensor], cfg: DQCConfig,
+            state_path: str | Path | None = None, resume: bool = False) -> DQCReport:
+    """Train the bounds of ``student`` against ``teacher`` in place; keep the best-validated.
+
+    ``sample(iteration, n)`` returns n LR training patches, a function of its arguments (so a
+    resumed run sees the same patches); ``val`` is (LR, HR) held-out
+    patches. With ``state_path`` the run saves its state there every ``cfg.ckpt_every`` steps
+    and, with ``resume``, starts from it.
+    """
+    torch.manual_seed(cfg.seed)
+    scale = int(student.scale)
+    student.eval()
+    teacher.eval()
+    params = bound_parameters(student)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas)
+    names = student.feature_modules()
+    tap_s, tap_t = _FeatureTap(student, names), _FeatureTap(teacher, names)
+    start, history = 0, []
+    best = (0, _val_psnr(student, *val, scale), _bounds_state(student))
+    history.append({"iteration": 0, "val_psnr": best[1]})
+    state_path = Path(state_path) if state_path else None
+    if resume and state_path is not None and state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        if st["config"] != asdict(cfg):
+            from edge_sr.errors import EdgeSRError
+
+            raise EdgeSRError(f"--resume: state file {state_path} was written for DQC config "
+                              f"{st['config']}, but this run asks for {asdict(cfg)}")
+        _load_bounds(student, st["bounds"])
+        opt.load_state_dict(st["optimizer"])
+        start, history = st["iteration"], st["history"]
+        best = (st["best_iteration"], st["best_val_psnr"], st["best_bounds"])
+        torch.set_rng_state(st["torch_rng"])
+        log.info("resuming DQC at iteration %d from %s", start, state_path)
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="DQC",
+               disable=progress_disabled(), leave=False)
+    try:
+        for it in bar:
+            lr = sample(it, cfg.batch)
+            with torch.no_grad():
+                out_t = teacher(lr)
+            out_s = student(lr)
+            loss = output_loss(out_s, out_t, cfg.feature_loss)
+            feat = sum(feature_loss(tap_s.out[n], tap_t.out[n], cfg.feature_loss) for n in names)
+            loss = loss + cfg.feature_weight * feat
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done = it + 1
+            post = {"loss": f"{loss.item():.3g}", "val": f"{best[1]:.2f}"}
+            if done % cfg.val_every == 0 or done == cfg.iterations:
+                v = _val_psnr(student, *val, scale)
+                history.append({"iteration": done, "loss": float(loss), "val_psnr": v})
+                if v > best[1]:
+                    best = (done, v, _bounds_state(student))
+                post["val"] = f"{v:.2f}"
+                log.debug("DQC %d: loss %.4g, val %.3f dB", done, float(loss), v)
+            bar.set_postfix(post)
+            if state_path is not None and (done % cfg.ckpt_every == 0 or done == cfg.iterations):
+                _save_state(state_path, cfg, done, student, opt, history, best)
+    finally:
+        bar.close()
+        tap_s.close()
+        tap_t.close()
+        for p in params:
+            p.requires_grad_(False)
+    _load_bounds(student, best[2])
+    rep = DQCReport(cfg.iterations - start, time.perf_counter() - t0, best[0], best[1], history)
+    log.info("DQC: %d iterations in %.0f s; best validation %.3f dB at iteration %d",
+             rep.iterations, rep.seconds, rep.best_val_psnr, rep.best_iteration)
+    return rep
+
+
+def _save_state(path: Path, cfg: DQCConfig, iteration: int, student: nn.Module,
+                opt: torch.optim.Optimizer, history: list, best: tuple) -> None:
+    st = {"config": asdict(cfg), "iteration": iteration, "bounds": _bounds_state(student),
+          "optimizer": opt.state_dict(), "history": history, "best_iteration": best[0],
+          "best_val_psnr": best[1], "best_bounds": best[2], "torch_rng": torch.get_rng_state()}
+    with atomic_path(path) as tmp:
+        torch.save(st, tmp)
+

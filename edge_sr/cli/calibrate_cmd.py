@@ -1,0 +1,44 @@
+"""``edge-sr calibrate``: 2DQuant (or DOBI / MinMax / Percentile) calibration to a small file."""
+
+from __future__ import annotations
+
+import click
+
+from edge_sr.cli.options import logging_options
+
+
+@click.command("calibrate")
+@click.option("--model", "model", required=True, metavar="NAME|PATH",
+              help="FP checkpoint: a registry name (edge-sr models) or a .pth path.")
+@click.option("--bits", type=int, required=True, help="Weight and activation bits (2-8).")
+@click.option("--scale", type=int, default=None,
+              help="Upscaling factor; defaults to the checkpoint's, and must agree with it.")
+@click.option("--recipe", type=click.Choice(["fast", "paper"]), default="fast", show_default=True,
+              help="DQC budget: 'paper' = 4000 it x batch 16 x 64px (GPU), 'fast' = CPU-sized.")
+@click.option("--method", type=click.Choice(["2dquant", "dobi", "minmax", "percentile"]),
+              default="2dquant", show_default=True, help="Bound calibration method.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--shared-qkv-input", is_flag=True,
+              help="One input quantizer for the fused qkv (deployment) instead of three (paper).")
+@click.option("--search", "search_assignment", type=click.Choice(["paper", "released"]),
+              default="paper", show_default=True,
+              help="DOBI: one-sided for softmax/post-GELU (paper) or two-sided everywhere "
+                   "(released code).")
+@click.option("--feature-loss", type=click.Choice(["fixed", "released"]), default="fixed",
+              show_default=True, help="DQC feature loss: intended, or the released code's bugs.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted DQC run for the same -o.")
+@click.option("--pool", type=click.Path(file_okay=False), default=None,
+              help="Folder of training images (default: data/train/BSD200).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Calibration file to write (atomically).")
+@logging_options
+def calibrate_cmd(model, bits, scale, recipe, method, seed, shared_qkv_input, search_assignment,
+                  feature_loss, resume, pool, output) -> None:
+    """Calibrate a low-bit fake-quant model; score it with 'edge-sr eval --calibration FILE'."""
+    from calibrate.api import CalibrationConfig, calibrate
+
+    path = calibrate(CalibrationConfig(
+        model=model, bits=bits, output=output, scale=scale, method=method, recipe=recipe,
+        seed=seed, qkv_separation=not shared_qkv_input, search_assignment=search_assignment,
+        feature_loss=feature_loss, resume=resume, pool=pool))
+    click.echo(f"wrote {path}")
