@@ -102,12 +102,12 @@ class PoolData:
 def pool_data(scale: int, recipe: str = "fast", seed: int = 0,
               pool: str | Path | None = None, lr_patch: int | None = None) -> PoolData:
     """Calibration patches, held-out validation patches and the DQC sampler, all seeded."""
-    from edge_sr.data.images import list_images
+    from edge_sr.data.images import is_image_name
     from edge_sr.data.pool import PatchSampler, pool_split
     from edge_sr.paths import train_dir
 
     root = Path(pool) if pool is not None else train_dir()
-    n = len(list_images(root)) if root.is_dir() else 0
+    n = sum(1 for f in root.iterdir() if is_image_name(f)) if root.is_dir() else 0
     if n < MIN_POOL_IMAGES:
         raise EdgeSRError(f"image pool {root}: expected at least {MIN_POOL_IMAGES} images (one "
                           f"to calibrate on, one held out), found {n}")

@@ -182,11 +182,11 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
             post = {"loss": f"{loss.item():.3g}", "val": f"{best[1]:.2f}"}
             if done % cfg.val_every == 0 or done == cfg.iterations:
                 v = _val_psnr(student, *val, scale)
-                history.append({"iteration": done, "loss": float(loss), "val_psnr": v})
+                history.append({"iteration": done, "loss": loss.item(), "val_psnr": v})
                 if v > best[1]:
                     best = (done, v, _bounds_state(student))
                 post["val"] = f"{v:.2f}"
-                log.debug("DQC %d: loss %.4g, val %.3f dB", done, float(loss), v)
+                log.debug("DQC %d: loss %.4g, val %.3f dB", done, loss.item(), v)
             bar.set_postfix(post)
             if state_path is not None and (done % cfg.ckpt_every == 0 or done == cfg.iterations):
                 _save_state(state_path, cfg, done, student, opt, history, best)

@@ -1,0 +1,148 @@
+"""Calibration files: exact round trip, mismatch errors, the API/CLI and its bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from calibrate.api import CalibrationConfig, calibrate
+from calibrate.calibfile import (
+    CalibrationMeta,
+    load_calibrated,
+    read_calibration,
+    save_calibration,
+    state_checksum,
+)
+from calibrate.dobi import init_bounds
+from calibrate.prepare import QuantRecipe, prepare, quantizers
+from edge_sr.errors import EdgeSRError
+
+
+def _meta(fp, bits=3, **kw) -> CalibrationMeta:
+    d = dict(bits=bits, scale=fp.scale, method="dobi", recipe=QuantRecipe(bits).to_dict(),
+             checkpoint_name="tiny", checkpoint_sha256="0" * 64, state_sha256=state_checksum(fp),
+             arch="swinir-light")
+    d.update(kw)
+    return CalibrationMeta(**d)
+
+
+@pytest.fixture
+def calibrated(tiny_swinir, tmp_path):
+    fp = tiny_swinir(2)
+    student = prepare(fp, QuantRecipe(bits=3))
+    init_bounds(student, torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+    path = save_calibration(tmp_path / "c.pt", student, _meta(fp))
+    return fp, student, path
+
+
+def test_round_trip_is_exact(calibrated, one_thread):
+    fp, student, path = calibrated
+    loaded = load_calibrated(path, fp)
+    assert loaded.meta.bits == 3 and loaded.meta.scale == 2
+    x = torch.rand(1, 3, 20, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), student(x), atol=0, rtol=0)
+    assert loaded.bounds == {n: (float(q.lower.detach()), float(q.upper.detach()))
+                             for n, q in quantizers(student)}
+    assert not loaded.model.training
+
+
+def test_bits_and_scale_mismatch_name_both(calibrated):
+    fp, _, path = calibrated
+    with pytest.raises(EdgeSRError, match=r"made for bits 3, but bits 4 was asked for"):
+        load_calibrated(path, fp, bits=4)
+    with pytest.raises(EdgeSRError, match=r"made for scale 2, but scale 4 was asked for"):
+        load_calibrated(path, fp, scale=4)
+    with pytest.raises(EdgeSRError, match=r"made for recipe .*'qkv_separation': True.* but recipe"):
+        load_calibrated(path, fp, recipe=QuantRecipe(3, qkv_separation=False))
+
+
+def test_other_checkpoint_is_an_error(calibrated, tiny_swinir):
+    _, _, path = calibrated
+    with pytest.raises(EdgeSRError, match=r"made for checkpoint tiny .*but the given model's "
+                                          r"weights differ"):
+        load_calibrated(path, tiny_swinir(2, seed=5))
+
+
+def test_other_scale_model_is_an_error(calibrated, tiny_swinir, tmp_path):
+    fp4 = tiny_swinir(4)
+    student = prepare(fp4, QuantRecipe(bits=3))
+    init_bounds(student, torch.rand(1, 3, 16, 16))
+    p = save_calibration(tmp_path / "x4.pt", student, _meta(fp4))
+    bounds, meta = read_calibration(p)
+    assert meta.scale == 4 and len(bounds) == 64
+    with pytest.raises(EdgeSRError, match="made for scale 4, but scale 2 was asked for"):
+        load_calibrated(p, fp4, scale=2)
+
+
+def test_not_a_calibration_file(tmp_path):
+    bad = tmp_path / "bad.pt"
+    torch.save({"params": {}}, bad)
+    with pytest.raises(EdgeSRError, match="expected format 'edge-sr-calibration'"):
+        load_calibrated(bad)
+    with pytest.raises(EdgeSRError, match="found nothing there"):
+        load_calibrated(tmp_path / "missing.pt")
+
+
+# --- API and CLI on a tiny checkpoint and a tiny image pool ----------------------------------
+
+@pytest.fixture
+def tiny_ckpt(tiny_swinir, tmp_path):
+    path = tmp_path / "tiny_x2.pth"
+    torch.save({"params": tiny_swinir(2).state_dict()}, path)
+    return path
+
+
+def _pool(folder, n, size=(136, 136)):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("bits", [1, 9])
+def test_api_rejects_bits_outside_2_to_8(bits, tmp_path):
+    with pytest.raises(EdgeSRError, match=rf"--bits: expected an integer from 2 to 8, got {bits}"):
+        calibrate(CalibrationConfig(model="x", bits=bits, output=tmp_path / "c.pt"))
+
+
+def test_api_rejects_empty_and_too_small_pools(tiny_ckpt, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(EdgeSRError, match=r"image pool .*empty: expected at least 2 images"):
+        calibrate(CalibrationConfig(model=str(tiny_ckpt), bits=4, output=tmp_path / "c.pt",
+                                    method="minmax", pool=empty))
+    small = _pool(tmp_path / "small", 3, size=(40, 40))
+    with pytest.raises(EdgeSRError, match="smaller than the patch size 64"):
+        calibrate(CalibrationConfig(model=str(tiny_ckpt), bits=4, output=tmp_path / "c.pt",
+                                    method="minmax", pool=small))
+
+
+def test_api_and_cli_write_loadable_files(tiny_ckpt, tmp_path, one_thread):
+    pool = _pool(tmp_path / "pool", 4)
+    out = calibrate(CalibrationConfig(model=str(tiny_ckpt), bits=3, output=tmp_path / "a.pt",
+                                      method="2dquant", pool=pool, iterations=2))
+    cm = load_calibrated(out, str(tiny_ckpt))
+    assert cm.meta.method == "2dquant" and cm.meta.stats["dqc_iterations"] == 2
+    assert cm.meta.checkpoint_sha256 == cm.meta.checkpoint_sha256.lower() and cm.meta.versions
+    assert not (tmp_path / "a.pt.dqc-state.pt").exists()
+    # same config, same file contents (deterministic)
+    again = calibrate(CalibrationConfig(model=str(tiny_ckpt), bits=3, output=tmp_path / "b.pt",
+                                        method="2dquant", pool=pool, iterations=2))
+    assert read_calibration(again)[0] == read_calibration(out)[0]
+
+    from edge_sr.cli import main
+
+    r = CliRunner().invoke(main, ["calibrate", "--model", str(tiny_ckpt), "--bits", "4",
+                                  "--method", "percentile", "--pool", str(pool),
+                                  "-o", str(tmp_path / "p.pt")])
+    assert r.exit_code == 0, r.output
+    meta = read_calibration(tmp_path / "p.pt")[1]
+    assert meta.bits == 4 and meta.stats["percentile"] in ("p99.9", "p99.99", "p99.999")
+    r = CliRunner().invoke(main, ["calibrate", "--model", str(tiny_ckpt), "--bits", "9",
+                                  "-o", str(tmp_path / "q.pt")])
+    assert r.exit_code == 2 and "--bits: expected an integer from 2 to 8, got 9" in r.output

@@ -1,0 +1,126 @@
+"""DQC: only bounds train, a tiny run lowers the distillation loss, the released-loss switch and
+resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from calibrate.dobi import init_bounds
+from calibrate.dqc import DQCConfig, feature_loss, output_loss, run_dqc
+from calibrate.prepare import QuantRecipe, bound_parameters, prepare
+
+
+def _setup(tiny_swinir, bits=2):
+    fp = tiny_swinir(2)
+    g = torch.Generator().manual_seed(0)
+    calib = torch.rand(4, 3, 16, 16, generator=g)
+    student = prepare(fp, QuantRecipe(bits=bits))
+    init_bounds(student, calib)
+    val = (torch.rand(2, 3, 16, 16, generator=g), torch.rand(2, 3, 32, 32, generator=g))
+
+    def sample(it, n):
+        return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(1000 + it))
+
+    return fp, student, sample, val
+
+
+def _distill_loss(student, teacher, x):
+    with torch.no_grad():
+        return float(output_loss(student(x), teacher(x), "fixed"))
+
+
+def test_tiny_dqc_lowers_loss_and_trains_only_bounds(tiny_swinir, one_thread):
+    fp, student, sample, val = _setup(tiny_swinir, bits=4)
+    weights = {k: v.clone() for k, v in student.state_dict().items()
+               if not k.endswith(("lower", "upper"))}
+    x = sample(0, 8)
+    before = _distill_loss(student, fp, x)
+    bounds_before = torch.stack([p.detach().clone() for p in bound_parameters(student)])
+    cfg = DQCConfig(iterations=30, batch=4, lr_patch=16, val_every=10, ckpt_every=100, lr=1e-3)
+    rep = run_dqc(student, fp, sample, val, cfg)
+    assert rep.iterations == 30 and len(rep.history) == 4
+    assert _distill_loss(student, fp, x) <= before
+    after = torch.stack([p.detach() for p in bound_parameters(student)])
+    for k, v in student.state_dict().items():
+        if k in weights:
+            assert torch.equal(v, weights[k]), k
+    if rep.best_iteration > 0:
+        assert not torch.equal(after, bounds_before)
+        assert _distill_loss(student, fp, x) < before
+
+
+def test_training_loss_decreases(tiny_swinir, one_thread):
+    # 4 bits and lr 1e-3: at 2 bits the tiny random model's loss is too jagged for 25 steps
+    fp, student, sample, val = _setup(tiny_swinir, bits=4)
+    x = sample(0, 8)
+    params = bound_parameters(student)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.99))
+    losses = []
+    for _ in range(25):
+        with torch.no_grad():
+            t = fp(x)
+        loss = output_loss(student(x), t, "fixed")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.85 * losses[0]
+
+
+def test_feature_loss_variants():
+    g = torch.Generator().manual_seed(0)
+    fs, ft = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 4, generator=g)
+    # fixed: per-sample unit-norm features, squared distance summed per sample, batch mean
+    a = fs / fs.reshape(3, -1).norm(dim=1).view(3, 1, 1)
+    b = ft / ft.reshape(3, -1).norm(dim=1).view(3, 1, 1)
+    assert float(feature_loss(fs, ft, "fixed")) == pytest.approx(float(((a - b) ** 2).sum() / 3))
+    assert float(feature_loss(fs, fs * 7, "fixed")) == pytest.approx(0, abs=1e-10)
+    # released: (B,1,1,1) norms broadcast to (B,B,N,C), MSE divided again by its numel
+    ns = fs.reshape(3, -1).norm(dim=1).view(3, 1, 1, 1)
+    nt = ft.reshape(3, -1).norm(dim=1).view(3, 1, 1, 1)
+    ref = ((fs / ns - ft / nt) ** 2).mean() / (3 * 3 * 5 * 4)
+    assert float(feature_loss(fs, ft, "released")) == pytest.approx(float(ref))
+    out_s, out_t = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)
+    assert float(output_loss(out_s, out_t, "fixed")) == 1.0
+    assert float(output_loss(out_s, out_t, "released")) == pytest.approx(1 / 48)
+
+
+def test_resume_continues_to_the_same_bounds(tiny_swinir, one_thread, tmp_path):
+    cfg = DQCConfig(iterations=6, batch=2, lr_patch=16, val_every=3, ckpt_every=2,
+                    feature_weight=5.0)
+    fp, full, sample, val = _setup(tiny_swinir)
+    run_dqc(full, fp, sample, val, cfg)
+    fp, part, sample, val = _setup(tiny_swinir)
+    state = tmp_path / "state.pt"
+    short = DQCConfig(**{**cfg.__dict__, "iterations": 6})
+    calls = {"n": 0}
+
+    def interrupting(it, n):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return sample(it, n)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_dqc(part, fp, interrupting, val, short, state_path=state)
+    assert torch.load(state, weights_only=False)["iteration"] == 4
+    _, resumed, _, _ = _setup(tiny_swinir)
+    rep = run_dqc(resumed, fp, sample, val, cfg, state_path=state, resume=True)
+    assert rep.iterations == 2
+    for p, q in zip(bound_parameters(full), bound_parameters(resumed)):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_with_another_config_is_an_error(tiny_swinir, one_thread, tmp_path):
+    from edge_sr.errors import EdgeSRError
+
+    fp, student, sample, val = _setup(tiny_swinir)
+    state = tmp_path / "state.pt"
+    run_dqc(student, fp, sample, val, DQCConfig(iterations=2, batch=1, lr_patch=16, val_every=2,
+                                                ckpt_every=2), state_path=state)
+    with pytest.raises(EdgeSRError, match="--resume: state file .* was written for DQC config"):
+        run_dqc(student, fp, sample, val, DQCConfig(iterations=4, batch=1, lr_patch=16),
+                state_path=state, resume=True)
