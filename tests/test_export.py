@@ -39,15 +39,19 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(1.0 / np.mean((a.astype(np.float64) - b) ** 2)))
 
 
-@pytest.mark.parametrize("target,bits", [("ort", 2), ("ort", 3), ("ort", 4), ("ort", 8),
-                                         ("trt", 2), ("trt", 8)])
-def test_export_matches_fake_quant(tiny, calib, bits, target):
+@pytest.mark.parametrize("target,bits,scale,batch,tile", [
+    ("ort", 2, 2, 1, TILE), ("ort", 3, 2, 1, TILE), ("ort", 4, 2, 1, TILE),
+    ("ort", 8, 2, 1, TILE), ("trt", 2, 3, 2, (16, 24)), ("trt", 8, 2, 1, TILE)])
+def test_export_matches_fake_quant(tiny_swinir, target, bits, scale, batch, tile):
+    tiny = tiny_swinir(scale=scale, depths=(2,), num_heads=(2,))
+    calib = torch.rand(2, 3, *tile, generator=torch.Generator().manual_seed(1))
     student = minmax_student(tiny, calib, bits)
-    proto, records = build_qdq(student, ExportConfig(target=target, tile=TILE))
-    x = torch.rand(1, 3, *TILE, generator=torch.Generator().manual_seed(2))
+    proto, records = build_qdq(student, ExportConfig(target=target, tile=tile, batch=batch))
+    x = torch.rand(batch, 3, *tile, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref, fp = student(x).numpy(), tiny(x).numpy()
     out = _run(proto, x)
+    assert out.shape == (batch, 3, tile[0] * scale, tile[1] * scale)
     assert np.abs(out - ref).max() < 1e-4  # float noise only
     assert np.abs(ref - fp).max() > 1e-3  # the quantizers really act (not a vacuous test)
     assert len([r for r in records if r["kind"] == "linear"]) == 2 * (3 + 3)  # q,k,v,proj,fc1,fc2
