@@ -62,6 +62,8 @@ class CalibrationConfig:
     pool: str | Path | None = None  # image folder; default data/train/BSD200
     percentile: float | None = None  # None: pick among PERCENTILES on held-out images
     iterations: int | None = None  # override the recipe's DQC iterations (smoke runs)
+    calib_patches: int = CALIB_PATCHES  # DOBI / baseline statistics: this many LR patches
+    calib_patch: int = CALIB_PATCH  # of this size
 
     def validate(self) -> None:
         try:
@@ -100,7 +102,8 @@ class PoolData:
 
 
 def pool_data(scale: int, recipe: str = "fast", seed: int = 0,
-              pool: str | Path | None = None, lr_patch: int | None = None) -> PoolData:
+              pool: str | Path | None = None, lr_patch: int | None = None,
+              calib_patches: int = CALIB_PATCHES, calib_patch: int = CALIB_PATCH) -> PoolData:
     """Calibration patches, held-out validation patches and the DQC sampler, all seeded."""
     from edge_sr.data.images import is_image_name
     from edge_sr.data.pool import PatchSampler, pool_split
@@ -116,10 +119,10 @@ def pool_data(scale: int, recipe: str = "fast", seed: int = 0,
     # A seeded subset of the calibration images: each image's LR (MATLAB bicubic) costs ~1 s, and
     # 32 calibration patches come from (up to) 32 images, as in the reference (spec §4.4).
     order = np.random.default_rng(seed).permutation(len(split.calib))
-    calib_imgs = [split.calib[i] for i in order[:CALIB_PATCHES]]
+    calib_imgs = [split.calib[i] for i in order[:calib_patches]]
     dqc_imgs = [split.calib[i] for i in order[:DQC_IMAGES]]
     val_imgs = list(split.val[:VAL_IMAGES])
-    calib = PatchSampler(CALIB_PATCH, scale, seed=seed, images=calib_imgs).sample(CALIB_PATCHES)
+    calib = PatchSampler(calib_patch, scale, seed=seed, images=calib_imgs).sample(calib_patches)
     val = PatchSampler(r["val_patch"], scale, flips=False, rot=False, seed=seed + 1,
                        images=val_imgs).sample(r["val_patches"])
     sampler = PatchSampler(lr_patch or r["dqc"].lr_patch, scale, seed=seed, images=dqc_imgs)
@@ -152,7 +155,8 @@ def calibrate(cfg: CalibrationConfig) -> Path:
     torch.manual_seed(cfg.seed)
     lm = load_model(cfg.model, scale=cfg.scale)
     scale = lm.scale
-    data = pool_data(scale, cfg.recipe, cfg.seed, cfg.pool)
+    data = pool_data(scale, cfg.recipe, cfg.seed, cfg.pool, calib_patches=cfg.calib_patches,
+                     calib_patch=cfg.calib_patch)
     student = prepare(lm.model, cfg.quant_recipe())
     stats: dict = {"val_patches": list(data.val[0].shape)}
     t0 = time.perf_counter()

@@ -123,22 +123,24 @@ def test_api_rejects_empty_and_too_small_pools(tiny_ckpt, tmp_path):
 
 
 def test_api_and_cli_write_loadable_files(tiny_ckpt, tmp_path, one_thread):
-    pool = _pool(tmp_path / "pool", 4)
+    pool = _pool(tmp_path / "pool", 4, size=(72, 72))
+    small = dict(pool=pool, iterations=2, calib_patches=4, calib_patch=32)
     out = calibrate(CalibrationConfig(model=str(tiny_ckpt), bits=3, output=tmp_path / "a.pt",
-                                      method="2dquant", pool=pool, iterations=2))
+                                      method="2dquant", **small))
     cm = load_calibrated(out, str(tiny_ckpt))
     assert cm.meta.method == "2dquant" and cm.meta.stats["dqc_iterations"] == 2
     assert cm.meta.checkpoint_sha256 == cm.meta.checkpoint_sha256.lower() and cm.meta.versions
     assert not (tmp_path / "a.pt.dqc-state.pt").exists()
     # same config, same file contents (deterministic)
     again = calibrate(CalibrationConfig(model=str(tiny_ckpt), bits=3, output=tmp_path / "b.pt",
-                                        method="2dquant", pool=pool, iterations=2))
+                                        method="2dquant", **small))
     assert read_calibration(again)[0] == read_calibration(out)[0]
 
     from edge_sr.cli import main
 
+    big_pool = _pool(tmp_path / "pool64", 2)  # the CLI uses 32 patches of 64x64
     r = CliRunner().invoke(main, ["calibrate", "--model", str(tiny_ckpt), "--bits", "4",
-                                  "--method", "percentile", "--pool", str(pool),
+                                  "--method", "percentile", "--pool", str(big_pool),
                                   "-o", str(tmp_path / "p.pt")])
     assert r.exit_code == 0, r.output
     meta = read_calibration(tmp_path / "p.pt")[1]
