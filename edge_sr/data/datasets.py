@@ -41,9 +41,13 @@ def resolve_dataset(name: str | os.PathLike, root: str | os.PathLike | None = No
     if p.is_dir() and (p / "HR").is_dir():
         return p
     if root is None:
-        from edge_sr.paths import benchmark_dir
+        from edge_sr.paths import data_root
 
-        root = benchmark_dir()
+        data = data_root(required=False)
+        if data is None:
+            raise EdgeSRError(f"--datasets {name}: expected a folder holding HR/ or a benchmark "
+                              "name, found no such folder and no data folder (set EDGE_SR_DATA)")
+        root = data / "benchmark"
     root = Path(root)
     wanted = ALIASES.get(str(name).lower(), str(name))
     if (root / wanted / "HR").is_dir():
