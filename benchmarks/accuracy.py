@@ -27,7 +27,7 @@ from calibrate.api import CalibrationConfig, dqc_sampler, pick_percentile, pool_
 from calibrate.baselines import baseline_rule
 from calibrate.calibfile import CalibrationMeta, load_calibrated, save_calibration, state_checksum
 from calibrate.dobi import apply_bounds, collect, search_bounds_multi
-from calibrate.dqc import _val_psnr, run_dqc
+from calibrate.dqc import val_psnr, run_dqc
 from calibrate.prepare import QuantRecipe, prepare
 from edge_sr.fileio import versions, write_json
 
@@ -129,7 +129,7 @@ class ScaleRun:
             key, scores = pick_percentile(student, per, self.data, self.scale)
             apply_bounds(student, per[key])
             info |= {"percentile": key, "percentile_val_psnr": scores}
-        info["val_psnr_init"] = _val_psnr(student, *self.data.val, self.scale)
+        info["val_psnr_init"] = val_psnr(student, *self.data.val, self.scale)
         cfg = CalibrationConfig(model=self.lm.name, bits=bits, output=str(path), method=method,
                                 recipe="fast")
         if method == "2dquant":

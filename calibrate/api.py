@@ -21,7 +21,7 @@ from torch import nn
 from calibrate.baselines import PERCENTILES, baseline_bounds
 from calibrate.calibfile import CalibrationMeta, save_calibration, state_checksum
 from calibrate.dobi import apply_bounds, dobi_bounds
-from calibrate.dqc import DQCConfig, _val_psnr, run_dqc
+from calibrate.dqc import DQCConfig, val_psnr, run_dqc
 from calibrate.prepare import QuantRecipe, prepare
 from calibrate.quantizer import check_bits
 from edge_sr.errors import EdgeSRError
@@ -143,7 +143,7 @@ def pick_percentile(student: nn.Module, per_p: dict[str, dict], data: PoolData,
     scores = {}
     for key in (f"p{p}" for p in PERCENTILES):
         apply_bounds(student, per_p[key])
-        scores[key] = _val_psnr(student, *data.val, scale)
+        scores[key] = val_psnr(student, *data.val, scale)
     return max(scores, key=scores.get), scores
 
 
@@ -179,7 +179,7 @@ def calibrate(cfg: CalibrationConfig) -> Path:
             apply_bounds(student, per[key])
             stats |= {"percentile": key, "percentile_val_psnr": scores}
         stats["stats_seconds"] = rep.seconds
-    stats["val_psnr_init"] = _val_psnr(student, *data.val, scale)
+    stats["val_psnr_init"] = val_psnr(student, *data.val, scale)
     if cfg.method == "2dquant":
         dqc_cfg = cfg.dqc_config()
         state = Path(str(cfg.output) + ".dqc-state.pt")

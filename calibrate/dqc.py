@@ -102,7 +102,7 @@ class _FeatureTap:
             h.remove()
 
 
-def _val_psnr(student: nn.Module, val_lr: torch.Tensor, val_hr: torch.Tensor, scale: int) -> float:
+def val_psnr(student: nn.Module, val_lr: torch.Tensor, val_hr: torch.Tensor, scale: int) -> float:
     """Mean Y-PSNR (crop = scale) of the student on held-out patches, via edge_sr.metrics."""
     from edge_sr.data.images import to_uint8
     from edge_sr.metrics import psnr_y
@@ -147,7 +147,7 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
     names = student.feature_modules()
     tap_s, tap_t = _FeatureTap(student, names), _FeatureTap(teacher, names)
     start, history = 0, []
-    best = (0, _val_psnr(student, *val, scale), _bounds_state(student))
+    best = (0, val_psnr(student, *val, scale), _bounds_state(student))
     history.append({"iteration": 0, "val_psnr": best[1]})
     state_path = Path(state_path) if state_path else None
     if resume and state_path is not None and state_path.exists():
@@ -181,7 +181,7 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
             done = it + 1
             post = {"loss": f"{loss.item():.3g}", "val": f"{best[1]:.2f}"}
             if done % cfg.val_every == 0 or done == cfg.iterations:
-                v = _val_psnr(student, *val, scale)
+                v = val_psnr(student, *val, scale)
                 history.append({"iteration": done, "loss": loss.item(), "val_psnr": v})
                 if v > best[1]:
                     best = (done, v, _bounds_state(student))
