@@ -27,7 +27,7 @@ from calibrate.api import CalibrationConfig, dqc_sampler, pick_percentile, pool_
 from calibrate.baselines import baseline_rule
 from calibrate.calibfile import CalibrationMeta, load_calibrated, save_calibration, state_checksum
 from calibrate.dobi import apply_bounds, collect, search_bounds_multi
-from calibrate.dqc import val_psnr, run_dqc
+from calibrate.dqc import run_dqc, val_psnr
 from calibrate.prepare import QuantRecipe, prepare
 from edge_sr.fileio import versions, write_json
 

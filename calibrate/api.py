@@ -21,7 +21,7 @@ from torch import nn
 from calibrate.baselines import PERCENTILES, baseline_bounds
 from calibrate.calibfile import CalibrationMeta, save_calibration, state_checksum
 from calibrate.dobi import apply_bounds, dobi_bounds
-from calibrate.dqc import DQCConfig, val_psnr, run_dqc
+from calibrate.dqc import DQCConfig, run_dqc, val_psnr
 from calibrate.prepare import QuantRecipe, prepare
 from calibrate.quantizer import check_bits
 from edge_sr.errors import EdgeSRError
