@@ -16,7 +16,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,10 +28,21 @@ from tqdm import tqdm
 from edge_sr.errors import EdgeSRError, MissingDependencyError
 from edge_sr.fileio import atomic_path, sha256_file, versions
 from edge_sr.logutil import progress_disabled
-from runtime.engine import FP32_FILE, MODEL_FILE, TRT_FILE, Manifest, file_entry, write_manifest
+from runtime.engine import (
+    FP32_FILE,
+    MODEL_FILE,
+    TRT_FILE,
+    TRT_FP32_FILE,
+    Manifest,
+    file_entry,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
+# 2dquant = DOBI + DQC (the method); the others are calibrate.api's baselines (no DQC: seconds to
+# minutes instead of DQC's training), same graph, so the same latency.
+METHODS = ("2dquant", "dobi", "minmax", "percentile")
 STAGES = ("checkpoint", "calibrate", "export", "build", "validate", "manifest")
 CALIB_CACHE_VERSION = 1
 FIDELITY_CAP_DB = 100.0  # identical outputs have infinite PSNR; JSON has no infinity
@@ -44,13 +57,13 @@ class BuildConfig:
     model: str | None = None  # registry name or checkpoint path; default swinir-light-x{s}-ref
     backend: str = "auto"  # auto | ort | trt
     recipe: str = "fast"  # fast | paper
-    method: str = "2dquant"
+    method: str = "2dquant"  # see METHODS
     tile: tuple[int, int] = (64, 64)
     batch: int = 1
     overlap: int | None = None  # LR pixels shared by neighbouring tiles (default tile/4)
     out: str | Path | None = None  # default engines/<model>-w{b}a{b}
     force: bool = False
-    threads: int | None = None
+    threads: int | None = None  # torch (calibration, validation) and ORT threads; None: defaults
     val_images: int = 4  # held-out BSD200 images for the build-time check
     val_crop: int = 96  # centre LR crop of each (keeps validation to seconds)
     cache_dir: str | Path | None = None
@@ -63,8 +76,9 @@ class BuildConfig:
             raise EdgeSRError(f"--backend: expected auto, ort or trt, got {self.backend!r}")
         if self.recipe not in ("fast", "paper"):
             raise EdgeSRError(f"--recipe: expected fast or paper, got {self.recipe!r}")
-        if self.method != "2dquant":
-            raise EdgeSRError(f"--method: expected 2dquant, got {self.method!r}")
+        if self.method not in METHODS:
+            raise EdgeSRError(f"--method: expected one of {', '.join(METHODS)}, got "
+                              f"{self.method!r}")
         if self.scale not in (2, 3, 4):
             raise EdgeSRError(f"--scale: expected 2, 3 or 4, got {self.scale}")
         if len(self.tile) != 2 or min(self.tile) < 1 or self.batch < 1:
@@ -186,6 +200,7 @@ def stage_build(cfg: BuildConfig, backend: str, work: Path) -> None:
                 f"--backend trt: the TensorRT backend is not usable here ({e}); install TensorRT "
                 "(NVIDIA's index or JetPack) on a CUDA machine, or use --backend ort") from None
         build_engine(work / MODEL_FILE, work / TRT_FILE, tile=cfg.tile, batch=cfg.batch)
+        build_engine(work / FP32_FILE, work / TRT_FP32_FILE, tile=cfg.tile, batch=cfg.batch)
         return
     from runtime.backends.onnxruntime import OrtBackend
 
@@ -280,6 +295,23 @@ def staging_dir(out: Path, force: bool):
         raise
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Treat SIGTERM like Ctrl-C, so ``kill`` also unwinds the staging directory."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 @dataclass
 class BuildResult:
     path: Path
@@ -293,6 +325,10 @@ def build(cfg: BuildConfig) -> BuildResult:
     if out.exists() and not cfg.force:
         raise EdgeSRError(f"--out {out}: already exists; pass --force to replace it")
     backend = resolve_backend(cfg.backend)
+    if cfg.threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.threads)  # on a loaded CPU, fewer OpenMP threads can be faster
     log.info("building %s: %s x%d W%dA%d, recipe %s, backend %s, tile %dx%d", out,
              cfg.model_name, cfg.scale, cfg.bits, cfg.bits, cfg.recipe, backend, *cfg.tile)
     times: dict[str, float] = {}
@@ -308,7 +344,7 @@ def build(cfg: BuildConfig) -> BuildResult:
         bar.update(1)
 
     try:
-        with staging_dir(out, cfg.force) as work:
+        with sigterm_as_interrupt(), staging_dir(out, cfg.force) as work:
             with stage("checkpoint"):
                 lm = stage_checkpoint(cfg)
             with stage("calibrate"):
@@ -323,6 +359,7 @@ def build(cfg: BuildConfig) -> BuildResult:
             files = {"model": file_entry(work, MODEL_FILE), "fp32": file_entry(work, FP32_FILE)}
             if (work / TRT_FILE).exists():
                 files["engine"] = file_entry(work, TRT_FILE)
+                files["fp32_engine"] = file_entry(work, TRT_FP32_FILE)
             manifest = Manifest(
                 name=out.name,
                 model={"name": lm.name, "path": str(lm.path), "sha256": lm.sha256,

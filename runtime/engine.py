@@ -5,6 +5,7 @@ Layout::
     model.onnx        the deployable graph (QDQ for quantized engines)
     model_fp32.onnx   the full-precision graph at the same tile, for ``profile --compare``
     model.engine      the TensorRT plan (trt engines only)
+    model_fp32.engine the TensorRT plan of the FP graph (trt engines only, for --compare)
     manifest.json     what was built, from what, how well it scored, how long it took
 
 ``open_engine`` validates a directory before anything runs: a missing, corrupt or mismatched
@@ -26,6 +27,7 @@ MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 FP32_FILE = "model_fp32.onnx"
 TRT_FILE = "model.engine"
+TRT_FP32_FILE = "model_fp32.engine"
 FORMAT_VERSION = 1
 BACKENDS = ("onnxruntime", "tensorrt")
 

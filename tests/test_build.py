@@ -103,10 +103,15 @@ def test_existing_out_needs_force(env):
     assert (out / MANIFEST).read_bytes() == before
 
 
-def test_interrupt_leaves_nothing(env, monkeypatch):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_interrupt_leaves_nothing(env, monkeypatch, how):
+    import signal
+
     out = env["dir"] / "eng_interrupted"
 
     def boom(*a, **k):
+        if how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)  # turned into KeyboardInterrupt by build()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(rb, "stage_validate", boom)

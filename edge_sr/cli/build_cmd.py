@@ -18,7 +18,9 @@ from edge_sr.cli.options import logging_options
               show_default=True, help="auto: TensorRT with a CUDA GPU, else ONNX Runtime (CPU).")
 @click.option("--recipe", type=click.Choice(["fast", "paper"]), default="fast", show_default=True,
               help="Calibration recipe: fast (minutes on a CPU) or paper (the 2DQuant schedule).")
-@click.option("--method", type=click.Choice(["2dquant"]), default="2dquant", show_default=True)
+@click.option("--method", type=click.Choice(["2dquant", "dobi", "minmax", "percentile"]),
+              default="2dquant", show_default=True,
+              help="2dquant = DOBI + DQC; dobi/minmax/percentile skip DQC (baselines, faster).")
 @click.option("--tile", default="64", show_default=True,
               help="LR tile the engine runs: N or WxH (a multiple of the model's window).")
 @click.option("--batch", type=int, default=1, show_default=True, help="Tiles per engine call.")
@@ -26,7 +28,9 @@ from edge_sr.cli.options import logging_options
               help="Engine directory [default: engines/<model>-w{bits}a{bits}].")
 @click.option("--force", is_flag=True, help="Replace --out if it exists (only once the build "
                                             "succeeded).")
-@click.option("--threads", type=int, default=None, help="Threads for validation (ORT).")
+@click.option("--threads", type=int, default=None,
+              help="Threads for PyTorch (calibration, validation) and ONNX Runtime "
+                   "[default: all cores].")
 @click.option("--print-config", is_flag=True, help="Print the build configuration and stop.")
 @logging_options
 def build_cmd(bits, scale, model, backend, recipe, method, tile, batch, out, force, threads,
