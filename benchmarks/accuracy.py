@@ -238,13 +238,13 @@ def render(cells: dict, cpu_model: str) -> str:
              "'–' = not run.", ""]
     for sets in (("Set5", "Set14"), ("B100", "Urban100")):
         head = "| scale | bits | method | " + " | ".join(
-            f"{d} PSNR | {d} drop | {d} paper drop" for d in sets) + " | calibration time |"
+            f"{d} PSNR | {d} drop | {d} paper drop" for d in sets) + " | held-out val PSNR | notes |"
         rows = []
         keys = sorted({(s, b, m) for (s, b, m, d) in cells if d in sets},
                       key=lambda k: (k[0], -k[1], ["fp", *METHODS].index(k[2])))
         for s, b, m in keys:
             row = [f"x{s}", "FP" if b == 32 else str(b), LABEL[m]]
-            t = ""
+            t, v = "", None
             for d in sets:
                 c, fp = cells.get((s, b, m, d)), cells.get((s, 32, "fp", d))
                 i = SETS.index(d)
@@ -254,14 +254,23 @@ def render(cells: dict, cpu_model: str) -> str:
                         _fmt(pd if m != "fp" else None, "{:+.2f}")]
                 if c and c.get("calibration"):
                     cal = c["calibration"]
+                    v = cal.get("val_psnr", cal.get("val_psnr_init"))
                     if "dqc_seconds" in cal:
                         t = (f"DQC {cal['dqc_seconds']:.0f} s ({cal['dqc_iterations']} it, best "
                              f"@{cal['dqc_best_iteration']})")
                     elif "percentile" in cal:
                         t = f"picked {cal['percentile']}"
-            rows.append("| " + " | ".join(row + [t]) + " |")
+            rows.append("| " + " | ".join(row + [_fmt(v), t]) + " |")
         if rows:
-            lines += [head, "|" + "---|" * (3 + 3 * len(sets) + 1), *rows, ""]
+            lines += [head, "|" + "---|" * (3 + 3 * len(sets) + 2), *rows, ""]
+    missing = [c for c in plan([2, 4, 3], [4, 2, 3]) if c not in cells]
+    if missing:
+        by: dict = {}
+        for sc, b, m, d in missing:
+            by.setdefault((sc, d), []).append(f"{LABEL[m]}" + ("" if b == 32 else f" W{b}"))
+        lines += ["**Not run** (no CPU time left before the deadline):", ""]
+        lines += [f"- x{sc} {d}: {', '.join(v)}" for (sc, d), v in by.items()]
+        lines.append("")
     for p in sorted(OUT.glob("x*_stats_time.json")):
         d = json.loads(p.read_text())
         lines.append(f"- {p.name[:2]}: one FP statistics pass (DOBI for bits {d['bits']} + "
