@@ -21,6 +21,7 @@ the PyTorch module path such as ``layers.0.residual_group.blocks.1.attn.qkv``:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from torch import nn
 
 from calibrate.export.emit import EmitOptions, fold_matmul_shifts, replace_sites
 from calibrate.export.tidy import share_constants
-from calibrate.export.trace import DOMAIN, TRACE_OPSET, quant_sites, trace_with_sites
+from calibrate.export.trace import TRACE_OPSET, quant_sites, trace_with_sites
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import atomic_path
 
@@ -117,6 +118,8 @@ def _set_opset(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 def build_qdq(model: nn.Module, cfg: ExportConfig) -> tuple[onnx.ModelProto, list[dict]]:
     """The in-memory QDQ model and its per-site records (no file written)."""
     _check_model(model, cfg)
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        model = copy.deepcopy(model).cpu()  # tracing and the integer encodings run on the CPU
     linears, acts = quant_sites(model)
     proto = trace_with_sites(model, cfg.tile, cfg.batch)
     if cfg.opset != TRACE_OPSET:
@@ -172,4 +175,4 @@ def read_qdq_meta(path_or_proto) -> dict:
     raise EdgeSRError(f"{path_or_proto}: not an edge-sr QDQ export (no {META_KEY} metadata)")
 
 
-__all__ = ["ExportConfig", "export_qdq", "build_qdq", "read_qdq_meta", "MIN_OPSET", "DOMAIN"]
+__all__ = ["ExportConfig", "export_qdq", "build_qdq", "read_qdq_meta", "MIN_OPSET", "META_KEY"]
