@@ -102,10 +102,11 @@ class EvalResult:
 
     def table(self) -> str:
         """A plain-text table: set, images, PSNR, SSIM."""
-        rows = [f"{'set':<12} {'images':>6} {'PSNR (dB)':>10} {'SSIM':>7}"]
+        w = max([12] + [len(k) for k in self.datasets])
+        rows = [f"{'set':<{w}} {'images':>6} {'PSNR (dB)':>10} {'SSIM':>7}"]
         for k, d in self.datasets.items():
             ssim = "-" if d.ssim is None else f"{d.ssim:.4f}"
-            rows.append(f"{k:<12} {len(d.images):>6} {d.psnr:>10.4f} {ssim:>7}")
+            rows.append(f"{k:<{w}} {len(d.images):>6} {d.psnr:>10.4f} {ssim:>7}")
         return f"{self.model} x{self.scale}\n" + "\n".join(rows)
 
 
