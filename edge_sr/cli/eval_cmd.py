@@ -9,7 +9,8 @@ from edge_sr.cli.options import logging_options
 
 @click.command("eval")
 @click.option("--model", "model", metavar="NAME|PATH",
-              help="Checkpoint: a registry name (edge-sr models) or a .pth path.")
+              help="Checkpoint: a registry name (edge-sr models) or a .pth path. With "
+                   "--calibration it defaults to the checkpoint the file names.")
 @click.option("--scale", type=int, default=None,
               help="Upscaling factor; defaults to the checkpoint's, and must agree with it.")
 @click.option("--datasets", default="Set5,Set14", show_default=True,
@@ -38,8 +39,9 @@ def eval_cmd(model, scale, datasets, json_path, save_images, calibration, onnx, 
     names = [d.strip() for d in datasets.split(",") if d.strip()]
     if not names:
         raise EdgeSRError(f"--datasets: expected comma-separated set names, got {datasets!r}")
-    if model is None and onnx is None:
-        raise EdgeSRError("--model: expected a checkpoint name or path (or --onnx FILE), got none")
+    if model is None and onnx is None and calibration is None:
+        raise EdgeSRError("--model: expected a checkpoint name or path (or --calibration FILE, "
+                          "or --onnx FILE), got none")
     keep_freed_memory()
     predictor = make_predictor(model=model, scale=scale, calibration=calibration, onnx=onnx,
                                threads=threads)
