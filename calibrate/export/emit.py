@@ -273,8 +273,10 @@ def fold_matmul_shifts(proto: onnx.ModelProto, act_outputs: dict[str, tuple[str,
                     helper.make_node("Mul", [f"{mm.name}/rs_b", f"{mm.name}/alpha"],
                                      [f"{mm.name}/tb"], name=f"{mm.name}/corr_MulB")]
             terms.append(f"{mm.name}/tb")
-        if alpha and beta:
-            terms.append(f"{mm.name}/kab")
+        if alpha and beta:  # K*alpha*beta joins the small row term, not the full product
+            new.append(helper.make_node("Add", [f"{mm.name}/ta", f"{mm.name}/kab"],
+                                        [f"{mm.name}/ta_k"], name=f"{mm.name}/corr_AddK"))
+            terms[0] = f"{mm.name}/ta_k"
         cur = raw
         for i, t in enumerate(terms):
             out = c if i == len(terms) - 1 else f"{mm.name}/acc{i}"
