@@ -109,12 +109,13 @@ def test_interrupt_leaves_nothing(env, monkeypatch, how):
 
     out = env["dir"] / "eng_interrupted"
 
-    def boom(*a, **k):
+    def boom(student, lm, cfg, backend, work):
+        (work / MODEL_FILE).write_bytes(b"half an export")
         if how == "sigterm":
             os.kill(os.getpid(), signal.SIGTERM)  # turned into KeyboardInterrupt by build()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(rb, "stage_validate", boom)
+    monkeypatch.setattr(rb, "stage_export", boom)
     with pytest.raises(KeyboardInterrupt):
         rb.build(env["cfg"](out=out))
     assert not out.exists()
@@ -125,10 +126,11 @@ def test_force_replaces_only_after_success(env, monkeypatch):
     out = env["dir"] / "eng"
     before = (out / MANIFEST).read_bytes()
 
-    def fail(*a, **k):
-        raise EdgeSRError("validation failed on purpose")
+    def fail(student, lm, cfg, backend, work):
+        (work / MODEL_FILE).write_bytes(b"half an export")
+        raise EdgeSRError("export failed on purpose")
 
-    monkeypatch.setattr(rb, "stage_validate", fail)
+    monkeypatch.setattr(rb, "stage_export", fail)
     with pytest.raises(EdgeSRError, match="on purpose"):
         rb.build(env["cfg"](force=True))
     assert (out / MANIFEST).read_bytes() == before  # the old engine is intact
