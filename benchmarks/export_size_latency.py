@@ -197,7 +197,7 @@ def run_fidelity(args) -> dict:
                     rows.append({"dataset": ds, "scale": scale, "bits": bits,
                                  "calibration": method, **r})
                     log.info("%s x%d W%dA%d: torch %.4f ort %.4f delta %+.5f max|u8| %d", ds,
-                             scale, bits, r["psnr_torch"], r["psnr_ort"], r["delta_psnr"],
+                             scale, bits, bits, r["psnr_torch"], r["psnr_ort"], r["delta_psnr"],
                              r["max_abs_u8"])
                     write_json(args.out, out)
     return out
