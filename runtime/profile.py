@@ -188,7 +188,7 @@ def table(result: dict) -> str:
              f"{'p99 ms':>9} {'frames/s':>9} {'peak MiB':>9}"]
     for k, v in result["variants"].items():
         lines.append(f"{k:<10} {v['precision']:<12} {v['runs']:>4} {v['p50_ms']:>9.1f} "
-                     f"{v['p90_ms']:>9.1f} {v['p99_ms']:>9.1f} {v['fps']:>9.2f} "
+                     f"{v['p90_ms']:>9.1f} {v['p99_ms']:>9.1f} {v['fps']:>9.3g} "
                      f"{v['memory']['peak_rss_increase_mib']:>9.1f}")
     if "ratio_fp32_over_quantized_p50" in result:
         r = result["ratio_fp32_over_quantized_p50"]
