@@ -9,7 +9,7 @@ EDGE_SR_DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 export EDGE_SR_DATA
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast bench bench-eval bench-dobi bench-accuracy bench-latency lint kernels clean
+.PHONY: results-doc setup demo test test-fast bench bench-eval bench-dobi bench-accuracy bench-latency lint kernels clean
 
 $(BIN)/edge-sr: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -54,3 +54,6 @@ kernels:
 
 clean:
 	rm -rf build .pytest_cache
+
+results-doc:
+	$(PY) scripts/assemble_results.py
