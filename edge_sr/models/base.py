@@ -97,9 +97,35 @@ class SRModel(nn.Module):
         """Module paths whose outputs DQC's feature loss compares (teacher vs student)."""
         raise NotImplementedError
 
+    _config: dict
+
     def config(self) -> dict:
         """Constructor arguments, recorded in manifests."""
-        raise NotImplementedError
+        return dict(self._config)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        """Transformer initialisation (truncated-normal linears, unit LayerNorms), as upstream."""
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class Mlp(nn.Module):
+    """The transformer MLP: fc1, exact GELU, fc2 (fc2's input is the long-tailed post-GELU)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
 
 
 @dataclass(frozen=True)

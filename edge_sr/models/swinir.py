@@ -16,6 +16,7 @@ from edge_sr.errors import EdgeSRError
 from edge_sr.models.base import (
     ActSlot,
     Architecture,
+    Mlp,
     QuantPoint,
     SizeRequirements,
     SRModel,
@@ -93,17 +94,6 @@ class WindowAttention(nn.Module):
         attn = self.attn_probs_quant(attn.softmax(dim=-1))
         x = (attn @ v).transpose(1, 2).reshape(b_, n, c)
         return self.proj(x)
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class SwinTransformerBlock(nn.Module):
@@ -214,19 +204,6 @@ class SwinIRLight(SRModel):
             nn.Conv2d(embed_dim, in_chans * scale * scale, 3, 1, 1), nn.PixelShuffle(scale)
         )
         self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    def config(self) -> dict:
-        return dict(self._config)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_sr.models.base import ActSlot
+from edge_sr.models.base import ActSlot, Mlp
 from edge_sr.models.swinir import relative_position_index, window_partition, window_reverse
 
 LOGIT_SCALE_MAX = math.log(1.0 / 0.01)
@@ -81,17 +81,6 @@ class WindowAttention(nn.Module):
             attn = attn.view(-1, nh, n, n)
         attn = self.attn_probs_quant(attn.softmax(dim=-1))
         return self.proj((attn @ v).transpose(1, 2).reshape(b_, n, -1))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 def _pad_forward(u: torch.Tensor, n: int) -> torch.Tensor:

@@ -187,19 +187,6 @@ class NGswin(SRModel):
         self._masks: dict[tuple, torch.Tensor] = {}
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    def config(self) -> dict:
-        return dict(self._config)
-
     @property
     def encoder_layers(self) -> list[EncoderLayer]:
         return [self.encoder_layer1, self.encoder_layer2, self.encoder_layer3]
