@@ -72,6 +72,9 @@ def get_entry(name: str) -> CheckpointEntry:
 
 
 def cache_dir() -> Path:
+    """edge-sr's user cache: ``$EDGE_SR_CACHE``, else ``$XDG_CACHE_HOME/edge-sr``, else ~/.cache."""
+    if os.environ.get("EDGE_SR_CACHE"):
+        return Path(os.environ["EDGE_SR_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "edge-sr"
 

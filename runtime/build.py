@@ -3,7 +3,7 @@
 Everything is built in a hidden temporary directory beside ``--out`` and renamed onto it only
 when every stage succeeded, so an error or Ctrl-C never leaves a partial engine (an existing
 engine is replaced only at that last rename, and only with ``--force``). Calibrations are cached
-under ``$EDGE_SR_CACHE/calibrations`` (default ``~/.cache/edge-sr``), keyed by a hash of
+under ``$EDGE_SR_CACHE/calibrations`` (default ``$XDG_CACHE_HOME/edge-sr`` or ``~/.cache/edge-sr``), keyed by a hash of
 everything that determines them, so rebuilding for another backend or tile skips the slow stage.
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from edge_sr.checkpoints import cache_dir
 from edge_sr.errors import EdgeSRError, MissingDependencyError
 from edge_sr.fileio import atomic_path, sha256_file, versions
 from edge_sr.logutil import progress_disabled
@@ -118,7 +119,7 @@ def resolve_backend(choice: str) -> str:
 def cache_root(cfg: BuildConfig) -> Path:
     if cfg.cache_dir is not None:
         return Path(cfg.cache_dir)
-    base = os.environ.get("EDGE_SR_CACHE") or Path.home() / ".cache" / "edge-sr"
+    base = cache_dir()
     return Path(base) / "calibrations"
 
 
