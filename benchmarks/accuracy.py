@@ -295,6 +295,38 @@ def write_table() -> None:
     DOC.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(DOC) as tmp:
         tmp.write_text(text)
+    plot_psnr_vs_bits(_load_cells(), OUT / "psnr_vs_bits.png")
+
+
+def plot_psnr_vs_bits(cells: dict, path: Path) -> None:
+    """PNG: Set5 PSNR against bit width, one line per method and scale, FP as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edge_sr.fileio import atomic_path
+
+    scales = sorted({s for (s, _, _, d) in cells if d == "Set5"})
+    if not scales:
+        return
+    fig, axes = plt.subplots(1, len(scales), figsize=(5 * len(scales), 4), squeeze=False)
+    for ax, s in zip(axes[0], scales):
+        for m in METHODS:
+            pts = sorted((b, c["psnr"]) for (sc, b, mm, d), c in cells.items()
+                         if sc == s and mm == m and d == "Set5")
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=LABEL[m])
+        fp = cells.get((s, 32, "fp", "Set5"))
+        if fp:
+            ax.axhline(fp["psnr"], ls="--", color="k", label="FP")
+        ax.set(title=f"x{s} reference SwinIR-light, Set5", xlabel="bits (W = A)",
+               ylabel="Y-PSNR (dB)", xticks=[2, 3, 4])
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
 
 
 START, END = "<!-- accuracy-table:start -->", "<!-- accuracy-table:end -->"
