@@ -18,6 +18,16 @@ from edge_sr.paths import data_root as _data_root
 os.environ["EDGE_SR_OFFLINE"] = "1"
 
 
+def perturb_parameters(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Add seeded noise to every parameter (default init hides mistakes); return it in eval mode."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            std = 0.5 if "relative_position_bias_table" in name else 0.05
+            p.add_(torch.randn(p.shape, generator=gen) * std)
+    return model.eval()
+
+
 def make_tiny_swinir(scale: int = 2, seed: int = 0, embed_dim: int = 12,
                      depths: tuple[int, ...] = (2, 2), num_heads: tuple[int, ...] = (2, 2),
                      window_size: int = 8, mlp_ratio: float = 2.0) -> SwinIRLight:
@@ -29,12 +39,7 @@ def make_tiny_swinir(scale: int = 2, seed: int = 0, embed_dim: int = 12,
     torch.manual_seed(seed)
     model = SwinIRLight(scale, embed_dim=embed_dim, depths=depths, num_heads=num_heads,
                         window_size=window_size, mlp_ratio=mlp_ratio)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            std = 0.5 if "relative_position_bias_table" in name else 0.05
-            p.add_(torch.randn(p.shape, generator=gen) * std)
-    return model.eval()
+    return perturb_parameters(model, seed)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import perturb_parameters
 
 from calibrate.export.ortcheck import make_session
 from calibrate.export.students import minmax_student
@@ -35,12 +36,7 @@ def tiny_ngswin(seed: int = 0) -> NGswin:
     torch.manual_seed(seed)
     model = NGswin(2, embed_dim=16, depths=(2, 1, 1), num_heads=(3, 2, 2), dec_dim=16,
                    dec_depths=2, dec_num_heads=3, window_size=4)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            std = 0.5 if "relative_position_bias_table" in name else 0.05
-            p.add_(torch.randn(p.shape, generator=gen) * std)
-    return model.eval()
+    return perturb_parameters(model, seed)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import perturb_parameters
 from torch import nn
 
 from edge_sr.data.images import load_image, mod_crop, to_tensor, to_uint8
@@ -38,12 +39,7 @@ def make_tiny_ngswin(scale: int = 2, seed: int = 0, **overrides) -> NGswin:
     """A tiny NGswin with seeded noise on every parameter (default init hides mistakes)."""
     torch.manual_seed(seed)
     model = NGswin(scale, **{**TINY, **overrides})
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            std = 0.5 if "relative_position_bias_table" in name else 0.05
-            p.add_(torch.randn(p.shape, generator=gen) * std)
-    return model.eval()
+    return perturb_parameters(model, seed)
 
 
 def _official(data_root: Path, scale: int) -> dict:

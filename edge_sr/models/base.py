@@ -46,6 +46,20 @@ class QuantPoint:
         return self.role in LONG_TAILED_ROLES
 
 
+def window_attention_block_points(prefix: str, mlp: str = "mlp") -> list[QuantPoint]:
+    """2DQuant's eight points of one window-attention block (spec §1.2), in execution order."""
+    return [
+        QuantPoint(f"{prefix}.attn.qkv", "linear", "qkv"),
+        QuantPoint(f"{prefix}.attn.q_quant", "act", "q"),
+        QuantPoint(f"{prefix}.attn.k_quant", "act", "k"),
+        QuantPoint(f"{prefix}.attn.v_quant", "act", "v"),
+        QuantPoint(f"{prefix}.attn.attn_probs_quant", "act", "attn_probs"),
+        QuantPoint(f"{prefix}.attn.proj", "linear", "proj"),
+        QuantPoint(f"{prefix}.{mlp}.fc1", "linear", "fc1"),
+        QuantPoint(f"{prefix}.{mlp}.fc2", "linear", "fc2"),
+    ]
+
+
 @dataclass(frozen=True)
 class SizeRequirements:
     """Input constraints: the model pads to ``multiple`` itself; fixed-shape tiles must obey it."""

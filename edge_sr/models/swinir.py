@@ -21,6 +21,7 @@ from edge_sr.models.base import (
     SizeRequirements,
     SRModel,
     pad_flip,
+    window_attention_block_points,
 )
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
@@ -225,21 +226,9 @@ class SwinIRLight(SRModel):
         return x[:, :, : h * self.scale, : w * self.scale]
 
     def quant_points(self) -> list[QuantPoint]:
-        points = []
-        for r, layer in enumerate(self.layers):
-            for k in range(len(layer.residual_group.blocks)):
-                p = f"layers.{r}.residual_group.blocks.{k}"
-                points += [
-                    QuantPoint(f"{p}.attn.qkv", "linear", "qkv"),
-                    QuantPoint(f"{p}.attn.q_quant", "act", "q"),
-                    QuantPoint(f"{p}.attn.k_quant", "act", "k"),
-                    QuantPoint(f"{p}.attn.v_quant", "act", "v"),
-                    QuantPoint(f"{p}.attn.attn_probs_quant", "act", "attn_probs"),
-                    QuantPoint(f"{p}.attn.proj", "linear", "proj"),
-                    QuantPoint(f"{p}.mlp.fc1", "linear", "fc1"),
-                    QuantPoint(f"{p}.mlp.fc2", "linear", "fc2"),
-                ]
-        return points
+        return [point for r, layer in enumerate(self.layers)
+                for k in range(len(layer.residual_group.blocks))
+                for point in window_attention_block_points(f"layers.{r}.residual_group.blocks.{k}")]
 
     def feature_modules(self) -> list[str]:
         return [f"layers.{r}.residual_group" for r in range(len(self.layers))]

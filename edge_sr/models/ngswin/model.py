@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_sr.models.base import QuantPoint, SizeRequirements, SRModel
+from edge_sr.models.base import QuantPoint, SizeRequirements, SRModel, window_attention_block_points
 from edge_sr.models.ngswin.blocks import NSTB, dims, run_blocks
 from edge_sr.models.swinir import shift_attention_mask
 
@@ -244,19 +244,8 @@ class NGswin(SRModel):
 
     def quant_points(self) -> list[QuantPoint]:
         """SwinIR-light's 2DQuant points in every NSTB; the N-gram context's attention stays FP."""
-        points = []
-        for p in self.attention_blocks():
-            points += [
-                QuantPoint(f"{p}.attn.qkv", "linear", "qkv"),
-                QuantPoint(f"{p}.attn.q_quant", "act", "q"),
-                QuantPoint(f"{p}.attn.k_quant", "act", "k"),
-                QuantPoint(f"{p}.attn.v_quant", "act", "v"),
-                QuantPoint(f"{p}.attn.attn_probs_quant", "act", "attn_probs"),
-                QuantPoint(f"{p}.attn.proj", "linear", "proj"),
-                QuantPoint(f"{p}.ffn.fc1", "linear", "fc1"),
-                QuantPoint(f"{p}.ffn.fc2", "linear", "fc2"),
-            ]
-        return points
+        return [point for p in self.attention_blocks()
+                for point in window_attention_block_points(p, mlp="ffn")]
 
     def feature_modules(self) -> list[str]:
         """The last NSTB of each encoder stage (the e1, e2, e3 the bottleneck reads) and the
