@@ -1,13 +1,17 @@
-"""Accuracy bench (issue 3): FP / MinMax / Percentile / DOBI / 2DQuant-fast on the reference
-checkpoints, drop from FP beside the paper's drop (spec §6).
+"""Accuracy bench: FP / MinMax / Percentile / DOBI / 2DQuant-fast, drop from FP beside the
+published drops (spec §6, docs/anchors.md).
 
-Resumable: each (scale, bits, method, set) cell is one JSON in results/accuracy/ and is skipped
-when present; calibration files are cached in results/accuracy/calib/. Per scale, one FP pass
-over the 32 calibration patches gives DOBI bounds for every bit width and the MinMax/Percentile
-statistics. Order: x2, then x4, then x3; Set5 before Set14; the wide rows (B100, Urban100 at x4,
-2 and 4 bits) last. ``python -m benchmarks.accuracy --table`` only rewrites the table.
+Two model families: ``--family swinir`` (issue 3: the reference SwinIR-light checkpoints, x2/x3/x4,
+results/accuracy/, docs/results/accuracy.md) and ``--family ngswin`` (issue 7: the official NGswin
+checkpoints, x2/x3, results/accuracy_ngswin/, docs/results/ngswin_accuracy.md).
 
-    nice python -m benchmarks.accuracy [--scales 2,4,3] [--bits 4,2,3] [--table]
+Resumable: each (scale, bits, method, set) cell is one JSON and is skipped when present;
+calibration files are cached under calib/. Per scale, one FP pass over the 32 calibration patches
+gives DOBI bounds for every bit width and the MinMax/Percentile statistics. Order: scales as given,
+Set5 before Set14; the wide rows (B100, Urban100 at 4 and 2 bits) last. ``--table`` only rewrites
+the table.
+
+    nice python -m benchmarks.accuracy [--family swinir] [--scales 2,4,3] [--bits 4,2,3] [--table]
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import logging
 import platform
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,15 +33,18 @@ from calibrate.baselines import baseline_rule
 from calibrate.calibfile import CalibrationMeta, load_calibrated, save_calibration, state_checksum
 from calibrate.dobi import apply_bounds, collect, search_bounds_multi
 from calibrate.dqc import run_dqc, val_psnr
-from calibrate.prepare import QuantRecipe, prepare
+from calibrate.prepare import QuantRecipe, prepare, quantizers
 from edge_sr.fileio import versions, write_json
 
 log = logging.getLogger("benchmarks.accuracy")
-OUT = Path("results/accuracy")
-DOC = Path("docs/results/accuracy.md")
 METHODS = ("minmax", "percentile", "dobi", "2dquant")
+# Variant, run only when asked (--methods): 2DQuant with one shared input quantizer for the fused
+# qkv linear (what an engine runs) instead of the paper's three. DOBI gives all three the same
+# bounds (they see one tensor), so the two differ only after DQC.
+SHARED = "2dquant-shared"
+ORDER = ("fp", *METHODS, SHARED)
 LABEL = {"fp": "FP", "minmax": "MinMax", "percentile": "Percentile", "dobi": "DOBI",
-         "2dquant": "2DQuant (fast)"}
+         "2dquant": "2DQuant (fast)", SHARED: "2DQuant (fast), shared qkv input"}
 
 # Paper Table 3 PSNR (spec §6): {scale: {(method, bits): (Set5, Set14, B100, Urban100)}}.
 PAPER = {
@@ -64,13 +72,49 @@ PAPER = {
 }
 SETS = ("Set5", "Set14", "B100", "Urban100")
 
+# CondiQuant (arXiv 2502.15478) on SwinIR-light, docs/anchors.md: {scale: {bits: (Set5, Set14,
+# B100, Urban100)}}; its FP row is Table 3's.
+CONDIQUANT = {
+    2: {4: (38.03, 33.50, 32.16, 32.03), 3: (37.77, 33.21, 31.94, 31.18),
+        2: (37.15, 32.74, 31.55, 29.96)},
+    3: {4: (34.32, 30.29, 29.05, 28.05), 3: (33.92, 30.02, 28.84, 27.37),
+        2: (33.00, 29.44, 28.45, 26.36)},
+    4: {4: (32.09, 28.50, 27.52, 25.97), 3: (31.62, 28.20, 27.31, 25.39),
+        2: (30.64, 27.59, 26.93, 24.54)},
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """Which checkpoints a bench run quantizes and where its cells and table go."""
+
+    key: str
+    checkpoint: str  # registry name with ``{scale}``
+    title: str
+    out: Path
+    doc: Path
+    scales: tuple[int, ...]
+    wide_scales: tuple[int, ...]  # scales that get the B100/Urban100 rows (4 and 2 bits)
+    condiquant: bool  # add CondiQuant's published drop beside ours
+
+
+FAMILIES = {
+    "swinir": Family("swinir", "swinir-light-x{scale}-ref", "reference SwinIR-light",
+                     Path("results/accuracy"), Path("docs/results/accuracy.md"), (2, 4, 3), (4,),
+                     False),
+    "ngswin": Family("ngswin", "ngswin-x{scale}", "NGswin (official)",
+                     Path("results/accuracy_ngswin"), Path("docs/results/ngswin_accuracy.md"),
+                     (2, 3), (2, 3), True),
+}
+FAMILY = FAMILIES["swinir"]  # set by main()
+
 
 def cell_path(scale: int, bits: int, method: str, dataset: str) -> Path:
-    return OUT / f"x{scale}_w{bits}_{method}_{dataset}.json"
+    return FAMILY.out / f"x{scale}_w{bits}_{method}_{dataset}.json"
 
 
 def calib_path(scale: int, bits: int, method: str) -> Path:
-    return OUT / "calib" / f"x{scale}_w{bits}_{method}.pt"
+    return FAMILY.out / "calib" / f"x{scale}_w{bits}_{method}.pt"
 
 
 class ScaleRun:
@@ -80,7 +124,7 @@ class ScaleRun:
         from edge_sr.checkpoints import load_model
 
         self.scale, self.bits_list = scale, bits_list
-        self.lm = load_model(f"swinir-light-x{scale}-ref")
+        self.lm = load_model(FAMILY.checkpoint.format(scale=scale))
         self._data = self._stats = None
         self.recipe_cfg = CalibrationConfig(model=self.lm.name, bits=4, output="-",
                                             recipe="fast")
@@ -93,7 +137,7 @@ class ScaleRun:
 
     def stats(self, student):
         """One FP pass: DOBI for every bit width + MinMax/Percentile bounds, per quantizer."""
-        cache = OUT / f"x{self.scale}_stats.pt"
+        cache = FAMILY.out / f"x{self.scale}_stats.pt"
         if self._stats is None and cache.exists():
             self._stats = torch.load(cache, weights_only=False)
         if self._stats is None:
@@ -106,7 +150,7 @@ class ScaleRun:
 
             with atomic_path(cache) as tmp:
                 torch.save(self._stats, tmp)
-            write_json(OUT / f"x{self.scale}_stats_time.json",
+            write_json(FAMILY.out / f"x{self.scale}_stats_time.json",
                        {"seconds": rep.seconds, "rule_seconds": rep.rule_seconds,
                         "bits": self.bits_list, "quantizers": rep.quantizers})
         return self._stats
@@ -115,12 +159,15 @@ class ScaleRun:
         path = calib_path(self.scale, bits, method)
         if path.exists():
             return load_calibrated(path, self.lm.model)
-        recipe = QuantRecipe(bits)
+        recipe = QuantRecipe(bits, qkv_separation=method != SHARED)
         student = prepare(self.lm.model, recipe)
-        res, rep = self.stats(student)
+        res, rep = self.stats(student if recipe.qkv_separation
+                              else prepare(self.lm.model, QuantRecipe(bits)))
         info: dict = {"stats_pass_seconds": rep.seconds}
-        if method in ("dobi", "2dquant"):
-            apply_bounds(student, {n: r["dobi"][bits] for n, r in res.items()})
+        if method in ("dobi", "2dquant", SHARED):
+            # a shared qkv input quantizer is named like the separated q-input one (index 0)
+            names = [n for n, _ in quantizers(student)]
+            apply_bounds(student, {n: res[n]["dobi"][bits] for n in names})
         elif method == "minmax":
             apply_bounds(student, {n: r["minmax"] for n, r in res.items()})
         else:
@@ -130,9 +177,10 @@ class ScaleRun:
             apply_bounds(student, per[key])
             info |= {"percentile": key, "percentile_val_psnr": scores}
         info["val_psnr_init"] = val_psnr(student, *self.data.val, self.scale)
-        cfg = CalibrationConfig(model=self.lm.name, bits=bits, output=str(path), method=method,
-                                recipe="fast")
-        if method == "2dquant":
+        cfg = CalibrationConfig(model=self.lm.name, bits=bits, output=str(path),
+                                method="2dquant" if method == SHARED else method, recipe="fast",
+                                qkv_separation=recipe.qkv_separation)
+        if method in ("2dquant", SHARED):
             dqc_cfg = cfg.dqc_config()
             r = run_dqc(student, self.lm.model, dqc_sampler(self.data.sampler, 0), self.data.val,
                         dqc_cfg, state_path=Path(str(path) + ".dqc-state.pt"), resume=True)
@@ -140,7 +188,7 @@ class ScaleRun:
                      "dqc_best_iteration": r.best_iteration, "val_psnr": r.best_val_psnr,
                      "dqc_history": r.history}
             Path(str(path) + ".dqc-state.pt").unlink(missing_ok=True)
-        meta = CalibrationMeta(bits=bits, scale=self.scale, method=method,
+        meta = CalibrationMeta(bits=bits, scale=self.scale, method=cfg.method,
                                recipe=recipe.to_dict(), checkpoint_name=self.lm.name,
                                checkpoint_sha256=self.lm.sha256,
                                state_sha256=state_checksum(self.lm.model), arch=self.lm.arch,
@@ -180,33 +228,46 @@ def run_cell(run: ScaleRun, bits: int, method: str, dataset: str) -> None:
              time.perf_counter() - t0)
 
 
-def plan(scales: list[int], bits_list: list[int]) -> list[tuple[int, int, str, str]]:
+def plan(scales: list[int], bits_list: list[int], datasets: tuple[str, ...] = SETS,
+         methods: tuple[str, ...] = METHODS) -> list[tuple[int, int, str, str]]:
     cells = []
     for s in scales:
         for ds in ("Set5", "Set14"):
             cells.append((s, 32, "fp", ds))
-            cells += [(s, b, m, ds) for b in bits_list for m in METHODS]
+            cells += [(s, b, m, ds) for b in bits_list for m in methods]
     for ds in ("B100", "Urban100"):
-        if 4 in scales:
-            cells.append((4, 32, "fp", ds))
-            cells += [(4, b, m, ds) for b in (4, 2) if b in bits_list for m in METHODS]
-    return cells
+        for s in (s for s in scales if s in FAMILY.wide_scales):
+            cells.append((s, 32, "fp", ds))
+            cells += [(s, b, m, ds) for b in (4, 2) if b in bits_list for m in methods]
+    return [c for c in cells if c[3] in datasets]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--scales", default="2,4,3")
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="swinir")
+    ap.add_argument("--scales", default=None, help="default: the family's (2,4,3 / 2,3)")
     ap.add_argument("--bits", default="4,2,3")
+    ap.add_argument("--datasets", default=",".join(SETS), help="restrict the plan to these sets")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"some of {', '.join(ORDER[1:])} (FP always runs)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--table", action="store_true", help="only rewrite the table")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    scales = [int(s) for s in args.scales.split(",")]
+    global FAMILY
+    FAMILY = FAMILIES[args.family]
+    scales = [int(s) for s in args.scales.split(",")] if args.scales else list(FAMILY.scales)
     bits_list = [int(b) for b in args.bits.split(",")]
+    datasets = tuple(d for d in args.datasets.split(",") if d)
+    if unknown := set(datasets) - set(SETS):
+        ap.error(f"--datasets: unknown {sorted(unknown)}; expected some of {', '.join(SETS)}")
+    methods = tuple(m for m in args.methods.split(",") if m)
+    if unknown := set(methods) - set(ORDER[1:]):
+        ap.error(f"--methods: unknown {sorted(unknown)}; expected some of {', '.join(ORDER[1:])}")
     if not args.table:
         torch.set_num_threads(args.threads)
         runs: dict[int, ScaleRun] = {}
-        for s, b, m, ds in plan(scales, bits_list):
+        for s, b, m, ds in plan(scales, bits_list, datasets, methods):
             if cell_path(s, b, m, ds).exists():
                 continue
             if s not in runs:
@@ -218,7 +279,7 @@ def main() -> None:
 
 def _load_cells() -> dict:
     cells = {}
-    for p in sorted(OUT.glob("x*_w*_*.json")):
+    for p in sorted(FAMILY.out.glob("x*_w*_*.json")):
         if "stats_time" in p.name:
             continue
         d = json.loads(p.read_text())
@@ -232,16 +293,18 @@ def _fmt(v, spec="{:.2f}"):
 
 def render(cells: dict, cpu_model: str) -> str:
     """Markdown tables: PSNR, our drop from FP and the paper's drop, per set."""
-    lines = [f"Generated by `python -m benchmarks.accuracy` on {cpu_model}, "
-             f"{datetime.date.today().isoformat()}. Y-PSNR (dB) / drop from our FP; *paper* = the "
-             "drop from FP in Table 3 (spec §6) for the same scale, bits and method. "
-             "'–' = not run.", ""]
+    cq_note = (" After the slash: CondiQuant's published drop for SwinIR-light at the same scale "
+               "and bits (docs/anchors.md)." if FAMILY.condiquant else "")
+    lines = [f"Generated by `python -m benchmarks.accuracy --family {FAMILY.key}` on {cpu_model}, "
+             f"{datetime.date.today().isoformat()}. Model: {FAMILY.title}. Y-PSNR (dB) / drop from "
+             "our FP; *paper* = the drop from FP in 2DQuant's Table 3 (spec §6, SwinIR-light) for "
+             f"the same scale, bits and method.{cq_note} '–' = not run.", ""]
     for sets in (("Set5", "Set14"), ("B100", "Urban100")):
         head = "| scale | bits | method | " + " | ".join(
             f"{d} PSNR | {d} drop | {d} paper drop" for d in sets) + " | held-out val PSNR | notes |"
         rows = []
         keys = sorted({(s, b, m) for (s, b, m, d) in cells if d in sets},
-                      key=lambda k: (k[0], -k[1], ["fp", *METHODS].index(k[2])))
+                      key=lambda k: (k[0], -k[1], ORDER.index(k[2])))
         for s, b, m in keys:
             row = [f"x{s}", "FP" if b == 32 else str(b), LABEL[m]]
             t, v = "", None
@@ -250,8 +313,10 @@ def render(cells: dict, cpu_model: str) -> str:
                 i = SETS.index(d)
                 pd = (PAPER[s][(m, b)][i] - PAPER[s][("fp", 32)][i]) if (m, b) in PAPER[s] else None
                 drop = c["psnr"] - fp["psnr"] if c and fp else None
-                row += [_fmt(c and c["psnr"]), _fmt(drop, "{:+.2f}"),
-                        _fmt(pd if m != "fp" else None, "{:+.2f}")]
+                paper = _fmt(pd if m != "fp" else None, "{:+.2f}")
+                if FAMILY.condiquant and m != "fp" and b in CONDIQUANT.get(s, {}):
+                    paper += f" / {CONDIQUANT[s][b][i] - PAPER[s][('fp', 32)][i]:+.2f}"
+                row += [_fmt(c and c["psnr"]), _fmt(drop, "{:+.2f}"), paper]
                 if c and c.get("calibration"):
                     cal = c["calibration"]
                     v = cal.get("val_psnr", cal.get("val_psnr_init"))
@@ -263,7 +328,7 @@ def render(cells: dict, cpu_model: str) -> str:
             rows.append("| " + " | ".join(row + [_fmt(v), t]) + " |")
         if rows:
             lines += [head, "|" + "---|" * (3 + 3 * len(sets) + 2), *rows, ""]
-    missing = [c for c in plan([2, 4, 3], [4, 2, 3]) if c not in cells]
+    missing = [c for c in plan(list(FAMILY.scales), [4, 2, 3]) if c not in cells]
     if missing:
         by: dict = {}
         for sc, b, m, d in missing:
@@ -271,7 +336,7 @@ def render(cells: dict, cpu_model: str) -> str:
         lines += ["**Not run** (no CPU time left before the deadline):", ""]
         lines += [f"- x{sc} {d}: {', '.join(v)}" for (sc, d), v in by.items()]
         lines.append("")
-    for p in sorted(OUT.glob("x*_stats_time.json")):
+    for p in sorted(FAMILY.out.glob("x*_stats_time.json")):
         d = json.loads(p.read_text())
         lines.append(f"- {p.name[:2]}: one FP statistics pass (DOBI for bits {d['bits']} + "
                      f"MinMax/Percentile, {d['quantizers']} quantizers): {d['seconds']:.0f} s, of "
@@ -285,17 +350,18 @@ def write_table() -> None:
     model = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines()
                   if ln.startswith("Model name")), platform.processor())
     block = f"{START}\n{render(_load_cells(), model)}{END}"
-    old = DOC.read_text() if DOC.exists() else f"# Accuracy\n\n{START}\n{END}\n"
+    doc = FAMILY.doc
+    old = doc.read_text() if doc.exists() else f"# Accuracy\n\n{START}\n{END}\n"
     if START in old and END in old:
         text = old[:old.index(START)] + block + old[old.index(END) + len(END):]
     else:
         text = old + "\n" + block + "\n"
     from edge_sr.fileio import atomic_path
 
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(DOC) as tmp:
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(doc) as tmp:
         tmp.write_text(text)
-    plot_psnr_vs_bits(_load_cells(), OUT / "psnr_vs_bits.png")
+    plot_psnr_vs_bits(_load_cells(), FAMILY.out / "psnr_vs_bits.png")
 
 
 def plot_psnr_vs_bits(cells: dict, path: Path) -> None:
@@ -312,7 +378,7 @@ def plot_psnr_vs_bits(cells: dict, path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(scales), figsize=(5 * len(scales), 4), squeeze=False)
     for ax, s in zip(axes[0], scales):
-        for m in METHODS:
+        for m in ORDER[1:]:
             pts = sorted((b, c["psnr"]) for (sc, b, mm, d), c in cells.items()
                          if sc == s and mm == m and d == "Set5")
             if pts:
@@ -320,7 +386,7 @@ def plot_psnr_vs_bits(cells: dict, path: Path) -> None:
         fp = cells.get((s, 32, "fp", "Set5"))
         if fp:
             ax.axhline(fp["psnr"], ls="--", color="k", label="FP")
-        ax.set(title=f"x{s} reference SwinIR-light, Set5", xlabel="bits (W = A)",
+        ax.set(title=f"x{s} {FAMILY.title}, Set5", xlabel="bits (W = A)",
                ylabel="Y-PSNR (dB)", xticks=[2, 3, 4])
         ax.legend(fontsize=8)
     fig.tight_layout()
