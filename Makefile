@@ -9,7 +9,7 @@ EDGE_SR_DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 export EDGE_SR_DATA
 export PYTHONUNBUFFERED := 1
 
-.PHONY: results-doc setup demo test test-fast bench bench-eval bench-dobi bench-accuracy bench-latency lint kernels clean
+.PHONY: results-doc setup demo test test-fast bench bench-eval bench-dobi bench-accuracy bench-accuracy-ngswin bench-sensitivity bench-latency lint kernels clean
 
 $(BIN)/edge-sr: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,13 @@ bench-dobi: setup
 
 bench-accuracy: setup
 	$(BIN)/python -m benchmarks.accuracy
+
+bench-accuracy-ngswin: setup
+	$(BIN)/python -m benchmarks.accuracy --family ngswin
+
+bench-sensitivity: setup
+	$(BIN)/python -m benchmarks.sensitivity --family ngswin --scale 2 --bits 4
+	$(BIN)/python -m benchmarks.sensitivity --family swinir --scale 2 --bits 2
 
 bench-latency: setup
 	$(BIN)/python -m benchmarks.latency
