@@ -33,7 +33,7 @@ from calibrate.baselines import baseline_rule
 from calibrate.calibfile import CalibrationMeta, load_calibrated, save_calibration, state_checksum
 from calibrate.dobi import apply_bounds, collect, search_bounds_multi
 from calibrate.dqc import run_dqc, val_psnr
-from calibrate.prepare import QuantRecipe, prepare, quantizers
+from calibrate.prepare import QuantRecipe, prepare, quantizers, set_quant_enabled
 from edge_sr.fileio import versions, write_json
 
 log = logging.getLogger("benchmarks.accuracy")
@@ -42,9 +42,13 @@ METHODS = ("minmax", "percentile", "dobi", "2dquant")
 # qkv linear (what an engine runs) instead of the paper's three. DOBI gives all three the same
 # bounds (they see one tensor), so the two differ only after DQC.
 SHARED = "2dquant-shared"
-ORDER = ("fp", *METHODS, SHARED)
+# Variant beyond the paper (--methods): 2DQuant with fc1's input quantizer at 8 bits
+# (QuantRecipe.wide_inputs), for post-norm NGswin whose fc1 input is the raw residual stream.
+WIDE = "2dquant-a8fc1"
+ORDER = ("fp", *METHODS, SHARED, WIDE)
 LABEL = {"fp": "FP", "minmax": "MinMax", "percentile": "Percentile", "dobi": "DOBI",
-         "2dquant": "2DQuant (fast)", SHARED: "2DQuant (fast), shared qkv input"}
+         "2dquant": "2DQuant (fast)", SHARED: "2DQuant (fast), shared qkv input",
+         WIDE: "2DQuant (fast), fc1 input 8-bit"}
 
 # Paper Table 3 PSNR (spec §6): {scale: {(method, bits): (Set5, Set14, B100, Urban100)}}.
 PAPER = {
@@ -159,15 +163,17 @@ class ScaleRun:
         path = calib_path(self.scale, bits, method)
         if path.exists():
             return load_calibrated(path, self.lm.model)
-        recipe = QuantRecipe(bits, qkv_separation=method != SHARED)
+        recipe = QuantRecipe(bits, qkv_separation=method != SHARED,
+                             wide_inputs=("fc1",) if method == WIDE else ())
         student = prepare(self.lm.model, recipe)
-        res, rep = self.stats(student if recipe.qkv_separation
+        res, rep = self.stats(student if recipe == QuantRecipe(bits)
                               else prepare(self.lm.model, QuantRecipe(bits)))
         info: dict = {"stats_pass_seconds": rep.seconds}
-        if method in ("dobi", "2dquant", SHARED):
+        if method in ("dobi", "2dquant", SHARED, WIDE):
             # a shared qkv input quantizer is named like the separated q-input one (index 0)
             names = [n for n, _ in quantizers(student)]
-            apply_bounds(student, {n: res[n]["dobi"][bits] for n in names})
+            bounds = {n: res[n]["dobi"][bits] for n in names}
+            apply_bounds(student, bounds | own_width_dobi(student, self.data.calib_lr))
         elif method == "minmax":
             apply_bounds(student, {n: r["minmax"] for n, r in res.items()})
         else:
@@ -178,9 +184,10 @@ class ScaleRun:
             info |= {"percentile": key, "percentile_val_psnr": scores}
         info["val_psnr_init"] = val_psnr(student, *self.data.val, self.scale)
         cfg = CalibrationConfig(model=self.lm.name, bits=bits, output=str(path),
-                                method="2dquant" if method == SHARED else method, recipe="fast",
-                                qkv_separation=recipe.qkv_separation)
-        if method in ("2dquant", SHARED):
+                                method="2dquant" if method in (SHARED, WIDE) else method,
+                                recipe="fast", qkv_separation=recipe.qkv_separation,
+                                wide_inputs=recipe.wide_inputs)
+        if method in ("2dquant", SHARED, WIDE):
             dqc_cfg = cfg.dqc_config()
             r = run_dqc(student, self.lm.model, dqc_sampler(self.data.sampler, 0), self.data.val,
                         dqc_cfg, state_path=Path(str(path) + ".dqc-state.pt"), resume=True)
@@ -195,6 +202,29 @@ class ScaleRun:
                                config=cfg.to_dict(), stats=info, versions=versions())
         save_calibration(path, student, meta)
         return load_calibrated(path, self.lm.model)
+
+
+def own_width_dobi(student, calib_lr: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """DOBI at their own width for the quantizers wider than the recipe's bits (the cached
+    statistics hold only the recipe widths); one FP pass with hooks on those quantizers only."""
+    wide = {n: q for n, q in quantizers(student) if q.bits != student.quant_recipe.bits}
+    out: dict[str, tuple[float, float]] = {}
+
+    def hook(name):
+        def grab(mod, args):
+            out[name] = search_bounds_multi(args[0], [mod.bits], mod.search)[mod.bits]
+        return grab
+
+    handles = [q.register_forward_pre_hook(hook(n)) for n, q in wide.items()]
+    set_quant_enabled(student, False)
+    try:
+        with torch.no_grad():
+            student(calib_lr)
+    finally:
+        set_quant_enabled(student, True)
+        for h in handles:
+            h.remove()
+    return out
 
 
 def score(model, scale: int, dataset: str) -> dict:

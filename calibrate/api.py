@@ -57,6 +57,7 @@ class CalibrationConfig:
     seed: int = 0
     qkv_separation: bool = True
     search_assignment: Literal["paper", "released"] = "paper"
+    wide_inputs: tuple[str, ...] = ()  # linear roles with 8-bit inputs (beyond the paper)
     feature_loss: Literal["fixed", "released"] = "fixed"
     resume: bool = False
     pool: str | Path | None = None  # image folder; default data/train/BSD200
@@ -76,9 +77,14 @@ class CalibrationConfig:
                               f"{self.method!r}")
         if self.recipe not in RECIPES:
             raise EdgeSRError(f"--recipe: expected fast or paper, got {self.recipe!r}")
+        try:
+            self.quant_recipe()
+        except ValueError as e:
+            raise EdgeSRError(str(e)) from None
 
     def quant_recipe(self) -> QuantRecipe:
-        return QuantRecipe(self.bits, self.qkv_separation, self.search_assignment)
+        return QuantRecipe(self.bits, self.qkv_separation, self.search_assignment,
+                           tuple(self.wide_inputs))
 
     def dqc_config(self) -> DQCConfig:
         base = RECIPES[self.recipe]["dqc"]
@@ -91,6 +97,7 @@ class CalibrationConfig:
         d = asdict(self)
         d["output"] = str(self.output)
         d["pool"] = None if self.pool is None else str(self.pool)
+        d["wide_inputs"] = list(self.wide_inputs)
         return d
 
 

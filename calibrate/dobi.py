@@ -248,10 +248,18 @@ def apply_bounds(student: nn.Module, bounds: dict[str, tuple[float, float]]) -> 
 def dobi_bounds(student: nn.Module, calib_lr: torch.Tensor, bits_list: list[int],
                 max_elements: int | None = DEFAULT_MAX_ELEMENTS
                 ) -> tuple[dict[int, dict[str, tuple[float, float]]], CollectReport]:
-    """DOBI bounds for several bit widths from one FP pass: {bits: {quantizer: (l, u)}}."""
+    """DOBI bounds for several bit widths from one FP pass: {bits: {quantizer: (l, u)}}.
+
+    A quantizer whose width differs from the student's recipe (``QuantRecipe.wide_inputs``) keeps
+    its own width in every entry.
+    """
+    recipe = getattr(student, "quant_recipe", None)
+    fixed = {n: q.bits for n, q in quantizers(student)
+             if recipe is not None and q.bits != recipe.bits}
+    search = sorted(set(bits_list) | set(fixed.values()))
     res, rep = collect(student, calib_lr,
-                       lambda x, s: search_bounds_multi(x, bits_list, s, max_elements=max_elements))
-    out = {b: {name: r[b] for name, r in res.items()} for b in bits_list}
+                       lambda x, s: search_bounds_multi(x, search, s, max_elements=max_elements))
+    out = {b: {name: r[fixed.get(name, b)] for name, r in res.items()} for b in bits_list}
     log.info("DOBI: %d quantizers x %d bit widths in %.1f s (search %.1f s)", rep.quantizers,
              len(bits_list), rep.seconds, rep.rule_seconds)
     return out, rep
@@ -259,11 +267,12 @@ def dobi_bounds(student: nn.Module, calib_lr: torch.Tensor, bits_list: list[int]
 
 def init_bounds(student: nn.Module, calib_lr: torch.Tensor,
                 max_elements: int | None = DEFAULT_MAX_ELEMENTS) -> CollectReport:
-    """Run DOBI at the student's own bit width and set its bounds."""
+    """Run DOBI at the student's own bit width(s) and set its bounds."""
+    recipe = getattr(student, "quant_recipe", None)
     bits = {q.bits for _, q in quantizers(student)}
-    if len(bits) != 1:
+    if recipe is None and len(bits) != 1:
         raise ValueError(f"init_bounds expects one bit width, found {sorted(bits)}")
-    b = bits.pop()
+    b = recipe.bits if recipe is not None else bits.pop()
     bounds, rep = dobi_bounds(student, calib_lr, [b], max_elements)
     apply_bounds(student, bounds[b])
     return rep

@@ -18,6 +18,8 @@ from calibrate.qmodules import QuantLinear
 from calibrate.quantizer import BoundFakeQuantizer, check_bits
 from edge_sr.models.base import QuantPoint, SRModel
 
+LINEAR_ROLES = ("qkv", "proj", "fc1", "fc2")
+WIDE_BITS = 8  # bit width of the ``wide_inputs`` quantizers
 
 @dataclass(frozen=True)
 class QuantRecipe:
@@ -26,17 +28,26 @@ class QuantRecipe:
     ``search_assignment``: ``"paper"`` searches softmax and post-GELU tensors one-sided (Fig. 2);
     ``"released"`` reproduces the released code, two-sided everywhere (spec §3, §7.1).
     ``qkv_separation``: three input quantizers for q, k, v (paper) or one shared (deployment).
+    ``wide_inputs``: linear roles (``"fc1"``, ``"qkv"``, ...) whose *input* quantizer runs at
+    ``WIDE_BITS`` instead of ``bits``; an option beyond the paper (empty = the paper). Post-norm
+    models such as NGswin feed fc1 the raw residual stream, whose range grows to ~1000 in the
+    decoder; one per-tensor 4-bit grid cannot hold it (docs/results/ngswin_accuracy.md).
     """
 
     bits: int = 4
     qkv_separation: bool = True
     search_assignment: Literal["paper", "released"] = "paper"
+    wide_inputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         try:
             check_bits(self.bits)
         except ValueError as e:
             raise ValueError(f"--bits: {e}") from None
+        object.__setattr__(self, "wide_inputs", tuple(self.wide_inputs))
+        if unknown := set(self.wide_inputs) - set(LINEAR_ROLES):
+            raise ValueError(f"--wide-inputs: unknown linear roles {sorted(unknown)}; expected "
+                             f"some of {', '.join(LINEAR_ROLES)}")
         if self.search_assignment not in ("paper", "released"):
             raise ValueError(
                 f"search_assignment must be 'paper' or 'released', got {self.search_assignment!r}"
@@ -47,8 +58,13 @@ class QuantRecipe:
             return "one_sided"
         return "two_sided"
 
+    def input_bits(self, role: str) -> int:
+        return WIDE_BITS if role in self.wide_inputs else self.bits
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["wide_inputs"] = list(self.wide_inputs)
+        return d
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -69,7 +85,7 @@ def prepare(model: SRModel, recipe: QuantRecipe) -> SRModel:
             groups = 3 if point.role == "qkv" else 1
             q = QuantLinear(lin, recipe.bits, groups=groups,
                             shared_input=groups > 1 and not recipe.qkv_separation,
-                            act_search=search)
+                            act_search=search, act_bits=recipe.input_bits(point.role))
         else:
             q = BoundFakeQuantizer(recipe.bits, search)
         _set_submodule(student, point.name, q)

@@ -17,7 +17,7 @@ from calibrate.quantizer import BoundFakeQuantizer, Search
 
 class QuantLinear(nn.Module):
     def __init__(self, linear: nn.Linear, bits: int, groups: int = 1, shared_input: bool = False,
-                 act_search: Search = "two_sided") -> None:
+                 act_search: Search = "two_sided", act_bits: int | None = None) -> None:
         super().__init__()
         if linear.out_features % groups:
             raise ValueError(f"out_features {linear.out_features} not divisible by groups {groups}")
@@ -26,7 +26,8 @@ class QuantLinear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         n_act = 1 if shared_input else groups
-        self.act_quantizers = nn.ModuleList(BoundFakeQuantizer(bits, act_search) for _ in range(n_act))
+        self.act_quantizers = nn.ModuleList(BoundFakeQuantizer(act_bits or bits, act_search)
+                                            for _ in range(n_act))
         self.weight_quantizers = nn.ModuleList(BoundFakeQuantizer(bits) for _ in range(groups))
 
     @property

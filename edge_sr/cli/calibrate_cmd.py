@@ -24,6 +24,9 @@ from edge_sr.cli.options import logging_options
               default="paper", show_default=True,
               help="DOBI: one-sided for softmax/post-GELU (paper) or two-sided everywhere "
                    "(released code).")
+@click.option("--wide-inputs", default="", metavar="ROLES",
+              help="Comma-separated linear roles (qkv, proj, fc1, fc2) whose input quantizer "
+                   "runs at 8 bits; beyond the paper, e.g. fc1 for post-norm NGswin.")
 @click.option("--feature-loss", type=click.Choice(["fixed", "released"]), default="fixed",
               show_default=True, help="DQC feature loss: intended, or the released code's bugs.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted DQC run for the same -o.")
@@ -33,12 +36,13 @@ from edge_sr.cli.options import logging_options
               help="Calibration file to write (atomically).")
 @logging_options
 def calibrate_cmd(model, bits, scale, recipe, method, seed, shared_qkv_input, search_assignment,
-                  feature_loss, resume, pool, output) -> None:
+                  wide_inputs, feature_loss, resume, pool, output) -> None:
     """Calibrate a low-bit fake-quant model; score it with 'edge-sr eval --calibration FILE'."""
     from calibrate.api import CalibrationConfig, calibrate
 
     path = calibrate(CalibrationConfig(
         model=model, bits=bits, output=output, scale=scale, method=method, recipe=recipe,
         seed=seed, qkv_separation=not shared_qkv_input, search_assignment=search_assignment,
+        wide_inputs=tuple(r.strip() for r in wide_inputs.split(",") if r.strip()),
         feature_loss=feature_loss, resume=resume, pool=pool))
     click.echo(f"wrote {path}")
