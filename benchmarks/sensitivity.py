@@ -108,6 +108,21 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def render(runs: list[dict]) -> str:
+    """Markdown: held-out PSNR and loss from FP, per group, one column pair per run."""
+    head = "| quantized | " + " | ".join(
+        f"{r['checkpoint']} W{r['bits']} {r['method']}: PSNR | lost" for r in runs) + " |"
+    lines = [head, "|---|" + "---|---|" * len(runs)]
+    keys = list(runs[0]["psnr"])
+    for k in keys:
+        cells = []
+        for r in runs:
+            v = r["psnr"].get(k)
+            cells += ["–", "–"] if v is None else [f"{v:.3f}", f"{v - r['psnr']['FP']:+.3f}"]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", choices=sorted(accuracy.FAMILIES), default="ngswin")
@@ -117,10 +132,14 @@ def main() -> None:
     ap.add_argument("--patches", type=int, default=16)
     ap.add_argument("--size", type=int, default=48, help="LR patch size")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--table", action="store_true", help="print the stored runs as markdown")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     out = Path(f"results/bench/sensitivity_{args.family}.json")
+    if args.table:
+        print(render(json.loads(out.read_text())["runs"]))
+        return
     runs = json.loads(out.read_text())["runs"] if out.exists() else []
     r = run(args.family, args.scale, args.bits, args.method, args.patches, args.size)
     runs = [x for x in runs if (x["scale"], x["bits"], x["method"]) !=
