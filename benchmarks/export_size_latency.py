@@ -3,6 +3,7 @@
     python -m benchmarks.export_size_latency size       # bytes: FP32 ONNX vs QDQ INT8/INT4
     python -m benchmarks.export_size_latency latency    # ORT CPU, 2 threads, 64x64 and 256x256
     python -m benchmarks.export_size_latency fidelity   # ORT vs fake-quant PSNR, bits x scales
+    python -m benchmarks.export_size_latency fidelity-table FILE...   # its RESULTS table
 
 Students are the reference SwinIR-light checkpoints calibrated by DOBI (``calibrate.dobi``, on
 BSD200 calibration patches; min/max bounds if DOBI is not importable). Each mode writes
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import re
@@ -203,6 +205,21 @@ def run_fidelity(args) -> dict:
     return out
 
 
+def fidelity_table(paths: list[str]) -> str:
+    """Markdown rows of one or more fidelity JSONs (the RESULTS table)."""
+    lines = ["| set | scale | bits | images | PSNR fake-quant (dB) | PSNR ORT (dB) | ΔPSNR (dB) | "
+             "worst image \\|ΔPSNR\\| | max \\|Δ\\| (uint8 levels) | values differing | wall (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["rows"]:
+            lines.append(
+                f"| {r['dataset']} | x{r['scale']} | W{r['bits']}A{r['bits']} | "
+                f"{len(r['per_image'])} | {r['psnr_torch']:.4f} | {r['psnr_ort']:.4f} | "
+                f"{r['delta_psnr']:+.5f} | {r['max_abs_delta_psnr_image']:.5f} | "
+                f"{r['max_abs_u8']} | {100 * r['frac_diff_u8']:.4f} % | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def _cpu() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -212,7 +229,8 @@ def _cpu() -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=["size", "latency", "fidelity"])
+    ap.add_argument("mode", choices=["size", "latency", "fidelity", "fidelity-table"])
+    ap.add_argument("files", nargs="*", help="fidelity-table: the fidelity JSONs to print")
     ap.add_argument("--bits", type=int, nargs="+", default=None)
     ap.add_argument("--scales", type=int, nargs="+", default=[2, 3, 4])
     ap.add_argument("--datasets", nargs="+", default=["Set5", "Set14"])
@@ -226,6 +244,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--calib", type=int, default=4, help="calibration patches (64x64 LR)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.mode == "fidelity-table":
+        print(fidelity_table(args.files))
+        return {}
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args.bits = args.bits or ([2, 3, 4, 8] if args.mode != "latency" else [4])
     args.out = args.out or str(OUT_DIR / f"export_{args.mode}.json")
