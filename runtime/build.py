@@ -70,9 +70,17 @@ class BuildConfig:
     cache_dir: str | Path | None = None
     seed: int = 0
     calib_iterations: int | None = None  # override the recipe's DQC iterations (smoke tests)
+    wide_inputs: tuple[str, ...] = ()  # linear roles with 8-bit inputs (QuantRecipe.wide_inputs)
 
     def __post_init__(self) -> None:
         self.tile = tuple(int(t) for t in self.tile)
+        self.wide_inputs = tuple(self.wide_inputs)
+        if self.wide_inputs:
+            from calibrate.prepare import LINEAR_ROLES
+
+            if unknown := sorted(set(self.wide_inputs) - set(LINEAR_ROLES)):
+                raise EdgeSRError(f"--wide-inputs: unknown linear roles {unknown}; expected some "
+                                  f"of {', '.join(LINEAR_ROLES)}")
         if self.backend not in ("auto", "ort", "trt"):
             raise EdgeSRError(f"--backend: expected auto, ort or trt, got {self.backend!r}")
         if self.recipe not in ("fast", "paper"):
@@ -127,7 +135,9 @@ def calibration_key(model_sha256: str, cfg: BuildConfig) -> str:
     """Hash of every input that determines a calibration (not the tile, backend or output)."""
     blob = json.dumps({"v": CALIB_CACHE_VERSION, "model": model_sha256, "scale": cfg.scale,
                        "bits": cfg.bits, "recipe": cfg.recipe, "method": cfg.method,
-                       "seed": cfg.seed, "iterations": cfg.calib_iterations}, sort_keys=True)
+                       "seed": cfg.seed, "iterations": cfg.calib_iterations}
+                      | ({"wide_inputs": list(cfg.wide_inputs)} if cfg.wide_inputs else {}),
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -152,7 +162,8 @@ def run_calibration(lm, cfg: BuildConfig, output: Path) -> Path:
                                      f"edge-sr ({e})") from None
     cc = CalibrationConfig(model=str(lm.path), scale=cfg.scale, bits=cfg.bits,
                            method=cfg.method, recipe=cfg.recipe, output=str(output),
-                           seed=cfg.seed, iterations=cfg.calib_iterations)
+                           seed=cfg.seed, iterations=cfg.calib_iterations,
+                           wide_inputs=cfg.wide_inputs)
     return Path(calibrate(cc))
 
 

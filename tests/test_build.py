@@ -150,6 +150,13 @@ def test_build_config_errors(env):
         assert rb.resolve_backend("auto") == "onnxruntime"
     assert rb.BuildConfig(bits=4, scale=3).out_dir().as_posix() == \
         "engines/swinir-light-x3-ref-w4a4"
+    with pytest.raises(EdgeSRError, match="--wide-inputs: unknown linear roles \\['mlp'\\]"):
+        rb.BuildConfig(bits=4, scale=2, wide_inputs=("mlp",))
+    # the 8-bit-input option is its own calibration; the default keeps the old cache key
+    base, wide = rb.BuildConfig(bits=4, scale=2), rb.BuildConfig(bits=4, scale=2,
+                                                                 wide_inputs=["fc1"])
+    assert wide.wide_inputs == ("fc1",)
+    assert rb.calibration_key("0" * 64, base) != rb.calibration_key("0" * 64, wide)
 
 
 def test_open_engine_validation(env):
@@ -185,7 +192,10 @@ def test_cli_print_config_and_errors(env):
     assert r.exit_code == 0, r.output
     cfg = json.loads(r.output)
     assert cfg["model"] is None and cfg["out"] == "engines/swinir-light-x2-ref-w4a4"
-    assert cfg["tile"] == [64, 64] and cfg["recipe"] == "fast"
+    assert cfg["tile"] == [64, 64] and cfg["recipe"] == "fast" and cfg["wide_inputs"] == []
+    r = CliRunner().invoke(main, ["build", "--bits", "4", "--scale", "2", "--wide-inputs",
+                                  "fc1,qkv", "--print-config"])
+    assert json.loads(r.output)["wide_inputs"] == ["fc1", "qkv"]
     r = CliRunner().invoke(main, ["build", "--bits", "4", "--scale", "2", "--out",
                                   str(env["dir"] / "eng")])
     assert r.exit_code == 2 and "already exists; pass --force" in r.output

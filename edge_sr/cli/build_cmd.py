@@ -31,17 +31,21 @@ from edge_sr.cli.options import logging_options
 @click.option("--threads", type=int, default=None,
               help="Threads for PyTorch (calibration, validation) and ONNX Runtime "
                    "[default: all cores].")
+@click.option("--wide-inputs", default="", metavar="ROLES",
+              help="Comma-separated linear roles (qkv, proj, fc1, fc2) whose inputs stay 8-bit "
+                   "(beyond the paper; fc1 for NGswin).")
 @click.option("--print-config", is_flag=True, help="Print the build configuration and stop.")
 @logging_options
 def build_cmd(bits, scale, model, backend, recipe, method, tile, batch, out, force, threads,
-              print_config) -> None:
+              wide_inputs, print_config) -> None:
     """Build a quantized SR engine: checkpoint -> calibrate -> export -> build -> validate."""
     from edge_sr.cli.options import parse_size
     from runtime.build import BuildConfig, build, config_dict
 
     cfg = BuildConfig(bits=bits, scale=scale, model=model, backend=backend, recipe=recipe,
                       method=method, tile=parse_size(tile, "--tile"), batch=batch, out=out,
-                      force=force, threads=threads)
+                      force=force, threads=threads,
+                      wide_inputs=tuple(r.strip() for r in wide_inputs.split(",") if r.strip()))
     if print_config:
         click.echo(json.dumps(config_dict(cfg), indent=2))
         return
