@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import logging
 import platform
@@ -358,6 +359,7 @@ def render(cells: dict, cpu_model: str) -> str:
             rows.append("| " + " | ".join(row + [_fmt(v), t]) + " |")
         if rows:
             lines += [head, "|" + "---|" * (3 + 3 * len(sets) + 2), *rows, ""]
+    lines += ordering(cells)
     missing = [c for c in plan(list(FAMILY.scales), [4, 2, 3]) if c not in cells]
     if missing:
         by: dict = {}
@@ -372,6 +374,37 @@ def render(cells: dict, cpu_model: str) -> str:
                      f"MinMax/Percentile, {d['quantizers']} quantizers): {d['seconds']:.0f} s, of "
                      f"which searches {d['rule_seconds']:.0f} s.")
     return "\n".join(lines) + "\n"
+
+
+def ordering(cells: dict) -> list[str]:
+    """The paper's claims, checked cell by cell: DOBI > MinMax and > Percentile per set; 2DQuant
+    > DOBI on the mean over the sets both ran on (only where every compared cell exists)."""
+    out = []
+    def psnr_at(s, b, m, d):
+        c = cells.get((s, b, m, d))
+        return None if c is None else c["psnr"]
+
+    for s, b in sorted({(s, b) for (s, b, m, _) in cells if m != "fp"},
+                       key=lambda k: (k[0], -k[1])):
+        psnr = functools.partial(psnr_at, s, b)
+
+        parts = []
+        for rival in ("minmax", "percentile"):
+            diffs = [(d, psnr("dobi", d) - psnr(rival, d)) for d in SETS
+                     if psnr("dobi", d) is not None and psnr(rival, d) is not None]
+            if diffs:
+                won = all(v > 0 for _, v in diffs)
+                parts.append(f"DOBI {'>' if won else 'not >'} {LABEL[rival]} ("
+                             + ", ".join(f"{d} {v:+.3f}" for d, v in diffs) + ")")
+        both = [d for d in SETS if psnr("dobi", d) is not None and psnr("2dquant", d) is not None]
+        if both:
+            gain = sum(psnr("2dquant", d) - psnr("dobi", d) for d in both) / len(both)
+            parts.append(f"2DQuant {'>' if gain > 0 else 'not >'} DOBI (mean over "
+                         f"{'/'.join(both)} {gain:+.3f})")
+        if parts:
+            out.append(f"- x{s} W{b}: " + "; ".join(parts) + ".")
+    return (["**The paper's ordering, checked** (dB, ours; '>' = holds):", "", *out, ""]
+            if out else [])
 
 
 def write_table() -> None:

@@ -50,3 +50,14 @@ def test_render_puts_condiquant_beside_the_paper_drop_for_ngswin(family):
 ])
 def test_sensitivity_groups(name, group):
     assert group_of(name) == group
+
+
+def test_ordering_check_reports_what_holds_and_what_does_not(family):
+    family("swinir")
+    c = {(4, 2, m, d): {"psnr": v} for (m, d), v in {
+        ("minmax", "Set5"): 28.0, ("percentile", "Set5"): 28.5, ("dobi", "Set5"): 28.3,
+        ("2dquant", "Set5"): 28.6, ("dobi", "Set14"): 26.0, ("2dquant", "Set14"): 25.9}.items()}
+    (line,) = [ln for ln in accuracy.ordering(c) if ln.startswith("- ")]
+    assert "DOBI > MinMax (Set5 +0.300)" in line
+    assert "DOBI not > Percentile (Set5 -0.200)" in line
+    assert "2DQuant > DOBI (mean over Set5/Set14 +0.100)" in line
