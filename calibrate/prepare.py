@@ -21,6 +21,7 @@ from edge_sr.models.base import QuantPoint, SRModel
 LINEAR_ROLES = ("qkv", "proj", "fc1", "fc2")
 WIDE_BITS = 8  # bit width of the ``wide_inputs`` quantizers
 
+
 @dataclass(frozen=True)
 class QuantRecipe:
     """What gets quantized and how its bounds are searched.

@@ -39,13 +39,13 @@ from edge_sr.cli.options import logging_options
 def build_cmd(bits, scale, model, backend, recipe, method, tile, batch, out, force, threads,
               wide_inputs, print_config) -> None:
     """Build a quantized SR engine: checkpoint -> calibrate -> export -> build -> validate."""
-    from edge_sr.cli.options import parse_size
+    from edge_sr.cli.options import parse_list, parse_size
     from runtime.build import BuildConfig, build, config_dict
 
     cfg = BuildConfig(bits=bits, scale=scale, model=model, backend=backend, recipe=recipe,
                       method=method, tile=parse_size(tile, "--tile"), batch=batch, out=out,
                       force=force, threads=threads,
-                      wide_inputs=tuple(r.strip() for r in wide_inputs.split(",") if r.strip()))
+                      wide_inputs=parse_list(wide_inputs))
     if print_config:
         click.echo(json.dumps(config_dict(cfg), indent=2))
         return

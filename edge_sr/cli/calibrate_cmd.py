@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from edge_sr.cli.options import logging_options
+from edge_sr.cli.options import logging_options, parse_list
 
 
 @click.command("calibrate")
@@ -43,6 +43,6 @@ def calibrate_cmd(model, bits, scale, recipe, method, seed, shared_qkv_input, se
     path = calibrate(CalibrationConfig(
         model=model, bits=bits, output=output, scale=scale, method=method, recipe=recipe,
         seed=seed, qkv_separation=not shared_qkv_input, search_assignment=search_assignment,
-        wide_inputs=tuple(r.strip() for r in wide_inputs.split(",") if r.strip()),
+        wide_inputs=parse_list(wide_inputs),
         feature_loss=feature_loss, resume=resume, pool=pool))
     click.echo(f"wrote {path}")

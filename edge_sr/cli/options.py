@@ -42,3 +42,8 @@ def parse_size(value: str, option: str) -> tuple[int, int]:
     except ValueError:
         raise EdgeSRError(f"{option}: expected WIDTHxHEIGHT like 64x64, got {value!r}") from None
     return h, w
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    """``"fc1, qkv"`` -> ``("fc1", "qkv")``; empty items are dropped (validation is the API's)."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
