@@ -189,16 +189,17 @@ class CollectReport:
 
 
 @torch.no_grad()
-def collect(student: nn.Module, calib_lr: torch.Tensor,
-            rule: Rule) -> tuple[dict[str, Any], CollectReport]:
-    """Apply ``rule(tensor, search)`` to every quantizer's FP input in one forward pass.
+def collect(student: nn.Module, calib_lr: torch.Tensor, rule: Rule,
+            names: set[str] | None = None) -> tuple[dict[str, Any], CollectReport]:
+    """Apply ``rule(tensor, search)`` to every quantizer's FP input in one forward pass
+    (or only to the quantizers in ``names``).
 
     Quantizers are disabled (identity) during the pass, so every tensor is the FP network's
     activation (spec §7.12); weight quantizers see their weight blocks directly. Each tensor is
     reduced as soon as it is captured and then dropped, so memory stays at one activation.
     """
     t0 = time.perf_counter()
-    qs = dict(quantizers(student))
+    qs = {n: q for n, q in quantizers(student) if names is None or n in names}
     results: dict[str, Any] = {}
     cache: dict[tuple, Any] = {}
     rule_time = [0.0]
@@ -208,15 +209,18 @@ def collect(student: nn.Module, calib_lr: torch.Tensor,
         key = (x.data_ptr(), tuple(x.shape), q.search)
         if key not in cache:  # qkv separation: three quantizers see the same tensor
             cache.clear()
-            cache[key] = rule(x, q.search)
-        results[name] = cache[key]
+            # keep ``x`` alive with its result: once freed, a later tensor of the same shape
+            # could reuse its address and be given this result
+            cache[key] = (x, rule(x, q.search))
+        results[name] = cache[key][1]
         rule_time[0] += time.perf_counter() - t
 
     for name, m in student.named_modules():
         if isinstance(m, QuantLinear):
             for i, w in enumerate(m.weight_blocks()):
-                results[f"{name}.weight_quantizers.{i}"] = rule(w.detach(),
-                                                                m.weight_quantizers[i].search)
+                if f"{name}.weight_quantizers.{i}" in qs:
+                    results[f"{name}.weight_quantizers.{i}"] = rule(
+                        w.detach(), m.weight_quantizers[i].search)
     hooks = [q.register_forward_hook(lambda mod, inp, out, name=name: run_rule(name, mod, inp[0]))
              for name, q in qs.items() if name not in results]
     set_quant_enabled(student, False)
@@ -251,7 +255,8 @@ def dobi_bounds(student: nn.Module, calib_lr: torch.Tensor, bits_list: list[int]
     """DOBI bounds for several bit widths from one FP pass: {bits: {quantizer: (l, u)}}.
 
     A quantizer whose width differs from the student's recipe (``QuantRecipe.wide_inputs``) keeps
-    its own width in every entry.
+    its own width in every entry. Every tensor is searched at the union of the widths (one extra
+    width costs ~20 s for SwinIR-light; cheaper than a second FP pass).
     """
     recipe = getattr(student, "quant_recipe", None)
     fixed = {n: q.bits for n, q in quantizers(student)

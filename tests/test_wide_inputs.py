@@ -79,3 +79,14 @@ def test_mixed_width_export_is_exact_and_records_each_width(tiny_swinir, target)
     assert {r["a_bits"] for r in lin if r["site"].endswith("fc1")} == {WIDE_BITS}
     assert {r["a_bits"] for r in lin if not r["site"].endswith("fc1")} == {3}
     assert {r["w_bits"] for r in lin} == {3}
+
+
+def test_collect_can_restrict_to_named_quantizers(tiny_swinir):
+    from calibrate.dobi import collect
+
+    student = prepare(tiny_swinir(2), QuantRecipe(bits=3, wide_inputs=("fc1",)))
+    wide = {n for n, q in quantizers(student) if q.bits == WIDE_BITS}
+    seen, _ = collect(student, _calib(), lambda x, s: (float(x.min()), float(x.max())), names=wide)
+    assert set(seen) == wide
+    everything, _ = collect(student, _calib(), lambda x, s: (float(x.min()), float(x.max())))
+    assert {n: everything[n] for n in wide} == seen
