@@ -34,7 +34,7 @@ from calibrate.baselines import baseline_rule
 from calibrate.calibfile import CalibrationMeta, load_calibrated, save_calibration, state_checksum
 from calibrate.dobi import apply_bounds, collect, search_bounds_multi
 from calibrate.dqc import run_dqc, val_psnr
-from calibrate.prepare import QuantRecipe, prepare, quantizers, set_quant_enabled
+from calibrate.prepare import QuantRecipe, prepare, quantizers
 from edge_sr.fileio import versions, write_json
 
 log = logging.getLogger("benchmarks.accuracy")
@@ -207,25 +207,13 @@ class ScaleRun:
 
 def own_width_dobi(student, calib_lr: torch.Tensor) -> dict[str, tuple[float, float]]:
     """DOBI at their own width for the quantizers wider than the recipe's bits (the cached
-    statistics hold only the recipe widths); one FP pass with hooks on those quantizers only."""
-    wide = {n: q for n, q in quantizers(student) if q.bits != student.quant_recipe.bits}
-    out: dict[str, tuple[float, float]] = {}
-
-    def hook(name):
-        def grab(mod, args):
-            out[name] = search_bounds_multi(args[0], [mod.bits], mod.search)[mod.bits]
-        return grab
-
-    handles = [q.register_forward_pre_hook(hook(n)) for n, q in wide.items()]
-    set_quant_enabled(student, False)
-    try:
-        with torch.no_grad():
-            student(calib_lr)
-    finally:
-        set_quant_enabled(student, True)
-        for h in handles:
-            h.remove()
-    return out
+    statistics hold only the recipe widths); one FP pass that searches those quantizers only."""
+    qs = dict(quantizers(student))
+    wide = {n for n, q in qs.items() if q.bits != student.quant_recipe.bits}
+    width = {qs[n].bits for n in wide}
+    res, _ = collect(student, calib_lr, lambda x, s: search_bounds_multi(x, sorted(width), s),
+                     names=wide)
+    return {n: r[qs[n].bits] for n, r in res.items()}
 
 
 def score(model, scale: int, dataset: str) -> dict:
