@@ -17,11 +17,14 @@ the table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
 import logging
+import os
 import platform
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -46,10 +49,17 @@ SHARED = "2dquant-shared"
 # Variant beyond the paper (--methods): 2DQuant with fc1's input quantizer at 8 bits
 # (QuantRecipe.wide_inputs), for post-norm NGswin whose fc1 input is the raw residual stream.
 WIDE = "2dquant-a8fc1"
-ORDER = ("fp", *METHODS, SHARED, WIDE)
+# The paper recipe (4000 iterations, batch 16, 64x64 LR patches): run where a GPU was lent.
+PAPER_RECIPE = "2dquant-paper"
+# The paper recipe stopped early (a GPU lease ran out): made by scripts/calib_from_dqc_state.py
+# from the run's state file, never by this bench.
+PAPER_CUT = "2dquant-paper-cut"
+ORDER = ("fp", *METHODS, PAPER_RECIPE, PAPER_CUT, SHARED, WIDE)
 LABEL = {"fp": "FP", "minmax": "MinMax", "percentile": "Percentile", "dobi": "DOBI",
-         "2dquant": "2DQuant (fast)", SHARED: "2DQuant (fast), shared qkv input",
-         WIDE: "2DQuant (fast), fc1 input 8-bit"}
+         "2dquant": "2DQuant (fast)", PAPER_RECIPE: "2DQuant (paper recipe)",
+         PAPER_CUT: "2DQuant (paper recipe, cut short)",
+         SHARED: "2DQuant (fast), shared qkv input", WIDE: "2DQuant (fast), fc1 input 8-bit"}
+DQC_METHODS = ("2dquant", PAPER_RECIPE, SHARED, WIDE)
 
 # Paper Table 3 PSNR (spec §6): {scale: {(method, bits): (Set5, Set14, B100, Urban100)}}.
 PAPER = {
@@ -112,6 +122,66 @@ FAMILIES = {
                      (2, 3), (2, 3), True),
 }
 FAMILY = FAMILIES["swinir"]  # set by main()
+DEVICE = "cpu"  # set by main()
+
+
+class Busy(Exception):
+    """Another worker is making the calibration (or statistics) this cell needs."""
+
+
+def claim(path: Path) -> bool:
+    """Take ``path``'s claim file (atomic create), so parallel workers never run the same cell or
+    calibration twice; a claim left by a dead process on this host is taken over."""
+    lock = path.with_name(path.name + ".claim")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                host, pid = lock.read_text().split()
+                alive = host != socket.gethostname() or _alive(int(pid))
+            except (OSError, ValueError):
+                alive = False  # being written or unreadable: treat as stale only if it stays so
+                time.sleep(0.5)
+                alive = lock.exists() and lock.stat().st_size > 0
+            if alive:
+                return False
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}")
+        return True
+    return False
+
+
+def release(path: Path) -> None:
+    path.with_name(path.name + ".claim").unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def device_name() -> str:
+    if DEVICE.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(DEVICE))
+    return cpu_model()
+
+
+def cpu_model() -> str:
+    try:
+        cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        cpu = ""
+    return next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines()
+                 if ln.startswith("Model name")), platform.processor())
 
 
 def cell_path(scale: int, bits: int, method: str, dataset: str) -> Path:
@@ -129,8 +199,8 @@ class ScaleRun:
         from edge_sr.checkpoints import load_model
 
         self.scale, self.bits_list = scale, bits_list
-        self.lm = load_model(FAMILY.checkpoint.format(scale=scale))
-        self._data = self._stats = None
+        self.lm = load_model(FAMILY.checkpoint.format(scale=scale), device=DEVICE)
+        self._data = self._stats = self._paper_data = None
         self.recipe_cfg = CalibrationConfig(model=self.lm.name, bits=4, output="-",
                                             recipe="fast")
 
@@ -140,12 +210,23 @@ class ScaleRun:
             self._data = pool_data(self.scale, "fast", seed=0)
         return self._data
 
+    def recipe_data(self, recipe: str):
+        """The recipe's pool data: the same 32 DOBI patches, its own DQC and validation patches."""
+        if recipe == "fast":
+            return self.data
+        if self._paper_data is None:
+            self._paper_data = pool_data(self.scale, recipe, seed=0)
+        return self._paper_data
+
     def stats(self, student):
         """One FP pass: DOBI for every bit width + MinMax/Percentile bounds, per quantizer."""
         cache = FAMILY.out / f"x{self.scale}_stats.pt"
         if self._stats is None and cache.exists():
             self._stats = torch.load(cache, weights_only=False)
         if self._stats is None:
+            if not claim(cache):
+                raise Busy(cache)
+
             def rule(x, search):
                 return {"dobi": search_bounds_multi(x, self.bits_list, search),
                         **baseline_rule(x, search)}
@@ -157,20 +238,37 @@ class ScaleRun:
                 torch.save(self._stats, tmp)
             write_json(FAMILY.out / f"x{self.scale}_stats_time.json",
                        {"seconds": rep.seconds, "rule_seconds": rep.rule_seconds,
-                        "bits": self.bits_list, "quantizers": rep.quantizers})
+                        "bits": self.bits_list, "quantizers": rep.quantizers,
+                        "device": device_name()})
+            release(cache)
         return self._stats
 
     def calibrated(self, bits: int, method: str):
         path = calib_path(self.scale, bits, method)
         if path.exists():
             return load_calibrated(path, self.lm.model)
+        if not claim(path):
+            raise Busy(path)
+        try:
+            self._calibrate(path, bits, method)
+        finally:
+            release(path)
+        return load_calibrated(path, self.lm.model)
+
+    def _calibrate(self, path: Path, bits: int, method: str) -> None:
+        if method == PAPER_CUT:
+            raise SystemExit(f"{path}: {PAPER_CUT} cells score a file that "
+                             "scripts/calib_from_dqc_state.py makes; it is not there")
         recipe = QuantRecipe(bits, qkv_separation=method != SHARED,
                              wide_inputs=("fc1",) if method == WIDE else ())
         student = prepare(self.lm.model, recipe)
         res, rep = self.stats(student if recipe == QuantRecipe(bits)
                               else prepare(self.lm.model, QuantRecipe(bits)))
-        info: dict = {"stats_pass_seconds": rep.seconds}
-        if method in ("dobi", "2dquant", SHARED, WIDE):
+        info: dict = {"stats_pass_seconds": rep.seconds, "device": device_name(),
+                      "device_type": torch.device(DEVICE).type}
+        dqc_recipe = "paper" if method == PAPER_RECIPE else "fast"
+        data = self.recipe_data(dqc_recipe)
+        if method in ("dobi", *DQC_METHODS):
             # a shared qkv input quantizer is named like the separated q-input one (index 0)
             names = [n for n, _ in quantizers(student)]
             bounds = {n: res[n]["dobi"][bits] for n in names}
@@ -183,14 +281,14 @@ class ScaleRun:
             key, scores = pick_percentile(student, per, self.data, self.scale)
             apply_bounds(student, per[key])
             info |= {"percentile": key, "percentile_val_psnr": scores}
-        info["val_psnr_init"] = val_psnr(student, *self.data.val, self.scale)
+        info["val_psnr_init"] = val_psnr(student, *data.val, self.scale)
         cfg = CalibrationConfig(model=self.lm.name, bits=bits, output=str(path),
-                                method="2dquant" if method in (SHARED, WIDE) else method,
-                                recipe="fast", qkv_separation=recipe.qkv_separation,
-                                wide_inputs=recipe.wide_inputs)
-        if method in ("2dquant", SHARED, WIDE):
+                                method="2dquant" if method in DQC_METHODS else method,
+                                recipe=dqc_recipe, qkv_separation=recipe.qkv_separation,
+                                wide_inputs=recipe.wide_inputs, device=DEVICE)
+        if method in DQC_METHODS:
             dqc_cfg = cfg.dqc_config()
-            r = run_dqc(student, self.lm.model, dqc_sampler(self.data.sampler, 0), self.data.val,
+            r = run_dqc(student, self.lm.model, dqc_sampler(data.sampler, 0), data.val,
                         dqc_cfg, state_path=Path(str(path) + ".dqc-state.pt"), resume=True)
             info |= {"dqc_seconds": r.seconds, "dqc_iterations": r.iterations,
                      "dqc_best_iteration": r.best_iteration, "val_psnr": r.best_val_psnr,
@@ -202,7 +300,6 @@ class ScaleRun:
                                state_sha256=state_checksum(self.lm.model), arch=self.lm.arch,
                                config=cfg.to_dict(), stats=info, versions=versions())
         save_calibration(path, student, meta)
-        return load_calibrated(path, self.lm.model)
 
 
 def own_width_dobi(student, calib_lr: torch.Tensor) -> dict[str, tuple[float, float]]:
@@ -241,6 +338,7 @@ def run_cell(run: ScaleRun, bits: int, method: str, dataset: str) -> None:
     out = {"scale": run.scale, "bits": bits, "method": method, "dataset": dataset,
            **score(model, run.scale, dataset), "calibration": {k: v for k, v in meta.items()},
            "checkpoint": run.lm.name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "device": device_name(), "device_type": torch.device(DEVICE).type,
            "versions": versions()}
     write_json(path, out)
     log.info("x%d W%d %s %s: %.3f dB (%.0f s)", run.scale, bits, method, dataset, out["psnr"],
@@ -270,11 +368,18 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS),
                     help=f"some of {', '.join(ORDER[1:])} (FP always runs)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu",
+                    help="cpu or cuda[:N]; several workers may share one results folder")
+    ap.add_argument("--out", default=None,
+                    help="results folder instead of the family's (its table goes there too)")
     ap.add_argument("--table", action="store_true", help="only rewrite the table")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    global FAMILY
+    global FAMILY, DEVICE
     FAMILY = FAMILIES[args.family]
+    if args.out:
+        FAMILY = dataclasses.replace(FAMILY, out=Path(args.out), doc=Path(args.out) / "table.md")
+    DEVICE = args.device
     scales = [int(s) for s in args.scales.split(",")] if args.scales else list(FAMILY.scales)
     bits_list = [int(b) for b in args.bits.split(",")]
     datasets = tuple(d for d in args.datasets.split(",") if d)
@@ -284,16 +389,45 @@ def main() -> None:
     if unknown := set(methods) - set(ORDER[1:]):
         ap.error(f"--methods: unknown {sorted(unknown)}; expected some of {', '.join(ORDER[1:])}")
     if not args.table:
+        from calibrate.api import check_device
+
+        check_device(DEVICE)
+        if torch.device(DEVICE).type == "cuda":  # plain FP32 like the CPU cells: no TF32 convs
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         torch.set_num_threads(args.threads)
-        runs: dict[int, ScaleRun] = {}
-        for s, b, m, ds in plan(scales, bits_list, datasets, methods):
-            if cell_path(s, b, m, ds).exists():
-                continue
-            if s not in runs:
-                runs = {s: ScaleRun(s, bits_list)}  # one scale in memory at a time
-            run_cell(runs[s], b, m, ds)
-            write_table()
+        work(plan(scales, bits_list, datasets, methods), bits_list)
     write_table()
+
+
+def work(cells: list[tuple[int, int, str, str]], bits_list: list[int]) -> None:
+    """Run every missing cell in plan order. Cells and calibrations are claimed, so several
+    workers (processes, e.g. sharing one GPU) can run the same plan side by side; a cell whose
+    calibration another worker is making is retried later."""
+    runs: dict[int, ScaleRun] = {}
+    pending = [c for c in cells if not cell_path(*c).exists()]
+    while pending:
+        progressed = waiting = False
+        for s, b, m, ds in pending:
+            path = cell_path(s, b, m, ds)
+            if path.exists() or not claim(path):
+                continue
+            try:
+                if s not in runs:
+                    runs = {s: ScaleRun(s, bits_list)}  # one scale in memory at a time
+                run_cell(runs[s], b, m, ds)
+                progressed = True
+                write_table()
+            except Busy as e:
+                waiting = True
+                log.debug("x%d W%d %s %s waits for %s", s, b, m, ds, e)
+            finally:
+                release(path)
+        pending = [c for c in pending if not cell_path(*c).exists()]
+        if not progressed:
+            if not waiting:
+                return  # what is left is claimed by other workers
+            time.sleep(5)
 
 
 def _load_cells() -> dict:
@@ -314,10 +448,13 @@ def render(cells: dict, cpu_model: str) -> str:
     """Markdown tables: PSNR, our drop from FP and the paper's drop, per set."""
     cq_note = (" After the slash: CondiQuant's published drop for SwinIR-light at the same scale "
                "and bits (docs/anchors.md)." if FAMILY.condiquant else "")
-    lines = [f"Generated by `python -m benchmarks.accuracy --family {FAMILY.key}` on {cpu_model}, "
-             f"{datetime.date.today().isoformat()}. Model: {FAMILY.title}. Y-PSNR (dB) / drop from "
-             "our FP; *paper* = the drop from FP in 2DQuant's Table 3 (spec §6, SwinIR-light) for "
-             f"the same scale, bits and method.{cq_note} '–' = not run.", ""]
+    gpus = sorted({c["device"] for c in cells.values() if c.get("device_type") == "cuda"})
+    where = f" (cells marked † on {', '.join(gpus)}, `--device cuda`)" if gpus else ""
+    lines = [f"Generated by `python -m benchmarks.accuracy --family {FAMILY.key}` on {cpu_model}"
+             f"{where}, {datetime.date.today().isoformat()}. Model: {FAMILY.title}. Y-PSNR (dB) / "
+             "drop from our FP; *paper* = the drop from FP in 2DQuant's Table 3 (spec §6, "
+             "SwinIR-light) for the same scale, bits and method (its 2DQuant row for both of our "
+             f"recipes).{cq_note} '–' = not run.", ""]
     for sets in (("Set5", "Set14"), ("B100", "Urban100")):
         head = "| scale | bits | method | " + " | ".join(
             f"{d} PSNR | {d} drop | {d} paper drop" for d in sets) + " | held-out val PSNR | notes |"
@@ -330,18 +467,27 @@ def render(cells: dict, cpu_model: str) -> str:
             for d in sets:
                 c, fp = cells.get((s, b, m, d)), cells.get((s, 32, "fp", d))
                 i = SETS.index(d)
-                pd = (PAPER[s][(m, b)][i] - PAPER[s][("fp", 32)][i]) if (m, b) in PAPER[s] else None
+                pm = "2dquant" if m in (PAPER_RECIPE, PAPER_CUT) else m
+                pd = (PAPER[s][(pm, b)][i] - PAPER[s][("fp", 32)][i]) if (pm, b) in PAPER[s] else None
                 drop = c["psnr"] - fp["psnr"] if c and fp else None
                 paper = _fmt(pd if m != "fp" else None, "{:+.2f}")
                 if FAMILY.condiquant and m != "fp" and b in CONDIQUANT.get(s, {}):
                     paper += f" / {CONDIQUANT[s][b][i] - PAPER[s][('fp', 32)][i]:+.2f}"
-                row += [_fmt(c and c["psnr"]), _fmt(drop, "{:+.2f}"), paper]
+                mark = "†" if c and c.get("device_type") == "cuda" else ""
+                row += [_fmt(c and c["psnr"]) + mark, _fmt(drop, "{:+.2f}"), paper]
                 if c and c.get("calibration"):
                     cal = c["calibration"]
                     v = cal.get("val_psnr", cal.get("val_psnr_init"))
-                    if "dqc_seconds" in cal:
-                        t = (f"DQC {cal['dqc_seconds']:.0f} s ({cal['dqc_iterations']} it, best "
-                             f"@{cal['dqc_best_iteration']})")
+                    if "dqc_planned_iterations" in cal:
+                        t = (f"DQC stopped at {cal['dqc_iterations']} of "
+                             f"{cal['dqc_planned_iterations']} it (best @{cal['dqc_best_iteration']})"
+                             f" on {cal.get('device') or 'a GPU'}")
+                    elif "dqc_seconds" in cal:
+                        # older files name the device only (a GPU's name is its vendor's)
+                        gpu = (cal.get("device_type") == "cuda"
+                               or cal.get("device", "").startswith("NVIDIA"))
+                        t = (f"DQC {cal['dqc_seconds']:.0f} s{' on GPU' if gpu else ''} "
+                             f"({cal['dqc_iterations']} it, best @{cal['dqc_best_iteration']})")
                     elif "percentile" in cal:
                         t = f"picked {cal['percentile']}"
             rows.append("| " + " | ".join(row + [_fmt(v), t]) + " |")
@@ -353,7 +499,7 @@ def render(cells: dict, cpu_model: str) -> str:
         by: dict = {}
         for sc, b, m, d in missing:
             by.setdefault((sc, d), []).append(f"{LABEL[m]}" + ("" if b == 32 else f" W{b}"))
-        lines += ["**Not run** (no CPU time left before the deadline):", ""]
+        lines += ["**Not run yet** (each cell resumes with the command above):", ""]
         lines += [f"- x{sc} {d}: {', '.join(v)}" for (sc, d), v in by.items()]
         lines.append("")
     for p in sorted(FAMILY.out.glob("x*_stats_time.json")):
@@ -397,10 +543,7 @@ def ordering(cells: dict) -> list[str]:
 
 def write_table() -> None:
     """Replace the generated block of docs/results/accuracy.md (between the markers)."""
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines()
-                  if ln.startswith("Model name")), platform.processor())
-    block = f"{START}\n{render(_load_cells(), model)}{END}"
+    block = f"{START}\n{render(_load_cells(), cpu_model())}{END}"
     doc = FAMILY.doc
     old = doc.read_text() if doc.exists() else f"# Accuracy\n\n{START}\n{END}\n"
     if START in old and END in old:

@@ -65,6 +65,7 @@ class CalibrationConfig:
     iterations: int | None = None  # override the recipe's DQC iterations (smoke runs)
     calib_patches: int = CALIB_PATCHES  # DOBI / baseline statistics: this many LR patches
     calib_patch: int = CALIB_PATCH  # of this size
+    device: str = "cpu"  # where the model runs ("cuda" on a workstation GPU); bounds are the same
 
     def validate(self) -> None:
         try:
@@ -75,6 +76,7 @@ class CalibrationConfig:
         if self.method not in METHODS:
             raise EdgeSRError(f"--method: expected one of {', '.join(METHODS)}, got "
                               f"{self.method!r}")
+        check_device(self.device)
         if self.recipe not in RECIPES:
             raise EdgeSRError(f"--recipe: expected fast or paper, got {self.recipe!r}")
         try:
@@ -106,6 +108,19 @@ class PoolData:
     calib_lr: torch.Tensor  # DOBI / baseline statistics
     val: tuple[torch.Tensor, torch.Tensor]  # held-out (LR, HR) patches
     sampler: object  # PatchSampler over the calibration images (DQC)
+
+
+def check_device(device: str) -> None:
+    """``--device``: 'cpu', or a CUDA device that PyTorch can see."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EdgeSRError(f"--device: expected cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise EdgeSRError(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EdgeSRError(f"--device {device}: PyTorch sees no CUDA device (this torch is "
+                          f"{torch.__version__}; a CUDA build and a GPU are needed)")
 
 
 def pool_data(scale: int, recipe: str = "fast", seed: int = 0,
@@ -160,7 +175,7 @@ def calibrate(cfg: CalibrationConfig) -> Path:
     from edge_sr.checkpoints import load_model
 
     torch.manual_seed(cfg.seed)
-    lm = load_model(cfg.model, scale=cfg.scale)
+    lm = load_model(cfg.model, scale=cfg.scale, device=cfg.device)
     scale = lm.scale
     data = pool_data(scale, cfg.recipe, cfg.seed, cfg.pool, calib_patches=cfg.calib_patches,
                      calib_patch=cfg.calib_patch)

@@ -196,7 +196,9 @@ def collect(student: nn.Module, calib_lr: torch.Tensor, rule: Rule,
 
     Quantizers are disabled (identity) during the pass, so every tensor is the FP network's
     activation (spec §7.12); weight quantizers see their weight blocks directly. Each tensor is
-    reduced as soon as it is captured and then dropped, so memory stays at one activation.
+    reduced as soon as it is captured and then dropped, so memory stays at one activation. On a
+    GPU the forward pass runs there and ``rule`` gets a host copy, so the bounds are computed by
+    the same (CPU) code on every device.
     """
     t0 = time.perf_counter()
     qs = {n: q for n, q in quantizers(student) if names is None or n in names}
@@ -211,7 +213,7 @@ def collect(student: nn.Module, calib_lr: torch.Tensor, rule: Rule,
             cache.clear()
             # keep ``x`` alive with its result: once freed, a later tensor of the same shape
             # could reuse its address and be given this result
-            cache[key] = (x, rule(x, q.search))
+            cache[key] = (x, rule(x.detach().cpu(), q.search))
         results[name] = cache[key][1]
         rule_time[0] += time.perf_counter() - t
 
@@ -220,12 +222,12 @@ def collect(student: nn.Module, calib_lr: torch.Tensor, rule: Rule,
             for i, w in enumerate(m.weight_blocks()):
                 if f"{name}.weight_quantizers.{i}" in qs:
                     results[f"{name}.weight_quantizers.{i}"] = rule(
-                        w.detach(), m.weight_quantizers[i].search)
+                        w.detach().cpu(), m.weight_quantizers[i].search)
     hooks = [q.register_forward_hook(lambda mod, inp, out, name=name: run_rule(name, mod, inp[0]))
              for name, q in qs.items() if name not in results]
     set_quant_enabled(student, False)
     try:
-        student(calib_lr)
+        student(calib_lr.to(next(student.parameters()).device))
     finally:
         for h in hooks:
             h.remove()

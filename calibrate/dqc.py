@@ -107,8 +107,9 @@ def val_psnr(student: nn.Module, val_lr: torch.Tensor, val_hr: torch.Tensor, sca
     from edge_sr.data.images import to_uint8
     from edge_sr.metrics import psnr_y
 
+    dev = next(student.parameters()).device
     with torch.no_grad():
-        sr = student(val_lr)
+        sr = student(val_lr.to(dev)).cpu()
     vals = [psnr_y(to_uint8(sr[i:i + 1]), to_uint8(val_hr[i:i + 1]), scale)
             for i in range(sr.shape[0])]
     return float(sum(min(v, 100.0) for v in vals) / len(vals))
@@ -138,6 +139,7 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
     """
     torch.manual_seed(cfg.seed)
     scale = int(student.scale)
+    dev = next(student.parameters()).device
     student.eval()
     teacher.eval()
     params = bound_parameters(student)
@@ -166,9 +168,10 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="DQC",
                disable=progress_disabled(), leave=False)
+    post = {"val": f"{best[1]:.2f}"}
     try:
         for it in bar:
-            lr = sample(it, cfg.batch)
+            lr = sample(it, cfg.batch).to(dev)
             with torch.no_grad():
                 out_t = teacher(lr)
             out_s = student(lr)
@@ -179,15 +182,17 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
             loss.backward()
             opt.step()
             done = it + 1
-            post = {"loss": f"{loss.item():.3g}", "val": f"{best[1]:.2f}"}
-            if done % cfg.val_every == 0 or done == cfg.iterations:
+            validate = done % cfg.val_every == 0 or done == cfg.iterations
+            if validate or done % 10 == 0 or dev.type == "cpu":  # .item() waits for a GPU
+                post = {"loss": f"{loss.item():.3g}", "val": f"{best[1]:.2f}"}
+            if validate:
                 v = val_psnr(student, *val, scale)
                 history.append({"iteration": done, "loss": loss.item(), "val_psnr": v})
                 if v > best[1]:
                     best = (done, v, _bounds_state(student))
                 post["val"] = f"{v:.2f}"
                 log.debug("DQC %d: loss %.4g, val %.3f dB", done, loss.item(), v)
-            bar.set_postfix(post)
+            bar.set_postfix(post, refresh=False)
             if state_path is not None and (done % cfg.ckpt_every == 0 or done == cfg.iterations):
                 _save_state(state_path, cfg, done, student, opt, history, best)
     finally:

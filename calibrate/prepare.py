@@ -91,7 +91,8 @@ def prepare(model: SRModel, recipe: QuantRecipe) -> SRModel:
             q = BoundFakeQuantizer(recipe.bits, search)
         _set_submodule(student, point.name, q)
     student.quant_recipe = recipe
-    return student
+    # the new quantizers are made on the CPU: follow the model's device (calibration on a GPU)
+    return student.to(next(model.parameters()).device)
 
 
 def quantizers(model: nn.Module) -> Iterator[tuple[str, BoundFakeQuantizer]]:

@@ -94,7 +94,9 @@ def fake_quant(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bits: 
     if not torch.is_grad_enabled() or not (x.requires_grad or lower.requires_grad
                                             or upper.requires_grad):
         step = (upper - lower) / n
-        return torch.clamp(x, lower, upper).sub_(lower).div_(step).round_().mul_(step).add_(lower)
+        # clip on the integer grid with scalar bounds: the same values as clamp(x, lower, upper)
+        # first (both give 0 or n there), but a tensor-bound clamp is ~6x slower on a CPU
+        return (x - lower).div_(step).clamp_(0, n).round_().mul_(step).add_(lower)
     return _FakeQuantSTE.apply(x, lower, upper, n)
 
 

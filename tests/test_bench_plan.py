@@ -61,3 +61,58 @@ def test_ordering_check_reports_what_holds_and_what_does_not(family):
     assert "DOBI > MinMax (Set5 +0.300)" in line
     assert "DOBI not > Percentile (Set5 -0.200)" in line
     assert "2DQuant > DOBI (mean over Set5/Set14 +0.100)" in line
+
+
+def test_claims_are_exclusive_and_a_dead_owner_is_taken_over(tmp_path):
+    cell = tmp_path / "x2_w4_dobi_Set5.json"
+    assert accuracy.claim(cell)
+    assert not accuracy.claim(cell)  # held by this (live) process
+    lock = tmp_path / (cell.name + ".claim")
+    import socket
+
+    lock.write_text(f"{socket.gethostname()} 999999999")  # a pid that cannot exist
+    assert accuracy.claim(cell)
+    lock.write_text("another-host 1")  # another machine's worker: never taken over
+    assert not accuracy.claim(cell)
+    accuracy.release(cell)
+    assert not lock.exists()
+
+
+def test_workers_skip_cells_claimed_elsewhere_and_wait_for_busy_calibrations(
+        family, tmp_path, monkeypatch):
+    import dataclasses
+
+    family("ngswin")
+    monkeypatch.setattr(accuracy, "FAMILY", dataclasses.replace(accuracy.FAMILY, out=tmp_path))
+    monkeypatch.setattr(accuracy, "write_table", lambda: None)
+    monkeypatch.setattr(accuracy.time, "sleep", lambda s: None)
+    monkeypatch.setattr(accuracy, "ScaleRun", lambda s, bits: object())
+    cells = [(2, 32, "fp", "Set5"), (2, 4, "dobi", "Set5"), (2, 4, "minmax", "Set5")]
+    (tmp_path / "x2_w4_minmax_Set5.json.claim").write_text("another-host 1")
+    busy = {"n": 0}
+
+    def run_cell(run, b, m, ds):
+        if m == "dobi" and busy["n"] < 2:  # its calibration is being made by another worker
+            busy["n"] += 1
+            raise accuracy.Busy("calib")
+        accuracy.cell_path(2, b, m, ds).write_text("{}")
+
+    monkeypatch.setattr(accuracy, "run_cell", run_cell)
+    accuracy.work(cells, [4])
+    done = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert done == ["x2_w32_fp_Set5.json", "x2_w4_dobi_Set5.json"]  # minmax left to its owner
+    assert busy["n"] == 2 and not list(tmp_path.glob("*dobi*.claim"))
+
+
+def test_paper_recipe_rows_compare_with_the_papers_2dquant_drop(family):
+    family("swinir")
+    cells = {(4, 32, "fp", "Set5"): {"psnr": 32.0},
+             (4, 4, "2dquant-paper-cut", "Set5"): {
+                 "psnr": 31.9, "device_type": "cuda", "device": "GPU X",
+                 "calibration": {"dqc_iterations": 400, "dqc_planned_iterations": 4000,
+                                 "dqc_best_iteration": 300, "val_psnr": 25.0, "device": "GPU X"}}}
+    text = accuracy.render(cells, "cpu")
+    row = next(line for line in text.splitlines() if "paper recipe, cut short" in line)
+    assert "| 31.90† | -0.10 | -0.68 |" in row  # Table 3 x4 W4 2DQuant 31.77 - 32.45
+    assert "stopped at 400 of 4000 it (best @300) on GPU X" in row
+    assert "cells marked † on GPU X" in text

@@ -124,3 +124,17 @@ def test_resume_with_another_config_is_an_error(tiny_swinir, one_thread, tmp_pat
     with pytest.raises(EdgeSRError, match="--resume: state file .* was written for DQC config"):
         run_dqc(student, fp, sample, val, DQCConfig(iterations=4, batch=1, lr_patch=16),
                 state_path=state, resume=True)
+
+
+def test_device_option_is_checked_before_any_work(tmp_path):
+    import torch
+
+    from calibrate.api import CalibrationConfig, calibrate
+    from edge_sr.errors import EdgeSRError
+
+    with pytest.raises(EdgeSRError, match="--device: expected cpu, cuda or cuda:N, got 'tpu'"):
+        calibrate(CalibrationConfig(model="x", bits=4, output=tmp_path / "c.pt", device="tpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(EdgeSRError, match="--device cuda: PyTorch sees no CUDA device"):
+            calibrate(CalibrationConfig(model="x", bits=4, output=tmp_path / "c.pt",
+                                        device="cuda"))

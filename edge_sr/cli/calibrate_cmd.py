@@ -32,11 +32,13 @@ from edge_sr.cli.options import logging_options, parse_list
 @click.option("--resume", is_flag=True, help="Continue an interrupted DQC run for the same -o.")
 @click.option("--pool", type=click.Path(file_okay=False), default=None,
               help="Folder of training images (default: data/train/BSD200).")
+@click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]",
+              help="Where DOBI's forward pass and DQC run; the bounds are searched on the CPU.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Calibration file to write (atomically).")
 @logging_options
 def calibrate_cmd(model, bits, scale, recipe, method, seed, shared_qkv_input, search_assignment,
-                  wide_inputs, feature_loss, resume, pool, output) -> None:
+                  wide_inputs, feature_loss, resume, pool, device, output) -> None:
     """Calibrate a low-bit fake-quant model; score it with 'edge-sr eval --calibration FILE'."""
     from calibrate.api import CalibrationConfig, calibrate
 
@@ -44,5 +46,5 @@ def calibrate_cmd(model, bits, scale, recipe, method, seed, shared_qkv_input, se
         model=model, bits=bits, output=output, scale=scale, method=method, recipe=recipe,
         seed=seed, qkv_separation=not shared_qkv_input, search_assignment=search_assignment,
         wide_inputs=parse_list(wide_inputs),
-        feature_loss=feature_loss, resume=resume, pool=pool))
+        feature_loss=feature_loss, resume=resume, pool=pool, device=device))
     click.echo(f"wrote {path}")

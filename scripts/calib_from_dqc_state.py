@@ -1,0 +1,51 @@
+"""A calibration file from the best-validated bounds of an unfinished DQC run's state file.
+
+For reporting a paper-recipe run that a GPU lease cut short (docs/results/accuracy.md): the
+bench's ``2dquant-paper-cut`` cells score such a file. The iteration it stopped at, the
+held-out validation history and the source state's path go into the file's stats. A user with
+an interrupted run should resume it instead (``edge-sr calibrate --resume``).
+
+    python scripts/calib_from_dqc_state.py STATE.pt --model ngswin-x2 --bits 4 -o OUT.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from calibrate.calibfile import CalibrationMeta, save_calibration, state_checksum
+from calibrate.dqc import _load_bounds
+from calibrate.prepare import QuantRecipe, prepare
+from edge_sr.checkpoints import load_model
+from edge_sr.fileio import versions
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("state")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--bits", type=int, required=True)
+    ap.add_argument("--device-name", default="", help="where the DQC iterations ran")
+    ap.add_argument("-o", "--output", required=True)
+    args = ap.parse_args()
+    st = torch.load(args.state, map_location="cpu", weights_only=False)
+    lm = load_model(args.model)
+    recipe = QuantRecipe(args.bits)
+    student = prepare(lm.model, recipe)
+    _load_bounds(student, st["best_bounds"])
+    cfg = st["config"]
+    stats = {"dqc_iterations": st["iteration"], "dqc_planned_iterations": cfg["iterations"],
+             "dqc_best_iteration": st["best_iteration"], "val_psnr": st["best_val_psnr"],
+             "dqc_history": st["history"], "dqc_config": cfg, "source_state": args.state,
+             "device": args.device_name, "note": "paper recipe cut short by the GPU lease"}
+    meta = CalibrationMeta(bits=args.bits, scale=lm.scale, method="2dquant",
+                           recipe=recipe.to_dict(), checkpoint_name=lm.name,
+                           checkpoint_sha256=lm.sha256, state_sha256=state_checksum(lm.model),
+                           arch=lm.arch, config={"recipe": "paper", "cut_at": st["iteration"]},
+                           stats=stats, versions=versions())
+    print(save_calibration(args.output, student, meta))
+
+
+if __name__ == "__main__":
+    main()
