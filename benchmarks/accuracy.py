@@ -141,10 +141,12 @@ def claim(path: Path) -> bool:
             try:
                 host, pid = lock.read_text().split()
                 alive = host != socket.gethostname() or _alive(int(pid))
-            except (OSError, ValueError):
-                alive = False  # being written or unreadable: treat as stale only if it stays so
-                time.sleep(0.5)
-                alive = lock.exists() and lock.stat().st_size > 0
+            except (OSError, ValueError):  # being written: give it a moment, then read it as held
+                time.sleep(0.5)              # unless it is gone or still empty (stale)
+                try:
+                    alive = lock.stat().st_size > 0
+                except OSError:
+                    alive = False
             if alive:
                 return False
             lock.unlink(missing_ok=True)
@@ -226,6 +228,9 @@ class ScaleRun:
         if self._stats is None:
             if not claim(cache):
                 raise Busy(cache)
+            if cache.exists():  # another worker finished it meanwhile
+                release(cache)
+                return self.stats(student)
 
             def rule(x, search):
                 return {"dobi": search_bounds_multi(x, self.bits_list, search),
@@ -250,7 +255,8 @@ class ScaleRun:
         if not claim(path):
             raise Busy(path)
         try:
-            self._calibrate(path, bits, method)
+            if not path.exists():  # unless another worker finished it meanwhile
+                self._calibrate(path, bits, method)
         finally:
             release(path)
         return load_calibrated(path, self.lm.model)
