@@ -29,11 +29,20 @@ def main() -> None:
     ap.add_argument("--device-name", default="", help="where the DQC iterations ran")
     ap.add_argument("-o", "--output", required=True)
     args = ap.parse_args()
-    st = torch.load(args.state, map_location="cpu", weights_only=False)
+    try:
+        st = torch.load(args.state, map_location="cpu", weights_only=False)
+        best = st["best_bounds"]
+    except (OSError, KeyError, TypeError, RuntimeError) as e:
+        raise SystemExit(f"{args.state}: expected a DQC state file (*.dqc-state.pt), could not "
+                         f"read one ({type(e).__name__}: {e})") from None
     lm = load_model(args.model)
     recipe = QuantRecipe(args.bits)
     student = prepare(lm.model, recipe)
-    _load_bounds(student, st["best_bounds"])
+    try:
+        _load_bounds(student, best)
+    except KeyError as e:
+        raise SystemExit(f"{args.state}: its bounds do not fit {args.model} at {args.bits} bits "
+                         f"(no {e})") from None
     cfg = st["config"]
     stats = {"dqc_iterations": st["iteration"], "dqc_planned_iterations": cfg["iterations"],
              "dqc_best_iteration": st["best_iteration"], "val_psnr": st["best_val_psnr"],
