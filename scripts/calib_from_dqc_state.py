@@ -11,6 +11,7 @@ an interrupted run should resume it instead (``edge-sr calibrate --resume``).
 from __future__ import annotations
 
 import argparse
+import pickle
 
 import torch
 
@@ -18,7 +19,26 @@ from calibrate.calibfile import CalibrationMeta, save_calibration, state_checksu
 from calibrate.dqc import _load_bounds
 from calibrate.prepare import QuantRecipe, prepare
 from edge_sr.checkpoints import load_model
+from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import versions
+
+STATE_KEYS = ("best_bounds", "config", "iteration", "best_iteration", "best_val_psnr", "history")
+
+
+def read_state(path: str) -> dict:
+    """The DQC state file, with every key this script reads; a clear error otherwise."""
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        raise SystemExit(f"{path}: expected a DQC state file (*.dqc-state.pt), could not read "
+                         f"one ({type(e).__name__}: {e})") from None
+    missing = [k for k in STATE_KEYS if not isinstance(st, dict) or k not in st]
+    if missing:
+        raise SystemExit(f"{path}: not a DQC state file (*.dqc-state.pt): no {', '.join(missing)}")
+    if "iterations" not in st["config"]:
+        raise SystemExit(f"{path}: not a DQC state file (*.dqc-state.pt): its config has no "
+                         "'iterations'")
+    return st
 
 
 def main() -> None:
@@ -30,16 +50,17 @@ def main() -> None:
     ap.add_argument("-o", "--output", required=True)
     args = ap.parse_args()
     try:
-        st = torch.load(args.state, map_location="cpu", weights_only=False)
-        best = st["best_bounds"]
-    except (OSError, KeyError, TypeError, RuntimeError) as e:
-        raise SystemExit(f"{args.state}: expected a DQC state file (*.dqc-state.pt), could not "
-                         f"read one ({type(e).__name__}: {e})") from None
-    lm = load_model(args.model)
-    recipe = QuantRecipe(args.bits)
+        recipe = QuantRecipe(args.bits)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    st = read_state(args.state)
+    try:
+        lm = load_model(args.model)
+    except EdgeSRError as e:
+        raise SystemExit(str(e)) from None
     student = prepare(lm.model, recipe)
     try:
-        _load_bounds(student, best)
+        _load_bounds(student, st["best_bounds"])
     except KeyError as e:
         raise SystemExit(f"{args.state}: its bounds do not fit {args.model} at {args.bits} bits "
                          f"(no {e})") from None
