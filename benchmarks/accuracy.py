@@ -6,7 +6,9 @@ results/accuracy/, docs/results/accuracy.md) and ``--family ngswin`` (issue 7: t
 checkpoints, x2/x3, results/accuracy_ngswin/, docs/results/ngswin_accuracy.md).
 
 Resumable: each (scale, bits, method, set) cell is one JSON and is skipped when present;
-calibration files are cached under calib/. Per scale, one FP pass over the 32 calibration patches
+calibration files are cached under calib/. A cell scores image by image into
+``<cell>.parts/``, so an interrupted cell resumes at its next image, and a worker with nothing of
+its own left helps score the images of cells that other workers are running. Per scale, one FP pass over the 32 calibration patches
 gives DOBI bounds for every bit width and the MinMax/Percentile statistics. Order: scales as given,
 Set5 before Set14; the wide rows (B100, Urban100 at 4 and 2 bits) last. ``--table`` only rewrites
 the table.
@@ -22,8 +24,10 @@ import datetime
 import functools
 import json
 import logging
+import math
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import time
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from calibrate.api import CalibrationConfig, dqc_sampler, pick_percentile, pool_data
 from calibrate.baselines import baseline_rule
@@ -38,7 +43,8 @@ from calibrate.calibfile import CalibrationMeta, load_calibrated, save_calibrati
 from calibrate.dobi import apply_bounds, collect, search_bounds_multi
 from calibrate.dqc import run_dqc, val_psnr
 from calibrate.prepare import QuantRecipe, prepare, quantizers
-from edge_sr.fileio import versions, write_json
+from edge_sr.fileio import sha256_file, versions, write_json
+from edge_sr.logutil import progress_disabled
 
 log = logging.getLogger("benchmarks.accuracy")
 METHODS = ("minmax", "percentile", "dobi", "2dquant")
@@ -319,19 +325,81 @@ def own_width_dobi(student, calib_lr: torch.Tensor) -> dict[str, tuple[float, fl
     return {n: r[qs[n].bits] for n, r in res.items()}
 
 
-def score(model, scale: int, dataset: str) -> dict:
+def parts_dir(cell: Path) -> Path:
+    """Where a cell keeps one JSON per scored image until it is folded into the cell."""
+    return cell.with_name(cell.stem + ".parts")
+
+
+def model_key(run: ScaleRun, bits: int, method: str) -> str:
+    """What the parts of a cell were scored with: parts from another model are never mixed in."""
+    if method == "fp":
+        return run.lm.sha256
+    return sha256_file(calib_path(run.scale, bits, method))
+
+
+def score(model, scale: int, dataset: str, cell: Path, key: str, lead: bool = True) -> dict | None:
+    """Score image by image into ``<cell>.parts/``, each image claimed like a cell.
+
+    An interrupted cell resumes at its next image, and an idle worker can take images of a cell
+    that another worker leads (``lead=False``: it returns None when nothing is left to take). The
+    lead waits for the images others hold and returns the set's scores.
+    """
     from edge_sr.data.datasets import load_benchmark
-    from edge_sr.evaluate import evaluate_pairs
+    from edge_sr.evaluate import DatasetResult, ImageResult, score_pair
     from edge_sr.predictors import TorchPredictor
 
+    pairs = load_benchmark(dataset, scale)
     pred = TorchPredictor(model, scale, "bench")
-    t0 = time.perf_counter()
-    res = evaluate_pairs(pred, load_benchmark(dataset, scale), scale, label=dataset, ssim=True)
+    parts = parts_dir(cell)
+    parts.mkdir(parents=True, exist_ok=True)
+    paths = [parts / f"{i:03d}_{pair.name}.json" for i, pair in enumerate(pairs)]
+    for path in paths:  # from an earlier calibration or checkpoint: score again
+        if path.exists() and json.loads(path.read_text()).get("model_key") != key:
+            log.warning("%s: scored with another model; scoring it again", path)
+            path.unlink()
+    me = f"{socket.gethostname()} {os.getpid()}"
+    bar = tqdm(total=len(pairs), initial=sum(p.exists() for p in paths), unit="img", leave=False,
+               desc=f"{dataset} x{scale}{'' if lead else ' (helping)'}",
+               disable=progress_disabled())
+    while True:
+        held = False
+        for pair, path in zip(pairs, paths):
+            if path.exists():
+                continue
+            if not claim(path):
+                held = True
+                continue
+            try:
+                if not path.exists():
+                    t0 = time.perf_counter()
+                    r = score_pair(pred, pair, scale, dataset, ssim=True)
+                    write_json(path, {**dataclasses.asdict(r), "wall": time.perf_counter() - t0,
+                                      "worker": me, "model_key": key})
+                    bar.update()
+            finally:
+                release(path)
+        if not held and all(p.exists() for p in paths):
+            break
+        if not lead:
+            bar.close()
+            return None
+        time.sleep(5)
+        bar.n = sum(p.exists() for p in paths)  # images others finished meanwhile
+        bar.refresh()
+    bar.close()
+    rows = [json.loads(p.read_text()) for p in paths]
+    res = DatasetResult(dataset, [ImageResult(**{k: r[k] for k in
+                                                 ("name", "psnr", "ssim", "seconds", "lr_pixels")})
+                                  for r in rows])
     return {"psnr": res.psnr, "ssim": res.ssim, "images": len(res.images),
-            "eval_seconds": time.perf_counter() - t0}
+            "eval_seconds": math.fsum(r["wall"] for r in rows),
+            "eval_workers": len({r["worker"] for r in rows}),
+            "per_image": [{"name": r["name"], "psnr": r["psnr"], "ssim": r["ssim"],
+                           "seconds": r["seconds"]} for r in rows]}
 
 
-def run_cell(run: ScaleRun, bits: int, method: str, dataset: str) -> None:
+def run_cell(run: ScaleRun, bits: int, method: str, dataset: str, lead: bool = True) -> None:
+    """Score one cell; with ``lead=False``, only help score the images of one led elsewhere."""
     path = cell_path(run.scale, bits, method, dataset)
     if path.exists():
         return
@@ -341,12 +409,16 @@ def run_cell(run: ScaleRun, bits: int, method: str, dataset: str) -> None:
     else:
         cm = run.calibrated(bits, method)
         model, meta = cm.model, cm.meta.stats
+    scores = score(model, run.scale, dataset, path, model_key(run, bits, method), lead)
+    if scores is None:
+        return
     out = {"scale": run.scale, "bits": bits, "method": method, "dataset": dataset,
-           **score(model, run.scale, dataset), "calibration": {k: v for k, v in meta.items()},
+           **scores, "calibration": {k: v for k, v in meta.items()},
            "checkpoint": run.lm.name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "device": device_name(), "device_type": torch.device(DEVICE).type,
            "versions": versions()}
     write_json(path, out)
+    shutil.rmtree(parts_dir(path), ignore_errors=True)
     log.info("x%d W%d %s %s: %.3f dB (%.0f s)", run.scale, bits, method, dataset, out["psnr"],
              time.perf_counter() - t0)
 
@@ -409,8 +481,16 @@ def main() -> None:
 def work(cells: list[tuple[int, int, str, str]], bits_list: list[int]) -> None:
     """Run every missing cell in plan order. Cells and calibrations are claimed, so several
     workers (processes, e.g. sharing one GPU) can run the same plan side by side; a cell whose
-    calibration another worker is making is retried later."""
+    calibration another worker is making is retried later. A worker left with nothing of its own
+    helps score the images of cells that others are running, then stops."""
     runs: dict[int, ScaleRun] = {}
+
+    def run_for(s: int) -> ScaleRun:
+        nonlocal runs
+        if s not in runs:
+            runs = {s: ScaleRun(s, bits_list)}  # one scale in memory at a time
+        return runs[s]
+
     pending = [c for c in cells if not cell_path(*c).exists()]
     while pending:
         progressed = waiting = False
@@ -419,9 +499,7 @@ def work(cells: list[tuple[int, int, str, str]], bits_list: list[int]) -> None:
             if path.exists() or not claim(path):
                 continue
             try:
-                if s not in runs:
-                    runs = {s: ScaleRun(s, bits_list)}  # one scale in memory at a time
-                run_cell(runs[s], b, m, ds)
+                run_cell(run_for(s), b, m, ds)
                 progressed = True
                 write_table()
             except Busy as e:
@@ -432,8 +510,22 @@ def work(cells: list[tuple[int, int, str, str]], bits_list: list[int]) -> None:
         pending = [c for c in pending if not cell_path(*c).exists()]
         if not progressed:
             if not waiting:
+                help_others(pending, run_for)
                 return  # what is left is claimed by other workers
             time.sleep(5)
+
+
+def help_others(pending: list[tuple[int, int, str, str]], run_for) -> None:
+    """Take unclaimed images of the cells other workers are scoring, one cell after another."""
+    for s, b, m, ds in pending:
+        path = cell_path(s, b, m, ds)
+        if path.exists() or not parts_dir(path).is_dir():
+            continue
+        log.info("x%d W%d %s %s: helping the worker that runs it", s, b, m, ds)
+        try:
+            run_cell(run_for(s), b, m, ds, lead=False)
+        except Busy:
+            continue
 
 
 def _load_cells() -> dict:

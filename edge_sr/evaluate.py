@@ -110,31 +110,38 @@ class EvalResult:
         return f"{self.model} x{self.scale}\n" + "\n".join(rows)
 
 
+def score_pair(predictor: Predictor, pair: SRPair, scale: int, label: str = "images",
+               crop: int | None = None, ssim: bool = True,
+               save_dir: str | Path | None = None) -> ImageResult:
+    """Score one (name, LR, HR) pair: the unit that resumable benches run and store one by one."""
+    crop = scale if crop is None else crop
+    x = to_tensor(pair.lr)
+    t0 = time.perf_counter()
+    y = predictor(x)
+    dt = time.perf_counter() - t0
+    expect = (1, 3, x.shape[2] * scale, x.shape[3] * scale)
+    if tuple(y.shape) != expect:
+        raise EdgeSRError(f"{getattr(predictor, 'name', 'predictor')}: expected an output of "
+                          f"shape {expect} for {label}/{pair.name}, got {tuple(y.shape)}")
+    sr = to_uint8(y)
+    del y
+    if save_dir is not None:
+        save_image(Path(save_dir) / f"{pair.name}.png", sr)
+    p = psnr_y(sr, pair.hr, crop)
+    s = ssim_y(sr, pair.hr, crop) if ssim else None
+    log.debug("%s/%s: %.4f dB, %.2f s", label, pair.name, p, dt)
+    return ImageResult(pair.name, p, s, dt, pair.lr.shape[0] * pair.lr.shape[1])
+
+
 def evaluate_pairs(predictor: Predictor, pairs: list[SRPair], scale: int, label: str = "images",
                    crop: int | None = None, ssim: bool = True,
                    save_dir: str | Path | None = None, progress: bool = True) -> DatasetResult:
     """Score ``predictor`` on (name, LR, HR) pairs; the lower-level API under ``evaluate``."""
-    crop = scale if crop is None else crop
     out = DatasetResult(label)
     bar = tqdm(pairs, desc=f"{label} x{scale}", unit="img", leave=False,
                disable=not progress or progress_disabled())
     for pair in bar:
-        x = to_tensor(pair.lr)
-        t0 = time.perf_counter()
-        y = predictor(x)
-        dt = time.perf_counter() - t0
-        expect = (1, 3, x.shape[2] * scale, x.shape[3] * scale)
-        if tuple(y.shape) != expect:
-            raise EdgeSRError(f"{getattr(predictor, 'name', 'predictor')}: expected an output of "
-                              f"shape {expect} for {label}/{pair.name}, got {tuple(y.shape)}")
-        sr = to_uint8(y)
-        del y
-        if save_dir is not None:
-            save_image(Path(save_dir) / f"{pair.name}.png", sr)
-        p = psnr_y(sr, pair.hr, crop)
-        s = ssim_y(sr, pair.hr, crop) if ssim else None
-        out.images.append(ImageResult(pair.name, p, s, dt, pair.lr.shape[0] * pair.lr.shape[1]))
-        log.debug("%s/%s: %.4f dB, %.2f s", label, pair.name, p, dt)
+        out.images.append(score_pair(predictor, pair, scale, label, crop, ssim, save_dir))
         bar.set_postfix(psnr=f"{out.psnr:.3f}")
     bar.close()
     if not out.images:

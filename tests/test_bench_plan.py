@@ -1,6 +1,10 @@
 """The accuracy bench's cell plan and the sensitivity bench's quantizer groups (no compute)."""
 
+import json
+
+import numpy as np
 import pytest
+import torch
 
 from benchmarks import accuracy
 from benchmarks.sensitivity import group_of
@@ -116,3 +120,79 @@ def test_paper_recipe_rows_compare_with_the_papers_2dquant_drop(family):
     assert "| 31.90† | -0.10 | -0.68 |" in row  # Table 3 x4 W4 2DQuant 31.77 - 32.45
     assert "stopped at 400 of 4000 it (best @300) on GPU X" in row
     assert "cells marked † on GPU X" in text
+
+
+class _Upsample(torch.nn.Module):
+    """Nearest x2 upsampling that counts its calls: a model cheap enough to score per image."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest") * self.w
+
+
+@pytest.fixture
+def tiny_set(monkeypatch):
+    from edge_sr.data import datasets
+
+    rng = np.random.default_rng(0)
+    pairs = [datasets.SRPair(f"img{i}", rng.integers(0, 256, (12, 10, 3), dtype=np.uint8),
+                             rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)) for i in range(4)]
+    monkeypatch.setattr(datasets, "load_benchmark", lambda name, scale: pairs)
+    return pairs
+
+
+def test_cell_scores_per_image_resumes_and_matches_the_whole_set_score(tiny_set, tmp_path):
+    from edge_sr.evaluate import evaluate_pairs
+    from edge_sr.predictors import TorchPredictor
+
+    model, cell = _Upsample(), tmp_path / "x2_w4_dobi_Set5.json"
+    whole = evaluate_pairs(TorchPredictor(model, 2, "m"), tiny_set, 2, ssim=True, progress=False)
+    parts = accuracy.parts_dir(cell)
+    parts.mkdir()
+    first = {"name": "img0", "psnr": 99.0, "ssim": 1.0, "seconds": 0.1, "lr_pixels": 120,
+             "wall": 0.2, "worker": "other 1", "model_key": "k"}
+    (parts / "000_img0.json").write_text(json.dumps(first))  # scored before an interruption
+    (parts / "001_img1.json").write_text(json.dumps(first | {"name": "img1", "model_key": "old"}))
+    model.calls = 0
+    out = accuracy.score(model, 2, "Set5", cell, key="k")
+    assert model.calls == 3  # img0 kept; img1 came from another model and was scored again
+    assert out["images"] == 4 and out["eval_workers"] == 2
+    assert out["per_image"][0]["psnr"] == 99.0
+    assert [r["psnr"] for r in out["per_image"][1:]] == [r.psnr for r in whole.images[1:]]
+    assert out["psnr"] == pytest.approx((99.0 + sum(r.psnr for r in whole.images[1:])) / 4)
+
+
+def test_a_helper_takes_only_unclaimed_images_and_leaves_the_cell_to_its_lead(
+        tiny_set, tmp_path):
+    model, cell = _Upsample(), tmp_path / "x2_w4_dobi_Set5.json"
+    parts = accuracy.parts_dir(cell)
+    parts.mkdir()
+    (parts / "002_img2.json.claim").write_text("another-host 1")  # the lead is scoring img2
+    assert accuracy.score(model, 2, "Set5", cell, key="k", lead=False) is None
+    assert model.calls == 3
+    assert sorted(p.name for p in parts.glob("*.json")) == [
+        "000_img0.json", "001_img1.json", "003_img3.json"]
+    assert not cell.exists()
+
+
+def test_a_worker_with_nothing_left_helps_the_cells_others_are_scoring(
+        family, tmp_path, monkeypatch):
+    import dataclasses
+
+    family("ngswin")
+    monkeypatch.setattr(accuracy, "FAMILY", dataclasses.replace(accuracy.FAMILY, out=tmp_path))
+    monkeypatch.setattr(accuracy, "ScaleRun", lambda s, bits: object())
+    cells = [(2, 4, "dobi", "Urban100"), (2, 4, "minmax", "Urban100")]
+    for _, b, m, ds in cells:  # both led elsewhere; only dobi has begun scoring images
+        (tmp_path / f"x2_w{b}_{m}_{ds}.json.claim").write_text("another-host 1")
+    accuracy.parts_dir(accuracy.cell_path(*cells[0])).mkdir()
+    calls = []
+    monkeypatch.setattr(accuracy, "run_cell", lambda run, b, m, ds, lead=True:
+                        calls.append((m, lead)))
+    accuracy.work(cells, [4])
+    assert calls == [("dobi", False)]
