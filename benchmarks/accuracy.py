@@ -28,8 +28,10 @@ import math
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -474,8 +476,15 @@ def main() -> None:
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
         torch.set_num_threads(args.threads)
+        exit_on_sigterm()
         work(plan(scales, bits_list, datasets, methods), bits_list)
     write_table()
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so a stopped worker releases its claims (``finally``) and
+    leaves no lock that a worker on another host would have to respect forever."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def work(cells: list[tuple[int, int, str, str]], bits_list: list[int]) -> None:

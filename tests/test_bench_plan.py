@@ -196,3 +196,24 @@ def test_a_worker_with_nothing_left_helps_the_cells_others_are_scoring(
                         calls.append((m, lead)))
     accuracy.work(cells, [4])
     assert calls == [("dobi", False)]
+
+
+def test_sigterm_releases_a_workers_claims(tmp_path):
+    import os
+    import signal
+
+    cell = tmp_path / "x2_w4_dobi_Set5.json"
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        accuracy.exit_on_sigterm()
+        with pytest.raises(SystemExit) as e:
+            assert accuracy.claim(cell)
+            try:  # the shape of work(): claim, run, release in finally
+                os.kill(os.getpid(), signal.SIGTERM)
+                pytest.fail("SIGTERM did not stop the worker")
+            finally:
+                accuracy.release(cell)
+        assert e.value.code == 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert not (tmp_path / (cell.name + ".claim")).exists()
