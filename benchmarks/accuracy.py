@@ -605,8 +605,12 @@ def render(cells: dict, cpu_model: str) -> str:
     if missing:
         by: dict = {}
         for sc, b, m, d in missing:
-            by.setdefault((sc, d), []).append(f"{LABEL[m]}" + ("" if b == 32 else f" W{b}"))
-        lines += ["**Not run yet** (each cell resumes with the command above):", ""]
+            parts = parts_dir(cell_path(sc, b, m, d))
+            done = len(list(parts.glob("*.json"))) if parts.is_dir() else 0
+            by.setdefault((sc, d), []).append(f"{LABEL[m]}" + ("" if b == 32 else f" W{b}")
+                                              + (f" ({done} image{'s' * (done > 1)} scored)" if done else ""))
+        lines += ["**Not run yet** (each cell resumes with the command above, at its next image):",
+                  ""]
         lines += [f"- x{sc} {d}: {', '.join(v)}" for (sc, d), v in by.items()]
         lines.append("")
     for p in sorted(FAMILY.out.glob("x*_stats_time.json")):

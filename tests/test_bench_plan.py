@@ -217,3 +217,18 @@ def test_sigterm_releases_a_workers_claims(tmp_path):
     finally:
         signal.signal(signal.SIGTERM, old)
     assert not (tmp_path / (cell.name + ".claim")).exists()
+
+
+def test_the_table_lists_missing_cells_with_the_images_already_scored(family, tmp_path,
+                                                                      monkeypatch):
+    import dataclasses
+
+    family("ngswin")
+    monkeypatch.setattr(accuracy, "FAMILY", dataclasses.replace(accuracy.FAMILY, out=tmp_path))
+    parts = accuracy.parts_dir(accuracy.cell_path(2, 32, "fp", "Urban100"))
+    parts.mkdir()
+    for i in range(3):
+        (parts / f"{i:03d}_img{i}.json").write_text("{}")
+    text = accuracy.render({(2, 32, "fp", "Set5"): {"psnr": 38.0}}, "cpu")
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("- x2 Urban100:")]
+    assert line.startswith("- x2 Urban100: FP (3 images scored), MinMax W4, ")
