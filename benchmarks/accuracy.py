@@ -339,6 +339,13 @@ def model_key(run: ScaleRun, bits: int, method: str) -> str:
     return sha256_file(calib_path(run.scale, bits, method))
 
 
+def _part_key(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("model_key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def score(model, scale: int, dataset: str, cell: Path, key: str, lead: bool = True) -> dict | None:
     """Score image by image into ``<cell>.parts/``, each image claimed like a cell.
 
@@ -355,9 +362,9 @@ def score(model, scale: int, dataset: str, cell: Path, key: str, lead: bool = Tr
     parts = parts_dir(cell)
     parts.mkdir(parents=True, exist_ok=True)
     paths = [parts / f"{i:03d}_{pair.name}.json" for i, pair in enumerate(pairs)]
-    for path in paths:  # from an earlier calibration or checkpoint: score again
-        if path.exists() and json.loads(path.read_text()).get("model_key") != key:
-            log.warning("%s: scored with another model; scoring it again", path)
+    for path in paths:  # unreadable, or from an earlier calibration or checkpoint: score again
+        if path.exists() and _part_key(path) != key:
+            log.warning("%s: unreadable or scored with another model; scoring it again", path)
             path.unlink()
     me = f"{socket.gethostname()} {os.getpid()}"
     bar = tqdm(total=len(pairs), initial=sum(p.exists() for p in paths), unit="img", leave=False,
@@ -394,7 +401,7 @@ def score(model, scale: int, dataset: str, cell: Path, key: str, lead: bool = Tr
                                                  ("name", "psnr", "ssim", "seconds", "lr_pixels")})
                                   for r in rows])
     return {"psnr": res.psnr, "ssim": res.ssim, "images": len(res.images),
-            "eval_seconds": math.fsum(r["wall"] for r in rows),
+            "eval_seconds": math.fsum(r["wall"] for r in rows),  # per image: model + metrics
             "eval_workers": len({r["worker"] for r in rows}),
             "per_image": [{"name": r["name"], "psnr": r["psnr"], "ssim": r["ssim"],
                            "seconds": r["seconds"]} for r in rows]}

@@ -158,9 +158,10 @@ def test_cell_scores_per_image_resumes_and_matches_the_whole_set_score(tiny_set,
              "wall": 0.2, "worker": "other 1", "model_key": "k"}
     (parts / "000_img0.json").write_text(json.dumps(first))  # scored before an interruption
     (parts / "001_img1.json").write_text(json.dumps(first | {"name": "img1", "model_key": "old"}))
+    (parts / "002_img2.json").write_text('{"name": "img2", "psn')  # edited by hand, cut short
     model.calls = 0
     out = accuracy.score(model, 2, "Set5", cell, key="k")
-    assert model.calls == 3  # img0 kept; img1 came from another model and was scored again
+    assert model.calls == 3  # img0 kept; img1 (another model) and img2 (unreadable) scored again
     assert out["images"] == 4 and out["eval_workers"] == 2
     assert out["per_image"][0]["psnr"] == 99.0
     assert [r["psnr"] for r in out["per_image"][1:]] == [r.psnr for r in whole.images[1:]]
