@@ -467,8 +467,9 @@ def main() -> None:
     if args.out:
         FAMILY = dataclasses.replace(FAMILY, out=Path(args.out), doc=Path(args.out) / "table.md")
     DEVICE = args.device
-    scales = [int(s) for s in args.scales.split(",")] if args.scales else list(FAMILY.scales)
-    bits_list = [int(b) for b in args.bits.split(",")]
+    scales = _int_list(ap, "--scales", args.scales, FAMILY.scales) if args.scales \
+        else list(FAMILY.scales)
+    bits_list = _int_list(ap, "--bits", args.bits, range(2, 9))
     datasets = tuple(d for d in args.datasets.split(",") if d)
     if unknown := set(datasets) - set(SETS):
         ap.error(f"--datasets: unknown {sorted(unknown)}; expected some of {', '.join(SETS)}")
@@ -486,6 +487,17 @@ def main() -> None:
         exit_on_sigterm()
         work(plan(scales, bits_list, datasets, methods), bits_list)
     write_table()
+
+
+def _int_list(ap: argparse.ArgumentParser, flag: str, text: str, allowed) -> list[int]:
+    """A comma-separated list of integers from ``allowed``, or an argparse error naming ``flag``."""
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        ap.error(f"{flag} {text!r}: expected comma-separated integers")
+    if not vals or any(v not in allowed for v in vals):
+        ap.error(f"{flag} {text!r}: expected some of {', '.join(map(str, allowed))}")
+    return vals
 
 
 def exit_on_sigterm() -> None:

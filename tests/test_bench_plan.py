@@ -233,3 +233,15 @@ def test_the_table_lists_missing_cells_with_the_images_already_scored(family, tm
     text = accuracy.render({(2, 32, "fp", "Set5"): {"psnr": 38.0}}, "cpu")
     (line,) = [ln for ln in text.splitlines() if ln.startswith("- x2 Urban100:")]
     assert line.startswith("- x2 Urban100: FP (3 images scored), MinMax W4, ")
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--family", "ngswin", "--scales", "5"], "--scales '5': expected some of 2, 3"),
+    (["--scales", "x"], "--scales 'x': expected comma-separated integers"),
+    (["--bits", "4,9"], "--bits '4,9': expected some of 2, 3, 4, 5, 6, 7, 8"),
+])
+def test_bad_scales_or_bits_are_named_in_a_usage_error(argv, says, monkeypatch, capsys):
+    monkeypatch.setattr(accuracy.sys, "argv", ["accuracy", *argv])
+    with pytest.raises(SystemExit) as e:
+        accuracy.main()
+    assert e.value.code == 2 and says in capsys.readouterr().err
