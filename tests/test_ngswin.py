@@ -135,6 +135,21 @@ def test_any_input_size_is_padded_run_and_cropped(hw: tuple[int, int]) -> None:
     assert torch.equal(y, y_ref[:, :, : 2 * hw[0], : 2 * hw[1]])
 
 
+def test_in_place_inference_equals_the_autograd_path() -> None:
+    """The attention logits are updated in place only without autograd: both paths must agree
+    bit for bit, and the autograd path must still reach the logit scale and bias table."""
+    model = make_tiny_ngswin(scale=2)
+    x = torch.rand(1, 3, 32, 40)
+    with torch.no_grad():
+        y_fast = model(x)
+    y = model(x)
+    assert torch.equal(y_fast, y)
+    y.square().mean().backward()
+    attn = model.encoder_layer1.blocks[1].attn  # a shifted block: the mask term is used
+    assert attn.logit_scale.grad is not None and attn.logit_scale.grad.abs().sum() > 0
+    assert attn.relative_position_bias_table.grad.abs().sum() > 0
+
+
 # -- quantization contract ------------------------------------------------------------------
 
 
