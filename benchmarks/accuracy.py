@@ -45,6 +45,7 @@ from calibrate.calibfile import CalibrationMeta, load_calibrated, save_calibrati
 from calibrate.dobi import apply_bounds, collect, search_bounds_multi
 from calibrate.dqc import run_dqc, val_psnr
 from calibrate.prepare import QuantRecipe, prepare, quantizers
+from edge_sr.allocator import keep_freed_memory
 from edge_sr.fileio import sha256_file, versions, write_json
 from edge_sr.logutil import progress_disabled
 
@@ -484,6 +485,7 @@ def main() -> None:
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
         torch.set_num_threads(args.threads)
+        keep_freed_memory()
         exit_on_sigterm()
         work(plan(scales, bits_list, datasets, methods), bits_list)
     write_table()

@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from edge_sr.allocator import keep_freed_memory
 from edge_sr.errors import EdgeSRError
 from edge_sr.logutil import setup_logging
 
@@ -60,6 +61,7 @@ def main(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose
     setup_logging(quiet=quiet, verbose=verbose)
+    keep_freed_memory()
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m edge_sr`
