@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
+from edge_sr.allocator import keep_freed_memory
 from edge_sr.data import load_benchmark
 from edge_sr.evaluate import evaluate_pairs
 from edge_sr.fileio import versions, write_json
 from edge_sr.paths import REPO_ROOT
-from edge_sr.predictors import keep_freed_memory, make_predictor
+from edge_sr.predictors import make_predictor
 
 
 def cpu_model() -> str:

@@ -97,27 +97,3 @@ def make_predictor(model=None, scale: int | None = None,
     _check_scale(scale, lm.scale, f"checkpoint {lm.name}")
     return TorchPredictor(lm.model, lm.scale, name=lm.name,
                           info={"path": str(lm.path), "sha256": lm.sha256, "arch": lm.arch})
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc keep freed memory for reuse instead of returning it to the OS after each layer.
-
-    Whole-image SwinIR allocates tens of MB per op; by default glibc mmaps and unmaps each one, and
-    the page faults cost ~1/3 of CPU eval time. Process-wide, so only the CLI and benchmarks call
-    it. Returns False where there is no glibc ``mallopt`` (macOS, Windows, musl).
-    """
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-        # 32 MiB is the largest mmap threshold glibc accepts on 64-bit; bigger blocks stay mmapped.
-        ok = all([libc.mallopt(m_mmap_threshold, 32 << 20), libc.mallopt(m_trim_threshold, 1 << 34),
-                  libc.mallopt(m_top_pad, 256 << 20)])
-    except (OSError, AttributeError):
-        return False
-    return bool(ok)

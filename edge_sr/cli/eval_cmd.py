@@ -34,7 +34,7 @@ def eval_cmd(model, scale, datasets, json_path, save_images, calibration, onnx, 
     from edge_sr.errors import EdgeSRError
     from edge_sr.evaluate import EvalConfig, evaluate
     from edge_sr.fileio import versions, write_json
-    from edge_sr.predictors import keep_freed_memory, make_predictor
+    from edge_sr.predictors import make_predictor
 
     names = [d.strip() for d in datasets.split(",") if d.strip()]
     if not names:
@@ -42,7 +42,6 @@ def eval_cmd(model, scale, datasets, json_path, save_images, calibration, onnx, 
     if model is None and onnx is None and calibration is None:
         raise EdgeSRError("--model: expected a checkpoint name or path (or --calibration FILE, "
                           "or --onnx FILE), got none")
-    keep_freed_memory()
     predictor = make_predictor(model=model, scale=scale, calibration=calibration, onnx=onnx,
                                threads=threads)
     result = evaluate(predictor, EvalConfig(datasets=names, scale=scale,
