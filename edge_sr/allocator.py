@@ -2,17 +2,12 @@
 
 PyTorch's CPU tensors come from ``malloc``. glibc serves blocks above its mmap threshold (32 MB at
 most) with fresh ``mmap``s and unmaps them on free, so every out-of-place op on a 100 MB window
-attention tensor page-faults its whole output in again: for NGswin x2 on a 192x256 crop, one core,
-that was about a third of the run. Keeping freed blocks in the heap instead (no mmap for big
-blocks, no trimming) removes those faults: fake-quant 10.3 s -> 6.5 s, FP 7.7 s -> 6.1 s, peak RSS
-829 -> 859 MB. The arithmetic is untouched, so results are bit for bit the same.
+attention tensor page-faults its whole output in again. Keeping freed blocks in the heap instead
+(no mmap for big blocks, no trimming) removes those faults; the arithmetic is untouched, so
+results are bit for bit the same. Measured in docs/results/eval.md, "CPU inference speed".
 
-An earlier version (in ``edge_sr.predictors``) only raised the mmap threshold to its 32 MB cap,
-which leaves the biggest tensors mmapped, and passed 2^34 as the trim threshold, which a C ``int``
-truncates to 0 (trim on every free). Process-wide, so only entry points call it: the CLI, the
-benchmarks and the test session.
-
-Set ``EDGE_SR_MALLOC_TUNING=0`` to keep glibc's defaults (e.g. when many processes share a small
+Process-wide, so only entry points call it: the CLI, the benchmarks and the test session. Set
+``EDGE_SR_MALLOC_TUNING=0`` to keep glibc's defaults (e.g. when many processes share a small
 memory and each should hand memory back as soon as it can).
 """
 
