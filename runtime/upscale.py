@@ -1,17 +1,26 @@
 """``edge-sr upscale``: run an engine on images, video files and camera/stream sources.
 
-* Images (PNG, JPEG, ... or folders of them) become ``OUT/<stem>.png``; with one image input and
-  an ``OUT`` ending in an image suffix, ``OUT`` is the file itself.
+* Images (PNG, JPEG, BMP, TIFF, WebP, or folders of them) become ``OUT/<stem>.png``; with one
+  image input and an ``OUT`` ending in an image suffix, ``OUT`` is the file itself. They are read
+  upright (EXIF orientation applied) at their declared depth: 16-bit and float inputs give 16-bit
+  outputs (``--depth 8`` for 8-bit), 8-bit inputs 8-bit ones. An alpha channel is kept: it is
+  upscaled separately by the same engine (as a grey image, the usual practice) and written back
+  (``--alpha drop`` drops it, with a warning). An ICC profile is carried into 8-bit outputs. All
+  reading and writing is ``edge_sr.data.media``'s.
 * Video files are read frame by frame with OpenCV (audio is ignored, not copied) and written to
-  ``OUT/<stem>.mp4`` (codec ``mp4v``) at the source frame rate. A video that ends early (truncated
-  or corrupt) is upscaled up to the last frame OpenCV can decode, with a warning giving how many
-  frames were expected; one with no decodable frame is an error and writes nothing.
+  ``OUT/<stem>.mp4`` (codec ``mp4v``) at the source frame rate. OpenCV's writer stores only even
+  frame sizes, so an odd upscaled size is padded to even (last column/row repeated) with a
+  warning. A video that ends early (truncated or corrupt) is upscaled up to the last frame OpenCV
+  can decode, with a warning giving how many frames were expected; one with no decodable frame is
+  an error and writes nothing.
 * A stream (``--source 0`` for a camera index, a GStreamer pipeline containing ``!``, a URL or a
   file) is written to ``OUT/stream.mp4`` until it ends, ``--max-frames`` is reached, or Ctrl-C;
   for a stream, Ctrl-C ends the recording and keeps the frames so far.
 
 Every output is written to a temporary file and renamed at the end, so nothing half-written is
-left. Outputs that exist already are an error before any work starts, unless ``--force``.
+left. Every input is decoded, and every output checked against its format, before any work
+starts: an unreadable input or an impossible output is one error line and nothing is written.
+Outputs that exist already are an error too, unless ``--force``.
 """
 
 from __future__ import annotations
@@ -25,14 +34,33 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from edge_sr.data.images import IMAGE_SUFFIXES, is_image_name, list_images, load_image, save_image
-from edge_sr.errors import EdgeSRError, MissingDependencyError
+from edge_sr.data.media import (
+    ALPHA_FORMATS,
+    DEEP_FORMATS,
+    IMAGE_SUFFIXES,
+    VIDEO_SUFFIXES,
+    Picture,
+    VideoSink,
+    cv2_module,
+    image_format,
+    is_image_name,
+    list_images,
+    open_stream,
+    open_video,
+    quantize,
+    read_frame,
+    read_image,
+    save_image,
+    video_fps,
+)
+from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import atomic_path
 from edge_sr.logutil import progress_disabled
 
 log = logging.getLogger(__name__)
 
-VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg"})
+ALPHA_MODES = ("keep", "drop")
+DEPTHS = ("auto", "8", "16")
 
 
 @dataclass
@@ -46,6 +74,8 @@ class UpscaleConfig:
     scale: int | None = None  # if given, must match the engine's
     max_frames: int | None = None  # stop a stream (or video) after this many frames
     fourcc: str = "mp4v"
+    alpha: str = "keep"  # "keep": upscale the alpha plane too; "drop": RGB only, with a warning
+    depth: str = "auto"  # output bits per channel: "auto" (16 for 16-bit/float inputs), "8", "16"
 
 
 @dataclass(frozen=True)
@@ -61,15 +91,6 @@ class UpscaleReport:
     frames: int = 0
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
-
-
-def _cv2():
-    try:
-        import cv2
-    except ImportError:
-        raise MissingDependencyError("video input needs OpenCV: pip install "
-                                     "'edge-sr[video]' (opencv-python-headless)") from None
-    return cv2
 
 
 def plan_jobs(cfg: UpscaleConfig) -> list[Job]:
@@ -116,63 +137,105 @@ def plan_jobs(cfg: UpscaleConfig) -> list[Job]:
     return jobs
 
 
-def _check_readable(jobs: list[Job]) -> None:
-    """Fail on an unreadable input before any output is written."""
-    from PIL import Image, UnidentifiedImageError
+@dataclass(frozen=True)
+class ImagePlan:
+    """How one image is written: bits per channel, and whether its alpha plane is kept."""
 
+    bits: int
+    alpha: bool
+
+
+def _warn(report: UpscaleReport, msg: str) -> None:
+    log.warning(msg)
+    report.warnings.append(msg)
+
+
+def _output_depth(cfg: UpscaleConfig) -> int | None:
+    if str(cfg.depth) not in DEPTHS:
+        raise EdgeSRError(f"--depth: expected one of {', '.join(DEPTHS)}, got {cfg.depth!r}")
+    return None if str(cfg.depth) == "auto" else int(cfg.depth)
+
+
+def plan_image(job: Job, pic: Picture, cfg: UpscaleConfig, report: UpscaleReport) -> ImagePlan:
+    """Output depth and alpha of one image; an output format that cannot hold them is an error
+    (alpha) or a warning (depth), decided before any work."""
+    if cfg.alpha not in ALPHA_MODES:
+        raise EdgeSRError(f"--alpha: expected one of {', '.join(ALPHA_MODES)}, got {cfg.alpha!r}")
+    fmt = image_format(job.dst)
+    asked = _output_depth(cfg)
+    bits = asked or (16 if pic.bits > 8 else 8)
+    if bits == 16 and fmt not in DEEP_FORMATS:
+        if asked:
+            raise EdgeSRError(f"-o {job.dst}: {fmt} holds 8 bits per channel, not the 16 "
+                              "--depth 16 asks for; write .png or .tif")
+        _warn(report, f"{job.src}: {pic.bits}-bit input written as 8-bit, because {job.dst} is "
+                      f"{fmt} (8 bits per channel); write .png or .tif to keep 16 bits")
+        bits = 8
+    keep_alpha = pic.alpha is not None and cfg.alpha == "keep"
+    if keep_alpha and fmt not in ALPHA_FORMATS:
+        raise EdgeSRError(f"input {job.src} has an alpha channel, which {fmt} ({job.dst}) cannot "
+                          "hold; write .png, .tif or .webp, or pass --alpha drop to upscale the "
+                          "colour only")
+    if pic.alpha is not None and not keep_alpha:
+        _warn(report, f"{job.src}: alpha channel dropped (--alpha drop); {job.dst} holds the "
+                      "colour only, including any colour under transparent pixels")
+    if bits == 16 and pic.icc_profile:
+        _warn(report, f"{job.src}: its ICC profile is not copied into the 16-bit {job.dst} "
+                      "(OpenCV writes 16-bit files without one); --depth 8 keeps it")
+    return ImagePlan(bits, keep_alpha)
+
+
+def _check_inputs(jobs: list[Job], cfg: UpscaleConfig,
+                  report: UpscaleReport) -> dict[Job, ImagePlan]:
+    """Decode every input and plan every output before anything is written."""
+    plans = {}
+    _output_depth(cfg)
     for j in jobs:
         if j.kind == "image":
-            try:
-                with Image.open(j.src) as im:
-                    im.verify()
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-                raise EdgeSRError(f"input {j.src}: expected a readable image, could not decode "
-                                  f"it ({e})") from None
+            plans[j] = plan_image(j, read_image(j.src), cfg, report)
         elif j.kind == "video":
-            cap = _cv2().VideoCapture(j.src)
-            ok = cap.isOpened()
-            cap.release()
-            if not ok:
-                raise EdgeSRError(f"input {j.src}: OpenCV cannot open it as a video")
+            open_video(j.src).release()
+    return plans
 
 
 def upscale_frame(predictor, rgb: np.ndarray) -> np.ndarray:
     """uint8 RGB (H, W, 3) -> uint8 RGB (H*s, W*s, 3), clamped and rounded."""
     lr = rgb.transpose(2, 0, 1).astype(np.float32) / 255.0
-    sr = predictor.run_numpy(lr)[0]
-    return np.ascontiguousarray((np.clip(sr, 0, 1) * 255.0 + 0.5).astype(np.uint8).transpose(1, 2, 0))
+    return quantize(upscale_float(predictor, lr.transpose(1, 2, 0)), 8)
 
 
-def open_stream(source: str):
-    """An OpenCV capture for a camera index, a GStreamer pipeline, a URL or a file."""
-    cv2 = _cv2()
-    if source.strip().isdigit():
-        cap = cv2.VideoCapture(int(source))
-    elif "!" in source:
-        if "GStreamer:                   YES" not in cv2.getBuildInformation():
-            raise MissingDependencyError(
-                f"--source {source!r}: looks like a GStreamer pipeline, but this OpenCV was built "
-                "without GStreamer; use a camera index, a URL or a file, or an OpenCV build with "
-                "GStreamer")
-        cap = cv2.VideoCapture(source, cv2.CAP_GSTREAMER)
-    else:
-        cap = cv2.VideoCapture(source)
-    if not cap.isOpened():
-        raise EdgeSRError(f"--source {source}: OpenCV could not open it (no such camera, "
-                          "unreachable stream or unreadable file)")
-    return cap
+def upscale_float(predictor, x: np.ndarray) -> np.ndarray:
+    """float32 (H, W, 3) in [0, 1] -> float32 (H*s, W*s, 3), not clamped."""
+    sr = predictor.run_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32))[0]
+    return np.ascontiguousarray(sr.transpose(1, 2, 0))
+
+
+def upscale_picture(predictor, pic: Picture, plan: ImagePlan) -> tuple[np.ndarray,
+                                                                      np.ndarray | None]:
+    """Upscale a picture's colour and (if kept) its alpha plane, at the planned depth.
+
+    The alpha plane goes through the same engine as a grey image and one channel of the result
+    (their mean) is kept: the usual practice of SR tools (Real-ESRGAN's default), which keeps
+    edges of cut-outs as sharp as the colour's. Colour is upscaled as stored, not premultiplied.
+    """
+    rgb = quantize(upscale_float(predictor, pic.rgb01()), plan.bits)
+    alpha = None
+    if plan.alpha:
+        a = pic.alpha01()
+        sr_a = upscale_float(predictor, np.repeat(a[:, :, None], 3, axis=2)).mean(axis=2)
+        alpha = quantize(sr_a, plan.bits)
+    return rgb, alpha
 
 
 def run_video(predictor, job: Job, cfg: UpscaleConfig, report: UpscaleReport) -> None:
     """Upscale a video file or stream frame by frame into an mp4 written atomically."""
-    cv2 = _cv2()
     is_stream = job.kind == "stream"
-    cap = open_stream(job.src) if is_stream else cv2.VideoCapture(job.src)
-    if not cap.isOpened():
-        raise EdgeSRError(f"input {job.src}: OpenCV cannot open it as a video")
-    fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
-    fps = fps if 0 < fps < 1000 else 30.0
-    expected = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if not is_stream else 0
+    cap = open_stream(job.src) if is_stream else open_video(job.src)
+    fps = video_fps(cap)
+    if fps is None:
+        _warn(report, f"{job.src}: no frame rate in the source; {job.dst} is written at 30 fps")
+        fps = 30.0
+    expected = int(cap.get(cv2_module().CAP_PROP_FRAME_COUNT) or 0) if not is_stream else 0
     limit = cfg.max_frames
     s = predictor.scale
     n, writer = 0, None
@@ -182,17 +245,13 @@ def run_video(predictor, job: Job, cfg: UpscaleConfig, report: UpscaleReport) ->
         with atomic_path(job.dst, suffix=".tmp" + job.dst.suffix) as tmp:
             try:
                 while limit is None or n < limit:
-                    ok, bgr = cap.read()
-                    if not ok or bgr is None:
+                    rgb = read_frame(cap)
+                    if rgb is None:
                         break
-                    sr = upscale_frame(predictor, bgr[:, :, ::-1])
+                    sr = upscale_frame(predictor, rgb)
                     if writer is None:
-                        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*cfg.fourcc), fps,
-                                                 (sr.shape[1], sr.shape[0]))
-                        if not writer.isOpened():
-                            raise EdgeSRError(f"-o {job.dst}: OpenCV cannot write a "
-                                              f"{cfg.fourcc} video there")
-                    writer.write(np.ascontiguousarray(sr[:, :, ::-1]))
+                        writer = VideoSink(tmp, cfg.fourcc, fps, (sr.shape[1], sr.shape[0]))
+                    writer.write(sr)
                     n += 1
                     bar.update(1)
             except KeyboardInterrupt:
@@ -201,7 +260,6 @@ def run_video(predictor, job: Job, cfg: UpscaleConfig, report: UpscaleReport) ->
                 log.warning("interrupted: keeping the %d frames recorded from %s", n, job.src)
             if writer is not None:
                 writer.release()
-                writer = None
             if n == 0:
                 raise EdgeSRError(f"input {job.src}: no frame could be decoded (empty or corrupt "
                                   "video); nothing was written")
@@ -210,13 +268,18 @@ def run_video(predictor, job: Job, cfg: UpscaleConfig, report: UpscaleReport) ->
         cap.release()
         if writer is not None:
             writer.release()
+    if writer.padding != (0, 0):
+        (w, h), (sw, sh) = writer.size, writer.stored_size
+        _warn(report, f"{job.src}: the x{s} frames are {w}x{h}, but OpenCV's video writer stores "
+                      f"only even sizes (YUV 4:2:0) and would drop the odd last column/row, so "
+                      f"{job.dst} holds them padded to {sw}x{sh} (last column/row repeated); crop "
+                      f"the right {sw - w} and bottom {sh - h} pixel(s) for the exact frames")
     if expected and n < expected and (limit is None or n < limit):
-        msg = (f"{job.src}: the video ended early, after {n} of the {expected} frames its header "
-               f"announces (truncated or corrupt); {job.dst} holds the {n} decoded frames")
-        log.warning(msg)
-        report.warnings.append(msg)
+        _warn(report, f"{job.src}: the video ended early, after {n} of the {expected} frames its "
+                      f"header announces (truncated or corrupt); {job.dst} holds the {n} decoded "
+                      "frames")
     _share(job.dst)
-    log.info("%s -> %s: %d frames x%d", job.src, job.dst, n, s)
+    log.info("%s -> %s: %d frames x%d at %.3f fps", job.src, job.dst, n, s, fps)
     report.frames += n
     report.outputs.append(job.dst)
 
@@ -226,20 +289,23 @@ def upscale(cfg: UpscaleConfig) -> UpscaleReport:
     from runtime.predictors import engine_predictor
 
     jobs = plan_jobs(cfg)
-    _check_readable(jobs)
-    predictor = engine_predictor(cfg.engine, threads=cfg.threads, scale=cfg.scale)
     report = UpscaleReport()
+    plans = _check_inputs(jobs, cfg, report)
+    predictor = engine_predictor(cfg.engine, threads=cfg.threads, scale=cfg.scale)
     t0 = time.perf_counter()
     try:
         images = [j for j in jobs if j.kind == "image"]
         for j in tqdm(images, desc="images", unit="img", disable=progress_disabled() or
                       len(images) < 2):
-            sr = upscale_frame(predictor, load_image(j.src))
-            save_image(j.dst, sr)
+            pic = read_image(j.src)
+            rgb, alpha = upscale_picture(predictor, pic, plans[j])
+            save_image(j.dst, rgb, alpha=alpha,
+                       icc_profile=pic.icc_profile if plans[j].bits == 8 else None)
             _share(j.dst)
             report.outputs.append(j.dst)
             report.frames += 1
-            log.info("%s -> %s (%dx%d)", j.src, j.dst, sr.shape[1], sr.shape[0])
+            log.info("%s -> %s (%dx%d, %d-bit%s)", j.src, j.dst, rgb.shape[1], rgb.shape[0],
+                     plans[j].bits, ", alpha" if alpha is not None else "")
         for j in jobs:
             if j.kind != "image":
                 run_video(predictor, j, cfg, report)
