@@ -80,21 +80,41 @@ class SizeRequirements:
 
 
 def pad_flip(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
-    """Pad bottom/right with a flipped copy, as the official SwinIR test script does."""
-    if pad_h:
-        x = torch.cat([x, torch.flip(x, [2])], 2)[:, :, : x.shape[2] + pad_h, :]
-    if pad_w:
-        x = torch.cat([x, torch.flip(x, [3])], 3)[:, :, :, : x.shape[3] + pad_w]
+    """Pad bottom/right with a flipped copy, as the official SwinIR test script does.
+
+    A pad longer than the image repeats the mirror (period 2 x size, edge included), so any size
+    works, down to 1 pixel; for pads up to the image size it is the official single flip.
+    """
+    for dim, pad in ((2, pad_h), (3, pad_w)):
+        while pad > 0:
+            size = int(x.shape[dim])
+            step = min(pad, size)
+            x = torch.cat([x, torch.flip(x, [dim])], dim).narrow(dim, 0, size + step)
+            pad -= step
     return x
 
 
 def pad_reflect_symmetric(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Pad all sides evenly with reflection (used by models that pad centrally)."""
+    """Pad all sides evenly with reflection (used by models that pad centrally).
+
+    Reflection (edge not repeated) needs pads shorter than the side; longer pads, and 1-pixel
+    sides, reflect repeatedly (replicating a 1-pixel side), so any size works.
+    """
     h, w = x.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
     if not (ph or pw):
         return x
-    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="reflect")
+    if ph < h and pw < w:
+        return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="reflect")
+    for dim, size, pad in ((-2, h, ph), (-1, w, pw)):
+        if pad:
+            before = pad // 2
+            pos = torch.arange(-before, size + pad - before)
+            period = max(2 * (size - 1), 1)
+            pos = pos.remainder(period)
+            idx = torch.where(pos < size, pos, period - pos).clamp(0, size - 1)
+            x = x.index_select(dim, idx.to(x.device))
+    return x
 
 
 class SRModel(nn.Module):
