@@ -19,7 +19,7 @@ from edge_sr.data.datasets import SRPair, dataset_label, load_benchmark
 from edge_sr.data.images import save_image, to_tensor, to_uint8
 from edge_sr.errors import EdgeSRError
 from edge_sr.logutil import progress_disabled
-from edge_sr.metrics import psnr_y, ssim_y
+from edge_sr.metrics import SSIM_WINDOW, psnr_y, ssim_y
 from edge_sr.predictors import Predictor
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class ImageResult:
     ssim: float | None
     seconds: float  # predictor time only
     lr_pixels: int
+    ssim_skipped: str | None = None  # why SSIM was not computed for this image (too small)
 
 
 @dataclass
@@ -63,8 +64,17 @@ class DatasetResult:
 
     @property
     def ssim(self) -> float | None:
-        vals = [r.ssim for r in self.images]
-        return None if any(v is None for v in vals) else math.fsum(vals) / len(vals)
+        """Mean SSIM over the images that have one (too-small images are skipped); None when
+        SSIM was not computed for some image for another reason (``ssim=False``) or for none."""
+        vals = [r.ssim for r in self.images if r.ssim_skipped is None]
+        if not vals or any(v is None for v in vals):
+            return None
+        return math.fsum(vals) / len(vals)
+
+    @property
+    def ssim_skipped(self) -> list[str]:
+        """Names of the images whose SSIM was skipped (too small for the window)."""
+        return [r.name for r in self.images if r.ssim_skipped is not None]
 
     @property
     def seconds(self) -> float:
@@ -83,16 +93,14 @@ class EvalResult:
 
     def to_json(self) -> dict:
         """``{"model", "scale", "datasets": {set: {"psnr", "ssim", "images"}}}``."""
-        return {
-            "model": self.model,
-            "scale": self.scale,
-            "datasets": {
-                k: {"psnr": round(d.psnr, 6),
-                    "ssim": None if d.ssim is None else round(d.ssim, 6),
-                    "images": len(d.images)}
-                for k, d in self.datasets.items()
-            },
-        }
+        sets = {}
+        for k, d in self.datasets.items():
+            sets[k] = {"psnr": round(d.psnr, 6),
+                       "ssim": None if d.ssim is None else round(d.ssim, 6),
+                       "images": len(d.images)}
+            if d.ssim_skipped:
+                sets[k]["ssim_skipped"] = d.ssim_skipped
+        return {"model": self.model, "scale": self.scale, "datasets": sets}
 
     def per_image(self) -> list[dict]:
         """One row per image, for debugging and plots."""
@@ -107,6 +115,12 @@ class EvalResult:
         for k, d in self.datasets.items():
             ssim = "-" if d.ssim is None else f"{d.ssim:.4f}"
             rows.append(f"{k:<{w}} {len(d.images):>6} {d.psnr:>10.4f} {ssim:>7}")
+        for k, d in self.datasets.items():
+            if d.ssim_skipped:
+                n = len(d.ssim_skipped)
+                rows.append(f"{k}: SSIM over {len(d.images) - n} of {len(d.images)} images; "
+                            f"skipped (smaller than {SSIM_WINDOW}x{SSIM_WINDOW} after the crop): "
+                            + ", ".join(d.ssim_skipped))
         return f"{self.model} x{self.scale}\n" + "\n".join(rows)
 
 
@@ -127,10 +141,22 @@ def score_pair(predictor: Predictor, pair: SRPair, scale: int, label: str = "ima
     del y
     if save_dir is not None:
         save_image(Path(save_dir) / f"{pair.name}.png", sr)
+    h, w = pair.hr.shape[:2]
+    left = (h - 2 * crop, w - 2 * crop)
+    if min(left) < 1:
+        raise EdgeSRError(f"{label}/{pair.name}: the HR image is {w}x{h}, nothing is left to score "
+                          f"after removing the {crop}-pixel border (crop = scale); use images of "
+                          f"at least {2 * crop + 1}x{2 * crop + 1} pixels")
     p = psnr_y(sr, pair.hr, crop)
-    s = ssim_y(sr, pair.hr, crop) if ssim else None
+    s, skipped = None, None
+    if ssim and min(left) < SSIM_WINDOW:
+        skipped = (f"{left[1]}x{left[0]} after the crop, smaller than SSIM's "
+                   f"{SSIM_WINDOW}x{SSIM_WINDOW} window")
+        log.warning("%s/%s: SSIM skipped (%s); PSNR scored", label, pair.name, skipped)
+    elif ssim:
+        s = ssim_y(sr, pair.hr, crop)
     log.debug("%s/%s: %.4f dB, %.2f s", label, pair.name, p, dt)
-    return ImageResult(pair.name, p, s, dt, pair.lr.shape[0] * pair.lr.shape[1])
+    return ImageResult(pair.name, p, s, dt, pair.lr.shape[0] * pair.lr.shape[1], skipped)
 
 
 def evaluate_pairs(predictor: Predictor, pairs: list[SRPair], scale: int, label: str = "images",

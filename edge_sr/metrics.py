@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 _Y_WEIGHTS = np.array([65.481, 128.553, 24.966], dtype=np.float64)
+SSIM_WINDOW = 11  # side of the Gaussian window: SSIM needs at least this many pixels per side
 
 
 def rgb_to_y(img: np.ndarray) -> np.ndarray:
@@ -65,10 +66,11 @@ def _filter_valid(img: np.ndarray, k: np.ndarray) -> np.ndarray:
 def ssim_y(sr: np.ndarray, hr: np.ndarray, crop: int = 0) -> float:
     """Y-channel SSIM, BasicSR's implementation (mean of the SSIM map over the valid region)."""
     y1, y2 = _prepare(sr, hr, crop)
-    if min(y1.shape) < 11:
-        raise ValueError(f"SSIM needs at least 11x11 pixels after cropping, got {y1.shape}")
+    if min(y1.shape) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels after cropping, "
+                         f"got {y1.shape}")
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    k = _gaussian_kernel()
+    k = _gaussian_kernel(SSIM_WINDOW)
     mu1, mu2 = _filter_valid(y1, k), _filter_valid(y2, k)
     mu1_sq, mu2_sq, mu12 = mu1 * mu1, mu2 * mu2, mu1 * mu2
     s1 = _filter_valid(y1 * y1, k) - mu1_sq
