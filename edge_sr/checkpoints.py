@@ -15,7 +15,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_sr.errors import EdgeSRError
+from edge_sr.errors import EdgeSRError, MissingDependencyError
 from edge_sr.fileio import atomic_path, sha256_file
 from edge_sr.logutil import progress_disabled
 from edge_sr.models import EXTRA_CHECKPOINTS, build_model
@@ -178,8 +178,11 @@ def resolve_entry(entry: CheckpointEntry) -> Path:
     return path
 
 
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
+
+
 def _looks_like_path(s: str) -> bool:
-    return os.sep in s or "/" in s or s.endswith((".pth", ".pt", ".ckpt", ".bin"))
+    return os.sep in s or "/" in s or s.endswith(CHECKPOINT_SUFFIXES)
 
 
 def resolve(name_or_path: str | os.PathLike) -> tuple[Path, CheckpointEntry | None]:
@@ -215,7 +218,14 @@ class LoadedModel:
 
 
 def read_checkpoint(path: Path) -> dict:
-    """``torch.load`` (tensors only), with corrupt files reported as user errors."""
+    """Read a checkpoint file (tensors only), with corrupt files reported as user errors.
+
+    ``.safetensors`` files are read by the ``safetensors`` library itself (the format's reference
+    reader: no pickle, no code runs); anything else by ``torch.load(weights_only=True)``. What the
+    file holds is unwrapped later by ``edge_sr.models.state_dict.unwrap_state_dict``.
+    """
+    if path.suffix.lower() == ".safetensors" or _is_safetensors(path):
+        return _read_safetensors(path)
     import torch
 
     try:
@@ -228,6 +238,33 @@ def read_checkpoint(path: Path) -> dict:
         raise EdgeSRError(f"checkpoint {path}: expected a dict of tensors, found "
                           f"{type(obj).__name__}")
     return obj
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file under another suffix: an 8-byte header length, then a JSON ``{``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= path.stat().st_size - 8
+
+
+def _read_safetensors(path: Path) -> dict:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise MissingDependencyError(f"checkpoint {path} is a safetensors file, which needs the "
+                                     "safetensors package: pip install safetensors") from None
+    try:
+        return dict(load_file(str(path), device="cpu"))
+    except Exception as e:  # SafetensorError, header/JSON errors, truncated files
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise EdgeSRError(f"checkpoint {path} cannot be read as a safetensors file "
+                          f"({type(e).__name__}: {first})") from None
 
 
 def load_model(name_or_path: str | os.PathLike, scale: int | None = None,

@@ -23,6 +23,7 @@ from edge_sr.models.base import (
     pad_flip,
     window_attention_block_points,
 )
+from edge_sr.models.state_dict import unwrap_state_dict
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
@@ -241,29 +242,6 @@ BUFFER_SUFFIXES = ("attn_mask", "relative_position_index")
 _BLOCK0 = "layers.0.residual_group.blocks.0."
 
 
-def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Return the bare state dict of a BasicSR/SwinIR-style checkpoint.
-
-    Like the official ``main_test_swinir.py``: ``params_ema`` if present, else ``params``, else the
-    dict itself (``state_dict`` is accepted too). DataParallel ``module.`` prefixes are stripped.
-    """
-    if not isinstance(obj, dict):
-        raise EdgeSRError(f"{source}: expected a dict of tensors, found {type(obj).__name__}")
-    for key in ("params_ema", "params", "state_dict"):
-        if key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    sd = {}
-    for k, v in obj.items():
-        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-            raise EdgeSRError(
-                f"{source}: expected a dict of tensors, found entry {k!r} of type "
-                f"{type(v).__name__}"
-            )
-        sd[k[len("module."):] if k.startswith("module.") else k] = v
-    return sd
-
-
 def is_swinir(sd: dict) -> bool:
     """Any SwinIR variant (light, classical, real-world); ``build`` rejects the unsupported ones."""
     return all(k in sd for k in ("conv_first.weight", "conv_after_body.weight",
@@ -314,9 +292,10 @@ def swinir_from_state_dict(sd: object, scale: int | None = None,
                            source: str = "checkpoint") -> SwinIRLight:
     """Build a SwinIR-light from an official-format checkpoint, strict on every learned tensor.
 
-    Accepts ``{'params_ema'|'params'|'state_dict': ...}`` or a bare dict, with or without the
-    ``attn_mask``/``relative_position_index`` buffers (we recompute them), and ``module.``
-    prefixes. A scale that disagrees with the upsampler is an error, never a silent reshape.
+    Accepts whatever ``edge_sr.models.state_dict.unwrap_state_dict`` unwraps (``params_ema``,
+    ``params``, ``state_dict``, ``model_state_dict``, ``module.``/``_orig_mod.`` prefixes), with or
+    without the ``attn_mask``/``relative_position_index`` buffers (we recompute them). A scale
+    that disagrees with the upsampler is an error, never a silent reshape.
     """
     sd = unwrap_state_dict(sd, source)
     if not is_swinir(sd):

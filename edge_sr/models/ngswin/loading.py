@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 from edge_sr.errors import EdgeSRError
 from edge_sr.models.base import Architecture, CheckpointEntry
 from edge_sr.models.ngswin.model import STD, NGswin
+from edge_sr.models.state_dict import unwrap_state_dict
 
 BUFFER_SUFFIXES = ("attn_mask", "relative_position_index")
 _DETECT_KEYS = (
@@ -43,19 +42,17 @@ CHECKPOINTS = [
 ]
 
 
-def _bare(sd: dict) -> dict:
-    """Accept a plain state dict, or one under ``params``/``state_dict``, with ``module.`` prefixes."""
-    for key in ("params_ema", "params", "state_dict", "model"):
-        if isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
-    return {(k[7:] if isinstance(k, str) and k.startswith("module.") else k): v
-            for k, v in sd.items()}
+def _bare(sd: dict, source: str = "checkpoint") -> dict:
+    """The bare state dict, by the one rule every architecture shares (``unwrap_state_dict``)."""
+    return unwrap_state_dict(sd, source)
 
 
 def detect(state_dict: dict) -> bool:
     """NGswin has an N-gram context in its blocks and an SCDP bottleneck; SwinIR has neither."""
-    sd = _bare(state_dict)
+    try:
+        sd = _bare(state_dict)
+    except EdgeSRError:
+        return False
     return all(k in sd for k in _DETECT_KEYS)
 
 
@@ -102,7 +99,8 @@ def infer_config(sd: dict, source: str = "checkpoint") -> dict:
 
 def build(state_dict: dict, scale: int | None = None, source: str = "checkpoint") -> NGswin:
     """An NGswin with the checkpoint's weights; ``scale`` (if given) must match the checkpoint."""
-    sd = {k: v for k, v in _bare(state_dict).items() if not k.endswith(BUFFER_SUFFIXES)}
+    sd = {k: v for k, v in _bare(state_dict, source).items()
+          if not k.endswith(BUFFER_SUFFIXES)}
     if not detect(sd):
         missing = [k for k in _DETECT_KEYS if k not in sd]
         raise EdgeSRError(f"{source}: expected an NGswin state dict, missing {missing[0]}")
@@ -123,14 +121,12 @@ def build(state_dict: dict, scale: int | None = None, source: str = "checkpoint"
 
 
 def load_file(path: str, scale: int | None = None) -> NGswin:
-    """Build from a ``.pth`` file (weights only; no pickled code runs)."""
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as e:
-        raise EdgeSRError(f"checkpoint {path}: expected a readable PyTorch file ({e})") from None
-    if not isinstance(sd, dict):
-        raise EdgeSRError(f"checkpoint {path}: expected a state dict, found {type(sd).__name__}")
-    return build(sd, scale, source=f"checkpoint {path}")
+    """Build from a ``.pth`` or ``.safetensors`` file (weights only; no pickled code runs)."""
+    from pathlib import Path
+
+    from edge_sr.checkpoints import read_checkpoint
+
+    return build(read_checkpoint(Path(path)), scale, source=f"checkpoint {path}")
 
 
 ARCHITECTURE = Architecture(name="ngswin", detect=detect, build=build)
