@@ -254,7 +254,9 @@ def read_image(path: str | os.PathLike) -> Picture:
     except EdgeSRError:
         raise
     except UnidentifiedImageError as e:
-        arr = _decode_opencv(path)  # e.g. a float RGB TIFF, which Pillow cannot open
+        # A float RGB TIFF, which Pillow cannot open; OpenCV can. (Only TIFF: for other broken
+        # files OpenCV would just print its own decoder errors before ours.)
+        arr = _decode_opencv(path) if path.suffix.lower() in (".tif", ".tiff") else None
         if arr is None:
             raise EdgeSRError(f"image {path}: expected a readable image, could not decode it "
                               f"({e})") from None
