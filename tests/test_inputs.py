@@ -344,7 +344,8 @@ def test_row5_cli_says_ssim_was_skipped_and_refuses_empty_crops(tmp_path):
     _one_error_line(r, "Four/four: the HR image is 4x4", "at least 5x5")
 
 
-@pytest.mark.parametrize("hw", [(3, 100), (1, 1), (2, 5), (1, 17)])
+@pytest.mark.parametrize("hw", [(3, 100), (1, 1), (2, 5), (1, 17)],
+                         ids=["3x100", "1x1", "2x5", "1x17"])
 def test_row6_model_takes_any_size(hw):
     """The Python model pads 1-3 px sides by repeated mirroring, exactly like a padded input."""
     from conftest import make_tiny_swinir
