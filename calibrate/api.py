@@ -1,16 +1,23 @@
-"""``calibrate(CalibrationConfig) -> Path``: the Python API under ``edge-sr calibrate``.
+"""The calibration API under ``edge-sr calibrate`` and ``edge-sr build``.
 
-Flow: load the FP checkpoint -> split the training pool (calibration / held-out validation) ->
-``prepare`` the student -> bounds by DOBI, MinMax or Percentile from one FP pass over 32
-calibration patches -> (2DQuant) DQC -> write the calibration file. Everything is seeded, so the
-same config gives the same file (callers may cache on the config).
+``calibrate_model(loaded_model, pool_data(...), CalibrationConfig) -> CalibratedModel`` works in
+memory; ``calibrate(CalibrationConfig) -> Path`` loads the checkpoint, calls it and writes the
+calibration file. Flow: split the training pool (calibration / held-out validation) -> per-site
+choices by measurement (rotation, mixed precision; beyond the paper) -> ``prepare`` the student
+-> bounds by DOBI, MinMax or Percentile from one FP pass over 32 calibration patches -> DQC
+(2DQuant, edge-sr) -> the calibrated model. Everything is seeded, so the same config gives the
+same file (callers may cache on the config).
+
+Methods: ``2dquant`` is the faithful paper (DOBI + DQC) and stays so; ``edge-sr`` is 2DQuant
+plus the options beyond the paper that measured better on held-out data (``EDGE_SR_OPTIONS``;
+docs/results/beyond.md); ``dobi``, ``minmax`` and ``percentile`` are calibration-only baselines.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -19,17 +26,27 @@ import torch
 from torch import nn
 
 from calibrate.baselines import PERCENTILES, baseline_bounds
-from calibrate.calibfile import CalibrationMeta, save_calibration, state_checksum
+from calibrate.calibfile import (
+    CalibratedModel,
+    CalibrationMeta,
+    save_calibration,
+    state_checksum,
+)
 from calibrate.dobi import apply_bounds, dobi_bounds
 from calibrate.dqc import DQCConfig, run_dqc, val_psnr
-from calibrate.prepare import QuantRecipe, prepare
+from calibrate.prepare import WEIGHT_GRIDS, WIDE_BITS, QuantRecipe, prepare
 from calibrate.quantizer import check_bits
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import versions
 
 log = logging.getLogger(__name__)
 
-METHODS = ("2dquant", "dobi", "minmax", "percentile")
+METHODS = ("2dquant", "edge-sr", "dobi", "minmax", "percentile")
+DOBI_METHODS = ("2dquant", "edge-sr", "dobi")  # bounds initialised by DOBI
+DQC_METHODS = ("2dquant", "edge-sr")  # then trained by DQC
+# What ``--method edge-sr`` adds to 2DQuant unless an option is given explicitly: Hadamard
+# rotation of the linear inputs where it measures better, and per-channel weight grids.
+EDGE_SR_OPTIONS = dict(rotate=("auto",), weight_grid="channel")
 
 # DQC budgets. "fast" was sized on the shared 2-core CPU (see docs/results/accuracy.md).
 RECIPES = {
@@ -52,7 +69,7 @@ class CalibrationConfig:
     bits: int
     output: str | Path
     scale: int | None = None
-    method: Literal["2dquant", "dobi", "minmax", "percentile"] = "2dquant"
+    method: Literal["2dquant", "edge-sr", "dobi", "minmax", "percentile"] = "2dquant"
     recipe: Literal["fast", "paper"] = "fast"
     seed: int = 0
     qkv_separation: bool = True
@@ -66,6 +83,10 @@ class CalibrationConfig:
     calib_patches: int = CALIB_PATCHES  # DOBI / baseline statistics: this many LR patches
     calib_patch: int = CALIB_PATCH  # of this size
     device: str = "cpu"  # where the model runs ("cuda" on a workstation GPU); bounds are the same
+    # beyond the paper; None = the method's default (the paper for 2dquant, EDGE_SR_OPTIONS)
+    rotate: tuple[str, ...] | None = None  # roles, module paths, or "auto" (chosen per site)
+    weight_grid: Literal["tensor", "channel"] | None = None
+    avg_bits: float | None = None  # mixed precision: mean linear-input bits, sites chosen
 
     def validate(self) -> None:
         try:
@@ -79,20 +100,44 @@ class CalibrationConfig:
         check_device(self.device)
         if self.recipe not in RECIPES:
             raise EdgeSRError(f"--recipe: expected fast or paper, got {self.recipe!r}")
+        if self.avg_bits is not None and not self.bits <= self.avg_bits <= WIDE_BITS:
+            raise EdgeSRError(f"--avg-bits: expected a mean width from {self.bits} (--bits) to "
+                              f"{WIDE_BITS}, got {self.avg_bits}")
         try:
             self.quant_recipe()
         except ValueError as e:
             raise EdgeSRError(str(e)) from None
 
-    def quant_recipe(self) -> QuantRecipe:
-        return QuantRecipe(self.bits, self.qkv_separation, self.search_assignment,
-                           tuple(self.wide_inputs))
+    def option(self, name: str):
+        """A beyond-the-paper option: as given, else the method's default."""
+        v = getattr(self, name)
+        if v is not None:
+            return v
+        if self.method == "edge-sr":
+            return EDGE_SR_OPTIONS[name]
+        return {"rotate": (), "weight_grid": "tensor"}[name]
 
-    def dqc_config(self) -> DQCConfig:
+    def quant_recipe(self) -> QuantRecipe:
+        """The recipe before per-site choices ("auto" rotation and ``avg_bits`` are resolved
+        by ``calibrate_model`` on data)."""
+        if self.option("weight_grid") not in WEIGHT_GRIDS:
+            raise ValueError(f"--weight-grid: expected one of {', '.join(WEIGHT_GRIDS)}, got "
+                             f"{self.weight_grid!r}")
+        return QuantRecipe(self.bits, self.qkv_separation, self.search_assignment,
+                           tuple(self.wide_inputs),
+                           rotate=tuple(r for r in self.option("rotate") if r != "auto"),
+                           weight_grid=self.option("weight_grid"))
+
+    def dqc_config(self, model: nn.Module | None = None) -> DQCConfig:
+        """The DQC budget; patches are at least ``model``'s minimum input (smaller ones would
+        only be padded up: NGswin pads every input to 64x64 LR)."""
         base = RECIPES[self.recipe]["dqc"]
         kw = asdict(base) | {"seed": self.seed, "feature_loss": self.feature_loss}
         if self.iterations is not None:
             kw["iterations"] = self.iterations
+        req = getattr(model, "size_requirements", None)
+        if req is not None:
+            kw["lr_patch"] = max(kw["lr_patch"], req.minimum)
         return DQCConfig(**kw)
 
     def to_dict(self) -> dict:
@@ -100,6 +145,7 @@ class CalibrationConfig:
         d["output"] = str(self.output)
         d["pool"] = None if self.pool is None else str(self.pool)
         d["wide_inputs"] = list(self.wide_inputs)
+        d["rotate"] = None if self.rotate is None else list(self.rotate)
         return d
 
 
@@ -169,20 +215,45 @@ def pick_percentile(student: nn.Module, per_p: dict[str, dict], data: PoolData,
     return max(scores, key=scores.get), scores
 
 
-def calibrate(cfg: CalibrationConfig) -> Path:
-    """Calibrate ``cfg.model`` at ``cfg.bits`` with ``cfg.method`` and write ``cfg.output``."""
-    cfg.validate()
-    from edge_sr.checkpoints import load_model
+def resolve_recipe(cfg: CalibrationConfig, fp_model: nn.Module, data: PoolData,
+                   stats: dict) -> QuantRecipe:
+    """The recipe with every measured per-site choice made (rotation "auto", ``avg_bits``)."""
+    recipe = cfg.quant_recipe()
+    rotate = cfg.option("rotate")
+    if "auto" in rotate:
+        from calibrate.site_choice import choose_rotations
 
+        fixed = tuple(r for r in rotate if r != "auto")
+        sites, report = choose_rotations(fp_model, replace(recipe, rotate=()), data.calib_lr)
+        recipe = replace(recipe, rotate=fixed + tuple(s for s in sites if s not in fixed))
+        stats["rotation_choice"] = report
+    if cfg.avg_bits is not None:
+        from calibrate.site_choice import choose_wide_inputs
+
+        # the per-site bits are chosen on held-out patches, never on the test sets
+        sites, report = choose_wide_inputs(fp_model, recipe, data.val[0], cfg.avg_bits)
+        recipe = replace(recipe, wide_inputs=tuple(recipe.wide_inputs) + sites)
+        stats["wide_choice"] = report
+    return recipe
+
+
+def calibrate_model(lm, data: PoolData, cfg: CalibrationConfig,
+                    state_path: str | Path | None = None) -> CalibratedModel:
+    """Calibrate a loaded FP model in memory: the Python API under ``calibrate``.
+
+    ``lm``: an ``edge_sr.checkpoints.LoadedModel`` (the model, its name and sha256; loaded and
+    hashed once by the caller). ``data``: ``pool_data(...)`` for the model's scale. Returns the
+    fake-quant student with its ``CalibrationMeta`` (what ``save_calibration`` writes).
+    ``state_path``: where DQC keeps its resumable state (``cfg.resume`` continues from it).
+    """
+    cfg.validate()
     torch.manual_seed(cfg.seed)
-    lm = load_model(cfg.model, scale=cfg.scale, device=cfg.device)
     scale = lm.scale
-    data = pool_data(scale, cfg.recipe, cfg.seed, cfg.pool, calib_patches=cfg.calib_patches,
-                     calib_patch=cfg.calib_patch)
-    student = prepare(lm.model, cfg.quant_recipe())
     stats: dict = {"val_patches": list(data.val[0].shape)}
     t0 = time.perf_counter()
-    if cfg.method in ("dobi", "2dquant"):
+    recipe = resolve_recipe(cfg, lm.model, data, stats)
+    student = prepare(lm.model, recipe)
+    if cfg.method in DOBI_METHODS:
         bounds, rep = dobi_bounds(student, data.calib_lr, [cfg.bits])
         apply_bounds(student, bounds[cfg.bits])
         stats["dobi_seconds"] = rep.seconds
@@ -202,24 +273,42 @@ def calibrate(cfg: CalibrationConfig) -> Path:
             stats |= {"percentile": key, "percentile_val_psnr": scores}
         stats["stats_seconds"] = rep.seconds
     stats["val_psnr_init"] = val_psnr(student, *data.val, scale)
-    if cfg.method == "2dquant":
-        dqc_cfg = cfg.dqc_config()
-        state = Path(str(cfg.output) + ".dqc-state.pt")
+    if cfg.method in DQC_METHODS:
+        dqc_cfg = cfg.dqc_config(lm.model)
         r = run_dqc(student, lm.model, dqc_sampler(data.sampler, cfg.seed), data.val, dqc_cfg,
-                    state_path=state, resume=cfg.resume)
+                    state_path=state_path, resume=cfg.resume)
         stats |= {"dqc_seconds": r.seconds, "dqc_iterations": r.iterations,
                   "dqc_best_iteration": r.best_iteration, "val_psnr": r.best_val_psnr,
                   "dqc_history": r.history, "dqc_config": asdict(dqc_cfg)}
-        state.unlink(missing_ok=True)
     else:
         stats["val_psnr"] = stats["val_psnr_init"]
     stats["seconds"] = time.perf_counter() - t0
     meta = CalibrationMeta(
-        bits=cfg.bits, scale=scale, method=cfg.method, recipe=cfg.quant_recipe().to_dict(),
+        bits=cfg.bits, scale=scale, method=cfg.method, recipe=recipe.to_dict(),
         checkpoint_name=lm.name, checkpoint_sha256=lm.sha256,
         state_sha256=state_checksum(lm.model), arch=lm.arch, config=cfg.to_dict(), stats=stats,
         versions=versions())
-    out = save_calibration(cfg.output, student, meta)
+    return CalibratedModel(student.eval(), meta)
+
+
+def calibrate(cfg: CalibrationConfig, lm=None) -> Path:
+    """Calibrate ``cfg.model`` at ``cfg.bits`` with ``cfg.method`` and write ``cfg.output``.
+
+    ``lm``: the already loaded ``LoadedModel`` (``edge-sr build`` passes it, so the checkpoint
+    is read and hashed once); by default ``cfg.model`` is loaded here.
+    """
+    cfg.validate()
+    if lm is None:
+        from edge_sr.checkpoints import load_model
+
+        lm = load_model(cfg.model, scale=cfg.scale, device=cfg.device)
+    data = pool_data(lm.scale, cfg.recipe, cfg.seed, cfg.pool,
+                     lr_patch=cfg.dqc_config(lm.model).lr_patch,
+                     calib_patches=cfg.calib_patches, calib_patch=cfg.calib_patch)
+    state = Path(str(cfg.output) + ".dqc-state.pt")
+    cal = calibrate_model(lm, data, cfg, state_path=state)
+    out = save_calibration(cfg.output, cal.model, cal.meta)
+    state.unlink(missing_ok=True)
     log.info("wrote %s (%s, W%dA%d, x%d, held-out %.3f dB)", out, cfg.method, cfg.bits,
-             cfg.bits, scale, stats["val_psnr"])
+             cfg.bits, lm.scale, cal.meta.stats["val_psnr"])
     return out

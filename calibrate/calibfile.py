@@ -3,7 +3,9 @@
 A file is ``torch.save`` of a small dict of plain Python values (loadable with
 ``weights_only=True``): format tag and version, ``bounds`` {quantizer name: (lower, upper)} and
 ``meta`` (bits, scale, method, recipe, the FP checkpoint's name, file sha256 and state checksum,
-the calibration config, timings, versions). Loading rebuilds the student from the FP checkpoint
+the calibration config, timings, versions). A per-channel quantizer's bounds are two lists of
+floats. Files written before the recipe gained its options beyond the paper (rotation, per-channel
+weights, per-site bits) carry no such keys and read as the faithful recipe they were made with. Loading rebuilds the student from the FP checkpoint
 and the stored recipe; the bit width comes from the recipe, and a file that disagrees with what
 the caller asks for (bits, scale, recipe, checkpoint) is an error that names both (spec §7.13).
 """
@@ -53,7 +55,7 @@ class CalibratedModel:
 
     @property
     def bounds(self) -> dict[str, tuple[float, float]]:
-        return {n: (float(q.lower.detach()), float(q.upper.detach())) for n, q in quantizers(self.model)}
+        return {n: q.bounds() for n, q in quantizers(self.model)}
 
 
 def state_checksum(model: nn.Module) -> str:
@@ -70,7 +72,7 @@ def save_calibration(path: str | os.PathLike, student: nn.Module, meta: Calibrat
     """Write ``student``'s bounds and ``meta`` atomically."""
     path = Path(path)
     obj = {"format": FORMAT, "version": VERSION, "meta": asdict(meta),
-           "bounds": {n: (float(q.lower.detach()), float(q.upper.detach())) for n, q in quantizers(student)}}
+           "bounds": {n: q.bounds() for n, q in quantizers(student)}}
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return path
@@ -117,8 +119,8 @@ def load_calibrated(path: str | os.PathLike, model=None, *, bits: int | None = N
         raise _mismatch(path, "bits", meta.bits, bits)
     if scale is not None and scale != meta.scale:
         raise _mismatch(path, "scale", meta.scale, scale)
-    if recipe is not None and recipe.to_dict() != meta.recipe:
-        raise _mismatch(path, "recipe", meta.recipe, recipe.to_dict())
+    if recipe is not None and recipe.to_dict() != meta.quant_recipe.to_dict():
+        raise _mismatch(path, "recipe", meta.quant_recipe.to_dict(), recipe.to_dict())
     if model is None or isinstance(model, (str, os.PathLike)):
         from edge_sr.checkpoints import load_model
 

@@ -188,11 +188,22 @@ class CollectReport:
     quantizers: int
 
 
+def per_row(rule: Rule, w: torch.Tensor, search: Search) -> dict:
+    """``rule`` on every row of ``w`` (a per-channel quantizer's rows), merged per key.
+
+    ``rule`` returns {key: (lower, upper)}; the result is {key: ([lower per row], [upper per
+    row])}, what ``BoundFakeQuantizer.set_bounds`` takes for a per-channel grid.
+    """
+    rows = [rule(r, search) for r in w]
+    return {k: ([r[k][0] for r in rows], [r[k][1] for r in rows]) for k in rows[0]}
+
+
 @torch.no_grad()
 def collect(student: nn.Module, calib_lr: torch.Tensor, rule: Rule,
-            names: set[str] | None = None) -> tuple[dict[str, Any], CollectReport]:
+            names: set[str] | None = None, pass_name: bool = False
+            ) -> tuple[dict[str, Any], CollectReport]:
     """Apply ``rule(tensor, search)`` to every quantizer's FP input in one forward pass
-    (or only to the quantizers in ``names``).
+    (or only to the quantizers in ``names``); with ``pass_name``, ``rule(tensor, search, name)``.
 
     Quantizers are disabled (identity) during the pass, so every tensor is the FP network's
     activation (spec §7.12); weight quantizers see their weight blocks directly. Each tensor is
@@ -209,20 +220,23 @@ def collect(student: nn.Module, calib_lr: torch.Tensor, rule: Rule,
     def run_rule(name: str, q: BoundFakeQuantizer, x: torch.Tensor) -> None:
         t = time.perf_counter()
         key = (x.data_ptr(), tuple(x.shape), q.search)
-        if key not in cache:  # qkv separation: three quantizers see the same tensor
+        if key not in cache or pass_name:  # qkv separation: three quantizers see one tensor
             cache.clear()
             # keep ``x`` alive with its result: once freed, a later tensor of the same shape
             # could reuse its address and be given this result
-            cache[key] = (x, rule(x.detach().cpu(), q.search))
+            args = (x.detach().cpu(), q.search) + ((name,) if pass_name else ())
+            cache[key] = (x, rule(*args))
         results[name] = cache[key][1]
         rule_time[0] += time.perf_counter() - t
 
     for name, m in student.named_modules():
         if isinstance(m, QuantLinear):
             for i, w in enumerate(m.weight_blocks()):
+                wq = m.weight_quantizers[i]
                 if f"{name}.weight_quantizers.{i}" in qs:
-                    results[f"{name}.weight_quantizers.{i}"] = rule(
-                        w.detach().cpu(), m.weight_quantizers[i].search)
+                    results[f"{name}.weight_quantizers.{i}"] = (
+                        per_row(rule, w.detach().cpu(), wq.search) if wq.per_channel
+                        else rule(w.detach().cpu(), wq.search))
     hooks = [q.register_forward_hook(lambda mod, inp, out, name=name: run_rule(name, mod, inp[0]))
              for name, q in qs.items() if name not in results]
     set_quant_enabled(student, False)

@@ -47,6 +47,7 @@ class DQCConfig:
     val_every: int = 100
     ckpt_every: int = 100
     seed: int = 0
+    recompute: bool = False  # activation checkpointing per transformer block (same maths)
 
     def __post_init__(self) -> None:
         if self.feature_loss not in ("fixed", "released"):
@@ -83,6 +84,36 @@ def feature_loss(fs: torch.Tensor, ft: torch.Tensor, variant: str) -> torch.Tens
     shape = (b,) + (1,) * (fs.dim() - 1)
     a, c = fs / ns.view(shape).clamp_min(1e-12), ft / nt.view(shape).clamp_min(1e-12)
     return ((a - c) ** 2).reshape(b, -1).sum(dim=1).mean()
+
+
+def block_paths(model: nn.Module) -> list[str]:
+    """Module paths of the transformer blocks (each holds one attention's ``qkv`` point)."""
+    return [p.name.rsplit(".attn.", 1)[0] for p in model.quant_points()
+            if p.role == "qkv" and ".attn." in p.name]
+
+
+class _Recompute:
+    """Activation checkpointing of the named blocks: their internals are recomputed in the
+    backward pass instead of stored (``torch.utils.checkpoint``, non-reentrant). Outputs, and
+    so gradients, are the same; peak memory falls to about one block's activations."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        from torch.utils.checkpoint import checkpoint
+
+        self.mods = [model.get_submodule(n) for n in names]
+        for m in self.mods:
+            fwd = m.forward
+
+            def wrapped(*args, _fwd=fwd, **kwargs):
+                if not torch.is_grad_enabled():
+                    return _fwd(*args, **kwargs)
+                return checkpoint(_fwd, *args, use_reentrant=False, **kwargs)
+
+            m.forward = wrapped
+
+    def close(self) -> None:
+        for m in self.mods:
+            del m.forward  # back to the class's forward
 
 
 class _FeatureTap:
@@ -127,6 +158,48 @@ def _load_bounds(student: nn.Module, state: dict[str, torch.Tensor]) -> None:
             q.upper.copy_(state[f"{n}.upper"])
 
 
+class DQCStep:
+    """One DQC training step, the unit ``run_dqc`` repeats and ``benchmarks.dqc_step`` times.
+
+    ``step(lr)``: teacher forward (no autograd), student forward, output + feature loss,
+    backward, Adam. Only the bounds train; ``close()`` removes the hooks and freezes them again.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DQCConfig) -> None:
+        self.student, self.teacher, self.cfg = student.eval(), teacher.eval(), cfg
+        self.params = bound_parameters(student)
+        for p in self.params:
+            p.requires_grad_(True)
+        self.opt = torch.optim.Adam(self.params, lr=cfg.lr, betas=cfg.betas)
+        self.names = student.feature_modules()
+        self.tap_s = _FeatureTap(student, self.names)
+        self.tap_t = _FeatureTap(teacher, self.names)
+        self.recompute = _Recompute(student, block_paths(student) if cfg.recompute else [])
+
+    def step(self, lr: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        with torch.no_grad():
+            out_t = self.teacher(lr)
+        out_s = self.student(lr)
+        loss = output_loss(out_s, out_t, cfg.feature_loss)
+        feat = sum(feature_loss(self.tap_s.out[n], self.tap_t.out[n], cfg.feature_loss)
+                   for n in self.names)
+        loss = loss + cfg.feature_weight * feat
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.tap_s.out.clear()
+        self.tap_t.out.clear()
+        return loss.detach()
+
+    def close(self) -> None:
+        self.tap_s.close()
+        self.tap_t.close()
+        self.recompute.close()
+        for p in self.params:
+            p.requires_grad_(False)
+
+
 def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int], torch.Tensor],
             val: tuple[torch.Tensor, torch.Tensor], cfg: DQCConfig,
             state_path: str | Path | None = None, resume: bool = False) -> DQCReport:
@@ -140,47 +213,32 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
     torch.manual_seed(cfg.seed)
     scale = int(student.scale)
     dev = next(student.parameters()).device
-    student.eval()
-    teacher.eval()
-    params = bound_parameters(student)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas)
-    names = student.feature_modules()
-    tap_s, tap_t = _FeatureTap(student, names), _FeatureTap(teacher, names)
     start, history = 0, []
     best = (0, val_psnr(student, *val, scale), _bounds_state(student))
     history.append({"iteration": 0, "val_psnr": best[1]})
+    trainer = DQCStep(student, teacher, cfg)
+    opt = trainer.opt
     state_path = Path(state_path) if state_path else None
-    if resume and state_path is not None and state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
-        if st["config"] != asdict(cfg):
-            from edge_sr.errors import EdgeSRError
-
-            raise EdgeSRError(f"--resume: state file {state_path} was written for DQC config "
-                              f"{st['config']}, but this run asks for {asdict(cfg)}")
-        _load_bounds(student, st["bounds"])
-        opt.load_state_dict(st["optimizer"])
-        start, history = st["iteration"], st["history"]
-        best = (st["best_iteration"], st["best_val_psnr"], st["best_bounds"])
-        torch.set_rng_state(st["torch_rng"])
-        log.info("resuming DQC at iteration %d from %s", start, state_path)
     t0 = time.perf_counter()
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="DQC",
-               disable=progress_disabled(), leave=False)
-    post = {"val": f"{best[1]:.2f}"}
     try:
+        if resume and state_path is not None and state_path.exists():
+            st = torch.load(state_path, map_location="cpu", weights_only=False)
+            if st["config"] != asdict(cfg):
+                from edge_sr.errors import EdgeSRError
+
+                raise EdgeSRError(f"--resume: state file {state_path} was written for DQC "
+                                  f"config {st['config']}, but this run asks for {asdict(cfg)}")
+            _load_bounds(student, st["bounds"])
+            opt.load_state_dict(st["optimizer"])
+            start, history = st["iteration"], st["history"]
+            best = (st["best_iteration"], st["best_val_psnr"], st["best_bounds"])
+            torch.set_rng_state(st["torch_rng"])
+            log.info("resuming DQC at iteration %d from %s", start, state_path)
+        bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations,
+                   desc="DQC", disable=progress_disabled(), leave=False)
+        post = {"val": f"{best[1]:.2f}"}
         for it in bar:
-            lr = sample(it, cfg.batch).to(dev)
-            with torch.no_grad():
-                out_t = teacher(lr)
-            out_s = student(lr)
-            loss = output_loss(out_s, out_t, cfg.feature_loss)
-            feat = sum(feature_loss(tap_s.out[n], tap_t.out[n], cfg.feature_loss) for n in names)
-            loss = loss + cfg.feature_weight * feat
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss = trainer.step(sample(it, cfg.batch).to(dev))
             done = it + 1
             validate = done % cfg.val_every == 0 or done == cfg.iterations
             if validate or done % 10 == 0 or dev.type == "cpu":  # .item() waits for a GPU
@@ -195,12 +253,9 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
             bar.set_postfix(post, refresh=False)
             if state_path is not None and (done % cfg.ckpt_every == 0 or done == cfg.iterations):
                 _save_state(state_path, cfg, done, student, opt, history, best)
-    finally:
         bar.close()
-        tap_s.close()
-        tap_t.close()
-        for p in params:
-            p.requires_grad_(False)
+    finally:
+        trainer.close()
     _load_bounds(student, best[2])
     rep = DQCReport(cfg.iterations - start, time.perf_counter() - t0, best[0], best[1], history)
     log.info("DQC: %d iterations in %.0f s; best validation %.3f dB at iteration %d",

@@ -16,10 +16,25 @@ from torch import nn
 
 from calibrate.qmodules import QuantLinear
 from calibrate.quantizer import BoundFakeQuantizer, check_bits
+from calibrate.rotation import random_hadamard
 from edge_sr.models.base import QuantPoint, SRModel
 
 LINEAR_ROLES = ("qkv", "proj", "fc1", "fc2")
 WIDE_BITS = 8  # bit width of the ``wide_inputs`` quantizers
+WEIGHT_GRIDS = ("tensor", "channel")  # one weight grid per tensor (paper) or per output channel
+
+
+def _check_linear_sites(option: str, entries: tuple[str, ...]) -> None:
+    """Entries are linear roles ("fc1") or module paths of linears ("...blocks.3.ffn.fc1")."""
+    bad = [e for e in entries if e not in LINEAR_ROLES
+           and e.rpartition(".")[2] not in LINEAR_ROLES]
+    if bad:
+        raise ValueError(f"--{option}: unknown linear roles {sorted(bad)}; expected some of "
+                         f"{', '.join(LINEAR_ROLES)} (or module paths of such linears)")
+
+
+def _matches(point: QuantPoint, entries: tuple[str, ...]) -> bool:
+    return point.role in entries or point.name in entries
 
 
 @dataclass(frozen=True)
@@ -29,16 +44,28 @@ class QuantRecipe:
     ``search_assignment``: ``"paper"`` searches softmax and post-GELU tensors one-sided (Fig. 2);
     ``"released"`` reproduces the released code, two-sided everywhere (spec §3, §7.1).
     ``qkv_separation``: three input quantizers for q, k, v (paper) or one shared (deployment).
-    ``wide_inputs``: linear roles (``"fc1"``, ``"qkv"``, ...) whose *input* quantizer runs at
-    ``WIDE_BITS`` instead of ``bits``; an option beyond the paper (empty = the paper). Post-norm
-    models such as NGswin feed fc1 the raw residual stream, whose range grows to ~1000 in the
-    decoder; one per-tensor 4-bit grid cannot hold it (docs/results/ngswin_accuracy.md).
+    ``wide_inputs``: linear roles (``"fc1"``, ``"qkv"``, ...) or linear module paths whose
+    *input* quantizer runs at ``WIDE_BITS`` instead of ``bits``; an option beyond the paper
+    (empty = the paper). Post-norm models such as NGswin feed fc1 the raw residual stream, whose
+    range grows to ~1000 in the decoder; one per-tensor 4-bit grid cannot hold it
+    (docs/results/ngswin_accuracy.md).
+
+    Also beyond the paper (defaults = the paper):
+
+    * ``rotate``: linear roles or module paths whose input is rotated by a randomised Hadamard
+      matrix (``calibrate.rotation``; seeded by ``rotation_seed``), folded into the weight. A
+      rotated input is bell-shaped, so its DOBI search is two-sided.
+    * ``weight_grid``: ``"tensor"`` (one grid per weight block, the paper) or ``"channel"`` (one
+      per output channel).
     """
 
     bits: int = 4
     qkv_separation: bool = True
     search_assignment: Literal["paper", "released"] = "paper"
     wide_inputs: tuple[str, ...] = ()
+    rotate: tuple[str, ...] = ()
+    rotation_seed: int = 0
+    weight_grid: Literal["tensor", "channel"] = "tensor"
 
     def __post_init__(self) -> None:
         try:
@@ -46,25 +73,40 @@ class QuantRecipe:
         except ValueError as e:
             raise ValueError(f"--bits: {e}") from None
         object.__setattr__(self, "wide_inputs", tuple(self.wide_inputs))
-        if unknown := set(self.wide_inputs) - set(LINEAR_ROLES):
-            raise ValueError(f"--wide-inputs: unknown linear roles {sorted(unknown)}; expected "
-                             f"some of {', '.join(LINEAR_ROLES)}")
+        object.__setattr__(self, "rotate", tuple(self.rotate))
+        _check_linear_sites("wide-inputs", self.wide_inputs)
+        _check_linear_sites("rotate", self.rotate)
         if self.search_assignment not in ("paper", "released"):
             raise ValueError(
                 f"search_assignment must be 'paper' or 'released', got {self.search_assignment!r}"
             )
+        if self.weight_grid not in WEIGHT_GRIDS:
+            raise ValueError(f"--weight-grid: expected one of {', '.join(WEIGHT_GRIDS)}, got "
+                             f"{self.weight_grid!r}")
+
+    @property
+    def faithful(self) -> bool:
+        """Whether this is the paper's quantizer set-up (no option beyond it)."""
+        return not (self.wide_inputs or self.rotate or self.weight_grid != "tensor")
+
+    def rotated(self, point: QuantPoint) -> bool:
+        return point.kind == "linear" and _matches(point, self.rotate)
 
     def search_for(self, point: QuantPoint) -> str:
-        if self.search_assignment == "paper" and point.long_tailed_input:
+        if self.search_assignment == "paper" and point.long_tailed_input \
+                and not self.rotated(point):
             return "one_sided"
         return "two_sided"
 
-    def input_bits(self, role: str) -> int:
-        return WIDE_BITS if role in self.wide_inputs else self.bits
+    def input_bits(self, point: QuantPoint | str) -> int:
+        if isinstance(point, str):  # a role
+            return WIDE_BITS if point in self.wide_inputs else self.bits
+        return WIDE_BITS if _matches(point, self.wide_inputs) else self.bits
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["wide_inputs"] = list(self.wide_inputs)
+        d["rotate"] = list(self.rotate)
         return d
 
 
@@ -84,9 +126,12 @@ def prepare(model: SRModel, recipe: QuantRecipe) -> SRModel:
         if point.kind == "linear":
             lin = student.get_submodule(point.name)
             groups = 3 if point.role == "qkv" else 1
+            rot = (random_hadamard(lin.in_features, recipe.rotation_seed)
+                   if recipe.rotated(point) else None)
             q = QuantLinear(lin, recipe.bits, groups=groups,
                             shared_input=groups > 1 and not recipe.qkv_separation,
-                            act_search=search, act_bits=recipe.input_bits(point.role))
+                            act_search=search, act_bits=recipe.input_bits(point),
+                            rotation=rot, weight_channels=recipe.weight_grid == "channel")
         else:
             q = BoundFakeQuantizer(recipe.bits, search)
         _set_submodule(student, point.name, q)

@@ -4,6 +4,10 @@ Grid: ``l + k*s`` for k in 0..2^b-1, ``s = (u-l)/(2^b-1)``; rounding is half-to-
 straight-through estimator follows the reference exactly: round passes gradients through, and clip
 sends the gradient of elements at or below ``l`` to ``l`` and at or above ``u`` to ``u``. The module
 knows nothing about ONNX: export reads ``qparams()``.
+
+Beyond the paper, a quantizer may be **per channel** (``channels=C``): ``l`` and ``u`` then have
+shape (C, 1), one grid per output channel (row) of a (C, K) weight, with the same maths and the
+same STE per row. Every per-tensor code path is unchanged.
 """
 
 from __future__ import annotations
@@ -63,29 +67,37 @@ class _FakeQuantSTE(torch.autograd.Function):
 
     With t = (clip(x) - l)/s, q = round(t), N = 2^b - 1: dx = g on [l, u]; dl = sum g*(-(q-t)/N
     + [x <= l]); du = sum g*((q-t)/N + [x >= u]). About half the memory passes of the composed
-    autograd graph, which dominates DQC on a CPU.
+    autograd graph, which dominates DQC on a CPU. Only the input is kept for the backward (not
+    also q - t): the backward recomputes q - t with the forward's own ops, bit for bit, which
+    saves one activation-sized float tensor per quantizer.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, n: int):
+    def _residual(x, lower, upper, n):
         step = (upper - lower) / n
         t = torch.clamp(x, lower, upper).sub_(lower).div_(step)
-        q = torch.round(t)
+        return t, step
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, n: int):
+        t, step = _FakeQuantSTE._residual(x, lower, upper, n)
         ctx.n = n
-        ctx.save_for_backward(x, lower, upper, q.sub(t))
-        return q.mul_(step).add_(lower)
+        ctx.save_for_backward(x, lower, upper)
+        return t.round_().mul_(step).add_(lower)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        x, lower, upper, d = ctx.saved_tensors
+        x, lower, upper = ctx.saved_tensors
         n = ctx.n
+        t, _ = _FakeQuantSTE._residual(x, lower, upper, n)
+        d = torch.round(t).sub_(t)  # q - t, as in the forward
         below, above = x <= lower, x >= upper
         gx = g * ~((x < lower) | (x > upper)) if ctx.needs_input_grad[0] else None
-        gd = (g * d).sum() / n
-        gl = (g * below).sum() - gd if ctx.needs_input_grad[1] else None
-        gu = (g * above).sum() + gd if ctx.needs_input_grad[2] else None
-        return (gx, None if gl is None else gl.reshape(lower.shape),
-                None if gu is None else gu.reshape(upper.shape), None)
+        shape = lower.shape  # () per tensor, (C, 1) per channel
+        gd = (g * d).sum_to_size(shape) / n
+        gl = (g * below).sum_to_size(shape) - gd if ctx.needs_input_grad[1] else None
+        gu = (g * above).sum_to_size(shape) + gd if ctx.needs_input_grad[2] else None
+        return gx, gl, gu, None
 
 
 def fake_quant(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bits: int) -> torch.Tensor:
@@ -110,10 +122,14 @@ def fake_quant_nograd(x: torch.Tensor, lower: torch.Tensor | float, upper: torch
 
 @dataclass(frozen=True)
 class QParams:
-    """The learned grid of one quantizer, read by export: ``x_hat = lower + scale * q``."""
+    """The learned grid of one quantizer, read by export: ``x_hat = lower + scale * q``.
 
-    lower: float
-    upper: float
+    ``lower``/``upper`` are floats for a per-tensor grid and tuples (one per output channel) for
+    a per-channel one.
+    """
+
+    lower: float | tuple[float, ...]
+    upper: float | tuple[float, ...]
     bits: int
 
     @property
@@ -121,30 +137,45 @@ class QParams:
         return 2**self.bits
 
     @property
-    def scale(self) -> float:
-        return (self.upper - self.lower) / (self.levels - 1)
+    def per_channel(self) -> bool:
+        return isinstance(self.lower, tuple)
 
     @property
-    def zero_point(self) -> float:
+    def scale(self) -> float | tuple[float, ...]:
+        n = self.levels - 1
+        if self.per_channel:
+            return tuple((u - lo) / n for lo, u in zip(self.lower, self.upper))
+        return (self.upper - self.lower) / n
+
+    @property
+    def zero_point(self) -> float | tuple[float, ...]:
         """Real-valued (not rounded) zero point ``-lower/scale``, as in the reference."""
+        if self.per_channel:
+            return tuple(-lo / s for lo, s in zip(self.lower, self.scale))
         return -self.lower / self.scale
 
 
 class BoundFakeQuantizer(nn.Module):
-    """Per-tensor fake quantizer with learnable lower/upper bounds.
+    """Fake quantizer with learnable lower/upper bounds: per tensor, or per channel.
 
     ``search`` records which DOBI search initialises it; ``enabled=False`` makes it the identity
-    (used to collect FP statistics). It never changes state inside ``forward``.
+    (used to collect FP statistics). It never changes state inside ``forward``. ``channels=C``
+    gives (C, 1) bounds: one grid per row of a (C, K) weight (beyond the paper).
     """
 
-    def __init__(self, bits: int, search: Search = "two_sided") -> None:
+    def __init__(self, bits: int, search: Search = "two_sided", channels: int | None = None
+                 ) -> None:
         super().__init__()
         self.bits = check_bits(bits)
         if search not in ("two_sided", "one_sided"):
             raise ValueError(f"search must be 'two_sided' or 'one_sided', got {search!r}")
+        if channels is not None and (not isinstance(channels, int) or channels < 1):
+            raise ValueError(f"channels must be a positive integer or None, got {channels!r}")
         self.search: Search = search
-        self.lower = nn.Parameter(torch.tensor(-1.0))
-        self.upper = nn.Parameter(torch.tensor(1.0))
+        self.channels = channels
+        shape = () if channels is None else (channels, 1)
+        self.lower = nn.Parameter(torch.full(shape, -1.0))
+        self.upper = nn.Parameter(torch.full(shape, 1.0))
         self.register_buffer("initialized", torch.tensor(False))
         self.enabled = True
 
@@ -153,15 +184,38 @@ class BoundFakeQuantizer(nn.Module):
             return x
         return fake_quant(x, self.lower, self.upper, self.bits)
 
+    @property
+    def per_channel(self) -> bool:
+        return self.channels is not None
+
     @torch.no_grad()
-    def set_bounds(self, lower: float | torch.Tensor, upper: float | torch.Tensor) -> None:
-        self.lower.copy_(torch.as_tensor(lower, dtype=self.lower.dtype))
-        self.upper.copy_(torch.as_tensor(upper, dtype=self.upper.dtype))
+    def set_bounds(self, lower, upper) -> None:
+        """Set the bounds: floats (per tensor) or C values each (per channel).
+
+        Raises ``ValueError`` when the number of values does not match the quantizer.
+        """
+        for p, v in ((self.lower, lower), (self.upper, upper)):
+            t = torch.as_tensor(v, dtype=p.dtype)
+            if t.numel() != p.numel():
+                raise ValueError(f"expected {p.numel()} bound value(s), got {t.numel()}")
+            p.copy_(t.reshape(p.shape))
         self.initialized.fill_(True)
 
+    def bounds(self) -> tuple:
+        """(lower, upper) as plain Python values: floats, or lists of C floats per channel."""
+        lo, up = self.lower.detach().cpu(), self.upper.detach().cpu()
+        if self.per_channel:
+            return lo.reshape(-1).tolist(), up.reshape(-1).tolist()
+        return float(lo), float(up)
+
     def qparams(self) -> QParams:
-        return QParams(float(self.lower.detach()), float(self.upper.detach()), self.bits)
+        lo, up = self.bounds()
+        if self.per_channel:
+            return QParams(tuple(lo), tuple(up), self.bits)
+        return QParams(lo, up, self.bits)
 
     def extra_repr(self) -> str:
+        if self.per_channel:
+            return f"bits={self.bits}, search={self.search}, channels={self.channels}"
         return (f"bits={self.bits}, search={self.search}, lower={float(self.lower.detach()):.4g}, "
                 f"upper={float(self.upper.detach()):.4g}")

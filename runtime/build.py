@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from calibrate.api import METHODS, CalibrationConfig, calibrate
 from edge_sr.checkpoints import cache_dir
 from edge_sr.errors import EdgeSRError, MissingDependencyError
 from edge_sr.fileio import atomic_path, sha256_file, versions
@@ -41,9 +42,8 @@ from runtime.engine import (
 
 log = logging.getLogger(__name__)
 
-# 2dquant = DOBI + DQC (the method); the others are calibrate.api's baselines (no DQC: seconds to
-# minutes instead of DQC's training), same graph, so the same latency.
-METHODS = ("2dquant", "dobi", "minmax", "percentile")
+# Methods come from calibrate.api (2dquant = DOBI + DQC, the paper; edge-sr = 2DQuant with the
+# measured options beyond it; the others are baselines without DQC).
 STAGES = ("checkpoint", "calibrate", "export", "build", "validate", "manifest")
 CALIB_CACHE_VERSION = 1
 FIDELITY_CAP_DB = 100.0  # identical outputs have infinite PSNR; JSON has no infinity
@@ -71,10 +71,15 @@ class BuildConfig:
     seed: int = 0
     calib_iterations: int | None = None  # override the recipe's DQC iterations (smoke tests)
     wide_inputs: tuple[str, ...] = ()  # linear roles with 8-bit inputs (QuantRecipe.wide_inputs)
+    rotate: tuple[str, ...] | None = None  # CalibrationConfig.rotate (None: the method's)
+    weight_grid: str | None = None  # CalibrationConfig.weight_grid (None: the method's)
+    avg_bits: float | None = None  # CalibrationConfig.avg_bits (mixed precision)
 
     def __post_init__(self) -> None:
         self.tile = tuple(int(t) for t in self.tile)
         self.wide_inputs = tuple(self.wide_inputs)
+        if self.rotate is not None:
+            self.rotate = tuple(self.rotate)
         if self.wide_inputs:
             from calibrate.prepare import LINEAR_ROLES
 
@@ -136,7 +141,10 @@ def calibration_key(model_sha256: str, cfg: BuildConfig) -> str:
     blob = json.dumps({"v": CALIB_CACHE_VERSION, "model": model_sha256, "scale": cfg.scale,
                        "bits": cfg.bits, "recipe": cfg.recipe, "method": cfg.method,
                        "seed": cfg.seed, "iterations": cfg.calib_iterations}
-                      | ({"wide_inputs": list(cfg.wide_inputs)} if cfg.wide_inputs else {}),
+                      | ({"wide_inputs": list(cfg.wide_inputs)} if cfg.wide_inputs else {})
+                      | {k: v for k, v in (("rotate", cfg.rotate and list(cfg.rotate)),
+                                           ("weight_grid", cfg.weight_grid),
+                                           ("avg_bits", cfg.avg_bits)) if v is not None},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -155,16 +163,12 @@ def stage_checkpoint(cfg: BuildConfig):
 
 def run_calibration(lm, cfg: BuildConfig, output: Path) -> Path:
     """Call the calibration API (``calibrate.api``) and return the calibration file it wrote."""
-    try:
-        from calibrate.api import CalibrationConfig, calibrate
-    except ImportError as e:
-        raise MissingDependencyError(f"calibration: calibrate.api is not available in this "
-                                     f"edge-sr ({e})") from None
     cc = CalibrationConfig(model=str(lm.path), scale=cfg.scale, bits=cfg.bits,
                            method=cfg.method, recipe=cfg.recipe, output=str(output),
                            seed=cfg.seed, iterations=cfg.calib_iterations,
-                           wide_inputs=cfg.wide_inputs)
-    return Path(calibrate(cc))
+                           wide_inputs=cfg.wide_inputs, rotate=cfg.rotate,
+                           weight_grid=cfg.weight_grid, avg_bits=cfg.avg_bits)
+    return Path(calibrate(cc, lm=lm))  # the checkpoint is loaded and hashed once
 
 
 def stage_calibrate(lm, cfg: BuildConfig) -> tuple[Path, dict]:

@@ -119,13 +119,17 @@ def params_from_quant_linear(qlin: nn.Module) -> LowBitLinearParams:
     w_q, a_q = list(qlin.weight_quantizers), list(qlin.act_quantizers)
     if not all(q.enabled for q in w_q + a_q):
         raise EdgeSRError("a QuantLinear with disabled quantizers cannot become a low-bit linear")
+    if getattr(qlin, "rotation", None) is not None:
+        raise EdgeSRError("the low-bit linear has no input rotation; calibrate without "
+                          "--rotate for the low-bit CUDA path")
     w_bits, act_bits = w_q[0].bits, a_q[0].bits
     codes, lowers, scales = [], [], []
     for block, q in zip(qlin.weight_blocks(), w_q):
         lower, upper = q.lower.detach().float().cpu(), q.upper.detach().float().cpu()
         codes.append(quantize_codes(block.detach().float().cpu(), lower, upper, w_bits))
-        lowers.append(lower.expand(block.shape[0]))
-        scales.append(grid_step(lower, upper, w_bits).expand(block.shape[0]))
+        # per tensor: () bounds; per channel: (rows, 1). Either way one value per row here.
+        lowers.append(lower.reshape(-1).expand(block.shape[0]))
+        scales.append(grid_step(lower, upper, w_bits).reshape(-1).expand(block.shape[0]))
     bias = None if qlin.bias is None else qlin.bias.detach().float().cpu()
     return LowBitLinearParams(
         act_bits=act_bits, w_bits=w_bits, in_features=qlin.in_features,

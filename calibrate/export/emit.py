@@ -11,6 +11,7 @@ the MatMul gets exact rank-1 corrections, so the MatMul sees the DQ output and O
 Quantized linear ``P`` (``edge_sr::QLinear``), for group j (one group, or q/k/v of a fused qkv
 whose inputs are quantized separately)::
 
+    P/Rotate: MatMul(x, R)                                   only for a rotated linear
     P/act{i}/{Sub,Clip,QuantizeLinear,DequantizeLinear}      the input, as above (shift m_x)
     P/W{j} (int8/int4 initializer) -> P/W{j}/DequantizeLinear (zp 0)
     P/MatMul{j}(a, W) + [P/ReduceSum{j}(a)·m_w + (b + m_x·Σ_k ŵ)]   (bias kept out of the MatMul)
@@ -116,6 +117,10 @@ def _emit_linear(g: _Graph, node: onnx.NodeProto, site: str, lin: QuantLinear,
                  opts: EmitOptions) -> list[dict]:
     """The subgraph of one quantized linear; returns one metadata record per MatMul."""
     x, out = node.input[0], node.output[0]
+    if lin.rotation is not None:  # online rotation x R (W R is already folded into the weight)
+        rot = g.const(f"{site}/rotation", lin.rotation.detach().cpu().float().numpy())
+        g.add("MatMul", [x, rot], [f"{site}/rotated"], f"{site}/Rotate")
+        x = f"{site}/rotated"
     acts = [act_encoding(q, opts.target) for q in lin.act_quantizers]
     dqs = [_emit_act(g, x, e, f"{site}/act{i}/", site, dq_copies=2) for i, e in enumerate(acts)]
     wencs = [weight_encoding(q, w) for q, w in zip(lin.weight_quantizers, lin.weight_blocks())]
@@ -134,13 +139,13 @@ def _emit_linear(g: _Graph, node: onnx.NodeProto, site: str, lin: QuantLinear,
         codes = np.concatenate([w.codes for w in ws], 0).T  # (K, N) for MatMul(a, W)
         deq = np.concatenate([w.dequant for w in ws], 0).astype(np.float64)  # (N, K)
         col = np.concatenate([np.full(w.codes.shape[0], 1.0) for w in ws])
-        scales = np.concatenate([np.full(w.codes.shape[0], w.scale, np.float32) for w in ws])
-        shifts = np.concatenate([np.full(w.codes.shape[0], w.shift, np.float32) for w in ws])
+        scales = np.concatenate([w.row_scales() for w in ws])
+        shifts = np.concatenate([w.row_shifts() for w in ws])
         bias = np.concatenate([b if b is not None else np.zeros(w.codes.shape[0])
                                for b, w in zip((biases[k] for k in groups), ws)])
         bias = (bias + enc.shift * deq.sum(1) * col).astype(np.float32)
         p = f"{site}/W{j}"
-        per_col = len(ws) > 1
+        per_col = len(ws) > 1 or any(w.per_channel for w in ws)
         scale = g.const(f"{p}_scale", scales if per_col else scales[0])
         zp_vals = np.zeros(codes.shape[1] if per_col else (), np.int64)
         if container == "uint8":  # codes + 2^(b-1) with that zero point: same dequantized values

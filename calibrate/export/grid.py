@@ -25,7 +25,8 @@ The ONNX pattern is ``Sub(m) -> Clip -> QuantizeLinear -> DequantizeLinear`` (th
 ORT's integer fusions); the DQ output is ``x_hat - m``. The shift ``m`` is given back exactly by the
 consumer: folded into the next linear's bias, or by rank-1 terms around an attention MatMul (see
 ``emit.py``). Weights use the trt form (zp 0, codes ``k - 2^(b-1)``, int8 or int4) and their shift
-``m_w`` becomes a per-token rank-1 term ``m_w * sum_k a_k``.
+``m_w`` becomes a per-token rank-1 term ``m_w * sum_k a_k``; a per-channel weight grid has one
+scale and one shift per output channel (a per-axis DQ, and a per-column rank-1 term).
 """
 
 from __future__ import annotations
@@ -101,12 +102,26 @@ class WeightEncoding:
 
     bits: int
     codes: np.ndarray  # int8 array, same shape as the weight
-    scale: float
-    shift: float
+    scale: float | np.ndarray  # float32 (rows,) for a per-channel grid
+    shift: float | np.ndarray
     dequant: np.ndarray  # float32, the fake-quant weight
 
+    def row_scales(self) -> np.ndarray:
+        """The scale of every output channel (row), float32 (rows,)."""
+        return np.broadcast_to(np.asarray(self.scale, np.float32).reshape(-1),
+                               (self.codes.shape[0],)).copy()
+
+    def row_shifts(self) -> np.ndarray:
+        return np.broadcast_to(np.asarray(self.shift, np.float32).reshape(-1),
+                               (self.codes.shape[0],)).copy()
+
+    @property
+    def per_channel(self) -> bool:
+        return np.ndim(self.scale) > 0
+
     def meta(self) -> dict:
-        return {"bits": self.bits, "scale": self.scale, "shift": self.shift,
+        as_py = (lambda v: np.asarray(v).tolist()) if self.per_channel else float
+        return {"bits": self.bits, "scale": as_py(self.scale), "shift": as_py(self.shift),
                 "qmin": -(2 ** (self.bits - 1)), "qmax": 2 ** (self.bits - 1) - 1}
 
 
@@ -119,5 +134,10 @@ def weight_encoding(q: BoundFakeQuantizer, w: torch.Tensor) -> WeightEncoding:
     codes = (k - c).to(torch.int64).numpy()
     if codes.min() < -c or codes.max() > c - 1:  # pragma: no cover - guarded by the clip above
         raise AssertionError("weight codes left their b-bit range")
-    return WeightEncoding(bits=q.bits, codes=codes.astype(np.int8), scale=float(step),
-                          shift=float(lower + step * c), dequant=deq.numpy().astype(np.float32))
+    shift = lower + step * c
+    if q.per_channel:  # (C, 1) bounds: one scale and shift per row
+        scale_v, shift_v = step.reshape(-1).numpy(), shift.reshape(-1).numpy()
+    else:
+        scale_v, shift_v = float(step), float(shift)
+    return WeightEncoding(bits=q.bits, codes=codes.astype(np.int8), scale=scale_v,
+                          shift=shift_v, dequant=deq.numpy().astype(np.float32))

@@ -18,9 +18,11 @@ from edge_sr.cli.options import logging_options
               show_default=True, help="auto: TensorRT with a CUDA GPU, else ONNX Runtime (CPU).")
 @click.option("--recipe", type=click.Choice(["fast", "paper"]), default="fast", show_default=True,
               help="Calibration recipe: fast (minutes on a CPU) or paper (the 2DQuant schedule).")
-@click.option("--method", type=click.Choice(["2dquant", "dobi", "minmax", "percentile"]),
+@click.option("--method", type=click.Choice(["2dquant", "edge-sr", "dobi", "minmax",
+                                            "percentile"]),
               default="2dquant", show_default=True,
-              help="2dquant = DOBI + DQC; dobi/minmax/percentile skip DQC (baselines, faster).")
+              help="2dquant = DOBI + DQC (the paper); edge-sr = 2DQuant + measured Hadamard "
+                   "rotation and per-channel weights; dobi/minmax/percentile skip DQC.")
 @click.option("--tile", default="64", show_default=True,
               help="LR tile the engine runs: N or WxH (a multiple of the model's window).")
 @click.option("--batch", type=int, default=1, show_default=True, help="Tiles per engine call.")
@@ -34,18 +36,26 @@ from edge_sr.cli.options import logging_options
 @click.option("--wide-inputs", default="", metavar="ROLES",
               help="Comma-separated linear roles (qkv, proj, fc1, fc2) whose inputs stay 8-bit "
                    "(beyond the paper; fc1 for NGswin).")
+@click.option("--rotate", default=None, metavar="ROLES|auto|none",
+              help="Hadamard-rotate these linear inputs (beyond the paper) [default: the "
+                   "method's].")
+@click.option("--weight-grid", type=click.Choice(["tensor", "channel"]), default=None,
+              help="Weight grid per tensor or per output channel [default: the method's].")
+@click.option("--avg-bits", type=float, default=None, metavar="BITS",
+              help="Mixed precision: mean linear-input width, sensitive sites at 8 bits.")
 @click.option("--print-config", is_flag=True, help="Print the build configuration and stop.")
 @logging_options
 def build_cmd(bits, scale, model, backend, recipe, method, tile, batch, out, force, threads,
-              wide_inputs, print_config) -> None:
+              wide_inputs, rotate, weight_grid, avg_bits, print_config) -> None:
     """Build a quantized SR engine: checkpoint -> calibrate -> export -> build -> validate."""
-    from edge_sr.cli.options import parse_list, parse_size
+    from edge_sr.cli.options import parse_list, parse_rotate, parse_size
     from runtime.build import BuildConfig, build, config_dict
 
     cfg = BuildConfig(bits=bits, scale=scale, model=model, backend=backend, recipe=recipe,
                       method=method, tile=parse_size(tile, "--tile"), batch=batch, out=out,
                       force=force, threads=threads,
-                      wide_inputs=parse_list(wide_inputs))
+                      wide_inputs=parse_list(wide_inputs), rotate=parse_rotate(rotate),
+                      weight_grid=weight_grid, avg_bits=avg_bits)
     if print_config:
         click.echo(json.dumps(config_dict(cfg), indent=2))
         return

@@ -47,3 +47,12 @@ def parse_size(value: str, option: str) -> tuple[int, int]:
 def parse_list(text: str) -> tuple[str, ...]:
     """``"fc1, qkv"`` -> ``("fc1", "qkv")``; empty items are dropped (validation is the API's)."""
     return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def parse_rotate(text: str | None) -> tuple[str, ...] | None:
+    """``--rotate``: None (the method's default), ``none`` (off), or a list of roles/paths."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return ()
+    return parse_list(text)

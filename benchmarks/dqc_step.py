@@ -1,0 +1,149 @@
+"""One DQC step against the model's own FP forward + backward, side by side in one run.
+
+    python -m benchmarks.dqc_step --model ngswin-x2 --batch 16 --lr-patch 32 --json F
+
+Writes ``step_ms`` (median of one DQC step: teacher forward without autograd, student
+forward, output + feature loss, backward, Adam; ``calibrate.dqc.DQCStep``), ``fp_fwd_bwd_ms``
+(median of a plain eager float32 forward + backward of the FP model without quantizers, the
+gradient taken w.r.t. the input), ``ratio`` = step / fp, ``peak_rss_mb`` of each (each runs in its
+own child process, so the peaks are separate), and ``lr_pixels_per_s`` of the DQC step. The two
+measurements alternate ``--rounds`` times (child processes A, B, A, B, ...), so drift in the
+machine's speed hits both. Benchmarks are not tests: results go to ``--json`` and docs/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _child(kind: str, args: dict, q) -> None:
+    import torch
+
+    from edge_sr.allocator import keep_freed_memory
+
+    keep_freed_memory()
+    torch.set_num_threads(args["threads"])
+    torch.manual_seed(0)
+    from edge_sr.checkpoints import load_model
+
+    lm = load_model(args["model"])
+    x = torch.rand(args["batch"], 3, args["lr_patch"], args["lr_patch"],
+                   generator=torch.Generator().manual_seed(0))
+    times = []
+    if kind == "fp":
+        model = lm.model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for i in range(args["warmup"] + args["steps"]):
+            xi = x.clone().requires_grad_(True)
+            t = time.perf_counter()
+            model(xi).sum().backward()
+            if i >= args["warmup"]:
+                times.append(time.perf_counter() - t)
+    else:
+        from calibrate.api import CalibrationConfig
+        from calibrate.dobi import init_bounds
+        from calibrate.dqc import DQCConfig, DQCStep
+        from calibrate.prepare import prepare
+
+        cc = CalibrationConfig(model=args["model"], bits=args["bits"], output="-",
+                               method=args["method"])
+        recipe = cc.quant_recipe()
+        student = prepare(lm.model, recipe)
+        init_bounds(student, x[:2, :, :min(64, args["lr_patch"]), :min(64, args["lr_patch"])])
+        kw = dict(iterations=1, batch=args["batch"], lr_patch=max(8, args["lr_patch"]))
+        if args["recompute"]:
+            kw["recompute"] = True
+        trainer = DQCStep(student, lm.model, DQCConfig(**kw))
+        for i in range(args["warmup"] + args["steps"]):
+            t = time.perf_counter()
+            trainer.step(x)
+            if i >= args["warmup"]:
+                times.append(time.perf_counter() - t)
+        trainer.close()
+    q.put({"kind": kind, "times": times, "peak_rss_mb": _peak_rss_mb()})
+
+
+def measure(args: dict) -> dict:
+    ctx = mp.get_context("spawn")
+    runs: dict[str, list] = {"fp": [], "dqc": []}
+    peaks: dict[str, float] = {"fp": 0.0, "dqc": 0.0}
+    for _ in range(args["rounds"]):
+        for kind in ("fp", "dqc"):
+            q = ctx.Queue()
+            p = ctx.Process(target=_child, args=(kind, args, q))
+            p.start()
+            res = q.get()
+            p.join()
+            runs[kind] += res["times"]
+            peaks[kind] = max(peaks[kind], res["peak_rss_mb"])
+    step = statistics.median(runs["dqc"])
+    fp = statistics.median(runs["fp"])
+    px = args["batch"] * args["lr_patch"] ** 2
+    return {
+        "model": args["model"], "bits": args["bits"], "method": args["method"],
+        "batch": args["batch"], "lr_patch": args["lr_patch"], "recompute": args["recompute"],
+        "threads": args["threads"], "step_ms": step * 1e3, "fp_fwd_bwd_ms": fp * 1e3,
+        "ratio": step / fp, "peak_rss_mb": peaks["dqc"], "fp_peak_rss_mb": peaks["fp"],
+        "lr_pixels_per_s": px / step, "samples": {k: [t * 1e3 for t in v] for k, v in runs.items()},
+        "cpu": cpu_model(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="swinir-light-x2-ref")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr-patch", type=int, default=32)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--method", default="2dquant", choices=["2dquant", "edge-sr"])
+    ap.add_argument("--recompute", action="store_true",
+                    help="activation checkpointing per block (DQCConfig.recompute)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args(argv)
+    if a.batch < 1 or a.lr_patch < 8 or a.steps < 1:
+        ap.error("--batch >= 1, --lr-patch >= 8 and --steps >= 1 expected")
+    res = measure(vars(a) | {"lr_patch": a.lr_patch})
+    line = (f"{a.model} {a.batch}x{a.lr_patch}^2 W{a.bits} {a.method}"
+            f"{' recompute' if a.recompute else ''}: step {res['step_ms']:.0f} ms, FP fwd+bwd "
+            f"{res['fp_fwd_bwd_ms']:.0f} ms, ratio {res['ratio']:.2f}, peak RSS "
+            f"{res['peak_rss_mb']:.0f} MB (FP {res['fp_peak_rss_mb']:.0f} MB), "
+            f"{res['lr_pixels_per_s']:.0f} LR px/s [{res['cpu']}, {a.threads} threads]")
+    print(line)
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = a.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=2))
+        tmp.replace(a.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

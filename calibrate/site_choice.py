@@ -1,0 +1,131 @@
+"""Per-site choices by measurement: which linear inputs to rotate, which to keep at 8 bits.
+
+Both choices read one FP pass over calibration patches (``calibrate.dobi.collect``) and score
+each linear input by the relative error its best DOBI grid causes at the linear's output,
+``||(Q(x) - x) W^T||^2 / ||x W^T||^2`` (``output_error``):
+
+* ``choose_rotations``: a site is rotated when the rotated input ``x R`` (weight ``W R``) has a
+  smaller error than ``x`` by at least ``margin`` (issue 19's hint: a Hadamard rotation cuts
+  NGswin's decoder fc1 error ~40x, and makes already-even inputs slightly worse).
+* ``choose_wide_inputs``: mixed precision under a budget in average activation bits. Sites are
+  promoted to ``WIDE_BITS`` greedily, largest error reduction per extra bit first (the error
+  cost is the site's element count, so the budget is in bits per activation element).
+  This generalises ``QuantRecipe.wide_inputs`` from roles to sites.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from calibrate.dobi import collect, search_bounds_multi
+from calibrate.prepare import WIDE_BITS, QuantRecipe, prepare
+from calibrate.qmodules import QuantLinear
+from calibrate.quantizer import fake_quant_nograd
+from calibrate.rotation import has_hadamard, random_hadamard
+
+log = logging.getLogger(__name__)
+
+
+def output_error(x: torch.Tensor, weight: torch.Tensor, bits: int,
+                 rotation: torch.Tensor | None = None, max_rows: int = 1 << 14) -> float:
+    """Relative error the input grid causes at the linear's output (no bias, FP weight):
+    ``||(Q(x') - x') W'^T||^2 / ||x W^T||^2`` with ``x' = x R``, ``W' = W R`` when rotated.
+
+    The grid is DOBI's (two-sided) at ``bits``; up to ``max_rows`` seeded random tokens are used.
+    An error in the input's own norm would hide an outlier channel whose weights are small
+    (a post-norm residual stream): the output norm weighs each channel as the layer does.
+    """
+    k = weight.shape[1]
+    rows = x.detach().reshape(-1, k).double()
+    if rows.shape[0] > max_rows:
+        g = torch.Generator().manual_seed(0)
+        rows = rows[torch.randint(rows.shape[0], (max_rows,), generator=g)]
+    w = weight.detach().double().cpu()
+    ref = rows @ w.T
+    if rotation is not None:
+        rows, w = rows @ rotation, w @ rotation
+    lo, up = search_bounds_multi(rows, [bits], "two_sided")[bits]
+    err = (fake_quant_nograd(rows, lo, up, bits) - rows) @ w.T
+    return float((err**2).sum() / (ref**2).sum().clamp_min(1e-30))
+
+
+def _linear_inputs(fp_model: nn.Module, recipe: QuantRecipe, calib_lr: torch.Tensor, rule
+                   ) -> dict[str, object]:
+    """``rule(x, site)`` on the FP input of every quantized linear (one FP pass)."""
+    student = prepare(fp_model, replace(recipe, rotate=(), wide_inputs=()))
+    first = {f"{n}.act_quantizers.0": n for n, m in student.named_modules()
+             if isinstance(m, QuantLinear)}
+    res, _ = collect(student, calib_lr, lambda x, search, qname: rule(x, first[qname]),
+                     names=set(first), pass_name=True)
+    return {site: res[qname] for qname, site in first.items()}
+
+
+def choose_rotations(fp_model: nn.Module, recipe: QuantRecipe, calib_lr: torch.Tensor,
+                     margin: float = 0.9) -> tuple[tuple[str, ...], dict[str, dict]]:
+    """Linear sites whose rotated input quantizes better; returns (sites, per-site errors).
+
+    A site is chosen when ``output_error`` with the rotation is below ``margin`` times the
+    error without it, at the site's input width. Widths without a Hadamard construction are
+    never rotated.
+    """
+    points = {p.name: p for p in fp_model.quant_points()}
+
+    def rule(x: torch.Tensor, site: str) -> dict:
+        lin = fp_model.get_submodule(site)
+        k = lin.in_features
+        bits = recipe.input_bits(points[site])
+        plain = output_error(x, lin.weight, bits)
+        if not has_hadamard(k):
+            return {"plain": plain, "rotated": None, "rotate": False}
+        rot = output_error(x, lin.weight, bits, random_hadamard(k, recipe.rotation_seed))
+        return {"plain": plain, "rotated": rot, "rotate": rot < margin * plain}
+
+    report = _linear_inputs(fp_model, recipe, calib_lr, rule)
+    sites = tuple(s for s, r in report.items() if r["rotate"])
+    log.info("rotation chosen for %d of %d linear inputs", len(sites), len(report))
+    return sites, report
+
+
+def choose_wide_inputs(fp_model: nn.Module, recipe: QuantRecipe, calib_lr: torch.Tensor,
+                       avg_bits: float) -> tuple[tuple[str, ...], dict[str, dict]]:
+    """Linear input sites promoted to 8 bits so that the mean input width is <= ``avg_bits``.
+
+    The mean is over activation elements of the linear inputs (a site's weight is its element
+    count in the pass). Sites go greedily by the reduction of ``output_error`` per extra
+    bit-element. Rotations in ``recipe`` are applied before measuring.
+    """
+    if not recipe.bits <= avg_bits <= WIDE_BITS:
+        raise ValueError(f"--avg-bits: expected a value from {recipe.bits} to {WIDE_BITS}, got "
+                         f"{avg_bits}")
+    rot_sites = {p.name for p in fp_model.quant_points() if recipe.rotated(p)}
+
+    def rule(x: torch.Tensor, site: str) -> dict:
+        lin = fp_model.get_submodule(site)
+        k = lin.in_features
+        rot = random_hadamard(k, recipe.rotation_seed) if site in rot_sites else None
+        low = output_error(x, lin.weight, recipe.bits, rot)
+        wide = output_error(x, lin.weight, WIDE_BITS, rot)
+        return {"elements": x.numel(), "low": low, "wide": wide}
+
+    report = _linear_inputs(fp_model, recipe, calib_lr, rule)
+    total = sum(r["elements"] for r in report.values())
+    extra = WIDE_BITS - recipe.bits
+    budget = (avg_bits - recipe.bits) * total  # extra bit-elements we may spend
+    # error reduction per extra bit-element, largest first
+    order = sorted(report, key=lambda s: -(report[s]["low"] - report[s]["wide"])
+                   / (extra * report[s]["elements"]))
+    chosen, spent = [], 0.0
+    for s in order:
+        cost = extra * report[s]["elements"]
+        if spent + cost <= budget + 1e-9 and report[s]["low"] > report[s]["wide"]:
+            chosen.append(s)
+            spent += cost
+    log.info("mixed precision: %d of %d linear inputs at %d bits (mean %.2f bits)", len(chosen),
+             len(report), WIDE_BITS, recipe.bits + spent / total)
+    for s in report:
+        report[s]["wide_chosen"] = s in chosen
+    return tuple(chosen), report

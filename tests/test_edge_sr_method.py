@@ -1,0 +1,122 @@
+"""The combined method (``--method edge-sr``), per-site choices and the in-memory API."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from calibrate.api import CalibrationConfig, calibrate, calibrate_model, pool_data
+from calibrate.calibfile import load_calibrated, read_calibration
+from calibrate.prepare import WIDE_BITS, QuantRecipe, quantizers
+from calibrate.qmodules import QuantLinear
+from calibrate.site_choice import choose_rotations, choose_wide_inputs
+from edge_sr.errors import EdgeSRError
+
+
+@pytest.fixture
+def tiny_ckpt(tiny_swinir, tmp_path):
+    path = tmp_path / "tiny_x2.pth"
+    torch.save({"params": tiny_swinir(2).state_dict()}, path)
+    return path
+
+
+def _pool(folder, n, size):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture
+def pool(tmp_path):
+    return _pool(tmp_path / "pool", 4, (72, 72))
+
+
+def _outlier_model(tiny_swinir):
+    """A tiny model whose first fc1 input has one huge channel (the post-norm NGswin case)."""
+    fp = tiny_swinir(2)
+    blk = fp.layers[0].residual_group.blocks[0]
+    with torch.no_grad():
+        blk.norm2.weight[3] = 30.0
+        blk.mlp.fc1.weight[:, 3] /= 30.0  # same FP function, an outlier channel in fc1's input
+    return fp
+
+
+def test_rotation_is_chosen_where_it_measures_better(tiny_swinir):
+    fp = _outlier_model(tiny_swinir)
+    calib = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    sites, report = choose_rotations(fp, QuantRecipe(bits=4), calib)
+    first = "layers.0.residual_group.blocks.0.mlp.fc1"
+    assert first in sites and report[first]["rotated"] < report[first]["plain"] / 2  # 0.41 vs 1.20
+    assert set(report) == {p.name for p in fp.quant_points() if p.kind == "linear"}
+    assert all(report[s]["rotate"] == (s in sites) for s in report)
+
+
+def test_mixed_precision_keeps_to_the_budget_and_promotes_the_worst_site(tiny_swinir):
+    fp = _outlier_model(tiny_swinir)
+    calib = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    sites, report = choose_wide_inputs(fp, QuantRecipe(bits=4), calib, avg_bits=4.5)
+    total = sum(r["elements"] for r in report.values())
+    spent = sum((WIDE_BITS - 4) * report[s]["elements"] for s in sites)
+    assert 4 + spent / total <= 4.5 + 1e-9
+    assert "layers.0.residual_group.blocks.0.mlp.fc1" in sites
+    assert choose_wide_inputs(fp, QuantRecipe(bits=4), calib, avg_bits=4.0)[0] == ()
+    with pytest.raises(ValueError, match="--avg-bits"):
+        choose_wide_inputs(fp, QuantRecipe(bits=4), calib, avg_bits=9)
+
+
+def test_edge_sr_method_defaults_and_explicit_options():
+    cc = CalibrationConfig(model="m", bits=4, output="o", method="edge-sr")
+    assert cc.option("rotate") == ("auto",) and cc.quant_recipe().weight_grid == "channel"
+    faithful = CalibrationConfig(model="m", bits=4, output="o")
+    assert faithful.quant_recipe().faithful
+    off = CalibrationConfig(model="m", bits=4, output="o", method="edge-sr", rotate=(),
+                            weight_grid="tensor")
+    assert off.quant_recipe().faithful
+    with pytest.raises(EdgeSRError, match="--avg-bits"):
+        CalibrationConfig(model="m", bits=4, output="o", avg_bits=3.0).validate()
+    with pytest.raises(EdgeSRError, match="--weight-grid"):
+        CalibrationConfig(model="m", bits=4, output="o", weight_grid="row").validate()
+
+
+def test_calibrate_model_in_memory_matches_the_file(tiny_ckpt, pool, tmp_path, one_thread):
+    from edge_sr.checkpoints import load_model
+
+    small = dict(pool=pool, iterations=2, calib_patches=4, calib_patch=32)
+    cfg = CalibrationConfig(model=str(tiny_ckpt), bits=4, output=tmp_path / "e.pt",
+                            method="edge-sr", avg_bits=4.5, **small)
+    lm = load_model(str(tiny_ckpt))
+    data = pool_data(lm.scale, cfg.recipe, cfg.seed, pool, lr_patch=16, calib_patches=4,
+                     calib_patch=32)
+    cal = calibrate_model(lm, data, cfg)
+    recipe = cal.meta.quant_recipe
+    assert recipe.weight_grid == "channel" and "auto" not in recipe.rotate
+    assert set(recipe.rotate) == {s for s, r in cal.meta.stats["rotation_choice"].items()
+                                  if r["rotate"]}
+    assert all(q.per_channel for n, q in quantizers(cal.model) if ".weight_quantizers." in n)
+    out = calibrate(cfg, lm=lm)
+    assert read_calibration(out)[0] == {n: q.bounds() for n, q in quantizers(cal.model)}
+    back = load_calibrated(out, str(tiny_ckpt))
+    assert back.meta.quant_recipe == recipe
+    rotated = [m for m in back.model.modules() if isinstance(m, QuantLinear)
+               and m.rotation is not None]
+    assert len(rotated) == len(recipe.rotate)
+
+
+def test_cli_takes_the_new_options(tiny_ckpt, tmp_path, one_thread):
+    from edge_sr.cli import main
+
+    pool = _pool(tmp_path / "pool64", 2, (136, 136))  # the CLI uses 32 patches of 64x64
+    r = CliRunner().invoke(main, ["calibrate", "--model", str(tiny_ckpt), "--bits", "4",
+                                  "--method", "dobi", "--rotate", "fc1,qkv", "--weight-grid",
+                                  "channel", "--pool", str(pool), "-o", str(tmp_path / "r.pt")])
+    assert r.exit_code == 0, r.output
+    meta = read_calibration(tmp_path / "r.pt")[1]
+    assert meta.recipe["rotate"] == ["fc1", "qkv"] and meta.recipe["weight_grid"] == "channel"
+    r = CliRunner().invoke(main, ["calibrate", "--model", str(tiny_ckpt), "--bits", "4",
+                                  "--rotate", "attn", "-o", str(tmp_path / "x.pt")])
+    assert r.exit_code == 2 and "--rotate: unknown linear roles ['attn']" in r.output
