@@ -46,7 +46,8 @@ DOBI_METHODS = ("2dquant", "edge-sr", "dobi")  # bounds initialised by DOBI
 DQC_METHODS = ("2dquant", "edge-sr")  # then trained by DQC
 # What ``--method edge-sr`` adds to 2DQuant unless an option is given explicitly: Hadamard
 # rotation of the linear inputs where it measures better, and per-channel weight grids.
-EDGE_SR_OPTIONS = dict(rotate=("auto",), weight_grid="channel")
+EDGE_SR_OPTIONS = dict(rotate=("auto",), weight_grid="channel", rounding="gptq")
+ROUNDINGS = ("nearest", "gptq")
 
 # DQC budgets. "fast" was sized on the shared 2-core CPU (see docs/results/accuracy.md).
 RECIPES = {
@@ -87,6 +88,7 @@ class CalibrationConfig:
     rotate: tuple[str, ...] | None = None  # roles, module paths, or "auto" (chosen per site)
     weight_grid: Literal["tensor", "channel"] | None = None
     avg_bits: float | None = None  # mixed precision: mean linear-input bits, sites chosen
+    rounding: Literal["nearest", "gptq"] | None = None  # weight rounding after DOBI
 
     def validate(self) -> None:
         try:
@@ -100,6 +102,9 @@ class CalibrationConfig:
         check_device(self.device)
         if self.recipe not in RECIPES:
             raise EdgeSRError(f"--recipe: expected fast or paper, got {self.recipe!r}")
+        if self.option("rounding") not in ROUNDINGS:
+            raise EdgeSRError(f"--rounding: expected one of {', '.join(ROUNDINGS)}, got "
+                              f"{self.rounding!r}")
         if self.avg_bits is not None and not self.bits <= self.avg_bits <= WIDE_BITS:
             raise EdgeSRError(f"--avg-bits: expected a mean width from {self.bits} (--bits) to "
                               f"{WIDE_BITS}, got {self.avg_bits}")
@@ -115,7 +120,7 @@ class CalibrationConfig:
             return v
         if self.method == "edge-sr":
             return EDGE_SR_OPTIONS[name]
-        return {"rotate": (), "weight_grid": "tensor"}[name]
+        return {"rotate": (), "weight_grid": "tensor", "rounding": "nearest"}[name]
 
     def quant_recipe(self) -> QuantRecipe:
         """The recipe before per-site choices ("auto" rotation and ``avg_bits`` are resolved
@@ -272,6 +277,11 @@ def calibrate_model(lm, data: PoolData, cfg: CalibrationConfig,
             apply_bounds(student, per[key])
             stats |= {"percentile": key, "percentile_val_psnr": scores}
         stats["stats_seconds"] = rep.seconds
+    rounding = cfg.option("rounding")
+    if rounding == "gptq":
+        from calibrate.gptq import apply_gptq
+
+        stats["gptq"] = apply_gptq(student, data.calib_lr)
     stats["val_psnr_init"] = val_psnr(student, *data.val, scale)
     if cfg.method in DQC_METHODS:
         dqc_cfg = cfg.dqc_config(lm.model)
@@ -287,7 +297,7 @@ def calibrate_model(lm, data: PoolData, cfg: CalibrationConfig,
         bits=cfg.bits, scale=scale, method=cfg.method, recipe=recipe.to_dict(),
         checkpoint_name=lm.name, checkpoint_sha256=lm.sha256,
         state_sha256=state_checksum(lm.model), arch=lm.arch, config=cfg.to_dict(), stats=stats,
-        versions=versions())
+        versions=versions(), rounding=rounding)
     return CalibratedModel(student.eval(), meta)
 
 

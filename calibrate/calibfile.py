@@ -5,7 +5,9 @@ A file is ``torch.save`` of a small dict of plain Python values (loadable with
 ``meta`` (bits, scale, method, recipe, the FP checkpoint's name, file sha256 and state checksum,
 the calibration config, timings, versions). A per-channel quantizer's bounds are two lists of
 floats. Files written before the recipe gained its options beyond the paper (rotation, per-channel
-weights, per-site bits) carry no such keys and read as the faithful recipe they were made with. Loading rebuilds the student from the FP checkpoint
+weights, per-site bits) carry no such keys and read as the faithful recipe they were made with.
+When the weights were not rounded to nearest (GPTQ, ``meta.rounding``), the file also holds every
+quantized linear's weight (``weights`` {module path: float32 tensor}), restored on loading. Loading rebuilds the student from the FP checkpoint
 and the stored recipe; the bit width comes from the recipe, and a file that disagrees with what
 the caller asks for (bits, scale, recipe, checkpoint) is an error that names both (spec §7.13).
 """
@@ -22,6 +24,7 @@ from torch import nn
 
 from calibrate.dobi import apply_bounds
 from calibrate.prepare import QuantRecipe, prepare, quantizers
+from calibrate.qmodules import QuantLinear
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import atomic_path
 
@@ -42,6 +45,7 @@ class CalibrationMeta:
     config: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)  # timings, DQC history, chosen percentile, ...
     versions: dict = field(default_factory=dict)
+    rounding: str = "nearest"  # weight rounding: "nearest" (paper) or "gptq" (weights stored)
 
     @property
     def quant_recipe(self) -> QuantRecipe:
@@ -73,13 +77,17 @@ def save_calibration(path: str | os.PathLike, student: nn.Module, meta: Calibrat
     path = Path(path)
     obj = {"format": FORMAT, "version": VERSION, "meta": asdict(meta),
            "bounds": {n: q.bounds() for n, q in quantizers(student)}}
+    if meta.rounding != "nearest":  # the weights are not the FP ones: store them
+        obj["weights"] = {n: m.weight.detach().cpu().clone() for n, m in student.named_modules()
+                          if isinstance(m, QuantLinear)}
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return path
 
 
-def read_calibration(path: str | os.PathLike) -> tuple[dict, CalibrationMeta]:
-    """(bounds, meta) of a calibration file, checked for format and completeness."""
+def read_calibration(path: str | os.PathLike, with_weights: bool = False):
+    """(bounds, meta) of a calibration file, checked for format and completeness; with
+    ``with_weights``, (bounds, meta, weights) where weights is {linear: tensor} or {}."""
     path = Path(path)
     if not path.is_file():
         raise EdgeSRError(f"calibration file {path}: expected a file written by 'edge-sr "
@@ -97,7 +105,11 @@ def read_calibration(path: str | os.PathLike) -> tuple[dict, CalibrationMeta]:
                           f"{obj.get('version')}")
     names = {f.name for f in fields(CalibrationMeta)}
     meta = CalibrationMeta(**{k: v for k, v in obj["meta"].items() if k in names})
-    return obj["bounds"], meta
+    weights = obj.get("weights", {})
+    if meta.rounding != "nearest" and not weights:
+        raise EdgeSRError(f"calibration file {path}: its weights were rounded by "
+                          f"{meta.rounding} but are missing from the file")
+    return (obj["bounds"], meta, weights) if with_weights else (obj["bounds"], meta)
 
 
 def _mismatch(path: Path, what: str, stored, asked) -> EdgeSRError:
@@ -114,7 +126,7 @@ def load_calibrated(path: str | os.PathLike, model=None, *, bits: int | None = N
     ``recipe``, when given, must match the file.
     """
     path = Path(path)
-    bounds, meta = read_calibration(path)
+    bounds, meta, weights = read_calibration(path, with_weights=True)
     if bits is not None and bits != meta.bits:
         raise _mismatch(path, "bits", meta.bits, bits)
     if scale is not None and scale != meta.scale:
@@ -142,6 +154,13 @@ def load_calibrated(path: str | os.PathLike, model=None, *, bits: int | None = N
         raise _mismatch(path, "scale", meta.scale, int(fp.scale))
     student = prepare(fp, meta.quant_recipe)
     try:
+        for name, w in weights.items():
+            lin = dict(student.named_modules()).get(name)
+            if not isinstance(lin, QuantLinear) or lin.weight.shape != w.shape:
+                raise ValueError(f"stored weight {name} {tuple(w.shape)} fits no quantized "
+                                 "linear of the model")
+            with torch.no_grad():
+                lin.weight.copy_(w)
         apply_bounds(student, {k: tuple(v) for k, v in bounds.items()})
     except ValueError as e:
         raise EdgeSRError(f"calibration file {path}: its quantizers do not fit the model ({e})"

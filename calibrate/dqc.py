@@ -48,8 +48,13 @@ class DQCConfig:
     ckpt_every: int = 100
     seed: int = 0
     recompute: bool = False  # activation checkpointing per transformer block (same maths)
+    # "absolute": one lr for every bound (the paper); "relative": each quantizer's lr is
+    # ``lr`` times its range u - l at the start (beyond the paper; spec §7.9)
+    bound_lr: Literal["absolute", "relative"] = "absolute"
 
     def __post_init__(self) -> None:
+        if self.bound_lr not in ("absolute", "relative"):
+            raise ValueError(f"bound_lr must be 'absolute' or 'relative', got {self.bound_lr!r}")
         if self.feature_loss not in ("fixed", "released"):
             raise ValueError(f"feature_loss must be 'fixed' or 'released', got {self.feature_loss!r}")
         if self.iterations < 0 or self.batch < 1 or self.lr_patch < 8:
@@ -158,6 +163,22 @@ def _load_bounds(student: nn.Module, state: dict[str, torch.Tensor]) -> None:
             q.upper.copy_(state[f"{n}.upper"])
 
 
+def param_groups(student: nn.Module, cfg: DQCConfig) -> list[dict]:
+    """Adam's parameter groups: all bounds at ``cfg.lr``, or one group per quantizer at
+    ``cfg.lr * (u - l)`` (its mean range, for a per-channel grid) with ``bound_lr="relative"``.
+
+    An absolute lr of 1e-2 moves softmax bounds (range 1) by 1% a step but NGswin's fc1-input
+    bounds (range ~2000) by nothing measurable; a relative lr moves every grid alike.
+    """
+    if cfg.bound_lr == "absolute":
+        return [{"params": bound_parameters(student)}]
+    groups = []
+    for _, q in quantizers(student):
+        rng = float((q.upper.detach() - q.lower.detach()).abs().mean())
+        groups.append({"params": [q.lower, q.upper], "lr": cfg.lr * max(rng, 1e-8)})
+    return groups
+
+
 class DQCStep:
     """One DQC training step, the unit ``run_dqc`` repeats and ``benchmarks.dqc_step`` times.
 
@@ -170,7 +191,7 @@ class DQCStep:
         self.params = bound_parameters(student)
         for p in self.params:
             p.requires_grad_(True)
-        self.opt = torch.optim.Adam(self.params, lr=cfg.lr, betas=cfg.betas)
+        self.opt = torch.optim.Adam(param_groups(student, cfg), lr=cfg.lr, betas=cfg.betas)
         self.names = student.feature_modules()
         self.tap_s = _FeatureTap(student, self.names)
         self.tap_t = _FeatureTap(teacher, self.names)

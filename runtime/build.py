@@ -74,6 +74,7 @@ class BuildConfig:
     rotate: tuple[str, ...] | None = None  # CalibrationConfig.rotate (None: the method's)
     weight_grid: str | None = None  # CalibrationConfig.weight_grid (None: the method's)
     avg_bits: float | None = None  # CalibrationConfig.avg_bits (mixed precision)
+    rounding: str | None = None  # CalibrationConfig.rounding (None: the method's)
 
     def __post_init__(self) -> None:
         self.tile = tuple(int(t) for t in self.tile)
@@ -144,7 +145,8 @@ def calibration_key(model_sha256: str, cfg: BuildConfig) -> str:
                       | ({"wide_inputs": list(cfg.wide_inputs)} if cfg.wide_inputs else {})
                       | {k: v for k, v in (("rotate", cfg.rotate and list(cfg.rotate)),
                                            ("weight_grid", cfg.weight_grid),
-                                           ("avg_bits", cfg.avg_bits)) if v is not None},
+                                           ("avg_bits", cfg.avg_bits),
+                                           ("rounding", cfg.rounding)) if v is not None},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -167,7 +169,8 @@ def run_calibration(lm, cfg: BuildConfig, output: Path) -> Path:
                            method=cfg.method, recipe=cfg.recipe, output=str(output),
                            seed=cfg.seed, iterations=cfg.calib_iterations,
                            wide_inputs=cfg.wide_inputs, rotate=cfg.rotate,
-                           weight_grid=cfg.weight_grid, avg_bits=cfg.avg_bits)
+                           weight_grid=cfg.weight_grid, avg_bits=cfg.avg_bits,
+                           rounding=cfg.rounding)
     return Path(calibrate(cc, lm=lm))  # the checkpoint is loaded and hashed once
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from calibrate.dobi import init_bounds
@@ -40,3 +41,22 @@ def test_recompute_trains_the_same_bounds(tiny_swinir, one_thread):
     # the wrapper is removed afterwards: the student's blocks run their class forward again
     blk = student.get_submodule(block_paths(student)[0])
     assert "forward" not in vars(blk)
+
+
+def test_relative_bound_lr_scales_each_quantizer_by_its_range(tiny_swinir):
+    from calibrate.dqc import param_groups
+    from calibrate.prepare import quantizers
+
+    fp = tiny_swinir(2)
+    student = prepare(fp, QuantRecipe(bits=4, weight_grid="channel"))
+    init_bounds(student, torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+    groups = param_groups(student, DQCConfig(lr=1e-2, bound_lr="relative"))
+    qs = [q for _, q in quantizers(student)]
+    assert len(groups) == len(qs)
+    for g, q in zip(groups, qs):
+        rng = float((q.upper - q.lower).detach().abs().mean())
+        assert g["lr"] == pytest.approx(1e-2 * rng) and g["params"] == [q.lower, q.upper]
+    (absolute,) = param_groups(student, DQCConfig(lr=1e-2))
+    assert "lr" not in absolute and len(absolute["params"]) == 2 * len(qs)
+    with pytest.raises(ValueError, match="bound_lr"):
+        DQCConfig(bound_lr="per-element")

@@ -43,10 +43,12 @@ from edge_sr.cli.options import logging_options
               help="Weight grid per tensor or per output channel [default: the method's].")
 @click.option("--avg-bits", type=float, default=None, metavar="BITS",
               help="Mixed precision: mean linear-input width, sensitive sites at 8 bits.")
+@click.option("--rounding", type=click.Choice(["nearest", "gptq"]), default=None,
+              help="Weight rounding after DOBI: nearest (paper) or GPTQ [default: the method's].")
 @click.option("--print-config", is_flag=True, help="Print the build configuration and stop.")
 @logging_options
 def build_cmd(bits, scale, model, backend, recipe, method, tile, batch, out, force, threads,
-              wide_inputs, rotate, weight_grid, avg_bits, print_config) -> None:
+              wide_inputs, rotate, weight_grid, avg_bits, rounding, print_config) -> None:
     """Build a quantized SR engine: checkpoint -> calibrate -> export -> build -> validate."""
     from edge_sr.cli.options import parse_list, parse_rotate, parse_size
     from runtime.build import BuildConfig, build, config_dict
@@ -55,7 +57,7 @@ def build_cmd(bits, scale, model, backend, recipe, method, tile, batch, out, for
                       method=method, tile=parse_size(tile, "--tile"), batch=batch, out=out,
                       force=force, threads=threads,
                       wide_inputs=parse_list(wide_inputs), rotate=parse_rotate(rotate),
-                      weight_grid=weight_grid, avg_bits=avg_bits)
+                      weight_grid=weight_grid, avg_bits=avg_bits, rounding=rounding)
     if print_config:
         click.echo(json.dumps(config_dict(cfg), indent=2))
         return

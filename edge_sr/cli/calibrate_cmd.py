@@ -41,6 +41,9 @@ from edge_sr.cli.options import logging_options, parse_list, parse_rotate
 @click.option("--avg-bits", type=float, default=None, metavar="BITS",
               help="Beyond the paper: mixed precision; promote the linear inputs that measure "
                    "most sensitive (held-out data) to 8 bits within this mean width.")
+@click.option("--rounding", type=click.Choice(["nearest", "gptq"]), default=None,
+              help="Beyond the paper: weight rounding after DOBI, nearest (paper) or GPTQ "
+                   "(output-aware, on the same grids) [default: the method's].")
 @click.option("--feature-loss", type=click.Choice(["fixed", "released"]), default="fixed",
               show_default=True, help="DQC feature loss: intended, or the released code's bugs.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted DQC run for the same -o.")
@@ -52,7 +55,7 @@ from edge_sr.cli.options import logging_options, parse_list, parse_rotate
               help="Calibration file to write (atomically).")
 @logging_options
 def calibrate_cmd(model, bits, scale, recipe, method, seed, shared_qkv_input, search_assignment,
-                  wide_inputs, rotate, weight_grid, avg_bits, feature_loss, resume, pool, device,
+                  wide_inputs, rotate, weight_grid, avg_bits, rounding, feature_loss, resume, pool, device,
                   output) -> None:
     """Calibrate a low-bit fake-quant model; score it with 'edge-sr eval --calibration FILE'."""
     from calibrate.api import CalibrationConfig, calibrate
@@ -61,6 +64,6 @@ def calibrate_cmd(model, bits, scale, recipe, method, seed, shared_qkv_input, se
         model=model, bits=bits, output=output, scale=scale, method=method, recipe=recipe,
         seed=seed, qkv_separation=not shared_qkv_input, search_assignment=search_assignment,
         wide_inputs=parse_list(wide_inputs), rotate=parse_rotate(rotate),
-        weight_grid=weight_grid, avg_bits=avg_bits,
+        weight_grid=weight_grid, avg_bits=avg_bits, rounding=rounding,
         feature_loss=feature_loss, resume=resume, pool=pool, device=device))
     click.echo(f"wrote {path}")

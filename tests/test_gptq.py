@@ -1,0 +1,97 @@
+"""GPTQ weight rounding on the DOBI grids: lower output error, on-grid weights, stored in files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from calibrate.calibfile import (
+    CalibrationMeta,
+    load_calibrated,
+    read_calibration,
+    save_calibration,
+    state_checksum,
+)
+from calibrate.dobi import init_bounds
+from calibrate.gptq import apply_gptq, gptq_round, input_hessians
+from calibrate.prepare import QuantRecipe, prepare
+from calibrate.qmodules import QuantLinear
+from calibrate.quantizer import BoundFakeQuantizer
+from edge_sr.errors import EdgeSRError
+
+
+def _problem(per_channel: bool):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 24, generator=g) @ torch.randn(24, 24, generator=g)  # correlated input
+    w = torch.randn(16, 24, generator=g) * 0.3
+    q = BoundFakeQuantizer(3, channels=16 if per_channel else None)
+    if per_channel:
+        q.set_bounds(w.min(1).values.tolist(), w.max(1).values.tolist())
+    else:
+        q.set_bounds(float(w.min()), float(w.max()))
+    return x, w, q
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_gptq_lowers_the_output_error_and_stays_on_the_grid(per_channel):
+    x, w, q = _problem(per_channel)
+    h = x.double().T @ x.double()
+    wg = gptq_round(w, h, q)
+    with torch.no_grad():
+        near = q(w)
+        assert torch.equal(q(wg), wg)  # on the grid: the quantizer leaves it unchanged
+    err_g = float(((x @ (w - wg).T) ** 2).sum())
+    err_n = float(((x @ (w - near).T) ** 2).sum())
+    assert err_g < 0.8 * err_n
+
+
+def test_gptq_rejects_a_hessian_of_the_wrong_size():
+    _, w, q = _problem(False)
+    with pytest.raises(ValueError, match=r"Hessian must be \(24, 24\)"):
+        gptq_round(w, torch.eye(5, dtype=torch.float64), q)
+
+
+def test_hessians_are_of_the_rotated_input(tiny_swinir):
+    student = prepare(tiny_swinir(2), QuantRecipe(bits=4, rotate=("fc1",)))
+    calib = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    seen = {}
+    name = next(n for n, m in student.named_modules()
+                if isinstance(m, QuantLinear) and m.rotation is not None)
+    lin = student.get_submodule(name)
+    h = lin.act_quantizers[0].register_forward_pre_hook(
+        lambda mod, a: seen.setdefault("x", a[0].detach().clone()))
+    hs = input_hessians(student, calib)
+    h.remove()
+    rows = seen["x"].reshape(-1, lin.in_features).double()
+    assert torch.allclose(hs[name], rows.T @ rows)
+
+
+def test_gptq_weights_survive_a_calibration_file_and_export(tiny_swinir, tmp_path):
+    from calibrate.export.ortcheck import make_session
+    from calibrate.export_qdq import ExportConfig, build_qdq
+
+    fp = tiny_swinir(depths=(2,), num_heads=(2,))
+    recipe = QuantRecipe(bits=3, weight_grid="channel", rotate=("fc1",))
+    student = prepare(fp, recipe)
+    calib = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    init_bounds(student, calib)
+    rep = apply_gptq(student, calib)
+    assert rep["error_ratio"] and max(rep["error_ratio"].values()) <= 1.0 + 1e-9
+    meta = CalibrationMeta(bits=3, scale=2, method="edge-sr", recipe=recipe.to_dict(),
+                           checkpoint_name="tiny", checkpoint_sha256="0" * 64,
+                           state_sha256=state_checksum(fp), arch="swinir-light", rounding="gptq")
+    path = save_calibration(tmp_path / "g.pt", student, meta)
+    back = load_calibrated(path, fp)
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = student(x)
+        assert torch.equal(back.model(x), ref)
+    proto, _ = build_qdq(back.model, ExportConfig(target="ort", tile=(16, 16)))
+    out = make_session(proto, threads=1).run(None, {"lr": x.numpy()})[0]
+    assert abs(out - ref.numpy()).max() < 1e-4
+    # a file that says GPTQ but lost its weights is refused
+    obj = torch.load(path, weights_only=True)
+    del obj["weights"]
+    torch.save(obj, tmp_path / "broken.pt")
+    with pytest.raises(EdgeSRError, match="rounded by gptq but are missing"):
+        read_calibration(tmp_path / "broken.pt")
