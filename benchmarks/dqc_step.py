@@ -65,14 +65,21 @@ def _child(kind: str, args: dict, q) -> None:
             if i >= args["warmup"]:
                 times.append(time.perf_counter() - t)
     else:
-        from calibrate.api import CalibrationConfig
         from calibrate.dobi import init_bounds
-        from calibrate.dqc import DQCConfig, DQCStep
-        from calibrate.prepare import prepare
+        from calibrate.dqc import DQCConfig
+        from calibrate.prepare import QuantRecipe, prepare
 
-        cc = CalibrationConfig(model=args["model"], bits=args["bits"], output="-",
-                               method=args["method"])
-        recipe = cc.quant_recipe()
+        try:
+            from calibrate.dqc import DQCStep
+        except ImportError:  # an older checkout (PYTHONPATH=<worktree>): the same step, inline
+            DQCStep = _legacy_step()
+        if args["method"] == "2dquant":
+            recipe = QuantRecipe(bits=args["bits"])
+        else:
+            from calibrate.api import CalibrationConfig
+
+            recipe = CalibrationConfig(model=args["model"], bits=args["bits"], output="-",
+                                       method=args["method"]).quant_recipe()
         student = prepare(lm.model, recipe)
         init_bounds(student, x[:2, :, :min(64, args["lr_patch"]), :min(64, args["lr_patch"])])
         kw = dict(iterations=1, batch=args["batch"], lr_patch=max(8, args["lr_patch"]))
@@ -86,6 +93,44 @@ def _child(kind: str, args: dict, q) -> None:
                 times.append(time.perf_counter() - t)
         trainer.close()
     q.put({"kind": kind, "times": times, "peak_rss_mb": _peak_rss_mb()})
+
+
+def _legacy_step():
+    """``DQCStep`` for checkouts that predate it: the loop body of their ``run_dqc``."""
+    import torch
+
+    from calibrate.dqc import _FeatureTap, feature_loss, output_loss
+    from calibrate.prepare import bound_parameters
+
+    class LegacyStep:
+        def __init__(self, student, teacher, cfg):
+            self.student, self.teacher, self.cfg = student.eval(), teacher.eval(), cfg
+            self.params = bound_parameters(student)
+            for p in self.params:
+                p.requires_grad_(True)
+            self.opt = torch.optim.Adam(self.params, lr=cfg.lr, betas=cfg.betas)
+            self.names = student.feature_modules()
+            self.tap_s = _FeatureTap(student, self.names)
+            self.tap_t = _FeatureTap(teacher, self.names)
+
+        def step(self, lr):
+            with torch.no_grad():
+                out_t = self.teacher(lr)
+            out_s = self.student(lr)
+            loss = output_loss(out_s, out_t, self.cfg.feature_loss)
+            loss = loss + self.cfg.feature_weight * sum(
+                feature_loss(self.tap_s.out[n], self.tap_t.out[n], self.cfg.feature_loss)
+                for n in self.names)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            return loss.detach()
+
+        def close(self):
+            self.tap_s.close()
+            self.tap_t.close()
+
+    return LegacyStep
 
 
 def measure(args: dict) -> dict:

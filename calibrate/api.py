@@ -45,12 +45,19 @@ METHODS = ("2dquant", "edge-sr", "dobi", "minmax", "percentile")
 DOBI_METHODS = ("2dquant", "edge-sr", "dobi")  # bounds initialised by DOBI
 DQC_METHODS = ("2dquant", "edge-sr")  # then trained by DQC
 # What ``--method edge-sr`` adds to 2DQuant unless an option is given explicitly: Hadamard
-# rotation of the linear inputs where it measures better, and per-channel weight grids.
-EDGE_SR_OPTIONS = dict(rotate=("auto",), weight_grid="channel", rounding="gptq")
+# rotation of the linear inputs where it measures better, per-channel weight grids, GPTQ
+# rounding of the weights, and a bound learning rate relative to each grid's range. Each was
+# measured against the faithful 2DQuant on held-out data (docs/results/beyond.md).
+EDGE_SR_OPTIONS = dict(rotate=("auto",), weight_grid="channel", rounding="gptq",
+                       bound_lr="relative")
 ROUNDINGS = ("nearest", "gptq")
 
-# DQC budgets. "fast" was sized on the shared 2-core CPU (see docs/results/accuracy.md).
+# DQC budgets. "fast" was sized on the shared 2-core CPU (see docs/results/accuracy.md); "cpu" is
+# the budget that gained most within 15 minutes of calibration on 2 cores, measured on NGswin x2
+# W4 held-out patches (benchmarks.dqc_budget, docs/results/beyond.md); "paper" is the paper's.
 RECIPES = {
+    "cpu": dict(dqc=DQCConfig(iterations=130, batch=4, lr_patch=64, val_every=10,
+                              ckpt_every=10), val_patches=8, val_patch=64),
     "paper": dict(dqc=DQCConfig(iterations=4000, batch=16, lr_patch=64, val_every=100,
                                 ckpt_every=100), val_patches=16, val_patch=64),
     "fast": dict(dqc=DQCConfig(iterations=60, batch=4, lr_patch=16, val_every=20,
@@ -71,7 +78,7 @@ class CalibrationConfig:
     output: str | Path
     scale: int | None = None
     method: Literal["2dquant", "edge-sr", "dobi", "minmax", "percentile"] = "2dquant"
-    recipe: Literal["fast", "paper"] = "fast"
+    recipe: Literal["cpu", "fast", "paper"] = "fast"
     seed: int = 0
     qkv_separation: bool = True
     search_assignment: Literal["paper", "released"] = "paper"
@@ -89,6 +96,10 @@ class CalibrationConfig:
     weight_grid: Literal["tensor", "channel"] | None = None
     avg_bits: float | None = None  # mixed precision: mean linear-input bits, sites chosen
     rounding: Literal["nearest", "gptq"] | None = None  # weight rounding after DOBI
+    dqc_batch: int | None = None  # override the recipe's DQC batch (budget studies)
+    dqc_patch: int | None = None  # override the recipe's DQC LR patch
+    val_every: int | None = None  # override the recipe's validation interval
+    bound_lr: Literal["absolute", "relative"] | None = None  # DQC bound lr (None: method's)
 
     def validate(self) -> None:
         try:
@@ -101,7 +112,8 @@ class CalibrationConfig:
                               f"{self.method!r}")
         check_device(self.device)
         if self.recipe not in RECIPES:
-            raise EdgeSRError(f"--recipe: expected fast or paper, got {self.recipe!r}")
+            raise EdgeSRError(f"--recipe: expected one of {', '.join(RECIPES)}, got "
+                              f"{self.recipe!r}")
         if self.option("rounding") not in ROUNDINGS:
             raise EdgeSRError(f"--rounding: expected one of {', '.join(ROUNDINGS)}, got "
                               f"{self.rounding!r}")
@@ -120,7 +132,8 @@ class CalibrationConfig:
             return v
         if self.method == "edge-sr":
             return EDGE_SR_OPTIONS[name]
-        return {"rotate": (), "weight_grid": "tensor", "rounding": "nearest"}[name]
+        return {"rotate": (), "weight_grid": "tensor", "rounding": "nearest",
+                "bound_lr": "absolute"}[name]
 
     def quant_recipe(self) -> QuantRecipe:
         """The recipe before per-site choices ("auto" rotation and ``avg_bits`` are resolved
@@ -138,8 +151,11 @@ class CalibrationConfig:
         only be padded up: NGswin pads every input to 64x64 LR)."""
         base = RECIPES[self.recipe]["dqc"]
         kw = asdict(base) | {"seed": self.seed, "feature_loss": self.feature_loss}
-        if self.iterations is not None:
-            kw["iterations"] = self.iterations
+        for key, v in (("iterations", self.iterations), ("batch", self.dqc_batch),
+                       ("lr_patch", self.dqc_patch), ("val_every", self.val_every),
+                       ("bound_lr", self.option("bound_lr"))):
+            if v is not None:
+                kw[key] = v
         req = getattr(model, "size_requirements", None)
         if req is not None:
             kw["lr_patch"] = max(kw["lr_patch"], req.minimum)

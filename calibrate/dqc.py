@@ -266,7 +266,8 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
                 post = {"loss": f"{loss.item():.3g}", "val": f"{best[1]:.2f}"}
             if validate:
                 v = val_psnr(student, *val, scale)
-                history.append({"iteration": done, "loss": loss.item(), "val_psnr": v})
+                history.append({"iteration": done, "loss": loss.item(), "val_psnr": v,
+                                "seconds": time.perf_counter() - t0})
                 if v > best[1]:
                     best = (done, v, _bounds_state(student))
                 post["val"] = f"{v:.2f}"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from calibrate.api import METHODS, CalibrationConfig, calibrate
+from calibrate.api import METHODS, RECIPES, CalibrationConfig, calibrate
 from edge_sr.checkpoints import cache_dir
 from edge_sr.errors import EdgeSRError, MissingDependencyError
 from edge_sr.fileio import atomic_path, sha256_file, versions
@@ -57,7 +57,7 @@ class BuildConfig:
     scale: int
     model: str | None = None  # registry name or checkpoint path; default swinir-light-x{s}-ref
     backend: str = "auto"  # auto | ort | trt
-    recipe: str = "fast"  # fast | paper
+    recipe: str = "cpu"  # a key of calibrate.api.RECIPES
     method: str = "2dquant"  # see METHODS
     tile: tuple[int, int] = (64, 64)
     batch: int = 1
@@ -89,8 +89,9 @@ class BuildConfig:
                                   f"of {', '.join(LINEAR_ROLES)}")
         if self.backend not in ("auto", "ort", "trt"):
             raise EdgeSRError(f"--backend: expected auto, ort or trt, got {self.backend!r}")
-        if self.recipe not in ("fast", "paper"):
-            raise EdgeSRError(f"--recipe: expected fast or paper, got {self.recipe!r}")
+        if self.recipe not in RECIPES:
+            raise EdgeSRError(f"--recipe: expected one of {', '.join(RECIPES)}, got "
+                              f"{self.recipe!r}")
         if self.method not in METHODS:
             raise EdgeSRError(f"--method: expected one of {', '.join(METHODS)}, got "
                               f"{self.method!r}")

@@ -16,8 +16,10 @@ from edge_sr.cli.options import logging_options
               help="Checkpoint name or .pth path [default: swinir-light-x{scale}-ref].")
 @click.option("--backend", type=click.Choice(["auto", "ort", "trt"]), default="auto",
               show_default=True, help="auto: TensorRT with a CUDA GPU, else ONNX Runtime (CPU).")
-@click.option("--recipe", type=click.Choice(["fast", "paper"]), default="fast", show_default=True,
-              help="Calibration recipe: fast (minutes on a CPU) or paper (the 2DQuant schedule).")
+@click.option("--recipe", type=click.Choice(["cpu", "fast", "paper"]), default="cpu",
+              show_default=True,
+              help="DQC budget: cpu (chosen by measurement, <= 15 min on 2 cores), fast (a "
+                   "few minutes) or paper (the 2DQuant schedule).")
 @click.option("--method", type=click.Choice(["2dquant", "edge-sr", "dobi", "minmax",
                                             "percentile"]),
               default="2dquant", show_default=True,

@@ -13,8 +13,11 @@ from edge_sr.cli.options import logging_options, parse_list, parse_rotate
 @click.option("--bits", type=int, required=True, help="Weight and activation bits (2-8).")
 @click.option("--scale", type=int, default=None,
               help="Upscaling factor; defaults to the checkpoint's, and must agree with it.")
-@click.option("--recipe", type=click.Choice(["fast", "paper"]), default="fast", show_default=True,
-              help="DQC budget: 'paper' = 4000 it x batch 16 x 64px (GPU), 'fast' = CPU-sized.")
+@click.option("--recipe", type=click.Choice(["cpu", "fast", "paper"]), default="fast",
+              show_default=True,
+              help="DQC budget: 'cpu' = 130 it x batch 4 x 64px (~10-15 min of 2 CPU cores on "
+                   "NGswin), 'fast' = 60 it x 4 x 16px (a smoke-sized run), 'paper' = 4000 it x "
+                   "16 x 64px (GPU).")
 @click.option("--method", type=click.Choice(["2dquant", "edge-sr", "dobi", "minmax",
                                             "percentile"]),
               default="2dquant", show_default=True,

@@ -1,0 +1,149 @@
+"""DQC budgets on a CPU: held-out PSNR against wall time, to choose ``build``'s default budget.
+
+    python -m benchmarks.dqc_budget run --model ngswin-x2 --bits 4 --method edge-sr \\
+        --batch 4 --lr-patch 64 --iterations 200 --val-every 10 --threads 1
+    python -m benchmarks.dqc_budget report        # table + PNG of every run so far
+
+``run`` calibrates through ``calibrate.api.calibrate_model`` (DOBI, the method's options, then DQC
+at the given batch x patch) and validates every ``--val-every`` iterations on 8 held-out 64x64 LR
+patches of the BSD200 pool's validation split (never a test set). Each run writes
+``results/dqc_budget/<model>_w<bits>_<method>_b<batch>p<patch>.json``: the validation history
+with wall seconds since DQC started, the seconds spent before DQC (DOBI and the per-site
+choices), the CPU model and thread count. ``report`` writes ``results/dqc_budget/curve.png`` and
+prints a Markdown table of the best held-out PSNR reached within 5, 10 and 15 minutes of total
+calibration time. Benchmarks are not tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+OUT = Path("results/dqc_budget")
+VAL_PATCHES, VAL_PATCH = 8, 64
+CHECKPOINTS_MIN = (5, 10, 15)
+
+
+def run(a: argparse.Namespace) -> Path:
+    import torch
+
+    from benchmarks.dqc_step import cpu_model
+    from calibrate.api import CalibrationConfig, PoolData, calibrate_model, pool_data
+    from edge_sr.checkpoints import load_model
+    from edge_sr.data.pool import PatchSampler, pool_split
+    from edge_sr.paths import train_dir
+
+    torch.set_num_threads(a.threads)
+    lm = load_model(a.model)
+    cfg = CalibrationConfig(model=a.model, bits=a.bits, output="-", method=a.method,
+                            iterations=a.iterations, dqc_batch=a.batch, dqc_patch=a.lr_patch,
+                            val_every=a.val_every, bound_lr=a.bound_lr)
+    base = pool_data(lm.scale, "fast", 0, lr_patch=cfg.dqc_config(lm.model).lr_patch)
+    split = pool_split(train_dir(), n_val=min(20, max(1, len(split_imgs()) // 10)), seed=0)
+    val = PatchSampler(VAL_PATCH, lm.scale, flips=False, rot=False, seed=1,
+                       images=list(split.val[:10])).sample(VAL_PATCHES)
+    data = PoolData(base.calib_lr, val, base.sampler)
+    t0 = time.perf_counter()
+    cal = calibrate_model(lm, data, cfg)
+    total = time.perf_counter() - t0
+    st = cal.meta.stats
+    pre = total - st.get("dqc_seconds", 0.0)
+    res = {"model": a.model, "bits": a.bits, "method": a.method, "batch": a.batch,
+           "lr_patch": cfg.dqc_config(lm.model).lr_patch, "iterations": a.iterations,
+           "bound_lr": cfg.option("bound_lr"), "threads": a.threads, "cpu": cpu_model(),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "seconds_before_dqc": pre, "seconds_total": total,
+           "history": st.get("dqc_history", []), "val_psnr_init": st["val_psnr_init"],
+           "best_val_psnr": st["val_psnr"], "recipe": cal.meta.recipe}
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / (f"{a.model}_w{a.bits}_{a.method}_b{a.batch}p{res['lr_patch']}"
+                  f"{'_' + a.tag if a.tag else ''}.json")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=2))
+    tmp.replace(path)
+    if a.save:
+        from calibrate.calibfile import save_calibration
+
+        save_calibration(a.save, cal.model, cal.meta)
+    print(f"{path}: best {res['best_val_psnr']:.3f} dB (init {res['val_psnr_init']:.3f}) in "
+          f"{total / 60:.1f} min")
+    return path
+
+
+def split_imgs() -> list:
+    from edge_sr.data.images import is_image_name
+    from edge_sr.paths import train_dir
+
+    return [f for f in train_dir().iterdir() if is_image_name(f)]
+
+
+def curve(res: dict) -> list[tuple[float, float]]:
+    """(minutes of calibration, best held-out PSNR so far) after each validation."""
+    pts, best = [], float("-inf")
+    for h in res["history"]:
+        best = max(best, h["val_psnr"])
+        pts.append(((res["seconds_before_dqc"] + h.get("seconds", 0.0)) / 60, best))
+    return pts
+
+
+def report(_: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+    if not runs:
+        sys.exit(f"no runs under {OUT}; run 'python -m benchmarks.dqc_budget run ...' first")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    print("| model | W | method | batch x patch | bound lr | threads | " +
+          " | ".join(f"best ≤ {m} min" for m in CHECKPOINTS_MIN) + " | iterations (min) |")
+    print("|---|---|---|---|---|---|" + "---|" * len(CHECKPOINTS_MIN) + "---|")
+    for r in runs:
+        pts = curve(r)
+        label = f"{r['model']} W{r['bits']} {r['method']} {r['batch']}x{r['lr_patch']}²"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=label)
+        cells = []
+        for m in CHECKPOINTS_MIN:
+            within = [p[1] for p in pts if p[0] <= m]
+            cells.append(f"{max(within):.2f}" if within else "–")
+        last = r["history"][-1]
+        print(f"| {r['model']} | {r['bits']} | {r['method']} | {r['batch']}x{r['lr_patch']}² | "
+              f"{r['bound_lr']} | {r['threads']} | " + " | ".join(cells) +
+              f" | {last['iteration']} ({r['seconds_total'] / 60:.1f}) |")
+    ax.set_xlabel("calibration time (min, DOBI + DQC)")
+    ax.set_ylabel("held-out Y-PSNR (dB), best so far")
+    ax.axvline(15, color="grey", ls=":")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    OUT.mkdir(parents=True, exist_ok=True)
+    fig.savefig(OUT / "curve.png", dpi=120)
+    print(f"\nwrote {OUT / 'curve.png'}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--model", default="ngswin-x2")
+    r.add_argument("--bits", type=int, default=4)
+    r.add_argument("--method", default="edge-sr", choices=["2dquant", "edge-sr"])
+    r.add_argument("--batch", type=int, default=4)
+    r.add_argument("--lr-patch", type=int, default=64)
+    r.add_argument("--iterations", type=int, default=200)
+    r.add_argument("--val-every", type=int, default=10)
+    r.add_argument("--bound-lr", default=None, choices=["absolute", "relative"])
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--tag", default="")
+    r.add_argument("--save", type=Path, default=None, help="also write the calibration file")
+    sub.add_parser("report")
+    a = ap.parse_args(argv)
+    (run if a.cmd == "run" else report)(a)
+
+
+if __name__ == "__main__":
+    main()
