@@ -17,6 +17,7 @@ from torch import nn
 from calibrate.qmodules import QuantLinear
 from calibrate.quantizer import BoundFakeQuantizer, check_bits
 from calibrate.rotation import random_hadamard
+from edge_sr.errors import EdgeSRError
 from edge_sr.models.base import QuantPoint, SRModel
 
 LINEAR_ROLES = ("qkv", "proj", "fc1", "fc2")
@@ -126,8 +127,11 @@ def prepare(model: SRModel, recipe: QuantRecipe) -> SRModel:
         if point.kind == "linear":
             lin = student.get_submodule(point.name)
             groups = 3 if point.role == "qkv" else 1
-            rot = (random_hadamard(lin.in_features, recipe.rotation_seed)
-                   if recipe.rotated(point) else None)
+            try:
+                rot = (random_hadamard(lin.in_features, recipe.rotation_seed)
+                       if recipe.rotated(point) else None)
+            except ValueError as e:
+                raise EdgeSRError(f"--rotate: {point.name}: {e}") from None
             q = QuantLinear(lin, recipe.bits, groups=groups,
                             shared_input=groups > 1 and not recipe.qkv_separation,
                             act_search=search, act_bits=recipe.input_bits(point),

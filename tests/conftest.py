@@ -66,3 +66,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def make_tiny_engine(d: Path) -> Path:
+    """A real ONNX Runtime engine in ``d``: a tiny random SwinIR-light exported at 16x16."""
+    from edge_sr.onnx_export import export_fp_onnx
+    from runtime.engine import FP32_FILE, MODEL_FILE, Manifest, file_entry, write_manifest
+
+    d.mkdir(parents=True, exist_ok=True)
+    model = make_tiny_swinir(2)
+    export_fp_onnx(model, d / MODEL_FILE, tile=(16, 16))
+    export_fp_onnx(model, d / FP32_FILE, tile=(16, 16))
+    write_manifest(d, Manifest(name="tiny", model={"name": "tiny"}, scale=2, bits=None,
+                               backend="onnxruntime", tile=[16, 16], batch=1, overlap=4,
+                               precision="fp32", files={"model": file_entry(d, MODEL_FILE),
+                                                        "fp32": file_entry(d, FP32_FILE)}))
+    return d

@@ -31,12 +31,7 @@ TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
 INVERSE = {**TRANSPOSE, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny ops: threads only contend
 
 
 class Nearest:
@@ -71,22 +66,10 @@ def nearest_engine(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_engine(tmp_path_factory):
-    """A real engine: a tiny random SwinIR-light exported at 16x16 (as in test_upscale.py)."""
-    from conftest import make_tiny_swinir
+    """A real engine: a tiny random SwinIR-light exported at 16x16."""
+    from conftest import make_tiny_engine
 
-    from edge_sr.onnx_export import export_fp_onnx
-    from runtime.engine import FP32_FILE, MODEL_FILE, Manifest, file_entry, write_manifest
-
-    d = tmp_path_factory.mktemp("engine") / "tiny"
-    d.mkdir()
-    model = make_tiny_swinir(2)
-    export_fp_onnx(model, d / MODEL_FILE, tile=(16, 16))
-    export_fp_onnx(model, d / FP32_FILE, tile=(16, 16))
-    write_manifest(d, Manifest(name="tiny", model={"name": "tiny"}, scale=2, bits=None,
-                               backend="onnxruntime", tile=[16, 16], batch=1, overlap=4,
-                               precision="fp32", files={"model": file_entry(d, MODEL_FILE),
-                                                        "fp32": file_entry(d, FP32_FILE)}))
-    return d
+    return make_tiny_engine(tmp_path_factory.mktemp("engine") / "tiny")
 
 
 def _run(engine, out, *inputs, **kw):

@@ -176,3 +176,11 @@ def test_rotated_per_channel_export_is_exact(tiny_swinir, target):
     out = make_session(proto, threads=1).run(None, {"lr": x.numpy()})[0]
     assert abs(out - ref).max() < 1e-4
     assert {q.bits for _, q in quantizers(student)} == {4}
+
+
+def test_rotating_a_width_without_a_hadamard_names_the_site(tiny_swinir):
+    from edge_sr.errors import EdgeSRError
+
+    tiny = tiny_swinir(embed_dim=10, num_heads=(2, 2))  # width 10: no construction
+    with pytest.raises(EdgeSRError, match=r"--rotate: .*fc1: no Hadamard matrix of width 10"):
+        prepare(tiny, QuantRecipe(bits=4, rotate=("fc1",)))
