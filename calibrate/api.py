@@ -100,6 +100,7 @@ class CalibrationConfig:
     dqc_patch: int | None = None  # override the recipe's DQC LR patch
     val_every: int | None = None  # override the recipe's validation interval
     bound_lr: Literal["absolute", "relative"] | None = None  # DQC bound lr (None: method's)
+    recompute: bool = False  # DQC activation checkpointing per block (memory for time)
 
     def validate(self) -> None:
         try:
@@ -153,7 +154,8 @@ class CalibrationConfig:
         kw = asdict(base) | {"seed": self.seed, "feature_loss": self.feature_loss}
         for key, v in (("iterations", self.iterations), ("batch", self.dqc_batch),
                        ("lr_patch", self.dqc_patch), ("val_every", self.val_every),
-                       ("bound_lr", self.option("bound_lr"))):
+                       ("bound_lr", self.option("bound_lr")),
+                       ("recompute", self.recompute or None)):
             if v is not None:
                 kw[key] = v
         req = getattr(model, "size_requirements", None)

@@ -11,7 +11,8 @@ import re
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-ORDER = ["eval", "accuracy", "export", "runtime", "ngswin", "ngswin_accuracy", "inputs", "gpu"]
+ORDER = ["eval", "accuracy", "export", "runtime", "ngswin", "ngswin_accuracy", "beyond", "inputs",
+         "gpu"]
 
 
 def demote(text: str) -> str:
@@ -26,7 +27,8 @@ def main() -> None:
     for name in ORDER:
         p = DOCS / "results" / f"{name}.md"
         if p.exists():
-            parts.append(f"<!-- from docs/results/{name}.md -->\n" + demote(p.read_text()).rstrip() + "\n")
+            text = demote(p.read_text()).replace("](img/", "](results/img/")  # links from docs/
+            parts.append(f"<!-- from docs/results/{name}.md -->\n" + text.rstrip() + "\n")
     out = DOCS / "RESULTS.md"
     tmp = out.with_suffix(".md.tmp")
     tmp.write_text("\n\n".join(parts))
