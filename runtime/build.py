@@ -370,6 +370,9 @@ def build(cfg: BuildConfig) -> BuildResult:
             with stage("calibrate"):
                 calib_path, calib_info = stage_calibrate(lm, cfg)
                 student = load_student(calib_path, lm)
+                if (qr := getattr(student, "quant_recipe", None)) is not None:
+                    # what was calibrated: rotated sites, weight grid, per-site input bits
+                    calib_info["quant_recipe"] = qr.to_dict()
             with stage("export"):
                 stage_export(student, lm, cfg, backend, work)
             with stage("build"):

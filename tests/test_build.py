@@ -217,3 +217,6 @@ def test_real_calibration_api(tmp_path, env):
         env["mp"].setattr(rb, "run_calibration", run_cal)
         env["mp"].setattr(rb, "load_student", load_student)
     assert res.manifest.validation["fidelity_psnr_y_db"] > 40
+    # the manifest records what was calibrated: build's default method is edge-sr
+    recipe = res.manifest.calibration["quant_recipe"]
+    assert recipe["weight_grid"] == "channel" and recipe["rotate"]
