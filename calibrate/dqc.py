@@ -12,6 +12,11 @@ output L1 divided by the per-sample element count (spec §4.2, §7.3-5).
 Adam (lr 1e-2 constant, betas (0.9, 0.99)). Validation PSNR on held-out pool patches (never the
 test sets) picks the final bounds among the DOBI start and every validated iteration. State is
 saved atomically every ``ckpt_every`` iterations; ``resume`` continues from it.
+
+One step is ``DQCStep.step`` (``benchmarks.dqc_step`` times it). Beyond the paper, with the same
+maths: ``recompute`` checkpoints every transformer block (memory for time), and
+``bound_lr="relative"`` gives each quantizer an lr proportional to its range (``param_groups``).
+Each validation in the history records the seconds since this run (re)started.
 """
 
 from __future__ import annotations
