@@ -58,7 +58,7 @@ class BuildConfig:
     model: str | None = None  # registry name or checkpoint path; default swinir-light-x{s}-ref
     backend: str = "auto"  # auto | ort | trt
     recipe: str = "cpu"  # a key of calibrate.api.RECIPES
-    method: str = "edge-sr"  # calibrate.api.METHODS; edge-sr beat 2dquant in every measured cell
+    method: str = "edge-sr"  # calibrate.api.METHODS (docs/results/beyond.md for why)
     tile: tuple[int, int] = (64, 64)
     batch: int = 1
     overlap: int | None = None  # LR pixels shared by neighbouring tiles (default tile/4)

@@ -24,7 +24,7 @@ from edge_sr.cli.options import logging_options
                                             "percentile"]),
               default="edge-sr", show_default=True,
               help="edge-sr = 2DQuant + measured Hadamard rotation, per-channel weights and "
-                   "GPTQ (beat the paper in every measured cell); 2dquant = DOBI + DQC, the "
+                   "GPTQ (+1.4 to +2.6 dB on converged NGswin); 2dquant = DOBI + DQC, the "
                    "faithful paper; dobi/minmax/percentile skip DQC.")
 @click.option("--tile", default="64", show_default=True,
               help="LR tile the engine runs: N or WxH (a multiple of the model's window).")
