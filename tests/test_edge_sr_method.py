@@ -120,3 +120,10 @@ def test_cli_takes_the_new_options(tiny_ckpt, tmp_path, one_thread):
     r = CliRunner().invoke(main, ["calibrate", "--model", str(tiny_ckpt), "--bits", "4",
                                   "--rotate", "attn", "-o", str(tmp_path / "x.pt")])
     assert r.exit_code == 2 and "--rotate: unknown linear roles ['attn']" in r.output
+
+
+def test_cli_vocabulary_matches_the_api():
+    from calibrate.api import METHODS, RECIPES
+    from edge_sr.cli.options import METHOD_CHOICES, RECIPE_CHOICES
+
+    assert set(METHOD_CHOICES) == set(METHODS) and set(RECIPE_CHOICES) == set(RECIPES)

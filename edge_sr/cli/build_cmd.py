@@ -6,7 +6,7 @@ import json
 
 import click
 
-from edge_sr.cli.options import logging_options
+from edge_sr.cli.options import logging_options, quant_options
 
 
 @click.command("build")
@@ -16,16 +16,7 @@ from edge_sr.cli.options import logging_options
               help="Checkpoint name or .pth path [default: swinir-light-x{scale}-ref].")
 @click.option("--backend", type=click.Choice(["auto", "ort", "trt"]), default="auto",
               show_default=True, help="auto: TensorRT with a CUDA GPU, else ONNX Runtime (CPU).")
-@click.option("--recipe", type=click.Choice(["cpu", "fast", "paper"]), default="cpu",
-              show_default=True,
-              help="DQC budget: cpu (chosen by measurement, <= 15 min on 2 cores), fast (a "
-                   "few minutes) or paper (the 2DQuant schedule).")
-@click.option("--method", type=click.Choice(["2dquant", "edge-sr", "dobi", "minmax",
-                                            "percentile"]),
-              default="edge-sr", show_default=True,
-              help="edge-sr = 2DQuant + measured Hadamard rotation, per-channel weights and "
-                   "GPTQ (+1.4 to +2.6 dB on converged NGswin); 2dquant = DOBI + DQC, the "
-                   "faithful paper; dobi/minmax/percentile skip DQC.")
+@quant_options(method_default="edge-sr", recipe_default="cpu")
 @click.option("--tile", default="64", show_default=True,
               help="LR tile the engine runs: N or WxH (a multiple of the model's window).")
 @click.option("--batch", type=int, default=1, show_default=True, help="Tiles per engine call.")
@@ -39,15 +30,6 @@ from edge_sr.cli.options import logging_options
 @click.option("--wide-inputs", default="", metavar="ROLES",
               help="Comma-separated linear roles (qkv, proj, fc1, fc2) whose inputs stay 8-bit "
                    "(beyond the paper; fc1 for NGswin).")
-@click.option("--rotate", default=None, metavar="ROLES|auto|none",
-              help="Hadamard-rotate these linear inputs (beyond the paper) [default: the "
-                   "method's].")
-@click.option("--weight-grid", type=click.Choice(["tensor", "channel"]), default=None,
-              help="Weight grid per tensor or per output channel [default: the method's].")
-@click.option("--avg-bits", type=float, default=None, metavar="BITS",
-              help="Mixed precision: mean linear-input width, sensitive sites at 8 bits.")
-@click.option("--rounding", type=click.Choice(["nearest", "gptq"]), default=None,
-              help="Weight rounding after DOBI: nearest (paper) or GPTQ [default: the method's].")
 @click.option("--print-config", is_flag=True, help="Print the build configuration and stop.")
 @logging_options
 def build_cmd(bits, scale, model, backend, recipe, method, tile, batch, out, force, threads,
