@@ -5,8 +5,8 @@
     python -m benchmarks.dqc_budget report        # table + PNG of every run so far
 
 ``run`` calibrates through ``calibrate.api.calibrate_model`` (DOBI, the method's options, then DQC
-at the given batch x patch) and validates every ``--val-every`` iterations on 8 held-out 64x64 LR
-patches of the BSD200 pool's validation split (never a test set). Each run writes
+at the given batch x patch) and validates every ``--val-every`` iterations on the ``cpu`` recipe's
+8 held-out 64x64 LR patches of the BSD200 pool's validation split (never a test set). Each run writes
 ``results/dqc_budget/<model>_w<bits>_<method>_b<batch>p<patch>.json``: the validation history
 with wall seconds since DQC started, the seconds spent before DQC (DOBI and the per-site
 choices), the CPU model and thread count. ``report`` writes ``results/dqc_budget/curve.png`` and
@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 OUT = Path("results/dqc_budget")
-VAL_PATCHES, VAL_PATCH = 8, 64
 CHECKPOINTS_MIN = (5, 10, 15)
 
 
@@ -31,21 +30,16 @@ def run(a: argparse.Namespace) -> Path:
     import torch
 
     from benchmarks.dqc_step import cpu_model
-    from calibrate.api import CalibrationConfig, PoolData, calibrate_model, pool_data
+    from calibrate.api import CalibrationConfig, calibrate_model, pool_data
     from edge_sr.checkpoints import load_model
-    from edge_sr.data.pool import PatchSampler, pool_split
-    from edge_sr.paths import train_dir
 
     torch.set_num_threads(a.threads)
     lm = load_model(a.model)
     cfg = CalibrationConfig(model=a.model, bits=a.bits, output="-", method=a.method,
-                            iterations=a.iterations, dqc_batch=a.batch, dqc_patch=a.lr_patch,
-                            val_every=a.val_every, bound_lr=a.bound_lr)
-    base = pool_data(lm.scale, "fast", 0, lr_patch=cfg.dqc_config(lm.model).lr_patch)
-    split = pool_split(train_dir(), n_val=min(20, max(1, len(split_imgs()) // 10)), seed=0)
-    val = PatchSampler(VAL_PATCH, lm.scale, flips=False, rot=False, seed=1,
-                       images=list(split.val[:10])).sample(VAL_PATCHES)
-    data = PoolData(base.calib_lr, val, base.sampler)
+                            recipe="cpu", iterations=a.iterations, dqc_batch=a.batch,
+                            dqc_patch=a.lr_patch, val_every=a.val_every, bound_lr=a.bound_lr)
+    # the "cpu" recipe's data: 32 calibration patches, 8 held-out 64x64 validation patches
+    data = pool_data(lm.scale, cfg.recipe, cfg.seed, lr_patch=cfg.dqc_config(lm.model).lr_patch)
     t0 = time.perf_counter()
     cal = calibrate_model(lm, data, cfg)
     total = time.perf_counter() - t0
@@ -71,13 +65,6 @@ def run(a: argparse.Namespace) -> Path:
     print(f"{path}: best {res['best_val_psnr']:.3f} dB (init {res['val_psnr_init']:.3f}) in "
           f"{total / 60:.1f} min")
     return path
-
-
-def split_imgs() -> list:
-    from edge_sr.data.images import is_image_name
-    from edge_sr.paths import train_dir
-
-    return [f for f in train_dir().iterdir() if is_image_name(f)]
 
 
 def curve(res: dict) -> list[tuple[float, float]]:
