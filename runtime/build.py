@@ -81,12 +81,6 @@ class BuildConfig:
         self.wide_inputs = tuple(self.wide_inputs)
         if self.rotate is not None:
             self.rotate = tuple(self.rotate)
-        if self.wide_inputs:
-            from calibrate.prepare import LINEAR_ROLES
-
-            if unknown := sorted(set(self.wide_inputs) - set(LINEAR_ROLES)):
-                raise EdgeSRError(f"--wide-inputs: unknown linear roles {unknown}; expected some "
-                                  f"of {', '.join(LINEAR_ROLES)}")
         if self.backend not in ("auto", "ort", "trt"):
             raise EdgeSRError(f"--backend: expected auto, ort or trt, got {self.backend!r}")
         if self.recipe not in RECIPES:
@@ -102,6 +96,16 @@ class BuildConfig:
                               f"{self.batch}")
         if self.val_images < 1 or self.val_crop < 8:
             raise EdgeSRError("validation needs at least one image and a crop of 8 pixels or more")
+        self.calibration_config().validate()  # --bits, --wide-inputs, --rotate, ... before any work
+
+    def calibration_config(self, model: str = "-", output: str | Path = "-") -> CalibrationConfig:
+        """The ``calibrate.api`` configuration this build calibrates with."""
+        return CalibrationConfig(model=model, scale=self.scale, bits=self.bits,
+                                 method=self.method, recipe=self.recipe, output=str(output),
+                                 seed=self.seed, iterations=self.calib_iterations,
+                                 wide_inputs=self.wide_inputs, rotate=self.rotate,
+                                 weight_grid=self.weight_grid, avg_bits=self.avg_bits,
+                                 rounding=self.rounding)
 
     @property
     def model_name(self) -> str:
@@ -166,12 +170,7 @@ def stage_checkpoint(cfg: BuildConfig):
 
 def run_calibration(lm, cfg: BuildConfig, output: Path) -> Path:
     """Call the calibration API (``calibrate.api``) and return the calibration file it wrote."""
-    cc = CalibrationConfig(model=str(lm.path), scale=cfg.scale, bits=cfg.bits,
-                           method=cfg.method, recipe=cfg.recipe, output=str(output),
-                           seed=cfg.seed, iterations=cfg.calib_iterations,
-                           wide_inputs=cfg.wide_inputs, rotate=cfg.rotate,
-                           weight_grid=cfg.weight_grid, avg_bits=cfg.avg_bits,
-                           rounding=cfg.rounding)
+    cc = cfg.calibration_config(model=str(lm.path), output=output)
     return Path(calibrate(cc, lm=lm))  # the checkpoint is loaded and hashed once
 
 

@@ -152,6 +152,10 @@ def test_build_config_errors(env):
         "engines/swinir-light-x3-ref-w4a4"
     with pytest.raises(EdgeSRError, match="--wide-inputs: unknown linear roles \\['mlp'\\]"):
         rb.BuildConfig(bits=4, scale=2, wide_inputs=("mlp",))
+    with pytest.raises(EdgeSRError, match="--rotate: unknown linear roles \\['bogus'\\]"):
+        rb.BuildConfig(bits=4, scale=2, rotate=("qkv", "bogus"))
+    with pytest.raises(EdgeSRError, match="--avg-bits"):
+        rb.BuildConfig(bits=4, scale=2, avg_bits=3.0)
     # the 8-bit-input option is its own calibration; the default keeps the old cache key
     base, wide = rb.BuildConfig(bits=4, scale=2), rb.BuildConfig(bits=4, scale=2,
                                                                  wide_inputs=["fc1"])
