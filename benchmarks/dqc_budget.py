@@ -11,7 +11,10 @@ at the given batch x patch) and validates every ``--val-every`` iterations on th
 with wall seconds since DQC started, the seconds spent before DQC (DOBI and the per-site
 choices), the CPU model and thread count. ``report`` writes ``results/dqc_budget/curve.png`` and
 prints a Markdown table of the best held-out PSNR reached within 5, 10 and 15 minutes of total
-calibration time. Benchmarks are not tests.
+calibration time. ``run --recipe paper --device cuda --time-limit MIN --score Set5,Set14`` is the
+GPU form (scripts/gpu_session.sh): the paper's budget cut at a deadline, validated on the paper
+recipe's 16 held-out patches, then scored on the benchmark sets for reporting only.
+Benchmarks are not tests.
 """
 
 from __future__ import annotations
@@ -34,11 +37,13 @@ def run(a: argparse.Namespace) -> Path:
     from edge_sr.checkpoints import load_model
 
     torch.set_num_threads(a.threads)
-    lm = load_model(a.model)
+    lm = load_model(a.model, device=a.device)
     cfg = CalibrationConfig(model=a.model, bits=a.bits, output="-", method=a.method,
-                            recipe="cpu", iterations=a.iterations, dqc_batch=a.batch,
-                            dqc_patch=a.lr_patch, val_every=a.val_every, bound_lr=a.bound_lr)
-    # the "cpu" recipe's data: 32 calibration patches, 8 held-out 64x64 validation patches
+                            recipe=a.recipe, iterations=a.iterations, dqc_batch=a.batch,
+                            dqc_patch=a.lr_patch, val_every=a.val_every, bound_lr=a.bound_lr,
+                            device=a.device, time_limit=a.time_limit)
+    # the recipe's data: 32 calibration patches and its held-out validation patches
+    # ("cpu": 8 of 64x64 LR; "paper": 16 of 64x64)
     data = pool_data(lm.scale, cfg.recipe, cfg.seed, lr_patch=cfg.dqc_config(lm.model).lr_patch)
     t0 = time.perf_counter()
     cal = calibrate_model(lm, data, cfg)
@@ -48,12 +53,17 @@ def run(a: argparse.Namespace) -> Path:
     res = {"model": a.model, "bits": a.bits, "method": a.method, "batch": a.batch,
            "lr_patch": cfg.dqc_config(lm.model).lr_patch, "iterations": a.iterations,
            "bound_lr": cfg.option("bound_lr"), "threads": a.threads, "cpu": cpu_model(),
+           "device": _device_name(a.device), "dqc_stopped_at": st.get("dqc_stopped_at"),
+           "time_limit_min": a.time_limit,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "seconds_before_dqc": pre, "seconds_total": total,
            "history": st.get("dqc_history", []), "val_psnr_init": st["val_psnr_init"],
            "best_val_psnr": st["val_psnr"], "recipe": cal.meta.recipe}
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / (f"{a.model}_w{a.bits}_{a.method}_b{a.batch}p{res['lr_patch']}"
+    if a.score:
+        res["scores"] = score_sets(cal.model, lm.scale, a.score.split(","))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / (f"{a.model}_w{a.bits}_{a.method}_b{a.batch}p{res['lr_patch']}"
                   f"{'_' + a.tag if a.tag else ''}.json")
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=2))
@@ -63,8 +73,27 @@ def run(a: argparse.Namespace) -> Path:
 
         save_calibration(a.save, cal.model, cal.meta)
     print(f"{path}: best {res['best_val_psnr']:.3f} dB (init {res['val_psnr_init']:.3f}) in "
-          f"{total / 60:.1f} min")
+          f"{total / 60:.1f} min" + "".join(f"; {k} {v['psnr']:.3f} dB"
+                                             for k, v in res.get("scores", {}).items()))
     return path
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") \
+        else "cpu"
+
+
+def score_sets(model, scale: int, sets: list[str]) -> dict:
+    """Y-PSNR/SSIM of the fake-quant ``model`` on benchmark sets (reporting only: the run's
+    choices are made on held-out pool patches before this)."""
+    from edge_sr.evaluate import EvalConfig, evaluate
+    from edge_sr.predictors import TorchPredictor
+
+    res = evaluate(TorchPredictor(model, scale, "fake-quant"),
+                   EvalConfig(datasets=sets, scale=scale, progress=False))
+    return {name: {"psnr": d.psnr, "ssim": d.ssim} for name, d in res.datasets.items()}
 
 
 def curve(res: dict) -> list[tuple[float, float]]:
@@ -76,15 +105,15 @@ def curve(res: dict) -> list[tuple[float, float]]:
     return pts
 
 
-def report(_: argparse.Namespace) -> None:
+def report(a: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+    runs = [json.loads(p.read_text()) for p in sorted(Path(a.out).glob("*.json"))]
     if not runs:
-        sys.exit(f"no runs under {OUT}; run 'python -m benchmarks.dqc_budget run ...' first")
+        sys.exit(f"no runs under {a.out}; run 'python -m benchmarks.dqc_budget run ...' first")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     print("| model | W | method | batch x patch | bound lr | threads | " +
           " | ".join(f"best ≤ {m} min" for m in CHECKPOINTS_MIN) + " | iterations (min) |")
@@ -107,9 +136,8 @@ def report(_: argparse.Namespace) -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    OUT.mkdir(parents=True, exist_ok=True)
-    fig.savefig(OUT / "curve.png", dpi=120)
-    print(f"\nwrote {OUT / 'curve.png'}")
+    fig.savefig(Path(a.out) / "curve.png", dpi=120)
+    print(f"\nwrote {Path(a.out) / 'curve.png'}")
 
 
 def main(argv=None) -> None:
@@ -125,9 +153,18 @@ def main(argv=None) -> None:
     r.add_argument("--val-every", type=int, default=10)
     r.add_argument("--bound-lr", default=None, choices=["absolute", "relative"])
     r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--recipe", default="cpu", choices=["cpu", "paper"],
+                   help="whose held-out patches validate (and whose DQC defaults apply)")
+    r.add_argument("--device", default="cpu", help="cpu or cuda")
+    r.add_argument("--time-limit", type=float, default=None, metavar="MIN",
+                   help="stop DQC after this many minutes of calibration (CalibrationConfig)")
+    r.add_argument("--score", default="", metavar="SETS",
+                   help="also score the result on these benchmark sets, e.g. Set5,Set14")
+    r.add_argument("--out", default=str(OUT))
     r.add_argument("--tag", default="")
     r.add_argument("--save", type=Path, default=None, help="also write the calibration file")
-    sub.add_parser("report")
+    rp = sub.add_parser("report")
+    rp.add_argument("--out", default=str(OUT))
     a = ap.parse_args(argv)
     (run if a.cmd == "run" else report)(a)
 

@@ -50,18 +50,26 @@ def _child(kind: str, args: dict, q) -> None:
     torch.manual_seed(0)
     from edge_sr.checkpoints import load_model
 
-    lm = load_model(args["model"])
+    dev = torch.device(args.get("device", "cpu"))
+    lm = load_model(args["model"], device=str(dev))
     x = torch.rand(args["batch"], 3, args["lr_patch"], args["lr_patch"],
-                   generator=torch.Generator().manual_seed(0))
+                   generator=torch.Generator().manual_seed(0)).to(dev)
     times = []
+
+    def sync():  # GPU work is asynchronous: a step ends when its kernels do
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     if kind == "fp":
         model = lm.model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         for i in range(args["warmup"] + args["steps"]):
             xi = x.clone().requires_grad_(True)
+            sync()
             t = time.perf_counter()
             model(xi).sum().backward()
+            sync()
             if i >= args["warmup"]:
                 times.append(time.perf_counter() - t)
     else:
@@ -87,12 +95,17 @@ def _child(kind: str, args: dict, q) -> None:
             kw["recompute"] = True
         trainer = DQCStep(student, lm.model, DQCConfig(**kw))
         for i in range(args["warmup"] + args["steps"]):
+            sync()
             t = time.perf_counter()
             trainer.step(x)
+            sync()
             if i >= args["warmup"]:
                 times.append(time.perf_counter() - t)
         trainer.close()
-    q.put({"kind": kind, "times": times, "peak_rss_mb": _peak_rss_mb()})
+    peak = _peak_rss_mb()
+    if dev.type == "cuda":  # the GPU's peak, not the host's
+        peak = torch.cuda.max_memory_allocated(dev) / 2**20
+    q.put({"kind": kind, "times": times, "peak_rss_mb": peak})
 
 
 def _legacy_step():
@@ -155,6 +168,8 @@ def measure(args: dict) -> dict:
         "threads": args["threads"], "step_ms": step * 1e3, "fp_fwd_bwd_ms": fp * 1e3,
         "ratio": step / fp, "peak_rss_mb": peaks["dqc"], "fp_peak_rss_mb": peaks["fp"],
         "lr_pixels_per_s": px / step, "samples": {k: [t * 1e3 for t in v] for k, v in runs.items()},
+        "device": args.get("device", "cpu"), "peak_is": "GPU allocated" if
+        args.get("device", "cpu").startswith("cuda") else "host RSS",
         "cpu": cpu_model(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
@@ -169,6 +184,7 @@ def main(argv=None) -> None:
     ap.add_argument("--recompute", action="store_true",
                     help="activation checkpointing per block (DQCConfig.recompute)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (peaks are then GPU memory)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=1)
@@ -181,7 +197,8 @@ def main(argv=None) -> None:
             f"{' recompute' if a.recompute else ''}: step {res['step_ms']:.0f} ms, FP fwd+bwd "
             f"{res['fp_fwd_bwd_ms']:.0f} ms, ratio {res['ratio']:.2f}, peak RSS "
             f"{res['peak_rss_mb']:.0f} MB (FP {res['fp_peak_rss_mb']:.0f} MB), "
-            f"{res['lr_pixels_per_s']:.0f} LR px/s [{res['cpu']}, {a.threads} threads]")
+            f"{res['lr_pixels_per_s']:.0f} LR px/s [{res['cpu']}, {a.threads} threads"
+            f"{', ' + a.device if a.device != 'cpu' else ''}]")
     print(line)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)

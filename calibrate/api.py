@@ -101,6 +101,7 @@ class CalibrationConfig:
     val_every: int | None = None  # override the recipe's validation interval
     bound_lr: Literal["absolute", "relative"] | None = None  # DQC bound lr (None: method's)
     recompute: bool = False  # DQC activation checkpointing per block (memory for time)
+    time_limit: float | None = None  # minutes of calibration; DQC stops at the first step past it
 
     def validate(self) -> None:
         try:
@@ -112,6 +113,8 @@ class CalibrationConfig:
             raise EdgeSRError(f"--method: expected one of {', '.join(METHODS)}, got "
                               f"{self.method!r}")
         check_device(self.device)
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise EdgeSRError(f"--time-limit: expected minutes > 0, got {self.time_limit}")
         if self.recipe not in RECIPES:
             raise EdgeSRError(f"--recipe: expected one of {', '.join(RECIPES)}, got "
                               f"{self.recipe!r}")
@@ -303,9 +306,10 @@ def calibrate_model(lm, data: PoolData, cfg: CalibrationConfig,
     stats["val_psnr_init"] = val_psnr(student, *data.val, scale)
     if cfg.method in DQC_METHODS:
         dqc_cfg = cfg.dqc_config(lm.model)
+        deadline = None if cfg.time_limit is None else t0 + 60 * cfg.time_limit
         r = run_dqc(student, lm.model, dqc_sampler(data.sampler, cfg.seed), data.val, dqc_cfg,
-                    state_path=state_path, resume=cfg.resume)
-        stats |= {"dqc_seconds": r.seconds, "dqc_iterations": r.iterations,
+                    state_path=state_path, resume=cfg.resume, deadline=deadline)
+        stats |= {"dqc_stopped_at": r.stopped_at,"dqc_seconds": r.seconds, "dqc_iterations": r.iterations,
                   "dqc_best_iteration": r.best_iteration, "val_psnr": r.best_val_psnr,
                   "dqc_history": r.history, "dqc_config": asdict(dqc_cfg)}
     else:

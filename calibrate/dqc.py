@@ -74,6 +74,7 @@ class DQCReport:
     best_iteration: int
     best_val_psnr: float
     history: list[dict] = field(default_factory=list)
+    stopped_at: int | None = None  # the iteration a deadline stopped the run at (None: ran out)
 
 
 def output_loss(out_s: torch.Tensor, out_t: torch.Tensor, variant: str) -> torch.Tensor:
@@ -228,13 +229,16 @@ class DQCStep:
 
 def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int], torch.Tensor],
             val: tuple[torch.Tensor, torch.Tensor], cfg: DQCConfig,
-            state_path: str | Path | None = None, resume: bool = False) -> DQCReport:
+            state_path: str | Path | None = None, resume: bool = False,
+            deadline: float | None = None) -> DQCReport:
     """Train the bounds of ``student`` against ``teacher`` in place; keep the best-validated.
 
     ``sample(iteration, n)`` returns n LR training patches, a function of its arguments (so a
     resumed run sees the same patches); ``val`` is (LR, HR) held-out
     patches. With ``state_path`` the run saves its state there every ``cfg.ckpt_every`` steps
-    and, with ``resume``, starts from it.
+    and, with ``resume``, starts from it. ``deadline`` (a ``time.perf_counter()`` value) stops
+    the run after the first step that ends past it: the stopping iteration is validated, saved
+    to ``state_path`` and reported as ``stopped_at`` (``--resume`` continues from it).
     """
     torch.manual_seed(cfg.seed)
     scale = int(student.scale)
@@ -246,6 +250,7 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
     opt = trainer.opt
     state_path = Path(state_path) if state_path else None
     t0 = time.perf_counter()
+    stopped_at = None
     try:
         if resume and state_path is not None and state_path.exists():
             st = torch.load(state_path, map_location="cpu", weights_only=False)
@@ -266,7 +271,8 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
         for it in bar:
             loss = trainer.step(sample(it, cfg.batch).to(dev))
             done = it + 1
-            validate = done % cfg.val_every == 0 or done == cfg.iterations
+            late = deadline is not None and time.perf_counter() >= deadline
+            validate = done % cfg.val_every == 0 or done == cfg.iterations or late
             if validate or done % 10 == 0 or dev.type == "cpu":  # .item() waits for a GPU
                 post = {"loss": f"{loss.item():.3g}", "val": f"{best[1]:.2f}"}
             if validate:
@@ -278,13 +284,19 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
                 post["val"] = f"{v:.2f}"
                 log.debug("DQC %d: loss %.4g, val %.3f dB", done, loss.item(), v)
             bar.set_postfix(post, refresh=False)
-            if state_path is not None and (done % cfg.ckpt_every == 0 or done == cfg.iterations):
+            if state_path is not None and (done % cfg.ckpt_every == 0 or done == cfg.iterations
+                                           or late):
                 _save_state(state_path, cfg, done, student, opt, history, best)
+            if late and done < cfg.iterations:
+                stopped_at = done
+                log.info("DQC: time limit reached at iteration %d of %d", done, cfg.iterations)
+                break
         bar.close()
     finally:
         trainer.close()
     _load_bounds(student, best[2])
-    rep = DQCReport(cfg.iterations - start, time.perf_counter() - t0, best[0], best[1], history)
+    rep = DQCReport((stopped_at or cfg.iterations) - start, time.perf_counter() - t0, best[0],
+                    best[1], history, stopped_at)
     log.info("DQC: %d iterations in %.0f s; best validation %.3f dB at iteration %d",
              rep.iterations, rep.seconds, rep.best_val_psnr, rep.best_iteration)
     return rep

@@ -70,12 +70,12 @@ def gptq_round(w: torch.Tensor, hessian: torch.Tensor, q: BoundFakeQuantizer,
     def nearest(col: torch.Tensor) -> torch.Tensor:  # col (N, 1)
         return lower + step * torch.round((col.clamp(lower, upper) - lower) / step)
 
-    h = hessian.double().clone()
+    h = hessian.to(w.device, torch.float64).clone()  # on the weight's device (CPU or GPU)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     work = w.detach().double().clone()
     work[:, dead] = 0.0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype, device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     out = torch.empty_like(work)
     for i in range(k):
@@ -104,7 +104,7 @@ def apply_gptq(student: nn.Module, calib_lr: torch.Tensor, damp: float = DAMP) -
     for name, m in student.named_modules():
         if not isinstance(m, QuantLinear):
             continue
-        h = hessians[name]
+        h = hessians[name].to(m.weight.device)  # collected on the host (dobi.collect)
         blocks = []
         num = den = 0.0
         for wq, w in zip(m.weight_quantizers, m.weight_blocks()):

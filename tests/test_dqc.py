@@ -138,3 +138,28 @@ def test_device_option_is_checked_before_any_work(tmp_path):
         with pytest.raises(EdgeSRError, match="--device cuda: PyTorch sees no CUDA device"):
             calibrate(CalibrationConfig(model="x", bits=4, output=tmp_path / "c.pt",
                                         device="cuda"))
+
+
+def test_deadline_stops_validates_saves_and_resumes(tiny_swinir, one_thread, tmp_path):
+    """A deadline stops DQC after the step that passes it: that step is validated and saved,
+    the stop is reported, and --resume continues to the run's end."""
+    cfg = DQCConfig(iterations=6, batch=2, lr_patch=16, val_every=5, ckpt_every=5)
+    fp, student, sample, val = _setup(tiny_swinir)
+    state = tmp_path / "state.pt"
+    clock = {"n": 0}
+
+    def counting(it, n):
+        clock["n"] += 1
+        return sample(it, n)
+
+    import time as _time
+
+    # a deadline already past: the first step ends after it
+    rep = run_dqc(student, fp, counting, val, cfg, state_path=state,
+                  deadline=_time.perf_counter())
+    assert (rep.stopped_at, rep.iterations, clock["n"]) == (1, 1, 1)
+    assert [h["iteration"] for h in rep.history] == [0, 1]
+    assert torch.load(state, weights_only=False)["iteration"] == 1
+    rep2 = run_dqc(student, fp, sample, val, cfg, state_path=state, resume=True)
+    assert rep2.stopped_at is None and rep2.iterations == 5
+    assert [h["iteration"] for h in rep2.history] == [0, 1, 5, 6]

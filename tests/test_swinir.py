@@ -141,3 +141,15 @@ def test_export_has_no_window_loop(tiny_swinir):
         return len(list(graph.nodes()))
 
     assert n_nodes(16, 16) == n_nodes(32, 48)
+
+
+def test_half_precision_runs_with_a_shift_mask(tiny_swinir):
+    """FP16 (the CUDA backend's default): the shifted-window mask follows the scores' dtype
+    (a float32 mask promoted FP16 scores and broke the next matmul on the H200 run)."""
+    m = tiny_swinir(2).eval()
+    x = torch.rand(1, 3, 20, 28)  # padded, several windows, shifted blocks
+    with torch.no_grad():
+        ref = m(x)
+        half = m.half()(x.half()).float()
+    assert half.shape == ref.shape
+    assert float((half - ref).abs().max()) < 2e-2

@@ -27,6 +27,10 @@ from edge_sr.cli.options import logging_options, parse_list, parse_rotate, quant
 @click.option("--recompute", is_flag=True,
               help="DQC: recompute each transformer block in the backward pass instead of "
                    "storing it (NGswin at batch 16 of 64x64: 12 -> 4.8 GB, ~15% slower).")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="MIN", help="Stop DQC at the first step after this many minutes of "
+                                  "calibration, keeping its best-validated bounds (--resume "
+                                  "continues it).")
 @click.option("--feature-loss", type=click.Choice(["fixed", "released"]), default="fixed",
               show_default=True, help="DQC feature loss: intended, or the released code's bugs.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted DQC run for the same -o.")
@@ -38,7 +42,8 @@ from edge_sr.cli.options import logging_options, parse_list, parse_rotate, quant
               help="Calibration file to write (atomically).")
 @logging_options
 def calibrate_cmd(model, bits, scale, recipe, method, seed, shared_qkv_input, search_assignment,
-                  wide_inputs, rotate, weight_grid, avg_bits, rounding, recompute, feature_loss,
+                  wide_inputs, rotate, weight_grid, avg_bits, rounding, recompute, time_limit,
+                  feature_loss,
                   resume, pool, device, output) -> None:
     """Calibrate a low-bit fake-quant model; score it with 'edge-sr eval --calibration FILE'."""
     from calibrate.api import CalibrationConfig, calibrate
@@ -48,5 +53,6 @@ def calibrate_cmd(model, bits, scale, recipe, method, seed, shared_qkv_input, se
         seed=seed, qkv_separation=not shared_qkv_input, search_assignment=search_assignment,
         wide_inputs=parse_list(wide_inputs), rotate=parse_rotate(rotate),
         weight_grid=weight_grid, avg_bits=avg_bits, rounding=rounding, recompute=recompute,
+        time_limit=time_limit,
         feature_loss=feature_loss, resume=resume, pool=pool, device=device))
     click.echo(f"wrote {path}")

@@ -109,16 +109,19 @@ class SwinTransformerBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self._mask_cache: dict[tuple, torch.Tensor] = {}
 
-    def _mask(self, h: int, w: int, device: torch.device) -> torch.Tensor | None:
+    def _mask(self, h: int, w: int, like: torch.Tensor) -> torch.Tensor | None:
+        """The shifted-window mask on ``like``'s device in its dtype (FP16 runs add it to FP16
+        scores; a float32 mask would promote them)."""
         if self.shift_size == 0:
             return None
         h, w = int(h), int(w)  # under ONNX tracing these are tensors; the mask is a constant
-        key = (h, w, device)
+        key = (h, w, like.device, like.dtype)
         if key not in self._mask_cache:
             if len(self._mask_cache) > 8:
                 self._mask_cache.clear()
             self._mask_cache[key] = shift_attention_mask(h, w, self.window_size,
-                                                         self.shift_size).to(device)
+                                                         self.shift_size).to(like.device,
+                                                                             like.dtype)
         return self._mask_cache[key]
 
     def forward(self, x: torch.Tensor, x_size: tuple[int, int]) -> torch.Tensor:
@@ -128,7 +131,7 @@ class SwinTransformerBlock(nn.Module):
         y = self.norm1(x).view(b, h, w, c)
         if s:
             y = torch.roll(y, shifts=(-s, -s), dims=(1, 2))
-        y = self.attn(window_partition(y, ws), mask=self._mask(h, w, x.device))
+        y = self.attn(window_partition(y, ws), mask=self._mask(h, w, x))
         y = window_reverse(y, ws, h, w)
         if s:
             y = torch.roll(y, shifts=(s, s), dims=(1, 2))
