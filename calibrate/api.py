@@ -34,7 +34,7 @@ from calibrate.calibfile import (
 )
 from calibrate.dobi import apply_bounds, dobi_bounds
 from calibrate.dqc import DQCConfig, run_dqc, val_psnr
-from calibrate.prepare import WEIGHT_GRIDS, WIDE_BITS, QuantRecipe, prepare
+from calibrate.prepare import DEPLOY_GRIDS, WEIGHT_GRIDS, WIDE_BITS, QuantRecipe, prepare
 from calibrate.quantizer import check_bits
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import versions
@@ -94,6 +94,7 @@ class CalibrationConfig:
     # beyond the paper; None = the method's default (the paper for 2dquant, EDGE_SR_OPTIONS)
     rotate: tuple[str, ...] | None = None  # roles, module paths, or "auto" (chosen per site)
     weight_grid: Literal["tensor", "channel"] | None = None
+    grid: Literal["real", "ort", "trt"] = "real"  # the engine whose native grid is learned
     avg_bits: float | None = None  # mixed precision: mean linear-input bits, sites chosen
     rounding: Literal["nearest", "gptq"] | None = None  # weight rounding after DOBI
     dqc_batch: int | None = None  # override the recipe's DQC batch (budget studies)
@@ -145,10 +146,13 @@ class CalibrationConfig:
         if self.option("weight_grid") not in WEIGHT_GRIDS:
             raise ValueError(f"--weight-grid: expected one of {', '.join(WEIGHT_GRIDS)}, got "
                              f"{self.weight_grid!r}")
+        if self.grid not in DEPLOY_GRIDS:
+            raise ValueError(f"--grid: expected one of {', '.join(DEPLOY_GRIDS)}, got "
+                             f"{self.grid!r}")
         return QuantRecipe(self.bits, self.qkv_separation, self.search_assignment,
                            tuple(self.wide_inputs),
                            rotate=tuple(r for r in self.option("rotate") if r != "auto"),
-                           weight_grid=self.option("weight_grid"))
+                           weight_grid=self.option("weight_grid"), grid=self.grid)
 
     def dqc_config(self, model: nn.Module | None = None) -> DQCConfig:
         """The DQC budget; patches are at least ``model``'s minimum input (smaller ones would

@@ -29,7 +29,7 @@ from torch import nn
 
 from calibrate.prepare import quantizers, set_quant_enabled
 from calibrate.qmodules import QuantLinear
-from calibrate.quantizer import BoundFakeQuantizer, Search, fake_quant_nograd
+from calibrate.quantizer import BoundFakeQuantizer, Grid, Search, fake_quant_nograd, grid_bounds
 
 log = logging.getLogger(__name__)
 
@@ -151,22 +151,45 @@ def subsample(x: torch.Tensor, max_elements: int | None, seed: int = 0) -> torch
     return flat[torch.randint(flat.numel(), (max_elements,), generator=g)]
 
 
+def constrain_candidates(lower: torch.Tensor, upper: torch.Tensor, bits: int, grid: Grid
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each candidate (l, u) as the constrained grid that runs (``quantizer.grid_bounds``).
+
+    ``"symmetric"`` takes the step that keeps both ends on the grid,
+    ``s = max(-l / 2^(b-1), u / (2^(b-1) - 1))``, so a candidate still covers its range; the
+    result is a fixed point of ``grid_bounds`` (what the quantizer then applies unchanged).
+    """
+    if grid == "symmetric":
+        half = 2 ** (bits - 1)
+        s = torch.maximum(-lower / half, upper / (half - 1)).clamp_min(1e-12)
+        return -half * s, (half - 1) * s
+    return grid_bounds(lower, upper, bits, grid)
+
+
 def search_bounds_multi(x: torch.Tensor, bits_list: list[int], search: Search,
-                        num: int = NUM_CANDIDATES, max_elements: int | None = None
-                        ) -> dict[int, tuple[float, float]]:
+                        num: int = NUM_CANDIDATES, max_elements: int | None = None,
+                        grid: Grid = "real") -> dict[int, tuple[float, float]]:
     """DOBI for one tensor at several bit widths: least squared error, ties -> widest range.
 
     The candidate grid always comes from the whole tensor's min/max; with ``max_elements`` the
-    error is scored on a seeded random subset of that many elements (exact when None).
+    error is scored on a seeded random subset of that many elements (exact when None). With a
+    constrained ``grid`` (beyond the paper), every candidate is first moved onto it, so the
+    search scores the grids that will run.
     """
     lo, hi = float(x.min()), float(x.max())
     if not hi > lo:
-        return {b: (lo, lo + max(abs(lo), 1.0) * 1e-6) for b in bits_list}
+        lo, hi = min(lo, 0.0), lo + max(abs(lo), 1.0) * 1e-6
+        if grid == "real":
+            return {b: (lo, hi) for b in bits_list}
+        return {b: tuple(float(v) for v in constrain_candidates(
+            torch.tensor([lo], dtype=torch.float64), torch.tensor([hi], dtype=torch.float64), b,
+            grid)) for b in bits_list}
     lower, upper = candidate_bounds(lo, hi, search, num)
+    cands = {b: constrain_candidates(lower, upper, b, grid) for b in bits_list}
     errs = candidate_errors_multi(subsample(x, max_elements),
-                                  [(lower, upper, b) for b in bits_list])
+                                  [(cands[b][0], cands[b][1], b) for b in bits_list])
     # argmin returns the first minimum: the widest range, as the reference's strict '<'
-    return {b: (float(lower[int(e.argmin())]), float(upper[int(e.argmin())]))
+    return {b: (float(cands[b][0][int(e.argmin())]), float(cands[b][1][int(e.argmin())]))
             for b, e in zip(bits_list, errs)}
 
 
@@ -188,22 +211,25 @@ class CollectReport:
     quantizers: int
 
 
-def per_row(rule: Rule, w: torch.Tensor, search: Search) -> dict:
+def per_row(rule: Rule, w: torch.Tensor, search: Search, *extra) -> dict:
     """``rule`` on every row of ``w`` (a per-channel quantizer's rows), merged per key.
 
     ``rule`` returns {key: (lower, upper)}; the result is {key: ([lower per row], [upper per
     row])}, what ``BoundFakeQuantizer.set_bounds`` takes for a per-channel grid.
     """
-    rows = [rule(r, search) for r in w]
+    rows = [rule(r, search, *extra) for r in w]
     return {k: ([r[k][0] for r in rows], [r[k][1] for r in rows]) for k in rows[0]}
 
 
 @torch.no_grad()
 def collect(student: nn.Module, calib_lr: torch.Tensor, rule: Rule,
-            names: set[str] | None = None, pass_name: bool = False
+            names: set[str] | None = None, pass_name: bool = False,
+            rule_arg: Callable[[str], Any] | None = None
             ) -> tuple[dict[str, Any], CollectReport]:
     """Apply ``rule(tensor, search)`` to every quantizer's FP input in one forward pass
-    (or only to the quantizers in ``names``); with ``pass_name``, ``rule(tensor, search, name)``.
+    (or only to the quantizers in ``names``); with ``pass_name``, ``rule(tensor, search, name)``;
+    with ``rule_arg``, ``rule(tensor, search, rule_arg(name))`` (quantizers that see one tensor
+    and give the same ``rule_arg`` share one call).
 
     Quantizers are disabled (identity) during the pass, so every tensor is the FP network's
     activation (spec §7.12); weight quantizers see their weight blocks directly. Each tensor is
@@ -219,12 +245,13 @@ def collect(student: nn.Module, calib_lr: torch.Tensor, rule: Rule,
 
     def run_rule(name: str, q: BoundFakeQuantizer, x: torch.Tensor) -> None:
         t = time.perf_counter()
-        key = (x.data_ptr(), tuple(x.shape), q.search)
+        extra = (name,) if pass_name else (rule_arg(name),) if rule_arg else ()
+        key = (x.data_ptr(), tuple(x.shape), q.search) + extra
         if key not in cache or pass_name:  # qkv separation: three quantizers see one tensor
             cache.clear()
             # keep ``x`` alive with its result: once freed, a later tensor of the same shape
             # could reuse its address and be given this result
-            args = (x.detach().cpu(), q.search) + ((name,) if pass_name else ())
+            args = (x.detach().cpu(), q.search) + extra
             cache[key] = (x, rule(*args))
         results[name] = cache[key][1]
         rule_time[0] += time.perf_counter() - t
@@ -233,10 +260,12 @@ def collect(student: nn.Module, calib_lr: torch.Tensor, rule: Rule,
         if isinstance(m, QuantLinear):
             for i, w in enumerate(m.weight_blocks()):
                 wq = m.weight_quantizers[i]
-                if f"{name}.weight_quantizers.{i}" in qs:
-                    results[f"{name}.weight_quantizers.{i}"] = (
-                        per_row(rule, w.detach().cpu(), wq.search) if wq.per_channel
-                        else rule(w.detach().cpu(), wq.search))
+                wname = f"{name}.weight_quantizers.{i}"
+                if wname in qs:
+                    extra = (wname,) if pass_name else (rule_arg(wname),) if rule_arg else ()
+                    results[wname] = (
+                        per_row(rule, w.detach().cpu(), wq.search, *extra) if wq.per_channel
+                        else rule(w.detach().cpu(), wq.search, *extra))
     hooks = [q.register_forward_hook(lambda mod, inp, out, name=name: run_rule(name, mod, inp[0]))
              for name, q in qs.items() if name not in results]
     set_quant_enabled(student, False)
@@ -278,8 +307,11 @@ def dobi_bounds(student: nn.Module, calib_lr: torch.Tensor, bits_list: list[int]
     fixed = {n: q.bits for n, q in quantizers(student)
              if recipe is not None and q.bits != recipe.bits}
     search = sorted(set(bits_list) | set(fixed.values()))
+    grids = {n: q.grid for n, q in quantizers(student)}
     res, rep = collect(student, calib_lr,
-                       lambda x, s: search_bounds_multi(x, search, s, max_elements=max_elements))
+                       lambda x, s, grid: search_bounds_multi(
+                           x, search, s, max_elements=max_elements, grid=grid),
+                       rule_arg=grids.get)
     out = {b: {name: r[fixed.get(name, b)] for name, r in res.items()} for b in bits_list}
     log.info("DOBI: %d quantizers x %d bit widths in %.1f s (search %.1f s)", rep.quantizers,
              len(bits_list), rep.seconds, rep.rule_seconds)

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 MIN_OPSET = 21  # int4 initializers and blocked/per-axis Q/DQ
 META_KEY = "edge_sr.qdq"
+ORT_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators (MatMulIntegerToFloat)
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,8 @@ def build_qdq(model: nn.Module, cfg: ExportConfig) -> tuple[onnx.ModelProto, lis
     proto, records, act_outputs = replace_sites(proto, linears, acts, opts)
     del proto.opset_import[:]
     proto.opset_import.extend([onnx.helper.make_opsetid("", cfg.opset)])
+    if any(n.domain == ORT_DOMAIN for n in proto.graph.node):  # fused ORT integer linears
+        proto.opset_import.extend([onnx.helper.make_opsetid(ORT_DOMAIN, 1)])
     proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     fold_matmul_shifts(proto, act_outputs)
     saved = share_constants(proto)

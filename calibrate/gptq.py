@@ -60,10 +60,9 @@ def gptq_round(w: torch.Tensor, hessian: torch.Tensor, q: BoundFakeQuantizer,
     if tuple(hessian.shape) != (k, k):
         raise ValueError(f"Hessian must be ({k}, {k}) for a weight with {k} inputs, got "
                          f"{tuple(hessian.shape)}")
-    lower = q.lower.detach().double().reshape(-1, 1) if q.per_channel else \
-        q.lower.detach().double().reshape(1, 1)
-    upper = q.upper.detach().double().reshape(-1, 1) if q.per_channel else \
-        q.upper.detach().double().reshape(1, 1)
+    lo_t, up_t = (t.detach().double() for t in q.grid_bounds())  # the grid that runs
+    lower = lo_t.reshape(-1, 1) if q.per_channel else lo_t.reshape(1, 1)
+    upper = up_t.reshape(-1, 1) if q.per_channel else up_t.reshape(1, 1)
     levels = 2**q.bits - 1
     step = (upper - lower) / levels
 

@@ -23,6 +23,22 @@ from edge_sr.models.base import QuantPoint, SRModel
 LINEAR_ROLES = ("qkv", "proj", "fc1", "fc2")
 WIDE_BITS = 8  # bit width of the ``wide_inputs`` quantizers
 WEIGHT_GRIDS = ("tensor", "channel")  # one weight grid per tensor (paper) or per output channel
+# The engine a grid is made for (beyond the paper): "real" keeps the paper's real-valued zero
+# points (exact export with correction terms); "ort" and "trt" put 0 on every grid so that
+# export is plain Q/DQ (quantizer.GRIDS gives each quantizer's kind, ``quantizer_grid``).
+DEPLOY_GRIDS = ("real", "ort", "trt")
+
+
+def quantizer_grid(deploy: str, weight: bool, bits: int) -> str:
+    """A quantizer's grid kind for a deployment grid: weights are symmetric (signed codes, zero
+    point 0) on both engines; activations have an integer zero point (uint8 for ORT; for
+    TensorRT the codes ``k - z`` live in int8 with zero point 0, which at 8 bits forces
+    ``z = 128``, a symmetric grid)."""
+    if deploy == "real":
+        return "real"
+    if weight or (deploy == "trt" and bits == 8):
+        return "symmetric"
+    return "integer"
 
 
 def _check_linear_sites(option: str, entries: tuple[str, ...]) -> None:
@@ -58,6 +74,9 @@ class QuantRecipe:
       rotated input is bell-shaped, so its DOBI search is two-sided.
     * ``weight_grid``: ``"tensor"`` (one grid per weight block, the paper) or ``"channel"`` (one
       per output channel).
+    * ``grid``: ``"real"`` (the paper's real-valued zero points), ``"ort"`` or ``"trt"``: the
+      grids that engine runs natively, searched by DOBI and learned by DQC under that
+      constraint (``DEPLOY_GRIDS``, ``quantizer_grid``).
     """
 
     bits: int = 4
@@ -67,6 +86,7 @@ class QuantRecipe:
     rotate: tuple[str, ...] = ()
     rotation_seed: int = 0
     weight_grid: Literal["tensor", "channel"] = "tensor"
+    grid: Literal["real", "ort", "trt"] = "real"
 
     def __post_init__(self) -> None:
         try:
@@ -84,11 +104,15 @@ class QuantRecipe:
         if self.weight_grid not in WEIGHT_GRIDS:
             raise ValueError(f"--weight-grid: expected one of {', '.join(WEIGHT_GRIDS)}, got "
                              f"{self.weight_grid!r}")
+        if self.grid not in DEPLOY_GRIDS:
+            raise ValueError(f"--grid: expected one of {', '.join(DEPLOY_GRIDS)}, got "
+                             f"{self.grid!r}")
 
     @property
     def faithful(self) -> bool:
         """Whether this is the paper's quantizer set-up (no option beyond it)."""
-        return not (self.wide_inputs or self.rotate or self.weight_grid != "tensor")
+        return not (self.wide_inputs or self.rotate or self.weight_grid != "tensor"
+                    or self.grid != "real")
 
     def rotated(self, point: QuantPoint) -> bool:
         return point.kind == "linear" and _matches(point, self.rotate)
@@ -139,6 +163,8 @@ def prepare(model: SRModel, recipe: QuantRecipe) -> SRModel:
         else:
             q = BoundFakeQuantizer(recipe.bits, search)
         _set_submodule(student, point.name, q)
+    for name, q in quantizers(student):
+        q.grid = quantizer_grid(recipe.grid, ".weight_quantizers." in name, q.bits)
     student.quant_recipe = recipe
     # the new quantizers are made on the CPU: follow the model's device (calibration on a GPU)
     return student.to(next(model.parameters()).device)

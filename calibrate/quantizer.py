@@ -8,6 +8,20 @@ knows nothing about ONNX: export reads ``qparams()``.
 Beyond the paper, a quantizer may be **per channel** (``channels=C``): ``l`` and ``u`` then have
 shape (C, 1), one grid per output channel (row) of a (C, K) weight, with the same maths and the
 same STE per row. Every per-tensor code path is unchanged.
+
+Also beyond the paper, a quantizer's **grid** may be constrained to what an integer engine runs
+without correction terms (``GRIDS``; ``QuantRecipe.grid`` sets them, spec-free, issue 18):
+
+* ``"real"``: the paper's grid, ``l`` and ``u`` free (a real-valued zero point ``-l/s``).
+* ``"integer"``: 0 lies on the grid: ``z = round(-l/s)`` clipped to [0, n], and the grid is
+  ``(k - z)*s`` (ORT's uint8 activations with an integer zero point). ``round`` passes gradients
+  straight through, so DQC learns ``l`` and ``u`` as before.
+* ``"symmetric"``: ``z = 2^(b-1)``: codes are signed b-bit integers with zero point 0 (the
+  weights of ORT's and TensorRT's integer kernels, TensorRT's 8-bit activations).
+
+The constrained grid is a function of the raw ``(l, u)`` (``grid_bounds``), idempotent on a grid
+that already satisfies it; ``bounds()`` stays raw (what calibration files store) and ``qparams()``
+gives the grid that runs.
 """
 
 from __future__ import annotations
@@ -19,6 +33,8 @@ import torch
 from torch import nn
 
 Search = Literal["two_sided", "one_sided"]
+Grid = Literal["real", "integer", "symmetric"]
+GRIDS: tuple[str, ...] = ("real", "integer", "symmetric")
 
 
 def check_bits(bits: int) -> int:
@@ -112,6 +128,25 @@ def fake_quant(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bits: 
     return _FakeQuantSTE.apply(x, lower, upper, n)
 
 
+def grid_bounds(lower, upper, bits: int, grid: Grid = "real"):
+    """The (lower, upper) of the grid that runs: ``(l, u)`` itself for ``"real"``; else the
+    grid of step ``s = (u - l)/(2^b - 1)`` with 0 at level ``z`` (see the module docstring).
+
+    Works on tensors (with the straight-through round) and on float64 candidate tensors (DOBI).
+    """
+    if grid == "real":
+        return lower, upper
+    n = 2**bits - 1
+    step = (upper - lower) / n
+    if grid == "symmetric":
+        lo = step * -(2 ** (bits - 1))
+    elif grid == "integer":
+        lo = -torch.clamp(_RoundSTE.apply(-lower / step), 0, n) * step
+    else:
+        raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
+    return lo, lo + n * step
+
+
 def fake_quant_nograd(x: torch.Tensor, lower: torch.Tensor | float, upper: torch.Tensor | float,
                       bits: int) -> torch.Tensor:
     """The same grid with plain clamp and round (DOBI's objective, no autograd)."""
@@ -131,6 +166,7 @@ class QParams:
     lower: float | tuple[float, ...]
     upper: float | tuple[float, ...]
     bits: int
+    grid: Grid = "real"  # "integer"/"symmetric": 0 is exactly on the grid, at level z
 
     @property
     def levels(self) -> int:
@@ -146,6 +182,17 @@ class QParams:
         if self.per_channel:
             return tuple((u - lo) / n for lo, u in zip(self.lower, self.upper))
         return (self.upper - self.lower) / n
+
+    @property
+    def integer_zero_point(self) -> int | tuple[int, ...] | None:
+        """The level ``z`` that holds 0 on an integer or symmetric grid (None for ``"real"``)."""
+        if self.grid == "real":
+            return None
+        if self.grid == "symmetric":
+            z = 2 ** (self.bits - 1)
+            return tuple(z for _ in self.lower) if self.per_channel else z
+        zs = self.zero_point
+        return tuple(int(round(v)) for v in zs) if self.per_channel else int(round(zs))
 
     @property
     def zero_point(self) -> float | tuple[float, ...]:
@@ -178,11 +225,17 @@ class BoundFakeQuantizer(nn.Module):
         self.upper = nn.Parameter(torch.full(shape, 1.0))
         self.register_buffer("initialized", torch.tensor(False))
         self.enabled = True
+        self.grid: Grid = "real"  # set by calibrate.prepare from QuantRecipe.grid
+
+    def grid_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (lower, upper) tensors of the grid that runs (``grid_bounds`` of the raw ones)."""
+        return grid_bounds(self.lower, self.upper, self.bits, self.grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        return fake_quant(x, self.lower, self.upper, self.bits)
+        lo, up = self.grid_bounds()
+        return fake_quant(x, lo, up, self.bits)
 
     @property
     def per_channel(self) -> bool:
@@ -209,10 +262,12 @@ class BoundFakeQuantizer(nn.Module):
         return float(lo), float(up)
 
     def qparams(self) -> QParams:
-        lo, up = self.bounds()
+        """The grid that runs, as plain values: what export reads."""
+        lo, up = (t.detach().cpu() for t in self.grid_bounds())
         if self.per_channel:
-            return QParams(tuple(lo), tuple(up), self.bits)
-        return QParams(lo, up, self.bits)
+            return QParams(tuple(lo.reshape(-1).tolist()), tuple(up.reshape(-1).tolist()),
+                           self.bits, self.grid)
+        return QParams(float(lo), float(up), self.bits, self.grid)
 
     def extra_repr(self) -> str:
         if self.per_channel:

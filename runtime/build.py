@@ -60,6 +60,9 @@ class BuildConfig:
     recipe: str = "cpu"  # a key of calibrate.api.RECIPES
     method: str = "edge-sr"  # calibrate.api.METHODS (docs/results/beyond.md for why)
     tile: tuple[int, int] = (64, 64)
+    # a camera's LR frame (width, height): the engine is exported at it, padded up to the model's
+    # multiple (and minimum), so a frame runs as one tile; replaces ``tile``
+    input_size: tuple[int, int] | None = None
     batch: int = 1
     overlap: int | None = None  # LR pixels shared by neighbouring tiles (default tile/4)
     out: str | Path | None = None  # default engines/<model>-w{b}a{b}
@@ -73,11 +76,17 @@ class BuildConfig:
     wide_inputs: tuple[str, ...] = ()  # linear roles with 8-bit inputs (QuantRecipe.wide_inputs)
     rotate: tuple[str, ...] | None = None  # CalibrationConfig.rotate (None: the method's)
     weight_grid: str | None = None  # CalibrationConfig.weight_grid (None: the method's)
+    grid: str = "real"  # CalibrationConfig.grid: the engine's native grid ("ort"/"trt")
     avg_bits: float | None = None  # CalibrationConfig.avg_bits (mixed precision)
     rounding: str | None = None  # CalibrationConfig.rounding (None: the method's)
 
     def __post_init__(self) -> None:
         self.tile = tuple(int(t) for t in self.tile)
+        if self.input_size is not None:
+            self.input_size = tuple(int(v) for v in self.input_size)
+            if len(self.input_size) != 2 or min(self.input_size) < 1:
+                raise EdgeSRError(f"--input-size: expected WIDTHxHEIGHT in pixels, got "
+                                  f"{self.input_size}")
         self.wide_inputs = tuple(self.wide_inputs)
         if self.rotate is not None:
             self.rotate = tuple(self.rotate)
@@ -104,8 +113,8 @@ class BuildConfig:
                                  method=self.method, recipe=self.recipe, output=str(output),
                                  seed=self.seed, iterations=self.calib_iterations,
                                  wide_inputs=self.wide_inputs, rotate=self.rotate,
-                                 weight_grid=self.weight_grid, avg_bits=self.avg_bits,
-                                 rounding=self.rounding)
+                                 weight_grid=self.weight_grid, grid=self.grid,
+                                 avg_bits=self.avg_bits, rounding=self.rounding)
 
     @property
     def model_name(self) -> str:
@@ -150,6 +159,7 @@ def calibration_key(model_sha256: str, cfg: BuildConfig) -> str:
                       | ({"wide_inputs": list(cfg.wide_inputs)} if cfg.wide_inputs else {})
                       | {k: v for k, v in (("rotate", cfg.rotate and list(cfg.rotate)),
                                            ("weight_grid", cfg.weight_grid),
+                                           ("grid", None if cfg.grid == "real" else cfg.grid),
                                            ("avg_bits", cfg.avg_bits),
                                            ("rounding", cfg.rounding)) if v is not None},
                       sort_keys=True)
@@ -158,10 +168,23 @@ def calibration_key(model_sha256: str, cfg: BuildConfig) -> str:
 
 # --- stages ------------------------------------------------------------------------------------
 
+def frame_tile(req, width: int, height: int) -> tuple[int, int]:
+    """The (height, width) engine shape for an LR frame: padded up to ``req.multiple`` and at
+    least ``req.minimum`` (``edge_sr.models.base.SizeRequirements``)."""
+    def up(n: int) -> int:
+        n = max(n, req.minimum)
+        return n + (-n) % req.multiple
+    return up(height), up(width)
+
+
 def stage_checkpoint(cfg: BuildConfig):
     from edge_sr.checkpoints import load_model
 
     lm = load_model(cfg.model_name, scale=cfg.scale)
+    if cfg.input_size is not None:
+        cfg.tile = frame_tile(lm.model.size_requirements, *cfg.input_size)
+        log.info("--input-size %dx%d: engine shape %dx%d (H x W, padded to the %s window)",
+                 *cfg.input_size, *cfg.tile, lm.arch)
     why = lm.model.size_requirements.check_tile(*cfg.tile)
     if why:
         raise EdgeSRError(f"--tile: {why} (the {lm.arch} window)")

@@ -27,14 +27,14 @@ def _fast_calibration(calls):
 
     def run_calibration(lm, cfg, output):
         calls.append(cfg.bits)
-        student = prepare(lm.model, QuantRecipe(bits=cfg.bits))
+        student = prepare(lm.model, QuantRecipe(bits=cfg.bits, grid=cfg.grid))
         init_bounds(student, torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
-        torch.save({"bits": cfg.bits, "state": student.state_dict()}, output)
+        torch.save({"bits": cfg.bits, "grid": cfg.grid, "state": student.state_dict()}, output)
         return output
 
     def load_student(path, lm):
         obj = torch.load(path)
-        student = prepare(lm.model, QuantRecipe(bits=obj["bits"]))
+        student = prepare(lm.model, QuantRecipe(bits=obj["bits"], grid=obj["grid"]))
         student.load_state_dict(obj["state"])
         return student.eval()
 
@@ -84,6 +84,21 @@ def test_build_writes_engine_and_manifest(env):
     # no hidden staging directories are left beside the engine
     assert not [p for p in env["dir"].iterdir() if p.name.startswith(".eng")]
     assert oct(out.stat().st_mode & 0o777) == "0o755"
+
+
+def test_w8a8_frame_engine_on_the_ort_grid(env):
+    """--bits 8 --grid ort --input-size WxH: one frame-shaped engine of fused integer linears
+    that stays exact to its fake-quant model."""
+    import onnx
+
+    res = rb.build(env["cfg"](bits=8, grid="ort", input_size=(36, 20), out=env["dir"] / "w8"))
+    m = json.loads((res.path / MANIFEST).read_text())
+    assert m["bits"] == 8 and m["tile"] == [24, 40]  # 20x36 (HxW) padded to the window (8)
+    ops = {n.op_type for n in onnx.load(str(res.path / MODEL_FILE)).graph.node}
+    assert "MatMulIntegerToFloat" in ops and "ReduceSum" not in ops
+    assert m["validation"]["fidelity_psnr_y_db"] > 60
+    assert rb.frame_tile(type("R", (), {"multiple": 64, "minimum": 64})(), 320, 180) == (192, 320)
+    shutil.rmtree(res.path)
 
 
 def test_calibration_is_cached(env):

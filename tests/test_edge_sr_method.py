@@ -124,6 +124,8 @@ def test_cli_takes_the_new_options(tiny_ckpt, tmp_path, one_thread):
 
 def test_cli_vocabulary_matches_the_api():
     from calibrate.api import METHODS, RECIPES
-    from edge_sr.cli.options import METHOD_CHOICES, RECIPE_CHOICES
+    from calibrate.prepare import DEPLOY_GRIDS
+    from edge_sr.cli.options import GRID_CHOICES, METHOD_CHOICES, RECIPE_CHOICES
 
     assert set(METHOD_CHOICES) == set(METHODS) and set(RECIPE_CHOICES) == set(RECIPES)
+    assert GRID_CHOICES == DEPLOY_GRIDS

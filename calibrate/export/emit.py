@@ -88,9 +88,10 @@ class _Graph:
         return node
 
 
-def _emit_act(g: _Graph, x: str, enc: ActEncoding, prefix: str, site: str, dq_copies: int = 1
-              ) -> list[str]:
-    """Sub -> Clip -> Q -> DQ; returns the DQ outputs (``x_hat - m``), one per requested copy."""
+def _emit_act(g: _Graph, x: str, enc: ActEncoding, prefix: str, site: str, dq_copies: int = 1,
+              outputs: list[str] | None = None) -> list[str]:
+    """Sub -> Clip -> Q -> DQ; returns the DQ outputs (``x_hat - m``), one per requested copy
+    (named ``outputs`` if given). ``dq_copies=0`` stops at the Q and returns its output."""
     cur = x
     if enc.shift != 0.0:
         g.add("Sub", [cur, g.const(f"{prefix}shift", enc.shift)], [f"{prefix}shifted"],
@@ -104,12 +105,15 @@ def _emit_act(g: _Graph, x: str, enc: ActEncoding, prefix: str, site: str, dq_co
     meta = dict(site=site, kind="act", bits=enc.bits, qmin=enc.qmin, qmax=enc.qmax)
     _meta(g.add("QuantizeLinear", [f"{prefix}clipped", scale, zp], [f"{prefix}q"],
                 f"{prefix}QuantizeLinear"), **meta)
+    if dq_copies == 0:
+        return [f"{prefix}q"]
     outs = []
     for c in range(dq_copies):
         sfx = "" if c == 0 else f"_{c}"
-        _meta(g.add("DequantizeLinear", [f"{prefix}q", scale, zp], [f"{prefix}dq{sfx}"],
+        name = outputs[c] if outputs else f"{prefix}dq{sfx}"
+        _meta(g.add("DequantizeLinear", [f"{prefix}q", scale, zp], [name],
                     f"{prefix}DequantizeLinear{sfx}"), **meta)
-        outs.append(f"{prefix}dq{sfx}")
+        outs.append(name)
     return outs
 
 
@@ -122,8 +126,16 @@ def _emit_linear(g: _Graph, node: onnx.NodeProto, site: str, lin: QuantLinear,
         g.add("MatMul", [x, rot], [f"{site}/rotated"], f"{site}/Rotate")
         x = f"{site}/rotated"
     acts = [act_encoding(q, opts.target) for q in lin.act_quantizers]
-    dqs = [_emit_act(g, x, e, f"{site}/act{i}/", site, dq_copies=2) for i, e in enumerate(acts)]
     wencs = [weight_encoding(q, w) for q, w in zip(lin.weight_quantizers, lin.weight_blocks())]
+    # a deployable grid (0 on every grid): no weight-shift term, so no second DQ copy for it;
+    # for ORT the fused integer op is written directly (a constant bias Add after a DQ'd MatMul
+    # is folded into an FP Gemm before ORT's QDQ fusion: deploy notes B1)
+    w_zero = all(not np.any(w.row_shifts()) for w in wencs)
+    fused = (opts.target == "ort" and w_zero and all(e.shift == 0.0 for e in acts)
+             and opts.weight_container != "int4")
+    copies = 0 if fused else 1 if w_zero else 2
+    dqs = [_emit_act(g, x, e, f"{site}/act{i}/", site, dq_copies=copies)
+           for i, e in enumerate(acts)]
     biases = [None if b is None else b.detach().double().numpy() for b in lin.bias_blocks()]
     # Shared input: one GEMM over all groups (per-column weight scale); else one per group.
     plan = [(0, list(range(lin.groups)))] if lin.shared_input else [(j, [j]) for j in
@@ -131,11 +143,12 @@ def _emit_linear(g: _Graph, node: onnx.NodeProto, site: str, lin: QuantLinear,
     outs, records = [], []
     for j, groups in plan:
         enc = acts[j if not lin.shared_input else 0]
-        a, a_sum = dqs[j if not lin.shared_input else 0]
+        a, a_sum = (dqs[j if not lin.shared_input else 0] + [None])[:2]
         ws = [wencs[k] for k in groups]
         bits = max(w.bits for w in ws)
-        container = ("int4" if opts.weight_container in ("auto", "int4") and bits <= 4
-                     else "uint8" if opts.target == "ort" else "int8")
+        int4 = opts.weight_container == "int4" or (opts.weight_container == "auto" and bits <= 4
+                                                   and not fused)
+        container = "int4" if int4 else "uint8" if opts.target == "ort" else "int8"
         codes = np.concatenate([w.codes for w in ws], 0).T  # (K, N) for MatMul(a, W)
         deq = np.concatenate([w.dequant for w in ws], 0).astype(np.float64)  # (N, K)
         col = np.concatenate([np.full(w.codes.shape[0], 1.0) for w in ws])
@@ -157,21 +170,38 @@ def _emit_linear(g: _Graph, node: onnx.NodeProto, site: str, lin: QuantLinear,
         lo = 0 if container == "uint8" else -(2 ** (bits - 1))
         wmeta = dict(site=site, kind="weight", bits=bits, qmin=lo, qmax=lo + 2**bits - 1,
                      container=container)
-        _meta(g.add("DequantizeLinear", [wname, scale, zp], [f"{p}_dq"],
-                    f"{p}/DequantizeLinear", **({"axis": 1} if per_col else {})), **wmeta)
         mm = f"{site}/MatMul{j}"
-        _meta(g.add("MatMul", [a, f"{p}_dq"], [f"{mm}_out"], mm), site=site, kind="linear",
-              bits=bits, a_bits=enc.bits, w_bits=bits, group=j, weight=wname,
-              act_q=f"{site}/act{j if not lin.shared_input else 0}/QuantizeLinear")
-        g.add("ReduceSum", [a_sum, g.const(f"{site}/axes_last{j}", [-1], np.int64)],
-              [f"{site}/rowsum{j}"], f"{site}/ReduceSum{j}", keepdims=1)
-        g.add("Mul", [f"{site}/rowsum{j}", g.const(f"{p}_shift", shifts)], [f"{site}/wcorr{j}"],
-              f"{site}/MulShift{j}")
-        g.add("Add", [f"{site}/wcorr{j}", g.const(f"{site}/bias{j}", bias)], [f"{site}/corr{j}"],
-              f"{site}/AddBias{j}")
         yj = out if len(plan) == 1 else f"{site}/out{j}"
-        g.add("Add", [f"{mm}_out", f"{site}/corr{j}"], [yj], f"{site}/Add{j}")
-        outs.append(yj)
+        lin_meta = dict(site=site, kind="linear", bits=bits, a_bits=enc.bits, w_bits=bits,
+                        group=j, weight=wname,
+                        act_q=f"{site}/act{j if not lin.shared_input else 0}/QuantizeLinear")
+        if fused:  # uint8 activation codes x uint8 weight codes, scales, zero points, bias
+            if not per_col:
+                scale = g.const(f"{p}_scale_c", np.full(codes.shape[1], scales[0], np.float32))
+                zp = g.int_tensor(f"{p}_zero_point_c", np.full(codes.shape[1], zp_vals),
+                                  container)
+            pre = f"{site}/act{j if not lin.shared_input else 0}/"
+            _meta(g.add("MatMulIntegerToFloat",
+                        [a, wname, f"{pre}scale", scale, f"{pre}zero_point", zp,
+                         g.const(f"{site}/bias{j}", bias)], [yj], mm, domain="com.microsoft"),
+                  **lin_meta)
+            outs.append(yj)
+        else:
+            _meta(g.add("DequantizeLinear", [wname, scale, zp], [f"{p}_dq"],
+                        f"{p}/DequantizeLinear", **({"axis": 1} if per_col else {})), **wmeta)
+            _meta(g.add("MatMul", [a, f"{p}_dq"], [f"{mm}_out"], mm), **lin_meta)
+            if w_zero:  # plain bias (TensorRT fuses it; nothing to correct)
+                g.add("Add", [f"{mm}_out", g.const(f"{site}/bias{j}", bias)], [yj],
+                      f"{site}/Add{j}")
+            else:
+                g.add("ReduceSum", [a_sum, g.const(f"{site}/axes_last{j}", [-1], np.int64)],
+                      [f"{site}/rowsum{j}"], f"{site}/ReduceSum{j}", keepdims=1)
+                g.add("Mul", [f"{site}/rowsum{j}", g.const(f"{p}_shift", shifts)],
+                      [f"{site}/wcorr{j}"], f"{site}/MulShift{j}")
+                g.add("Add", [f"{site}/wcorr{j}", g.const(f"{site}/bias{j}", bias)],
+                      [f"{site}/corr{j}"], f"{site}/AddBias{j}")
+                g.add("Add", [f"{mm}_out", f"{site}/corr{j}"], [yj], f"{site}/Add{j}")
+            outs.append(yj)
         records.append(dict(site=site, kind="linear", matmul=mm, group=j, weight=wname,
                             weight_container=container, w_bits=bits, a_bits=enc.bits,
                             act=enc.meta(), weight_scale=scales.tolist() if per_col
@@ -203,10 +233,13 @@ def replace_sites(proto: onnx.ModelProto, linears: dict[str, QuantLinear],
             records += _emit_linear(g, node, site, linears[site], opts)
         elif node.op_type == "QAct":
             enc = act_encoding(acts[site], opts.target)
-            (dq,) = _emit_act(g, node.input[0], enc, f"{site}/", site)
-            g.add("Add", [dq, g.const(f"{site}/shift_back", enc.shift)], [node.output[0]],
-                  f"{site}/AddShift")
-            act_outputs[node.output[0]] = (dq, enc.shift)
+            if enc.shift == 0.0:  # 0 on the grid: the DQ output is the value itself
+                _emit_act(g, node.input[0], enc, f"{site}/", site, outputs=[node.output[0]])
+            else:
+                (dq,) = _emit_act(g, node.input[0], enc, f"{site}/", site)
+                g.add("Add", [dq, g.const(f"{site}/shift_back", enc.shift)], [node.output[0]],
+                      f"{site}/AddShift")
+                act_outputs[node.output[0]] = (dq, enc.shift)
             records.append(dict(site=site, kind="act", q=f"{site}/QuantizeLinear", **enc.meta()))
         else:  # pragma: no cover - trace.py emits only the two kinds
             raise AssertionError(f"unknown placeholder {node.op_type}")

@@ -37,15 +37,19 @@ from typing import Literal
 import numpy as np
 import torch
 
-from calibrate.quantizer import BoundFakeQuantizer
+from calibrate.quantizer import BoundFakeQuantizer, QParams
 
 Target = Literal["ort", "trt"]
 
 
-def _step(q: BoundFakeQuantizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lower, upper, step) as float32 tensors, computed exactly as ``fake_quant`` does."""
-    lower, upper = q.lower.detach().float(), q.upper.detach().float()
-    return lower, upper, (upper - lower) / (2**q.bits - 1)
+def _step(q: BoundFakeQuantizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, QParams]:
+    """(lower, upper, step) of the grid that runs as float32 tensors, computed exactly as
+    ``fake_quant`` does, from ``q.qparams()`` (the only thing export reads of a quantizer)."""
+    qp = q.qparams()
+    shape = (-1, 1) if qp.per_channel else ()
+    lower = torch.tensor(qp.lower, dtype=torch.float32).reshape(shape)
+    upper = torch.tensor(qp.upper, dtype=torch.float32).reshape(shape)
+    return lower, upper, (upper - lower) / (2**qp.bits - 1), qp
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,9 @@ class ActEncoding:
 
 
 def act_encoding(q: BoundFakeQuantizer, target: Target) -> ActEncoding:
-    lower, upper, step = _step(q)
+    """The Q/DQ form of an activation quantizer. On an integer or symmetric grid (0 at level
+    ``z``) that the target holds, the shift is exactly 0: plain Q/DQ, no correction terms."""
+    lower, upper, step, qp = _step(q)
     if not float(step) > 0:
         raise ValueError(f"upper bound {float(upper)} must exceed lower bound {float(lower)}")
     n = 2**q.bits - 1
@@ -85,6 +91,8 @@ def act_encoding(q: BoundFakeQuantizer, target: Target) -> ActEncoding:
     else:
         raise ValueError(f"target must be 'ort' or 'trt', got {target!r}")
     shift = lower + step * z
+    if qp.grid != "real" and z == qp.integer_zero_point:
+        shift = torch.zeros_like(shift)  # 0 is on the grid at level z (rounding noise aside)
     return ActEncoding(
         bits=q.bits, lower=float(lower), upper=float(upper), scale=float(step), shift=float(shift),
         container=container, zero_point=zp, clip_lo=float(step * (-z)),
@@ -126,7 +134,8 @@ class WeightEncoding:
 
 
 def weight_encoding(q: BoundFakeQuantizer, w: torch.Tensor) -> WeightEncoding:
-    lower, upper, step = _step(q)
+    """Signed codes of a weight block; on a symmetric grid the shift is exactly 0."""
+    lower, upper, step, qp = _step(q)
     w = w.detach().float()
     k = torch.round((torch.minimum(torch.maximum(w, lower), upper) - lower) / step)
     deq = lower + step * k
@@ -135,6 +144,8 @@ def weight_encoding(q: BoundFakeQuantizer, w: torch.Tensor) -> WeightEncoding:
     if codes.min() < -c or codes.max() > c - 1:  # pragma: no cover - guarded by the clip above
         raise AssertionError("weight codes left their b-bit range")
     shift = lower + step * c
+    if qp.grid == "symmetric":
+        shift = torch.zeros_like(shift)  # the grid is (k - c) * s
     if q.per_channel:  # (C, 1) bounds: one scale and shift per row
         scale_v, shift_v = step.reshape(-1).numpy(), shift.reshape(-1).numpy()
     else:

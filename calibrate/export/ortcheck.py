@@ -44,11 +44,12 @@ def _bytes(model: onnx.ModelProto | str | os.PathLike) -> bytes | str:
     return model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
 
 
-def make_session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = None):
-    """A CPU session (ORT_ENABLE_ALL) for an exported model or its path."""
+def make_session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = None,
+                 level: str = "all"):
+    """A CPU session (ORT_ENABLE_ALL unless ``level`` says) for an exported model or its path."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(_bytes(model), session_options(threads),
+    return ort.InferenceSession(_bytes(model), session_options(threads, level=level),
                                 providers=["CPUExecutionProvider"])
 
 

@@ -10,7 +10,9 @@ from edge_sr.cli.options import logging_options, quant_options
 
 
 @click.command("build")
-@click.option("--bits", type=int, required=True, help="Weight and activation bit width (2, 3, 4).")
+@click.option("--bits", type=int, required=True,
+              help="Weight and activation bit width: 2, 3, 4 or 8 (W8A8: the safest first "
+                   "deployment).")
 @click.option("--scale", type=int, required=True, help="Upscaling factor (2, 3, 4).")
 @click.option("--model", metavar="NAME|PATH", default=None,
               help="Checkpoint name or .pth path [default: swinir-light-x{scale}-ref].")
@@ -19,6 +21,9 @@ from edge_sr.cli.options import logging_options, quant_options
 @quant_options(method_default="edge-sr", recipe_default="cpu")
 @click.option("--tile", default="64", show_default=True,
               help="LR tile the engine runs: N or WxH (a multiple of the model's window).")
+@click.option("--input-size", default=None, metavar="WxH",
+              help="A camera's LR frame: the engine is exported at this shape (padded to the "
+                   "model's window), so each frame runs as one tile; replaces --tile.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Tiles per engine call.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Engine directory [default: engines/<model>-w{bits}a{bits}].")
@@ -32,17 +37,19 @@ from edge_sr.cli.options import logging_options, quant_options
                    "(beyond the paper; fc1 for NGswin).")
 @click.option("--print-config", is_flag=True, help="Print the build configuration and stop.")
 @logging_options
-def build_cmd(bits, scale, model, backend, recipe, method, tile, batch, out, force, threads,
-              wide_inputs, rotate, weight_grid, avg_bits, rounding, print_config) -> None:
+def build_cmd(bits, scale, model, backend, recipe, method, tile, input_size, batch, out, force, threads,
+              wide_inputs, rotate, weight_grid, grid, avg_bits, rounding, print_config) -> None:
     """Build a quantized SR engine: checkpoint -> calibrate -> export -> build -> validate."""
     from edge_sr.cli.options import parse_list, parse_rotate, parse_size
     from runtime.build import BuildConfig, build, config_dict
 
     cfg = BuildConfig(bits=bits, scale=scale, model=model, backend=backend, recipe=recipe,
                       method=method, tile=parse_size(tile, "--tile"), batch=batch, out=out,
+                      input_size=(None if input_size is None else
+                                  parse_size(input_size, "--input-size")[::-1]),
                       force=force, threads=threads,
                       wide_inputs=parse_list(wide_inputs), rotate=parse_rotate(rotate),
-                      weight_grid=weight_grid, avg_bits=avg_bits, rounding=rounding)
+                      weight_grid=weight_grid, grid=grid, avg_bits=avg_bits, rounding=rounding)
     if print_config:
         click.echo(json.dumps(config_dict(cfg), indent=2))
         return

@@ -61,6 +61,7 @@ def parse_rotate(text: str | None) -> tuple[str, ...] | None:
 # The calibration vocabulary the CLI offers (the API's calibrate.api.METHODS / RECIPES; tests
 # check they agree). Listed here so that --help needs no torch import.
 METHOD_CHOICES = ("2dquant", "edge-sr", "dobi", "minmax", "percentile")
+GRID_CHOICES = ("real", "ort", "trt")  # calibrate.prepare.DEPLOY_GRIDS (a test pins it)
 RECIPE_CHOICES = ("cpu", "fast", "paper")
 
 
@@ -86,6 +87,11 @@ def quant_options(method_default: str, recipe_default: str):
         click.option("--weight-grid", type=click.Choice(["tensor", "channel"]), default=None,
                      help="Beyond the paper: one weight grid per tensor (paper) or per output "
                           "channel [default: the method's]."),
+        click.option("--grid", type=click.Choice(GRID_CHOICES), default="real", show_default=True,
+                     help="Beyond the paper: real = the paper's real-valued zero points (exact "
+                          "export with correction terms); ort / trt = the grids that engine "
+                          "runs natively (0 on every grid, symmetric weights), searched and "
+                          "learned under that constraint: plain Q/DQ, integer kernels."),
         click.option("--avg-bits", type=float, default=None, metavar="BITS",
                      help="Beyond the paper: mixed precision; the linear inputs that measure "
                           "most sensitive (held-out data) go to 8 bits within this mean width."),
