@@ -15,7 +15,7 @@ custom node that TensorRT's ONNX parser hands to the ``LowBitLinear`` IPluginV3
   ``has_bias``, ``act_lower``/``act_upper`` (the learned activation bounds) and ``w_lower``/
   ``w_scale`` (one weight grid per output row).
 
-The node's maths is ``runtime.lowbit.lowbit_linear_reference``. ONNX Runtime cannot run the node;
+The node's maths is ``calibrate.export.packing.lowbit_linear_reference``. ONNX Runtime cannot run the node;
 ``decompose_lowbit_plugins`` rewrites it back into plain ONNX ops (fake-quant input, float weights)
 so the plugin graph can be checked on a CPU.
 """
@@ -30,8 +30,8 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from calibrate.export.packing import LowBitLinearParams, pack_weights
 from edge_sr.errors import EdgeSRError
-from runtime.lowbit import LowBitLinearParams, pack_weights
 
 log = logging.getLogger(__name__)
 
