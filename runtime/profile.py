@@ -4,6 +4,12 @@ A frame is the whole user-visible path: tiling, the backend calls, blending. Aft
 frames, ``runs`` frames are timed; p50/p90/p99 and frames/s (1 / mean latency) are reported.
 With ``compare`` the engine's FP32 graph runs on the same backend, interleaved frame by frame with
 the quantized one so machine noise hits both alike, and the FP32/quantized latency ratio is given.
+For an ONNX Runtime engine ``compare`` also times, in the same loop, on the same frame and thread
+count, what a user would run instead (``runtime.ort_baseline``): the graph ORT's own
+``quantize_static`` makes of the FP32 graph (INT8 QDQ, cached in the engine directory) and the
+FP checkpoint in PyTorch eager FP32. Each row gets ``speed_vs_fp32_p50`` (FP32 p50 / its p50); a
+baseline that cannot be made here (no checkpoint, no pool data) is skipped with a warning and
+listed under ``skipped``.
 
 Peak memory is the peak resident set size (Linux ``VmHWM``, reset through
 ``/proc/self/clear_refs``) during session creation and warm-up, minus the RSS just before: it
@@ -26,6 +32,15 @@ from tqdm import tqdm
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import atomic_path, write_json
 from edge_sr.logutil import progress_disabled
+from runtime.ort_baseline import (
+    EAGER_LABEL,
+    STATIC_LABEL,
+    STATIC_PRECISION,
+    BaselineUnavailable,
+    EagerBackend,
+    eager_model,
+    ort_static_graph,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +64,9 @@ class ProfileConfig:
                               f"{self.runs} and {self.warmup}")
         if min(self.input_size) < 1:
             raise EdgeSRError(f"--input-size: expected a positive size, got {self.input_size}")
+        if self.threads is not None and self.threads < 1:
+            raise EdgeSRError(f"--threads: expected a positive number of threads, got "
+                              f"{self.threads}")
 
 
 def _status_kb(key: str) -> int | None:
@@ -100,7 +118,8 @@ def default_paths(cfg: ProfileConfig, engine_name: str) -> tuple[Path, Path]:
 
 
 def profile(cfg: ProfileConfig) -> dict:
-    """Profile the engine (and its FP32 graph with ``compare``); write JSON and a PNG plot."""
+    """Profile the engine (with ``compare``: its FP32 graph, ORT's ``quantize_static`` graph of it
+    and PyTorch eager FP32 too, interleaved); write JSON and a PNG plot."""
     from runtime.engine import open_engine
     from runtime.predictors import BackendPredictor
     from runtime.tiling import TilePlan, pad_to_min
@@ -111,23 +130,52 @@ def profile(cfg: ProfileConfig) -> dict:
     frame = np.random.default_rng(cfg.seed).random((1, 3, h, w), dtype=np.float32)
     padded = pad_to_min(frame, *m.tile).shape[-2:]
     n_tiles = len(TilePlan.make(*padded, tuple(m.tile), m.overlap))
-    variants = {"quantized": False} | ({"fp32": True} if cfg.compare else {})
-    preds, memory = {}, {}
-    for label, fp32 in variants.items():
-        with PeakMemory() as mem:
-            backend = eng.backend(threads=cfg.threads, fp32=fp32)
-            preds[label] = BackendPredictor(backend, label, overlap=m.overlap)
-            for _ in range(cfg.warmup):
-                preds[label].run_numpy(frame)
-        memory[label] = {"peak_rss_increase_mib": round(mem.delta_mib, 1),
-                         "peak_rss_mib": round(mem.peak_mib, 1), "method": mem.method}
-    times: dict[str, list[float]] = {k: [] for k in preds}
-    for _ in tqdm(range(cfg.runs), desc="profile", unit="run", disable=progress_disabled()):
-        for label, pred in preds.items():  # interleaved: noise hits every variant alike
-            t0 = time.perf_counter()
-            pred.run_numpy(frame)
-            times[label].append(time.perf_counter() - t0)
-    info = preds["quantized"].backend.info()
+    factories = {"quantized": lambda: eng.backend(threads=cfg.threads),
+                 "fp32": lambda: eng.backend(threads=cfg.threads, fp32=True)}
+    if not cfg.compare:
+        del factories["fp32"]
+    baselines: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    torch_threads = None
+    if cfg.compare:
+        if m.backend == "onnxruntime":
+            torch_threads = _add_baselines(cfg, eng, factories, baselines, skipped)
+        else:
+            for k in (STATIC_LABEL, EAGER_LABEL):
+                skipped[k] = (f"the engine runs on {m.backend}; the ORT quantize_static and "
+                              "PyTorch CPU baselines are timed for onnxruntime engines only")
+    preds, memory, infos, threads = {}, {}, {}, {}
+    try:
+        for label, make in factories.items():
+            try:
+                with PeakMemory() as mem:
+                    backend = make()
+                    preds[label] = BackendPredictor(backend, label, overlap=m.overlap)
+                    infos[label], threads[label] = backend.info(), getattr(backend, "threads",
+                                                                           None)
+                    for _ in range(cfg.warmup):
+                        preds[label].run_numpy(frame)
+            except BaselineUnavailable as e:
+                log.warning("profile --compare: skipping %s: %s", label, e)
+                skipped[label] = str(e)
+                baselines.pop(label, None)
+                continue
+            memory[label] = {"peak_rss_increase_mib": round(mem.delta_mib, 1),
+                             "peak_rss_mib": round(mem.peak_mib, 1), "method": mem.method}
+        times: dict[str, list[float]] = {k: [] for k in preds}
+        for _ in tqdm(range(cfg.runs), desc="profile", unit="run", disable=progress_disabled()):
+            for label, pred in preds.items():  # interleaved: noise hits every variant alike
+                t0 = time.perf_counter()
+                pred.run_numpy(frame)
+                times[label].append(time.perf_counter() - t0)
+    finally:
+        for p in preds.values():
+            p.close()
+        if torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+    info = infos["quantized"]
     result = {
         "engine": str(eng.path), "engine_name": m.name, "backend": info.name,
         "device": info.device, "scale": m.scale, "bits": m.bits,
@@ -135,20 +183,57 @@ def profile(cfg: ProfileConfig) -> dict:
         "output_size": {"width": w * m.scale, "height": h * m.scale},
         "tile": list(m.tile), "overlap": m.overlap, "batch": m.batch,
         "tiles_per_frame": n_tiles, "warmup": cfg.warmup,
+        "threads": threads["quantized"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "variants": {k: {"precision": preds[k].backend.info().precision,
+        "variants": {k: {"precision": infos[k].precision, "runtime": infos[k].name,
                          **latency_stats(times[k], (h, w)), "memory": memory[k]} for k in preds},
     }
     if cfg.compare:
-        q, f = result["variants"]["quantized"], result["variants"]["fp32"]
-        result["ratio_fp32_over_quantized_p50"] = f["p50_ms"] / q["p50_ms"]
-    for p in preds.values():
-        p.close()
+        f = result["variants"]["fp32"]
+        for v in result["variants"].values():
+            v["speed_vs_fp32_p50"] = f["p50_ms"] / v["p50_ms"]
+        result["ratio_fp32_over_quantized_p50"] = result["variants"]["quantized"][
+            "speed_vs_fp32_p50"]
+        result["baselines"] = baselines
+        result["skipped"] = skipped
     js, png = default_paths(cfg, m.name)
     write_json(js, result)
     plot(result, png)
     result["json"], result["plot"] = str(js), str(png)
     return result
+
+
+def _add_baselines(cfg: ProfileConfig, eng, factories: dict, baselines: dict,
+                   skipped: dict) -> int:
+    """Add the ORT ``quantize_static`` and PyTorch eager rows to ``factories`` (or note why not in
+    ``skipped``); set torch's threads to the engine's and return the previous count."""
+    import torch
+
+    from runtime.backends.onnxruntime import OrtBackend, default_threads
+
+    m = eng.manifest
+    threads = cfg.threads or default_threads()
+    try:
+        path, baselines[STATIC_LABEL] = ort_static_graph(eng)
+    except Exception as e:  # a baseline that cannot be made must not sink the profile
+        log.warning("profile --compare: skipping %s: %s", STATIC_LABEL, e)
+        skipped[STATIC_LABEL] = f"{type(e).__name__}: {e}"
+    else:
+        factories[STATIC_LABEL] = lambda: OrtBackend(
+            path, threads=threads, tile=tuple(m.tile), max_batch=m.batch,
+            precision=STATIC_PRECISION)
+
+    def eager():
+        model, baselines[EAGER_LABEL] = eager_model(m)
+        baselines[EAGER_LABEL]["input"] = (f"the engine's {m.tile[0]}x{m.tile[1]} tiles, "
+                                           f"{m.batch} per call, tiled and blended like it")
+        baselines[EAGER_LABEL]["threads"] = threads
+        return EagerBackend(model, m.scale, tuple(m.tile), m.batch)
+
+    factories[EAGER_LABEL] = eager
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return before
 
 
 def plot(result: dict, path: str | Path) -> Path:
@@ -161,10 +246,14 @@ def plot(result: dict, path: str | Path) -> Path:
     path = Path(path)
     labels = list(result["variants"])
     data = [result["variants"][k]["latencies_ms"] for k in labels]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(labels)), 3.8), dpi=100)
     ax.boxplot(data, whis=(1, 99))
-    ax.set_xticks(range(1, len(labels) + 1),
-                  [f"{k}\np50 {result['variants'][k]['p50_ms']:.0f} ms" for k in labels])
+    ticks = []
+    for k in labels:
+        v = result["variants"][k]
+        speed = f", {v['speed_vs_fp32_p50']:.2f}x" if "speed_vs_fp32_p50" in v else ""
+        ticks.append(f"{k}\n{v['precision']}\np50 {v['p50_ms']:.0f} ms{speed}")
+    ax.set_xticks(range(1, len(labels) + 1), ticks, fontsize=8)
     ax.set_ylabel("latency per frame (ms)")
     i, o = result["input_size"], result["output_size"]
     ax.set_title(f"{result['engine_name']}: {i['width']}x{i['height']} -> "
@@ -180,19 +269,30 @@ def plot(result: dict, path: str | Path) -> Path:
 def table(result: dict) -> str:
     """The printed profile: one row per variant (and the FP32/quantized ratio)."""
     i, o = result["input_size"], result["output_size"]
+    speed = any("speed_vs_fp32_p50" in v for v in result["variants"].values())
     lines = [f"{result['engine_name']} on {result['backend']}, {result['device']}",
              f"frame {i['width']}x{i['height']} -> {o['width']}x{o['height']}, "
              f"{result['tiles_per_frame']} tiles of {result['tile'][1]}x{result['tile'][0]} "
              f"(overlap {result['overlap']}), {result['warmup']} warm-up",
-             f"{'variant':<10} {'precision':<12} {'runs':>4} {'p50 ms':>9} {'p90 ms':>9} "
-             f"{'p99 ms':>9} {'frames/s':>9} {'peak MiB':>9}"]
+             f"{'variant':<20} {'precision':<30} {'runs':>4} {'p50 ms':>9} {'p90 ms':>9} "
+             f"{'p99 ms':>9} {'frames/s':>9} {'peak MiB':>9}" + (f" {'vs fp32':>8}" if speed
+                                                                    else "")]
     for k, v in result["variants"].items():
-        lines.append(f"{k:<10} {v['precision']:<12} {v['runs']:>4} {v['p50_ms']:>9.1f} "
+        lines.append(f"{k:<20} {v['precision']:<30} {v['runs']:>4} {v['p50_ms']:>9.1f} "
                      f"{v['p90_ms']:>9.1f} {v['p99_ms']:>9.1f} {v['fps']:>9.3g} "
-                     f"{v['memory']['peak_rss_increase_mib']:>9.1f}")
+                     f"{v['memory']['peak_rss_increase_mib']:>9.1f}"
+                     + (f" {v['speed_vs_fp32_p50']:>7.2f}x" if speed else ""))
     if "ratio_fp32_over_quantized_p50" in result:
         r = result["ratio_fp32_over_quantized_p50"]
         lines.append(f"FP32 / quantized p50 latency: {r:.2f}x "
                      f"({'quantized faster' if r > 1 else 'quantized slower'})")
+    if speed:
+        lines.append("vs fp32: the ORT FP32 graph's p50 / the row's p50 (> 1: faster)")
+    st = (result.get("baselines") or {}).get(STATIC_LABEL)
+    if st:
+        lines.append(f"{STATIC_LABEL}: {st['graph']} ("
+                     + ("cached" if st["cached"] else f"made in {st['seconds']:.1f} s") + ")")
+    for k, why in (result.get("skipped") or {}).items():
+        lines.append(f"skipped {k}: {why}")
     lines.append("peak MiB: " + next(iter(result["variants"].values()))["memory"]["method"])
     return "\n".join(lines)

@@ -12,7 +12,10 @@ from edge_sr.cli.options import logging_options
 @click.option("--input-size", default="320x180", show_default=True, help="LR frame WIDTHxHEIGHT.")
 @click.option("--runs", type=int, default=20, show_default=True, help="Timed frames.")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed frames first.")
-@click.option("--compare", is_flag=True, help="Also profile the FP32 graph, interleaved.")
+@click.option("--compare", is_flag=True,
+              help="Also time, interleaved on the same frame and threads: the FP32 graph, ORT's "
+                   "quantize_static INT8 graph of it (made once, cached in the engine "
+                   "directory) and the FP model in PyTorch eager FP32.")
 @click.option("--threads", type=int, default=None, help="Inference threads [default: all cores].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="JSON output [default: results/profile/<engine>_<W>x<H>.json].")

@@ -1,0 +1,127 @@
+"""``edge-sr profile --compare``: the ORT ``quantize_static`` and PyTorch eager baselines, on a tiny
+engine whose FP checkpoint is on disk (``conftest.make_tiny_engine`` plus a saved state dict)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from runtime.profile import ProfileConfig, profile, table
+
+ROWS = ("quantized", "fp32", "ort_quantize_static", "torch_eager_fp32")
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    from conftest import make_tiny_engine, make_tiny_swinir
+
+    from runtime.engine import read_manifest, write_manifest
+
+    d = make_tiny_engine(tmp_path_factory.mktemp("cmp") / "tiny")
+    ckpt = d.parent / "tiny_x2.pth"
+    torch.save({"params": make_tiny_swinir(2).state_dict()}, ckpt)
+    m = read_manifest(d)
+    m.model = {"name": "tiny", "path": str(ckpt)}
+    write_manifest(d, m)
+    return d
+
+
+@pytest.fixture
+def count_quantize(monkeypatch):
+    import runtime.ort_baseline as ob
+
+    calls = []
+    real = ob.quantize_static_graph
+
+    def counted(*a, **k):
+        calls.append(a[1])
+        return real(*a, **k)
+
+    monkeypatch.setattr(ob, "quantize_static_graph", counted)
+    return calls
+
+
+def _cfg(engine, tmp_path, name):
+    return ProfileConfig(engine=engine, input_size=(24, 40), runs=2, warmup=1, compare=True,
+                         threads=1, json_path=tmp_path / f"{name}.json")
+
+
+def test_compare_rows_and_cache(engine, tmp_path, data_root, count_quantize):
+    before = torch.get_num_threads()
+    res = profile(_cfg(engine, tmp_path, "a"))
+    assert torch.get_num_threads() == before  # restored after the eager row
+    assert list(res["variants"]) == list(ROWS)
+    for k in ROWS:
+        v = res["variants"][k]
+        assert v["runs"] == 2 and 0 < v["p50_ms"] <= v["p99_ms"] and v["speed_vs_fp32_p50"] > 0
+    assert res["variants"]["fp32"]["speed_vs_fp32_p50"] == 1.0
+    assert res["variants"]["torch_eager_fp32"]["runtime"] == "pytorch-eager"
+    assert res["skipped"] == {} and res["threads"] == 1
+    st = res["baselines"]["ort_quantize_static"]
+    assert st["cached"] is False and st["graph"] == str(engine / "ort_quantize_static.onnx")
+    assert st["settings"]["per_channel"] and st["calibration"]["patches"] == 8
+    assert len(st["calibration"]["images"]) == 8
+    assert res["baselines"]["torch_eager_fp32"]["matches_manifest"] is True
+    assert len(count_quantize) == 1
+    on_disk = json.loads((tmp_path / "a.json").read_text())
+    assert set(on_disk["variants"]) == set(ROWS)
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = table(res)
+    assert all(k in text for k in ROWS) and "vs fp32" in text
+
+    res2 = profile(_cfg(engine, tmp_path, "b"))  # second run: the cached graph, no quantization
+    assert len(count_quantize) == 1
+    assert res2["baselines"]["ort_quantize_static"]["cached"] is True
+    assert res2["baselines"]["ort_quantize_static"]["key"] == st["key"]
+    assert res2["baselines"]["ort_quantize_static"]["calibration"] == st["calibration"]
+    assert "cached" in table(res2)
+
+
+def test_static_graph_is_qdq_and_close_to_fp32(engine, data_root):
+    import onnx
+
+    from runtime.backends.onnxruntime import OrtBackend
+    from runtime.engine import open_engine
+    from runtime.ort_baseline import ort_static_graph
+
+    path, _ = ort_static_graph(open_engine(engine))
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    x = np.random.default_rng(1).random((4, 3, 16, 16), dtype=np.float32)
+    ref = OrtBackend(engine / "model_fp32.onnx", threads=1).run(x)
+    out = OrtBackend(path, threads=1).run(x)
+    mse = float(np.mean((out - ref) ** 2))
+    psnr = 10 * np.log10(float(np.ptp(ref)) ** 2 / max(mse, 1e-12))
+    assert psnr > 25, psnr  # int8 of a random tiny net: close, not exact
+
+
+def test_missing_checkpoint_skips_eager_row(tmp_path, data_root, caplog):
+    from conftest import make_tiny_engine
+
+    eng = make_tiny_engine(tmp_path / "nockpt")  # manifest.model names no checkpoint file
+    with caplog.at_level("WARNING"):
+        res = profile(_cfg(eng, tmp_path, "c"))
+    assert "torch_eager_fp32" not in res["variants"]
+    assert "checkpoint" in res["skipped"]["torch_eager_fp32"]
+    assert "torch_eager_fp32" not in res["baselines"]
+    assert "skipping torch_eager_fp32" in caplog.text
+    assert set(res["variants"]) == {"quantized", "fp32", "ort_quantize_static"}
+    assert "skipped torch_eager_fp32" in table(res)
+
+
+def test_stale_or_corrupt_cache_is_rebuilt(tmp_path, data_root, count_quantize):
+    from conftest import make_tiny_engine
+
+    from runtime.engine import open_engine
+    from runtime.ort_baseline import STATIC_FILE, ort_static_graph
+
+    eng = make_tiny_engine(tmp_path / "stale")
+    (eng / STATIC_FILE).write_bytes(b"not a graph")
+    path, info = ort_static_graph(open_engine(eng))
+    assert path == eng / STATIC_FILE and info["cached"] is False and len(count_quantize) == 1
+    _, info = ort_static_graph(open_engine(eng), n_calib=4)  # other settings: another key
+    assert info["cached"] is False and len(count_quantize) == 2
+    assert ort_static_graph(open_engine(eng), n_calib=4)[1]["cached"] is True
