@@ -43,6 +43,7 @@ from runtime.ort_baseline import (
 )
 
 log = logging.getLogger(__name__)
+MIN_RUNS = 3  # timed rounds kept even when the time budget is spent
 
 
 @dataclass
@@ -50,7 +51,10 @@ class ProfileConfig:
     engine: str | Path
     input_size: tuple[int, int] = (180, 320)  # LR (height, width)
     runs: int = 20
-    warmup: int = 3
+    warmup: int = 1
+    # the timed loop stops after the round that passes this many seconds (at least MIN_RUNS
+    # rounds), so a default run stays under a minute; None times all ``runs``
+    max_seconds: float | None = 30.0
     compare: bool = False
     threads: int | None = None
     scale: int | None = None
@@ -59,6 +63,8 @@ class ProfileConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise EdgeSRError(f"--max-seconds: expected a positive number, got {self.max_seconds}")
         if self.runs < 1 or self.warmup < 0:
             raise EdgeSRError(f"--runs/--warmup: expected runs >= 1 and warmup >= 0, got "
                               f"{self.runs} and {self.warmup}")
@@ -163,11 +169,17 @@ def profile(cfg: ProfileConfig) -> dict:
             memory[label] = {"peak_rss_increase_mib": round(mem.delta_mib, 1),
                              "peak_rss_mib": round(mem.peak_mib, 1), "method": mem.method}
         times: dict[str, list[float]] = {k: [] for k in preds}
-        for _ in tqdm(range(cfg.runs), desc="profile", unit="run", disable=progress_disabled()):
+        start = time.perf_counter()
+        for r in tqdm(range(cfg.runs), desc="profile", unit="run", disable=progress_disabled()):
             for label, pred in preds.items():  # interleaved: noise hits every variant alike
                 t0 = time.perf_counter()
                 pred.run_numpy(frame)
                 times[label].append(time.perf_counter() - t0)
+            if (cfg.max_seconds is not None and r + 1 >= MIN_RUNS
+                    and time.perf_counter() - start > cfg.max_seconds):
+                log.info("profile: time budget of %.0f s reached after %d runs", cfg.max_seconds,
+                         r + 1)
+                break
     finally:
         for p in preds.values():
             p.close()
@@ -182,7 +194,7 @@ def profile(cfg: ProfileConfig) -> dict:
         "input_size": {"width": w, "height": h},
         "output_size": {"width": w * m.scale, "height": h * m.scale},
         "tile": list(m.tile), "overlap": m.overlap, "batch": m.batch,
-        "tiles_per_frame": n_tiles, "warmup": cfg.warmup,
+        "tiles_per_frame": n_tiles, "warmup": cfg.warmup, "max_seconds": cfg.max_seconds,
         "threads": threads["quantized"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "variants": {k: {"precision": infos[k].precision, "runtime": infos[k].name,

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-ORDER = ["eval", "accuracy", "export", "runtime", "ngswin", "ngswin_accuracy", "beyond", "inputs",
+ORDER = ["eval", "accuracy", "export", "runtime", "ngswin", "ngswin_accuracy", "beyond", "grids", "inputs",
          "gpu"]
 
 

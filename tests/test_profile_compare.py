@@ -125,3 +125,13 @@ def test_stale_or_corrupt_cache_is_rebuilt(tmp_path, data_root, count_quantize):
     _, info = ort_static_graph(open_engine(eng), n_calib=4)  # other settings: another key
     assert info["cached"] is False and len(count_quantize) == 2
     assert ort_static_graph(open_engine(eng), n_calib=4)[1]["cached"] is True
+
+
+def test_time_budget_keeps_three_rounds(engine, tmp_path):
+    """--max-seconds stops the timed loop after the round that passes it, never before 3."""
+    res = profile(ProfileConfig(engine=engine, input_size=(24, 40), runs=10, warmup=0,
+                                max_seconds=1e-6, json_path=tmp_path / "p.json"))
+    assert all(v["runs"] == 3 for v in res["variants"].values())
+    res = profile(ProfileConfig(engine=engine, input_size=(24, 40), runs=4, warmup=0,
+                                max_seconds=None, json_path=tmp_path / "q.json"))
+    assert all(v["runs"] == 4 for v in res["variants"].values())

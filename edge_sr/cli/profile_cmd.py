@@ -10,8 +10,12 @@ from edge_sr.cli.options import logging_options
 @click.command("profile")
 @click.option("--engine", type=click.Path(), required=True, help="Engine directory (edge-sr build).")
 @click.option("--input-size", default="320x180", show_default=True, help="LR frame WIDTHxHEIGHT.")
-@click.option("--runs", type=int, default=20, show_default=True, help="Timed frames.")
-@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed frames first.")
+@click.option("--runs", type=int, default=20, show_default=True,
+              help="Timed frames (at most; see --max-seconds).")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed frames first.")
+@click.option("--max-seconds", type=float, default=30.0, show_default=True,
+              help="Stop timing after the round that passes this many seconds (at least 3 "
+                   "rounds); 0 times all --runs.")
 @click.option("--compare", is_flag=True,
               help="Also time, interleaved on the same frame and threads: the FP32 graph, ORT's "
                    "quantize_static INT8 graph of it (made once, cached in the engine "
@@ -22,13 +26,14 @@ from edge_sr.cli.options import logging_options
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="PNG plot [default: the JSON path with .png].")
 @logging_options
-def profile_cmd(engine, input_size, runs, warmup, compare, threads, json_path, plot_path) -> None:
+def profile_cmd(engine, input_size, runs, warmup, max_seconds, compare, threads, json_path, plot_path) -> None:
     """Profile an engine: p50/p90/p99 latency, frames/s and peak memory after warm-up."""
     from edge_sr.cli.options import parse_size
     from runtime.profile import ProfileConfig, profile, table
 
     res = profile(ProfileConfig(engine=engine, input_size=parse_size(input_size, "--input-size"),
-                                runs=runs, warmup=warmup, compare=compare, threads=threads,
+                                runs=runs, warmup=warmup, max_seconds=max_seconds or None,
+                                compare=compare, threads=threads,
                                 json_path=json_path, plot_path=plot_path))
     click.echo(table(res))
     click.echo(f"wrote {res['json']} and {res['plot']}")
