@@ -29,9 +29,9 @@ import onnx
 import torch
 
 from calibrate.export.ortcheck import fused_op_types, integer_coverage, make_session
-from calibrate.export.tidy import share_constants
 from calibrate.export_qdq import ExportConfig, export_qdq
 from edge_sr.fileio import atomic_path, versions, write_json
+from edge_sr.onnx_tidy import share_constants
 from edge_sr.paths import REPO_ROOT
 
 log = logging.getLogger("benchmarks.export")

@@ -33,10 +33,10 @@ import onnx
 from torch import nn
 
 from calibrate.export.emit import EmitOptions, fold_matmul_shifts, replace_sites
-from calibrate.export.tidy import share_constants
 from calibrate.export.trace import TRACE_OPSET, quant_sites, trace_with_sites
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import atomic_path
+from edge_sr.onnx_tidy import tidy
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +133,8 @@ def build_qdq(model: nn.Module, cfg: ExportConfig) -> tuple[onnx.ModelProto, lis
         proto.opset_import.extend([onnx.helper.make_opsetid(ORT_DOMAIN, 1)])
     proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     fold_matmul_shifts(proto, act_outputs)
-    saved = share_constants(proto)
-    log.debug("shared identical constants: %.1f MB saved", saved / 1e6)
+    saved = tidy(proto)
+    log.debug("shared constants and compressed masks: %.1f MB saved", saved / 1e6)
     del proto.graph.value_info[:]
     proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     meta = dict(version=1, target=cfg.target, config={**asdict(cfg), "tile": list(cfg.tile)},

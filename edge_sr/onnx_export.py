@@ -56,11 +56,25 @@ def export_fp_onnx(model: nn.Module, path: str | os.PathLike, tile: tuple[int, i
                 torch.onnx.export(model, (x,), str(tmp), input_names=[INPUT_NAME],
                                   output_names=[OUTPUT_NAME], opset_version=opset,
                                   do_constant_folding=True, dynamo=False)
+                _tidy(tmp)
                 _check(tmp)
     finally:
         model.train(was_training)
     log.info("exported %s (%dx%dx%dx%d, opset %d)", path, batch, 3, h, w, opset)
     return path
+
+
+def _tidy(path: Path) -> None:
+    """Share identical constants and store attention masks as labels (``edge_sr.onnx_tidy``)."""
+    import onnx
+
+    from edge_sr.onnx_tidy import tidy
+
+    proto = onnx.load(str(path))
+    saved = tidy(proto)
+    if saved:
+        onnx.save(proto, str(path))
+        log.debug("ONNX tidy: %.1f MB saved", saved / 1e6)
 
 
 def _check(path: Path) -> None:

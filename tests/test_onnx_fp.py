@@ -58,3 +58,28 @@ def test_reference_x2_checkpoint_matches_pytorch(data_root, tmp_path):
         want = model(x).numpy()
     diff = np.abs(_ort_run(path, x) - want).max()
     assert diff < 1e-4, diff
+
+
+def test_masks_are_stored_as_labels_and_rebuilt_exactly():
+    """The shifted-window mask (15 MB per block for a 320x180 frame) is stored as its tokens'
+    region labels and rebuilt in the graph bit-exactly; anything else is left alone."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from edge_sr.models.swinir import shift_attention_mask
+    from edge_sr.onnx_tidy import _region_labels, compress_masks
+
+    mask = shift_attention_mask(32, 48, 8, 4).numpy()[None, :, None]  # (1, nW, 1, 64, 64)
+    assert _region_labels(np.random.default_rng(0).random((4, 8, 8))) is None
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["m"], ["y"])], "g", [],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, mask.shape)],
+        [numpy_helper.from_array(mask.astype(np.float32), "m")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = len(proto.SerializeToString())
+    saved = compress_masks(proto)
+    assert saved > 0.9 * mask.nbytes and len(proto.SerializeToString()) < before / 10
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(sess.run(None, {})[0], mask)
