@@ -77,6 +77,7 @@ class BuildConfig:
     rotate: tuple[str, ...] | None = None  # CalibrationConfig.rotate (None: the method's)
     weight_grid: str | None = None  # CalibrationConfig.weight_grid (None: the method's)
     grid: str = "real"  # CalibrationConfig.grid: the engine's native grid ("ort"/"trt")
+    shared_qkv_input: bool = False  # one qkv input quantizer: one integer GEMM (not the paper)
     avg_bits: float | None = None  # CalibrationConfig.avg_bits (mixed precision)
     rounding: str | None = None  # CalibrationConfig.rounding (None: the method's)
 
@@ -112,6 +113,7 @@ class BuildConfig:
         return CalibrationConfig(model=model, scale=self.scale, bits=self.bits,
                                  method=self.method, recipe=self.recipe, output=str(output),
                                  seed=self.seed, iterations=self.calib_iterations,
+                                 qkv_separation=not self.shared_qkv_input,
                                  wide_inputs=self.wide_inputs, rotate=self.rotate,
                                  weight_grid=self.weight_grid, grid=self.grid,
                                  avg_bits=self.avg_bits, rounding=self.rounding)
@@ -160,6 +162,7 @@ def calibration_key(model_sha256: str, cfg: BuildConfig) -> str:
                       | {k: v for k, v in (("rotate", cfg.rotate and list(cfg.rotate)),
                                            ("weight_grid", cfg.weight_grid),
                                            ("grid", None if cfg.grid == "real" else cfg.grid),
+                                           ("shared_qkv", cfg.shared_qkv_input or None),
                                            ("avg_bits", cfg.avg_bits),
                                            ("rounding", cfg.rounding)) if v is not None},
                       sort_keys=True)

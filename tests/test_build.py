@@ -215,6 +215,14 @@ def test_cli_print_config_and_errors(env):
     r = CliRunner().invoke(main, ["build", "--bits", "4", "--scale", "2", "--wide-inputs",
                                   "fc1,qkv", "--print-config"])
     assert json.loads(r.output)["wide_inputs"] == ["fc1", "qkv"]
+    r = CliRunner().invoke(main, ["build", "--bits", "8", "--scale", "2", "--grid", "ort",
+                                  "--input-size", "320x180", "--shared-qkv-input",
+                                  "--print-config"])
+    cfg = json.loads(r.output)
+    assert (cfg["bits"], cfg["grid"], cfg["input_size"], cfg["shared_qkv_input"]) == (
+        8, "ort", [320, 180], True)
+    r = CliRunner().invoke(main, ["build", "--bits", "4", "--scale", "2", "--grid", "int"])
+    assert r.exit_code == 2 and "--grid" in r.output
     r = CliRunner().invoke(main, ["build", "--bits", "4", "--scale", "2", "--out",
                                   str(env["dir"] / "eng")])
     assert r.exit_code == 2 and "already exists; pass --force" in r.output

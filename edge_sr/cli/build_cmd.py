@@ -35,10 +35,14 @@ from edge_sr.cli.options import logging_options, quant_options
 @click.option("--wide-inputs", default="", metavar="ROLES",
               help="Comma-separated linear roles (qkv, proj, fc1, fc2) whose inputs stay 8-bit "
                    "(beyond the paper; fc1 for NGswin).")
+@click.option("--shared-qkv-input", is_flag=True,
+              help="One input quantizer for q, k and v (not the paper's three): one integer "
+                   "GEMM per block instead of three and a Concat.")
 @click.option("--print-config", is_flag=True, help="Print the build configuration and stop.")
 @logging_options
 def build_cmd(bits, scale, model, backend, recipe, method, tile, input_size, batch, out, force, threads,
-              wide_inputs, rotate, weight_grid, grid, avg_bits, rounding, print_config) -> None:
+              wide_inputs, rotate, weight_grid, grid, avg_bits, rounding, shared_qkv_input,
+              print_config) -> None:
     """Build a quantized SR engine: checkpoint -> calibrate -> export -> build -> validate."""
     from edge_sr.cli.options import parse_list, parse_rotate, parse_size
     from runtime.build import BuildConfig, build, config_dict
@@ -49,7 +53,8 @@ def build_cmd(bits, scale, model, backend, recipe, method, tile, input_size, bat
                                   parse_size(input_size, "--input-size")[::-1]),
                       force=force, threads=threads,
                       wide_inputs=parse_list(wide_inputs), rotate=parse_rotate(rotate),
-                      weight_grid=weight_grid, grid=grid, avg_bits=avg_bits, rounding=rounding)
+                      weight_grid=weight_grid, grid=grid, avg_bits=avg_bits, rounding=rounding,
+                      shared_qkv_input=shared_qkv_input)
     if print_config:
         click.echo(json.dumps(config_dict(cfg), indent=2))
         return
