@@ -134,3 +134,25 @@ def test_ort_grid_runs_every_product_as_an_integer_kernel(tiny_swinir):
     proto, _ = build_qdq(st, ExportConfig(target="ort", tile=TILE))
     cov = integer_coverage(fused_op_types(proto))
     assert cov["float_total"] == 0 and cov["integer_total"] == 2 * (6 + 2)
+
+
+def test_ort_grid_with_rotation_and_channel_weights_stays_exact(tiny_swinir):
+    """edge-sr's options on the ort grid: a rotated input, per-channel symmetric weights."""
+    from calibrate.gptq import apply_gptq
+
+    tiny = tiny_swinir(2, depths=(2,), num_heads=(2,))
+    calib = torch.rand(2, 3, *TILE, generator=torch.Generator().manual_seed(1))
+    st = prepare(tiny, QuantRecipe(bits=4, grid="ort", rotate=("fc1",), weight_grid="channel"))
+    init_bounds(st, calib)
+    apply_gptq(st, calib)
+    for n, q in quantizers(st):
+        qp = q.qparams()
+        z = np.asarray(qp.zero_point, dtype=np.float64)
+        assert np.allclose(z, np.round(z), atol=1e-3), n  # 0 on every grid, after GPTQ too
+    proto, _ = build_qdq(st, ExportConfig(target="ort", tile=TILE))
+    assert {"MatMulIntegerToFloat"} <= {n.op_type for n in proto.graph.node}
+    x = torch.rand(1, 3, *TILE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = st(x).numpy()
+    out = make_session(proto, threads=1).run(None, {"lr": x.numpy()})[0]
+    assert np.abs(out - ref).max() < 1e-4
