@@ -27,9 +27,10 @@ def _fast_calibration(calls):
 
     def run_calibration(lm, cfg, output):
         calls.append(cfg.bits)
-        student = prepare(lm.model, QuantRecipe(bits=cfg.bits, grid=cfg.grid))
+        grid = cfg.resolved_grid()
+        student = prepare(lm.model, QuantRecipe(bits=cfg.bits, grid=grid))
         init_bounds(student, torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
-        torch.save({"bits": cfg.bits, "grid": cfg.grid, "state": student.state_dict()}, output)
+        torch.save({"bits": cfg.bits, "grid": grid, "state": student.state_dict()}, output)
         return output
 
     def load_student(path, lm):
@@ -212,6 +213,9 @@ def test_cli_print_config_and_errors(env):
     cfg = json.loads(r.output)
     assert cfg["model"] is None and cfg["out"] == "engines/swinir-light-x2-ref-w4a4"
     assert cfg["tile"] == [64, 64] and cfg["recipe"] == "cpu" and cfg["wide_inputs"] == []
+    # the default grid is the backend's native one: ORT here (no TensorRT, no GPU)
+    assert cfg["grid"] == "auto" and rb.BuildConfig(bits=4, scale=2).resolved_grid() == "ort"
+    assert rb.BuildConfig(bits=4, scale=2, backend="trt").resolved_grid() == "trt"
     r = CliRunner().invoke(main, ["build", "--bits", "4", "--scale", "2", "--wide-inputs",
                                   "fc1,qkv", "--print-config"])
     assert json.loads(r.output)["wide_inputs"] == ["fc1", "qkv"]

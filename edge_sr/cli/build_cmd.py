@@ -18,7 +18,7 @@ from edge_sr.cli.options import logging_options, quant_options
               help="Checkpoint name or .pth path [default: swinir-light-x{scale}-ref].")
 @click.option("--backend", type=click.Choice(["auto", "ort", "trt"]), default="auto",
               show_default=True, help="auto: TensorRT with a CUDA GPU, else ONNX Runtime (CPU).")
-@quant_options(method_default="edge-sr", recipe_default="cpu")
+@quant_options(method_default="edge-sr", recipe_default="cpu", grid_default="auto")
 @click.option("--tile", default="64", show_default=True,
               help="LR tile the engine runs: N or WxH (a multiple of the model's window).")
 @click.option("--input-size", default=None, metavar="WxH",

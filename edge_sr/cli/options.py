@@ -65,7 +65,7 @@ GRID_CHOICES = ("real", "ort", "trt")  # calibrate.prepare.DEPLOY_GRIDS (a test 
 RECIPE_CHOICES = ("cpu", "fast", "paper")
 
 
-def quant_options(method_default: str, recipe_default: str):
+def quant_options(method_default: str, recipe_default: str, grid_default: str = "real"):
     """``--method``, ``--recipe`` and the options beyond the paper, shared by calibrate and
     build (the defaults differ: build uses the measured method and budget)."""
     opts = [
@@ -87,11 +87,14 @@ def quant_options(method_default: str, recipe_default: str):
         click.option("--weight-grid", type=click.Choice(["tensor", "channel"]), default=None,
                      help="Beyond the paper: one weight grid per tensor (paper) or per output "
                           "channel [default: the method's]."),
-        click.option("--grid", type=click.Choice(GRID_CHOICES), default="real", show_default=True,
+        click.option("--grid", default=grid_default, show_default=True,
+                     type=click.Choice(GRID_CHOICES + (("auto",) if grid_default == "auto"
+                                                       else ())),
                      help="Beyond the paper: real = the paper's real-valued zero points (exact "
                           "export with correction terms); ort / trt = the grids that engine "
                           "runs natively (0 on every grid, symmetric weights), searched and "
-                          "learned under that constraint: plain Q/DQ, integer kernels."),
+                          "learned under that constraint: plain Q/DQ, integer kernels"
+                          + ("; auto = the backend's." if grid_default == "auto" else ".")),
         click.option("--avg-bits", type=float, default=None, metavar="BITS",
                      help="Beyond the paper: mixed precision; the linear inputs that measure "
                           "most sensitive (held-out data) go to 8 bits within this mean width."),
