@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one prepared check for a lent GPU machine (issue 6 acceptance), <= 8 minutes in total.
+# The prepared check for a lent GPU machine with TensorRT (issue 6; the trt grid since issue 18),
+# <= 8 minutes in total. Without TensorRT, scripts/gpu_session.sh is the one to run (issues 18/19).
 #   1. TensorRT presence (python module, libnvinfer, trtexec)
 #   2. build the esr_lowbit kernels for this GPU and run their self-test + the GPU pytest cases
 #   3. profile x2 SwinIR-light W8A8 / W4A4 (kernels) against FP16 / FP32 on a 256x256 LR tile
@@ -71,7 +72,8 @@ fp = SwinIRLight(2).eval()
 tile, results = (64, 64), {}
 graphs = {}
 for name, bits in (("int8_w8a8", 8), ("w4a4", 4)):
-    proto, _ = build_qdq(latency_student(fp, bits), ExportConfig(target="trt", tile=tile))
+    # the trt grid (symmetric weights, integer zero points): plain Q/DQ, no correction terms
+    proto, _ = build_qdq(latency_student(fp, bits, grid="trt"), ExportConfig(target="trt", tile=tile))
     graphs[name] = proto
 x = torch.rand(1, 3, *tile)
 torch.onnx.export(fp, x, f"{out}/fp32.onnx", input_names=["lr"], output_names=["sr"], opset_version=17, dynamo=False)

@@ -38,11 +38,12 @@ def require_cuda():
     return torch
 
 
-def latency_student(fp_model, bits: int, seed: int = 0):
+def latency_student(fp_model, bits: int, seed: int = 0, grid: str = "real"):
     """A student whose bounds come from weight min/max and fixed activation ranges.
 
     For latency only (the kernels' speed does not depend on the bounds): its accuracy means
-    nothing. Use a real calibration (``edge-sr calibrate``) for quality figures.
+    nothing. Use a real calibration (``edge-sr calibrate``) for quality figures. ``grid``:
+    ``QuantRecipe.grid`` ("trt" gives the plain Q/DQ graph TensorRT runs natively).
     """
     import torch
 
@@ -50,7 +51,7 @@ def latency_student(fp_model, bits: int, seed: int = 0):
     from calibrate.qmodules import QuantLinear
 
     torch.manual_seed(seed)
-    student = prepare(fp_model, QuantRecipe(bits=bits, qkv_separation=False))
+    student = prepare(fp_model, QuantRecipe(bits=bits, qkv_separation=False, grid=grid))
     for _, m in student.named_modules():
         if isinstance(m, QuantLinear):
             for q, w in zip(m.weight_quantizers, m.weight_blocks()):
