@@ -178,9 +178,11 @@ def search_bounds_multi(x: torch.Tensor, bits_list: list[int], search: Search,
     """
     lo, hi = float(x.min()), float(x.max())
     if not hi > lo:
-        lo, hi = min(lo, 0.0), lo + max(abs(lo), 1.0) * 1e-6
-        if grid == "real":
+        hi = lo + max(abs(lo), 1.0) * 1e-6
+        if grid == "real":  # the reference's degenerate range
             return {b: (lo, hi) for b in bits_list}
+        # a constant tensor on a grid that holds 0: a range from 0 to the constant
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
         return {b: tuple(float(v) for v in constrain_candidates(
             torch.tensor([lo], dtype=torch.float64), torch.tensor([hi], dtype=torch.float64), b,
             grid)) for b in bits_list}

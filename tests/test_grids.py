@@ -156,3 +156,10 @@ def test_ort_grid_with_rotation_and_channel_weights_stays_exact(tiny_swinir):
         ref = st(x).numpy()
     out = make_session(proto, threads=1).run(None, {"lr": x.numpy()})[0]
     assert np.abs(out - ref).max() < 1e-4
+
+
+def test_constant_tensor_keeps_the_reference_range_on_the_real_grid():
+    x = torch.full((10,), 0.5)
+    assert search_bounds_multi(x, [4], "two_sided")[4] == pytest.approx((0.5, 0.500001))
+    lo, up = search_bounds_multi(x, [4], "two_sided", grid="integer")[4]
+    assert lo == 0.0 and up == pytest.approx(0.500001)  # 0 on the grid
