@@ -313,7 +313,8 @@ def calibrate_model(lm, data: PoolData, cfg: CalibrationConfig,
         deadline = None if cfg.time_limit is None else t0 + 60 * cfg.time_limit
         r = run_dqc(student, lm.model, dqc_sampler(data.sampler, cfg.seed), data.val, dqc_cfg,
                     state_path=state_path, resume=cfg.resume, deadline=deadline)
-        stats |= {"dqc_stopped_at": r.stopped_at,"dqc_seconds": r.seconds, "dqc_iterations": r.iterations,
+        stats |= {"dqc_stopped_at": r.stopped_at, "dqc_seconds": r.seconds,
+                  "dqc_iterations": r.iterations,
                   "dqc_best_iteration": r.best_iteration, "val_psnr": r.best_val_psnr,
                   "dqc_history": r.history, "dqc_config": asdict(dqc_cfg)}
     else:

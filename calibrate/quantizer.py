@@ -10,7 +10,7 @@ shape (C, 1), one grid per output channel (row) of a (C, K) weight, with the sam
 same STE per row. Every per-tensor code path is unchanged.
 
 Also beyond the paper, a quantizer's **grid** may be constrained to what an integer engine runs
-without correction terms (``GRIDS``; ``QuantRecipe.grid`` sets them, spec-free, issue 18):
+without correction terms (``GRIDS``, set by ``QuantRecipe.grid``; beyond the paper, issue 18):
 
 * ``"real"``: the paper's grid, ``l`` and ``u`` free (a real-valued zero point ``-l/s``).
 * ``"integer"``: 0 lies on the grid: ``z = round(-l/s)`` clipped to [0, n], and the grid is
