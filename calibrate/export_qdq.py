@@ -33,6 +33,7 @@ import onnx
 from torch import nn
 
 from calibrate.export.emit import EmitOptions, fold_matmul_shifts, replace_sites
+from calibrate.export.grid import TARGETS
 from calibrate.export.trace import TRACE_OPSET, quant_sites, trace_with_sites
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import atomic_path
@@ -58,8 +59,9 @@ class ExportConfig:
     weight_container: Literal["auto", "int8", "int4"] = "auto"
 
     def __post_init__(self) -> None:
-        if self.target not in ("ort", "trt"):
-            raise EdgeSRError(f"--target: expected 'ort' or 'trt', got {self.target!r}")
+        if self.target not in TARGETS:
+            raise EdgeSRError(f"--target: expected one of {', '.join(TARGETS)}, got "
+                              f"{self.target!r}")
         if self.weight_container not in ("auto", "int8", "int4"):
             raise EdgeSRError(f"--weights: expected auto, int8 or int4, got "
                               f"{self.weight_container!r}")

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from calibrate.export.grid import ActEncoding, Target, act_encoding, weight_encoding
+from calibrate.export.grid import TARGETS, ActEncoding, Target, act_encoding, weight_encoding
 from calibrate.export.trace import DOMAIN
 from calibrate.qmodules import QuantLinear
 from calibrate.quantizer import BoundFakeQuantizer
@@ -131,7 +131,8 @@ def _emit_linear(g: _Graph, node: onnx.NodeProto, site: str, lin: QuantLinear,
     # for ORT the fused integer op is written directly (a constant bias Add after a DQ'd MatMul
     # is folded into an FP Gemm before ORT's QDQ fusion: deploy notes B1)
     w_zero = all(not np.any(w.row_shifts()) for w in wencs)
-    fused = (opts.target == "ort" and w_zero and all(e.shift == 0.0 for e in acts)
+    rules = TARGETS[opts.target]
+    fused = (rules.fused_linear and w_zero and all(e.shift == 0.0 for e in acts)
              and opts.weight_container != "int4")
     copies = 0 if fused else 1 if w_zero else 2
     dqs = [_emit_act(g, x, e, f"{site}/act{i}/", site, dq_copies=copies)
@@ -148,7 +149,7 @@ def _emit_linear(g: _Graph, node: onnx.NodeProto, site: str, lin: QuantLinear,
         bits = max(w.bits for w in ws)
         int4 = opts.weight_container == "int4" or (opts.weight_container == "auto" and bits <= 4
                                                    and not fused)
-        container = "int4" if int4 else "uint8" if opts.target == "ort" else "int8"
+        container = "int4" if int4 else rules.weight_container
         codes = np.concatenate([w.codes for w in ws], 0).T  # (K, N) for MatMul(a, W)
         deq = np.concatenate([w.dequant for w in ws], 0).astype(np.float64)  # (N, K)
         col = np.concatenate([np.full(w.codes.shape[0], 1.0) for w in ws])

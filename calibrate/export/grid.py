@@ -42,6 +42,25 @@ from calibrate.quantizer import BoundFakeQuantizer, QParams
 Target = Literal["ort", "trt"]
 
 
+@dataclass(frozen=True)
+class TargetRules:
+    """What one engine's integer kernels take (deploy notes B1), read by the encodings here and
+    by ``emit``; the only place the two targets differ."""
+
+    act_container: Literal["uint8", "int8"]  # activation codes: k (zero point z), or k - z
+    weight_container: Literal["uint8", "int8"]  # 8-bit weight codes (uint8: + 2^(b-1), zp too)
+    fused_linear: bool  # write a deployable linear as the engine's fused integer op (ORT's
+    # MatMulIntegerToFloat); else DQ -> MatMul -> Add, which TensorRT fuses itself
+
+
+TARGETS: dict[str, TargetRules] = {
+    # ORT 1.32 CPU: u8 x s8 saturates without VNNI, so weights are u8 with zero point 2^(b-1)
+    "ort": TargetRules(act_container="uint8", weight_container="uint8", fused_linear=True),
+    # TensorRT: symmetric int8 only (zero point 0)
+    "trt": TargetRules(act_container="int8", weight_container="int8", fused_linear=False),
+}
+
+
 def _step(q: BoundFakeQuantizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, QParams]:
     """(lower, upper, step) of the grid that runs as float32 tensors, computed exactly as
     ``fake_quant`` does, from ``q.qparams()`` (the only thing export reads of a quantizer)."""
@@ -82,14 +101,14 @@ def act_encoding(q: BoundFakeQuantizer, target: Target) -> ActEncoding:
         raise ValueError(f"upper bound {float(upper)} must exceed lower bound {float(lower)}")
     n = 2**q.bits - 1
     z_near = int(np.rint(-float(lower) / float(step)))  # the grid level nearest to 0
-    if target == "ort":
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if TARGETS[target].act_container == "uint8":
         z = min(max(z_near, 0), n)
         container, zp, qmin, qmax = "uint8", z, 0, n
-    elif target == "trt":
+    else:
         z = min(max(z_near, max(0, n - 127)), min(n, 128))  # codes k - z must fit int8
         container, zp, qmin, qmax = "int8", 0, -z, n - z
-    else:
-        raise ValueError(f"target must be 'ort' or 'trt', got {target!r}")
     shift = lower + step * z
     if qp.grid != "real" and z == qp.integer_zero_point:
         shift = torch.zeros_like(shift)  # 0 is on the grid at level z (rounding noise aside)
