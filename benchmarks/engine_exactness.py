@@ -21,9 +21,9 @@ from pathlib import Path
 def engine_exactness(engine_dir: str, datasets: list[str], threads: int = 1) -> dict:
     import torch
 
-    from edge_sr.checkpoints import cache_dir, load_model
+    from edge_sr.checkpoints import load_model
     from edge_sr.evaluate import EvalConfig, evaluate
-    from runtime.build import load_student
+    from runtime.build import cache_root, load_student
     from runtime.engine import open_engine
     from runtime.predictors import BackendPredictor, TorchBackend, engine_predictor
 
@@ -31,7 +31,7 @@ def engine_exactness(engine_dir: str, datasets: list[str], threads: int = 1) -> 
     eng = open_engine(engine_dir)
     m = eng.manifest
     lm = load_model(m.model["path"], scale=m.scale)
-    calib = Path(cache_dir()) / "calibrations" / m.calibration["file"]  # build's cache
+    calib = cache_root() / m.calibration["file"]  # build's calibration cache
     student = load_student(calib, lm)
     preds = {"engine": engine_predictor(engine_dir, threads=threads),
              "fake_quant": BackendPredictor(TorchBackend(student, m.scale, tuple(m.tile), m.batch),

@@ -168,6 +168,12 @@ class QParams:
     bits: int
     grid: Grid = "real"  # "integer"/"symmetric": 0 is exactly on the grid, at level z
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lower, upper) as float32 tensors: shape () per tensor, (C, 1) per channel."""
+        shape = (-1, 1) if self.per_channel else ()
+        return (torch.tensor(self.lower, dtype=torch.float32).reshape(shape),
+                torch.tensor(self.upper, dtype=torch.float32).reshape(shape))
+
     @property
     def levels(self) -> int:
         return 2**self.bits

@@ -155,11 +155,11 @@ def resolve_backend(choice: str) -> str:
     return "onnxruntime"
 
 
-def cache_root(cfg: BuildConfig) -> Path:
-    if cfg.cache_dir is not None:
+def cache_root(cfg: BuildConfig | None = None) -> Path:
+    """Where build keeps calibration files: ``cfg.cache_dir``, else the user cache."""
+    if cfg is not None and cfg.cache_dir is not None:
         return Path(cfg.cache_dir)
-    base = cache_dir()
-    return Path(base) / "calibrations"
+    return Path(cache_dir()) / "calibrations"
 
 
 def calibration_key(model_sha256: str, cfg: BuildConfig) -> str:
@@ -181,21 +181,13 @@ def calibration_key(model_sha256: str, cfg: BuildConfig) -> str:
 
 # --- stages ------------------------------------------------------------------------------------
 
-def frame_tile(req, width: int, height: int) -> tuple[int, int]:
-    """The (height, width) engine shape for an LR frame: padded up to ``req.multiple`` and at
-    least ``req.minimum`` (``edge_sr.models.base.SizeRequirements``)."""
-    def up(n: int) -> int:
-        n = max(n, req.minimum)
-        return n + (-n) % req.multiple
-    return up(height), up(width)
-
-
 def stage_checkpoint(cfg: BuildConfig):
     from edge_sr.checkpoints import load_model
 
     lm = load_model(cfg.model_name, scale=cfg.scale)
     if cfg.input_size is not None:
-        cfg.tile = frame_tile(lm.model.size_requirements, *cfg.input_size)
+        w, h = cfg.input_size
+        cfg.tile = lm.model.size_requirements.fit(h, w)
         log.info("--input-size %dx%d: engine shape %dx%d (H x W, padded to the %s window)",
                  *cfg.input_size, *cfg.tile, lm.arch)
     why = lm.model.size_requirements.check_tile(*cfg.tile)

@@ -98,7 +98,10 @@ def test_w8a8_frame_engine_on_the_ort_grid(env):
     ops = {n.op_type for n in onnx.load(str(res.path / MODEL_FILE)).graph.node}
     assert "MatMulIntegerToFloat" in ops and "ReduceSum" not in ops
     assert m["validation"]["fidelity_psnr_y_db"] > 60
-    assert rb.frame_tile(type("R", (), {"multiple": 64, "minimum": 64})(), 320, 180) == (192, 320)
+    from edge_sr.models.base import SizeRequirements
+
+    assert SizeRequirements(multiple=8, minimum=64).fit(180, 320) == (184, 320)
+    assert SizeRequirements(multiple=8, minimum=64).fit(20, 36) == (64, 64)
     shutil.rmtree(res.path)
 
 

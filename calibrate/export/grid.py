@@ -65,9 +65,7 @@ def _step(q: BoundFakeQuantizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     """(lower, upper, step) of the grid that runs as float32 tensors, computed exactly as
     ``fake_quant`` does, from ``q.qparams()`` (the only thing export reads of a quantizer)."""
     qp = q.qparams()
-    shape = (-1, 1) if qp.per_channel else ()
-    lower = torch.tensor(qp.lower, dtype=torch.float32).reshape(shape)
-    upper = torch.tensor(qp.upper, dtype=torch.float32).reshape(shape)
+    lower, upper = qp.tensors()
     return lower, upper, (upper - lower) / (2**qp.bits - 1), qp
 
 

@@ -108,14 +108,6 @@ class LowBitLinearParams:
                                   bias=bias, **mv)
 
 
-def _grid(q) -> tuple[torch.Tensor, torch.Tensor]:
-    """A quantizer's (lower, upper) from ``qparams()``: () per tensor, (rows, 1) per channel."""
-    qp = q.qparams()
-    shape = (-1, 1) if qp.per_channel else ()
-    return (torch.tensor(qp.lower, dtype=torch.float32).reshape(shape),
-            torch.tensor(qp.upper, dtype=torch.float32).reshape(shape))
-
-
 def params_from_quant_linear(qlin: nn.Module) -> LowBitLinearParams:
     """Read a calibrated ``calibrate.qmodules.QuantLinear`` into packed low-bit parameters (the
     grids that run: ``BoundFakeQuantizer.qparams()``, constrained grids included)."""
@@ -128,7 +120,7 @@ def params_from_quant_linear(qlin: nn.Module) -> LowBitLinearParams:
     w_bits, act_bits = w_q[0].bits, a_q[0].bits
     codes, lowers, scales = [], [], []
     for block, q in zip(qlin.weight_blocks(), w_q):
-        lower, upper = _grid(q)
+        lower, upper = q.qparams().tensors()
         codes.append(quantize_codes(block.detach().float().cpu(), lower, upper, w_bits))
         # per tensor: () bounds; per channel: (rows, 1). Either way one value per row here.
         lowers.append(lower.reshape(-1).expand(block.shape[0]))
@@ -137,8 +129,8 @@ def params_from_quant_linear(qlin: nn.Module) -> LowBitLinearParams:
     return LowBitLinearParams(
         act_bits=act_bits, w_bits=w_bits, in_features=qlin.in_features,
         out_features=qlin.out_features,
-        act_lower=torch.stack([_grid(q)[0] for q in a_q]),
-        act_upper=torch.stack([_grid(q)[1] for q in a_q]),
+        act_lower=torch.stack([q.qparams().tensors()[0] for q in a_q]),
+        act_upper=torch.stack([q.qparams().tensors()[1] for q in a_q]),
         w_lower=torch.cat(lowers).contiguous(), w_scale=torch.cat(scales).contiguous(),
         packed=pack_weights(torch.cat(codes), w_bits), bias=bias)
 

@@ -70,6 +70,14 @@ class SizeRequirements:
     def padding(self, h: int, w: int) -> tuple[int, int]:
         return (-h) % self.multiple, (-w) % self.multiple
 
+    def fit(self, h: int, w: int) -> tuple[int, int]:
+        """The smallest valid fixed shape that holds an ``h`` x ``w`` input: each side raised to
+        ``minimum`` and padded up to ``multiple``."""
+        def up(n: int) -> int:
+            n = max(n, self.minimum)
+            return n + (-n) % self.multiple
+        return up(h), up(w)
+
     def check_tile(self, h: int, w: int) -> str | None:
         """Return why a fixed tile shape is invalid, or None when it is fine."""
         if h % self.multiple or w % self.multiple:
