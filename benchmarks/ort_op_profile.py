@@ -1,0 +1,87 @@
+"""Where an ONNX graph's time goes in ONNX Runtime (CPU): kernel time per operator type.
+
+    python -m benchmarks.ort_op_profile G.onnx [G2.onnx ...] [--threads 2] [--runs 4]
+        [--pattern Rotate] [--json F]
+
+ORT's own profiler (``SessionOptions.enable_profiling``, ORT_ENABLE_ALL) records every node's
+kernel time; this sums them per operator type over ``--runs`` runs of a random input at the
+graph's fixed shape (after one warm-up run) and prints ms per run and the share of the total.
+``--pattern`` also reports the share of the nodes whose name contains it (e.g. ``Rotate``: the
+online Hadamard rotations of ``--rotate``). Run it on an otherwise idle CPU. Benchmarks are not
+tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def op_profile(path: str, threads: int = 2, runs: int = 4, pattern: str | None = None) -> dict:
+    import numpy as np
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    x = np.random.default_rng(0).random(inp.shape, dtype=np.float32)
+    sess.run(None, {inp.name: x})  # warm-up, not profiled below
+    so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(tempfile.gettempdir(), "edge_sr_ortprof")
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    for _ in range(runs + 1):
+        sess.run(None, {inp.name: x})
+    trace = sess.end_profiling()
+    events = json.loads(Path(trace).read_text())
+    os.remove(trace)
+    # the first run of the profiled session is its own warm-up: drop it
+    run_ends = sorted(e["ts"] + e["dur"] for e in events if e.get("name") == "model_run")
+    start = run_ends[0] if len(run_ends) > runs else 0
+    per_op: collections.Counter = collections.Counter()
+    matched = 0.0
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
+            per_op[e["args"]["op_name"]] += e["dur"]
+            if pattern and pattern in e["name"]:
+                matched += e["dur"]
+    total = sum(per_op.values())
+    res = {"graph": path, "threads": threads, "runs": runs, "ms_per_run": total / runs / 1e3,
+           "ops_ms": {k: v / runs / 1e3 for k, v in per_op.most_common()}}
+    if pattern:
+        res["pattern"], res["pattern_share"] = pattern, matched / total
+    return res
+
+
+def main(argv=None) -> None:
+    from benchmarks.dqc_step import cpu_model
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("graphs", nargs="+")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=4)
+    ap.add_argument("--pattern", default=None)
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args(argv)
+    rows = []
+    print(f"[{cpu_model()}, {a.threads} threads]")
+    for g in a.graphs:
+        r = op_profile(g, a.threads, a.runs, a.pattern)
+        rows.append(r)
+        print(f"{g}: {r['ms_per_run']:.1f} ms of kernels per run"
+              + (f"; '{a.pattern}' nodes {100 * r['pattern_share']:.1f}%" if a.pattern else ""))
+        for k, v in list(r["ops_ms"].items())[:a.top]:
+            print(f"  {k:28s} {v:9.1f} ms  {100 * v / r['ms_per_run']:5.1f}%")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({"cpu": cpu_model(), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
