@@ -15,8 +15,9 @@ the defaults are AMD Zen 4's (two 256-bit pipes that run 512-bit instructions in
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from edge_sr.fileio import write_json
 
 
 def count(model_name: str, h: int, w: int) -> dict:
@@ -61,10 +62,8 @@ def main(argv=None) -> None:
               f"({fp32_peak:.0f} GFLOP/s) {r['ms_at_fp32_peak']:.0f} ms, with the products at the "
               f"INT8 peak ({int8_peak:.0f} GOP/s) {r['ms_at_int8_peak']:.0f} ms")
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps({"peaks": {"fp32_gflops": fp32_peak, "int8_gops": int8_peak,
-                                                "ghz": a.ghz, "cores": a.cores},
-                                      "rows": rows}, indent=2))
+        write_json(a.json, {"peaks": {"fp32_gflops": fp32_peak, "int8_gops": int8_peak,
+                                      "ghz": a.ghz, "cores": a.cores}, "rows": rows})
 
 
 if __name__ == "__main__":

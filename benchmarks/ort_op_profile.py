@@ -20,6 +20,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from edge_sr.fileio import write_json
+
 
 def op_profile(path: str, threads: int = 2, runs: int = 4, pattern: str | None = None) -> dict:
     import numpy as np
@@ -79,8 +81,7 @@ def main(argv=None) -> None:
         for k, v in list(r["ops_ms"].items())[:a.top]:
             print(f"  {k:28s} {v:9.1f} ms  {100 * v / r['ms_per_run']:5.1f}%")
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps({"cpu": cpu_model(), "rows": rows}, indent=2))
+        write_json(a.json, {"cpu": cpu_model(), "rows": rows})
 
 
 if __name__ == "__main__":
