@@ -49,7 +49,7 @@ DQC_METHODS = ("2dquant", "edge-sr")  # then trained by DQC
 # rounding of the weights, and a bound learning rate relative to each grid's range. Each was
 # measured against the faithful 2DQuant on held-out data (docs/results/beyond.md).
 EDGE_SR_OPTIONS = dict(rotate=("auto",), weight_grid="channel", rounding="gptq",
-                       bound_lr="relative")
+                       bound_lr="relative", fp_weights="fp16")
 ROUNDINGS = ("nearest", "gptq")
 
 # DQC budgets. "fast" was sized on the shared 2-core CPU (see docs/results/accuracy.md); "cpu" is
@@ -94,6 +94,7 @@ class CalibrationConfig:
     # beyond the paper; None = the method's default (the paper for 2dquant, EDGE_SR_OPTIONS)
     rotate: tuple[str, ...] | None = None  # roles, module paths, or "auto" (chosen per site)
     weight_grid: Literal["tensor", "channel"] | None = None
+    fp_weights: Literal["fp32", "fp16"] | None = None  # unquantized weights held as FP16
     grid: Literal["real", "ort", "trt"] = "real"  # the engine whose native grid is learned
     avg_bits: float | None = None  # mixed precision: mean linear-input bits, sites chosen
     rounding: Literal["nearest", "gptq"] | None = None  # weight rounding after DOBI
@@ -138,7 +139,7 @@ class CalibrationConfig:
         if self.method == "edge-sr":
             return EDGE_SR_OPTIONS[name]
         return {"rotate": (), "weight_grid": "tensor", "rounding": "nearest",
-                "bound_lr": "absolute"}[name]
+                "bound_lr": "absolute", "fp_weights": "fp32"}[name]
 
     def quant_recipe(self) -> QuantRecipe:
         """The recipe before per-site choices ("auto" rotation and ``avg_bits`` are resolved
@@ -152,7 +153,8 @@ class CalibrationConfig:
         return QuantRecipe(self.bits, self.qkv_separation, self.search_assignment,
                            tuple(self.wide_inputs),
                            rotate=tuple(r for r in self.option("rotate") if r != "auto"),
-                           weight_grid=self.option("weight_grid"), grid=self.grid)
+                           weight_grid=self.option("weight_grid"), grid=self.grid,
+                           fp_weights=self.option("fp_weights"))
 
     def dqc_config(self, model: nn.Module | None = None) -> DQCConfig:
         """The DQC budget; patches are at least ``model``'s minimum input (smaller ones would

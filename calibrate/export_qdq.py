@@ -37,7 +37,7 @@ from calibrate.export.grid import TARGETS
 from calibrate.export.trace import TRACE_OPSET, quant_sites, trace_with_sites
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import atomic_path
-from edge_sr.onnx_tidy import tidy
+from edge_sr.onnx_tidy import compact, position_tables, tidy
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +135,13 @@ def build_qdq(model: nn.Module, cfg: ExportConfig) -> tuple[onnx.ModelProto, lis
         proto.opset_import.extend([onnx.helper.make_opsetid(ORT_DOMAIN, 1)])
     proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     fold_matmul_shifts(proto, act_outputs)
-    saved = tidy(proto)
-    log.debug("shared constants and compressed masks: %.1f MB saved", saved / 1e6)
+    saved = tidy(proto, position_tables(model))
+    log.debug("ONNX tidy (shared constants, masks, position tables, FP16): %.1f MB saved", saved / 1e6)
     del proto.graph.value_info[:]
     proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     meta = dict(version=1, target=cfg.target, config={**asdict(cfg), "tile": list(cfg.tile)},
                 sites=records)
-    onnx.helper.set_model_props(proto, {META_KEY: json.dumps(meta)})
+    onnx.helper.set_model_props(proto, {META_KEY: json.dumps(meta, separators=(",", ":"))})
     proto.producer_name, proto.doc_string = "edge-sr", "2DQuant QDQ export (calibrate.export_qdq)"
     onnx.checker.check_model(proto, full_check=True)
     return proto, records
@@ -162,6 +162,7 @@ def export_qdq(calibrated, cfg: ExportConfig, output: str | os.PathLike,
             raise EdgeSRError("--lowbit-plugin: calibrate.export_plugin is not available in "
                               "this installation") from None
         proto = apply_lowbit_plugins(proto)
+    compact(proto)  # the file is for running: short tensor names, no shape annotations
     with atomic_path(output) as tmp:
         onnx.save(proto, str(tmp))
     n_lin = sum(r["kind"] == "linear" for r in records)

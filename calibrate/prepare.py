@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+import torch
 from torch import nn
 
 from calibrate.qmodules import QuantLinear
@@ -27,6 +28,11 @@ WEIGHT_GRIDS = ("tensor", "channel")  # one weight grid per tensor (paper) or pe
 # points (exact export with correction terms); "ort" and "trt" put 0 on every grid so that
 # export is plain Q/DQ (quantizer.GRIDS gives each quantizer's kind, ``quantizer_grid``).
 DEPLOY_GRIDS = ("real", "ort", "trt")
+# How the weights that stay in floating point (convolutions, position-bias tables, unquantized
+# linears) are held: float32 (the paper), or rounded to FP16 values in the student so that the
+# engine stores them in half the bytes and still runs exactly what was calibrated
+FP_WEIGHTS = ("fp32", "fp16")
+FP16_MIN_NUMEL = 256  # smaller tensors (biases, norms, scalars) stay float32 either way
 
 
 def quantizer_grid(deploy: str, weight: bool, bits: int) -> str:
@@ -77,6 +83,9 @@ class QuantRecipe:
     * ``grid``: ``"real"`` (the paper's real-valued zero points), ``"ort"`` or ``"trt"``: the
       grids that engine runs natively, searched by DOBI and learned by DQC under that
       constraint (``DEPLOY_GRIDS``, ``quantizer_grid``).
+    * ``fp_weights``: ``"fp16"`` rounds every floating-point weight that is not quantized (of at
+      least ``FP16_MIN_NUMEL`` elements and two axes) to FP16 before calibration; the exports
+      then store it as FP16 (``edge_sr.onnx_tidy.store_fp16``), bit-exact to the student.
     """
 
     bits: int = 4
@@ -87,6 +96,7 @@ class QuantRecipe:
     rotation_seed: int = 0
     weight_grid: Literal["tensor", "channel"] = "tensor"
     grid: Literal["real", "ort", "trt"] = "real"
+    fp_weights: Literal["fp32", "fp16"] = "fp32"
 
     def __post_init__(self) -> None:
         try:
@@ -107,12 +117,15 @@ class QuantRecipe:
         if self.grid not in DEPLOY_GRIDS:
             raise ValueError(f"--grid: expected one of {', '.join(DEPLOY_GRIDS)}, got "
                              f"{self.grid!r}")
+        if self.fp_weights not in FP_WEIGHTS:
+            raise ValueError(f"--fp-weights: expected one of {', '.join(FP_WEIGHTS)}, got "
+                             f"{self.fp_weights!r}")
 
     @property
     def faithful(self) -> bool:
         """Whether this is the paper's quantizer set-up (no option beyond it)."""
         return not (self.wide_inputs or self.rotate or self.weight_grid != "tensor"
-                    or self.grid != "real")
+                    or self.grid != "real" or self.fp_weights != "fp32")
 
     def rotated(self, point: QuantPoint) -> bool:
         return point.kind == "linear" and _matches(point, self.rotate)
@@ -146,6 +159,9 @@ def prepare(model: SRModel, recipe: QuantRecipe) -> SRModel:
     student = copy.deepcopy(model).eval()
     for p in student.parameters():
         p.requires_grad_(False)
+    if recipe.fp_weights == "fp16":
+        round_fp_weights(student, {f"{p.name}.weight" for p in model.quant_points()
+                                   if p.kind == "linear"})
     for point in model.quant_points():
         search = recipe.search_for(point)
         if point.kind == "linear":
@@ -168,6 +184,19 @@ def prepare(model: SRModel, recipe: QuantRecipe) -> SRModel:
     student.quant_recipe = recipe
     # the new quantizers are made on the CPU: follow the model's device (calibration on a GPU)
     return student.to(next(model.parameters()).device)
+
+
+@torch.no_grad()
+def round_fp_weights(model: nn.Module, skip: set[str]) -> int:
+    """Round each floating-point weight not in ``skip`` (two or more axes, at least
+    ``FP16_MIN_NUMEL`` elements) to the nearest FP16 value, in place; returns how many."""
+    n = 0
+    for name, p in model.named_parameters():
+        if name not in skip and p.dim() >= 2 and p.numel() >= FP16_MIN_NUMEL \
+                and p.is_floating_point():
+            p.copy_(p.half().to(p.dtype))
+            n += 1
+    return n
 
 
 def quantizers(model: nn.Module) -> Iterator[tuple[str, BoundFakeQuantizer]]:

@@ -56,7 +56,7 @@ def export_fp_onnx(model: nn.Module, path: str | os.PathLike, tile: tuple[int, i
                 torch.onnx.export(model, (x,), str(tmp), input_names=[INPUT_NAME],
                                   output_names=[OUTPUT_NAME], opset_version=opset,
                                   do_constant_folding=True, dynamo=False)
-                _tidy(tmp)
+                _tidy(tmp, model)
                 _check(tmp)
     finally:
         model.train(was_training)
@@ -64,14 +64,15 @@ def export_fp_onnx(model: nn.Module, path: str | os.PathLike, tile: tuple[int, i
     return path
 
 
-def _tidy(path: Path) -> None:
-    """Share identical constants and store attention masks as labels (``edge_sr.onnx_tidy``)."""
+def _tidy(path: Path, model: nn.Module) -> None:
+    """Share identical constants, store attention masks as labels and position biases as their
+    tables (``edge_sr.onnx_tidy``)."""
     import onnx
 
-    from edge_sr.onnx_tidy import tidy
+    from edge_sr.onnx_tidy import compact, position_tables, tidy
 
     proto = onnx.load(str(path))
-    saved = tidy(proto)
+    saved = tidy(proto, position_tables(model)) + compact(proto)
     if saved:
         onnx.save(proto, str(path))
         log.debug("ONNX tidy: %.1f MB saved", saved / 1e6)

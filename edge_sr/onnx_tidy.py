@@ -106,7 +106,12 @@ def compress_masks(proto: onnx.ModelProto) -> int:
             keep.append(t)
             continue
         p = f"{t.name}/mask"
-        keep += [numpy_helper.from_array(labels, f"{p}_labels"),
+        labels_in = f"{p}_labels"
+        if labels.max(initial=0) < 256:  # one byte per token, widened in the graph
+            new_nodes.append(helper.make_node("Cast", [f"{p}_labels_u8"], [labels_in],
+                                              name=f"{p}/CastLabels", to=onnx.TensorProto.INT32))
+            labels, labels_in = labels.astype(np.uint8), f"{p}_labels_u8"
+        keep += [numpy_helper.from_array(labels, labels_in),
                  numpy_helper.from_array(np.array([-1], np.int64), f"{p}_ax_m1"),
                  numpy_helper.from_array(np.array([-2], np.int64), f"{p}_ax_m2"),
                  numpy_helper.from_array(np.array(0.0, np.float32), f"{p}_zero"),
@@ -129,6 +134,151 @@ def compress_masks(proto: onnx.ModelProto) -> int:
     return saved
 
 
-def tidy(proto: onnx.ModelProto) -> int:
-    """``share_constants`` then ``compress_masks``; returns the bytes saved."""
-    return share_constants(proto) + compress_masks(proto)
+def _prepend(proto: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
+    if nodes:
+        rest = list(proto.graph.node)
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes + rest)
+
+
+def gather_position_biases(proto: onnx.ModelProto,
+                           tables: list[tuple[np.ndarray, np.ndarray]]) -> int:
+    """Replace each float constant equal to a relative-position bias by its table and a gather.
+
+    ``tables``: ``(table, index)`` pairs, ``table`` ``(R, nh)`` float32 and ``index`` ``(n, n)``
+    integer, as Swin computes the bias: ``table[index].permute(2, 0, 1)`` (``nh x n x n``,
+    leading unit axes allowed). Each matching initializer becomes ``Gather(table, index) ->
+    Transpose -> Reshape``, bit-exact. Returns the bytes saved.
+    """
+    graph = proto.graph
+    wanted: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
+    for table, index in tables:
+        table = np.ascontiguousarray(table, np.float32)
+        n = index.shape[-1]
+        bias = np.ascontiguousarray(table[index.reshape(-1)].reshape(n, n, -1).transpose(2, 0, 1))
+        wanted.setdefault((bias.nbytes, hashlib.sha256(bias.tobytes()).hexdigest()),
+                          (table, index))
+    if not wanted:
+        return 0
+    indices: dict[bytes, str] = {}
+    new_nodes, keep, saved = [], [], 0
+    for t in graph.initializer:
+        hit = (t.data_type == onnx.TensorProto.FLOAT and t.raw_data
+               and wanted.get((len(t.raw_data), hashlib.sha256(t.raw_data).hexdigest())))
+        if not hit:
+            keep.append(t)
+            continue
+        table, index = hit
+        idx = np.ascontiguousarray(index, np.int32)
+        iname = indices.get(idx.tobytes())
+        if iname is None:
+            iname = indices[idx.tobytes()] = f"position_index_{len(indices)}"
+            keep.append(numpy_helper.from_array(idx, iname))
+        p = f"{t.name}/position"
+        keep += [numpy_helper.from_array(table, f"{p}_table"),
+                 numpy_helper.from_array(np.array(t.dims, np.int64), f"{p}_shape")]
+        new_nodes += [
+            helper.make_node("Gather", [f"{p}_table", iname], [f"{p}_gathered"], name=f"{p}/Gather",
+                             axis=0),
+            helper.make_node("Transpose", [f"{p}_gathered"], [f"{p}_heads"], name=f"{p}/Transpose",
+                             perm=[2, 0, 1]),
+            helper.make_node("Reshape", [f"{p}_heads", f"{p}_shape"], [t.name],
+                             name=f"{p}/Reshape")]
+        saved += len(t.raw_data) - table.nbytes
+    if new_nodes:
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        _prepend(proto, new_nodes)
+    return saved
+
+
+FP16_MIN_BYTES = 1024
+# consumers that see the folded FP32 constant; quantization scales stay plain initializers,
+# which ORT's QDQ fusions require before constant folding runs
+FP16_CONSUMERS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Gather", "Add", "Mul"}
+
+
+def store_fp16(proto: onnx.ModelProto) -> int:
+    """Store each large float32 initializer whose values are all exactly FP16 as FP16 plus a
+    ``Cast`` back to float32 (exact). Returns the bytes saved."""
+    graph = proto.graph
+    consumers: dict[str, set[str]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, set()).add(n.op_type)
+    outputs = {o.name for o in graph.output}
+    new_nodes, keep, saved = [], [], 0
+    for t in graph.initializer:
+        ops = consumers.get(t.name, set())
+        if (t.data_type != onnx.TensorProto.FLOAT or len(t.raw_data) < FP16_MIN_BYTES
+                or not ops or not ops <= FP16_CONSUMERS or t.name in outputs):
+            keep.append(t)
+            continue
+        a = numpy_helper.to_array(t)
+        half = a.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), a):
+            keep.append(t)
+            continue
+        keep.append(numpy_helper.from_array(half, f"{t.name}/fp16"))
+        new_nodes.append(helper.make_node("Cast", [f"{t.name}/fp16"], [t.name],
+                                          name=f"{t.name}/CastFP32", to=onnx.TensorProto.FLOAT))
+        saved += half.nbytes
+    if new_nodes:
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        _prepend(proto, new_nodes)
+    return saved
+
+
+def compact(proto: onnx.ModelProto) -> int:
+    """Smaller bytes for a file that will only be run: drop ``value_info`` and node doc strings,
+    keep one ``Constant`` node per distinct small constant, and give every intermediate tensor a
+    short name (graph inputs, outputs, initializers and node names are kept, so profiles and
+    weights still read by name). Returns the bytes saved."""
+    graph = proto.graph
+    before = proto.ByteSize()
+    del graph.value_info[:]
+    for n in graph.node:
+        n.doc_string = ""
+    first: dict[bytes, str] = {}
+    rename: dict[str, str] = {}
+    nodes = []
+    for n in graph.node:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+        if n.op_type == "Constant" and n.domain == "" and len(n.output) == 1:
+            key = b"".join(a.SerializeToString() for a in n.attribute)
+            if key in first:
+                rename[n.output[0]] = first[key]
+                continue
+            first[key] = n.output[0]
+        nodes.append(n)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    keep = ({i.name for i in graph.input} | {o.name for o in graph.output}
+            | {t.name for t in graph.initializer})
+    short: dict[str, str] = {}
+    for n in graph.node:
+        for i, name in enumerate(n.output):
+            if name and name not in keep:
+                short[name] = n.output[i] = f"t{np.base_repr(len(short), 36)}"
+        for i, name in enumerate(n.input):
+            if name in short:
+                n.input[i] = short[name]
+    return before - proto.ByteSize()
+
+
+def position_tables(model) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``model.position_bias_tables()`` as arrays (none for a model without the method)."""
+    tables = getattr(model, "position_bias_tables", None)
+    return [(t.numpy(), i.numpy()) for t, i in tables()] if tables is not None else []
+
+
+def tidy(proto: onnx.ModelProto, position_tables: list[tuple[np.ndarray, np.ndarray]] = ()
+         ) -> int:
+    """``share_constants``, ``compress_masks``, ``gather_position_biases`` (with the model's
+    ``position_tables``, ``SRModel.position_bias_tables``) and ``store_fp16``; returns the bytes
+    saved."""
+    return (share_constants(proto) + compress_masks(proto)
+            + gather_position_biases(proto, list(position_tables)) + store_fp16(proto))

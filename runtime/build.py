@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # Methods come from calibrate.api (2dquant = DOBI + DQC, the paper; edge-sr = 2DQuant with the
 # measured options beyond it; the others are baselines without DQC).
 STAGES = ("checkpoint", "calibrate", "export", "build", "validate", "manifest")
-CALIB_CACHE_VERSION = 1
+CALIB_CACHE_VERSION = 2  # 2: the edge-sr method holds FP weights as FP16
 FIDELITY_CAP_DB = 100.0  # identical outputs have infinite PSNR; JSON has no infinity
 
 
@@ -76,6 +76,7 @@ class BuildConfig:
     wide_inputs: tuple[str, ...] = ()  # linear roles with 8-bit inputs (QuantRecipe.wide_inputs)
     rotate: tuple[str, ...] | None = None  # CalibrationConfig.rotate (None: the method's)
     weight_grid: str | None = None  # CalibrationConfig.weight_grid (None: the method's)
+    fp_weights: str | None = None  # CalibrationConfig.fp_weights (None: the method's)
     # CalibrationConfig.grid; "auto": the backend's native grid ("ort" on ONNX Runtime, "trt" on
     # TensorRT), measured to cost nothing against "real" and to make the ORT engine faster than
     # FP32 (docs/results/grids.md)
@@ -119,6 +120,7 @@ class BuildConfig:
                                  qkv_separation=not self.shared_qkv_input,
                                  wide_inputs=self.wide_inputs, rotate=self.rotate,
                                  weight_grid=self.weight_grid, grid=self.resolved_grid(),
+                                 fp_weights=self.fp_weights,
                                  avg_bits=self.avg_bits, rounding=self.rounding)
 
     def resolved_grid(self) -> str:
@@ -170,6 +172,7 @@ def calibration_key(model_sha256: str, cfg: BuildConfig) -> str:
                       | ({"wide_inputs": list(cfg.wide_inputs)} if cfg.wide_inputs else {})
                       | {k: v for k, v in (("rotate", cfg.rotate and list(cfg.rotate)),
                                            ("weight_grid", cfg.weight_grid),
+                                           ("fp_weights", cfg.fp_weights),
                                            ("grid", None if cfg.resolved_grid() == "real"
                                             else cfg.resolved_grid()),
                                            ("shared_qkv", cfg.shared_qkv_input or None),

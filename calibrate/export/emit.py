@@ -14,6 +14,7 @@ whose inputs are quantized separately)::
     P/Rotate: MatMul(x, R)                                   only for a rotated linear
     P/act{i}/{Sub,Clip,QuantizeLinear,DequantizeLinear}      the input, as above (shift m_x)
     P/W{j} (int8/int4 initializer) -> P/W{j}/DequantizeLinear (zp 0)
+    (ORT's fused linear: P/W{j} uint8 codes, stored as P/W{j}_u4 -> P/W{j}/CastUInt8 at <= 4 bits)
     P/MatMul{j}(a, W) + [P/ReduceSum{j}(a)·m_w + (b + m_x·Σ_k ŵ)]   (bias kept out of the MatMul)
     P/Concat (groups > 1)
 
@@ -66,13 +67,13 @@ class _Graph:
 
     def int_tensor(self, name: str, codes: np.ndarray, container: str) -> str:
         codes = np.asarray(codes)
-        if container == "int4":  # two codes per byte, low nibble first (ONNX's INT4 layout)
+        if container in ("int4", "uint4"):  # two codes per byte, low nibble first (ONNX's)
             flat = (codes.astype(np.int64).reshape(-1) & 0x0F).astype(np.uint8)
             if flat.size % 2:
                 flat = np.append(flat, np.uint8(0))
             packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
-            self.inits.append(helper.make_tensor(name, TensorProto.INT4, codes.shape, packed,
-                                                 raw=True))
+            kind = TensorProto.INT4 if container == "int4" else TensorProto.UINT4
+            self.inits.append(helper.make_tensor(name, kind, codes.shape, packed, raw=True))
         else:
             dtype = np.uint8 if container == "uint8" else np.int8
             if codes.min(initial=0) < np.iinfo(dtype).min or codes.max(initial=0) > np.iinfo(
@@ -166,7 +167,14 @@ def _emit_linear(g: _Graph, node: onnx.NodeProto, site: str, lin: QuantLinear,
             off = np.concatenate([np.full(w.codes.shape[0], 2 ** (w.bits - 1)) for w in ws])
             codes = codes.astype(np.int64) + off[None, :]
             zp_vals = off if per_col else np.asarray(off[0])
-        wname = g.int_tensor(p, codes, container)
+        if fused and container == "uint8" and bits <= 4 and opts.weight_container == "auto":
+            # 4-bit codes stored packed and widened by a Cast that ORT folds at load, so the
+            # integer kernel still gets (and prepacks) a uint8 constant
+            g.int_tensor(f"{p}_u4", codes, "uint4")
+            wname = p
+            g.add("Cast", [f"{p}_u4"], [p], f"{p}/CastUInt8", to=TensorProto.UINT8)
+        else:
+            wname = g.int_tensor(p, codes, container)
         zp = g.int_tensor(f"{p}_zero_point", zp_vals, container)
         lo = 0 if container == "uint8" else -(2 ** (bits - 1))
         wmeta = dict(site=site, kind="weight", bits=bits, qmin=lo, qmax=lo + 2**bits - 1,

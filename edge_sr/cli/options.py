@@ -95,6 +95,10 @@ def quant_options(method_default: str, recipe_default: str, grid_default: str = 
                           "runs natively (0 on every grid, symmetric weights), searched and "
                           "learned under that constraint: plain Q/DQ, integer kernels"
                           + ("; auto = the backend's." if grid_default == "auto" else ".")),
+        click.option("--fp-weights", type=click.Choice(["fp32", "fp16"]), default=None,
+                     help="Beyond the paper: the weights that stay in floating point (convs, "
+                          "position-bias tables) as float32 (paper) or rounded to FP16 before "
+                          "calibration and stored so [default: the method's]."),
         click.option("--avg-bits", type=float, default=None, metavar="BITS",
                      help="Beyond the paper: mixed precision; the linear inputs that measure "
                           "most sensitive (held-out data) go to 8 bits within this mean width."),

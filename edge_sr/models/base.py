@@ -139,6 +139,14 @@ class SRModel(nn.Module):
         """Module paths whose outputs DQC's feature loss compares (teacher vs student)."""
         raise NotImplementedError
 
+    def position_bias_tables(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(table, index)`` of every windowed attention: ``table`` ``((2w-1)^2, heads)`` and
+        ``index`` ``(w*w, w*w)``, whose bias is ``table[index].permute(2, 0, 1)`` (Swin's
+        relative position bias). The ONNX exports store the tables, not the expanded biases."""
+        return [(m.relative_position_bias_table.detach().float().cpu(),
+                 m.relative_position_index.cpu())
+                for m in self.modules() if hasattr(m, "relative_position_bias_table")]
+
     _config: dict
 
     def config(self) -> dict:

@@ -1,0 +1,148 @@
+"""What makes the exported files small, and that none of it changes a number.
+
+Position-bias tables instead of expanded biases, FP16 storage of a student's FP16-rounded
+weights, packed 4-bit weight codes for ORT's integer kernel, and compact files (short tensor
+names, no shape annotations): each is exact, so ORT still reproduces PyTorch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+
+from calibrate.dobi import init_bounds
+from calibrate.export.ortcheck import fused_op_types, integer_coverage
+from calibrate.export_qdq import ExportConfig, export_qdq
+from calibrate.prepare import QuantRecipe, prepare
+from calibrate.qmodules import QuantLinear
+from edge_sr.onnx_export import export_fp_onnx
+from edge_sr.onnx_tidy import compact, gather_position_biases, position_tables, store_fp16
+
+ort = pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.usefixtures("one_thread")
+TILE = (16, 16)
+
+
+def _run(path_or_proto, x: torch.Tensor) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    src = path_or_proto if isinstance(path_or_proto, str) else path_or_proto.SerializeToString()
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"]).run(
+        None, {"lr": x.numpy()})[0]
+
+
+def test_fp32_export_keeps_position_tables_not_expanded_biases(tiny_swinir, tmp_path):
+    model = tiny_swinir(2)
+    path = export_fp_onnx(model, tmp_path / "m.onnx", tile=TILE)
+    proto = onnx.load(str(path))
+    tables = position_tables(model)
+    assert len(tables) == 4  # one per block
+    biases = {table[index.reshape(-1)].reshape(64, 64, -1).transpose(2, 0, 1).tobytes()
+              for table, index in tables}
+    raw = [t.raw_data for t in proto.graph.initializer]
+    assert not biases & set(raw)  # no expanded (heads, 64, 64) bias left
+    assert sum(n.op_type == "Gather" and n.name.endswith("/position/Gather")
+               for n in proto.graph.node) == 4
+    assert not proto.graph.value_info  # compact: no shape annotations
+    x = torch.rand(1, 3, *TILE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert np.abs(_run(str(path), x) - want).max() < 1e-4
+
+
+def test_gather_position_biases_is_exact_and_smaller():
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((49, 3)).astype(np.float32)
+    from edge_sr.models.swinir import relative_position_index
+
+    index = relative_position_index(4).numpy()
+    bias = table[index.reshape(-1)].reshape(16, 16, 3).transpose(2, 0, 1)[None]
+    node = onnx.helper.make_node("Add", ["x", "b"], ["y"])
+    graph = onnx.helper.make_graph(
+        [node], "g", [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [numpy_helper.from_array(np.ascontiguousarray(bias), "b")])
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    saved = gather_position_biases(proto, [(table, index)])
+    assert saved == bias.nbytes - table.nbytes
+    onnx.checker.check_model(proto)
+    x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.array_equal(sess.run(None, {"x": x})[0], x + bias)
+
+
+def test_store_fp16_only_takes_exact_values():
+    exact = np.arange(512, dtype=np.float32) / 8  # all FP16 numbers
+    inexact = exact + np.float32(1e-4)
+    nodes = [onnx.helper.make_node("Add", ["x", "a"], ["y0"]),
+             onnx.helper.make_node("Add", ["y0", "b"], ["y"])]
+    graph = onnx.helper.make_graph(
+        nodes, "g", [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [512])],
+        [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [512])],
+        [numpy_helper.from_array(exact, "a"), numpy_helper.from_array(inexact, "b")])
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    assert store_fp16(proto) == exact.nbytes // 2
+    kinds = {t.name: t.data_type for t in proto.graph.initializer}
+    assert kinds == {"a/fp16": TensorProto.FLOAT16, "b": TensorProto.FLOAT}
+    x = np.linspace(-1, 1, 512, dtype=np.float32)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.array_equal(sess.run(None, {"x": x})[0], x + exact + inexact)
+
+
+def test_fp16_weights_round_only_the_unquantized_weights(tiny_swinir):
+    tiny = tiny_swinir(2)
+    st = prepare(tiny, QuantRecipe(bits=4, grid="ort", fp_weights="fp16"))
+    fp = dict(tiny.named_parameters())
+    for name, p in st.named_parameters():
+        if ".weight_quantizers." in name or name.endswith((".lower", ".upper")):
+            continue
+        owner = st.get_submodule(name.rpartition(".")[0]) if "." in name else st
+        if isinstance(owner, QuantLinear):
+            assert torch.equal(p, fp[name]), name  # quantized weights keep their FP values
+        elif p.dim() >= 2 and p.numel() >= 256:
+            assert torch.equal(p, p.half().float()), name
+            assert not torch.equal(p, fp[name]), name
+    assert not QuantRecipe(fp_weights="fp16").faithful
+    with pytest.raises(ValueError, match="--fp-weights"):
+        QuantRecipe(fp_weights="bf16")
+
+
+def test_w4_ort_file_stores_packed_codes_and_fp16_weights_exactly(tiny_swinir, tmp_path):
+    tiny = tiny_swinir(2)
+    calib = torch.rand(2, 3, *TILE, generator=torch.Generator().manual_seed(1))
+    st = prepare(tiny, QuantRecipe(bits=4, grid="ort", fp_weights="fp16"))
+    init_bounds(st, calib)
+    path = export_qdq(st, ExportConfig(target="ort", tile=TILE), tmp_path / "q.onnx")
+    proto = onnx.load(str(path))
+    kinds = [t.data_type for t in proto.graph.initializer]
+    assert kinds.count(TensorProto.UINT4) == 4 * 6  # every linear's codes, packed
+    assert TensorProto.FLOAT16 in kinds  # the convolutions and position tables
+    assert not proto.graph.value_info
+    inner = [o for n in proto.graph.node for o in n.output if o != "sr"]
+    assert max(map(len, inner)) <= 4  # compact tensor names
+    cov = integer_coverage(fused_op_types(proto))  # ORT folds the Casts and still fuses
+    assert cov["float_total"] == 0
+    x = torch.rand(1, 3, *TILE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = st(x).numpy()
+    assert np.abs(_run(str(path), x) - ref).max() < 1e-4
+
+
+def test_compact_changes_no_output(tiny_swinir, tmp_path):
+    model = tiny_swinir(2)
+    path = export_fp_onnx(model, tmp_path / "m.onnx", tile=TILE)
+    proto = onnx.load(str(path))
+    for n in proto.graph.node:  # long names again, as the tracer writes them
+        for i, o in enumerate(n.output):
+            if o != "sr":
+                n.output[i] = "/a/very/long/traced/name/" + o
+        for i, t in enumerate(n.input):
+            if t.startswith("t") and t not in {i.name for i in proto.graph.initializer}:
+                n.input[i] = "/a/very/long/traced/name/" + t
+    x = torch.rand(1, 3, *TILE, generator=torch.Generator().manual_seed(4))
+    before = _run(proto, x)
+    assert compact(proto) > 0
+    assert np.array_equal(_run(proto, x), before)
