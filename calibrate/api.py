@@ -95,6 +95,7 @@ class CalibrationConfig:
     rotate: tuple[str, ...] | None = None  # roles, module paths, or "auto" (chosen per site)
     weight_grid: Literal["tensor", "channel"] | None = None
     fp_weights: Literal["fp32", "fp16"] | None = None  # unquantized weights held as FP16
+    fp_sites: tuple[str, ...] = ()  # site kinds kept in floating point (prepare.SITE_KINDS)
     grid: Literal["real", "ort", "trt"] = "real"  # the engine whose native grid is learned
     avg_bits: float | None = None  # mixed precision: mean linear-input bits, sites chosen
     rounding: Literal["nearest", "gptq"] | None = None  # weight rounding after DOBI
@@ -154,7 +155,7 @@ class CalibrationConfig:
                            tuple(self.wide_inputs),
                            rotate=tuple(r for r in self.option("rotate") if r != "auto"),
                            weight_grid=self.option("weight_grid"), grid=self.grid,
-                           fp_weights=self.option("fp_weights"))
+                           fp_weights=self.option("fp_weights"), fp_sites=tuple(self.fp_sites))
 
     def dqc_config(self, model: nn.Module | None = None) -> DQCConfig:
         """The DQC budget; patches are at least ``model``'s minimum input (smaller ones would
@@ -177,6 +178,7 @@ class CalibrationConfig:
         d["output"] = str(self.output)
         d["pool"] = None if self.pool is None else str(self.pool)
         d["wide_inputs"] = list(self.wide_inputs)
+        d["fp_sites"] = list(self.fp_sites)
         d["rotate"] = None if self.rotate is None else list(self.rotate)
         return d
 

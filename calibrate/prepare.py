@@ -33,6 +33,11 @@ DEPLOY_GRIDS = ("real", "ort", "trt")
 # engine stores them in half the bytes and still runs exactly what was calibrated
 FP_WEIGHTS = ("fp32", "fp16")
 FP16_MIN_NUMEL = 256  # smaller tensors (biases, norms, scalars) stay float32 either way
+# Kinds of quantization site that ``QuantRecipe.fp_sites`` can keep in floating point (issue 18
+# item 3), each the point roles it covers: the four linears (input and weight), the attention
+# products q.k^T and p.v (both operands), and the softmax output alone
+SITE_KINDS = {"qkv": ("qkv",), "proj": ("proj",), "fc1": ("fc1",), "fc2": ("fc2",),
+              "qk": ("q", "k"), "pv": ("attn_probs", "v"), "softmax": ("attn_probs",)}
 
 
 def quantizer_grid(deploy: str, weight: bool, bits: int) -> str:
@@ -83,6 +88,8 @@ class QuantRecipe:
     * ``grid``: ``"real"`` (the paper's real-valued zero points), ``"ort"`` or ``"trt"``: the
       grids that engine runs natively, searched by DOBI and learned by DQC under that
       constraint (``DEPLOY_GRIDS``, ``quantizer_grid``).
+    * ``fp_sites``: kinds of site (``SITE_KINDS``) left in floating point in the student, so
+      also in the engine and in every reported PSNR (empty = the paper: all quantized).
     * ``fp_weights``: ``"fp16"`` rounds every floating-point weight that is not quantized (of at
       least ``FP16_MIN_NUMEL`` elements and two axes) to FP16 before calibration; the exports
       then store it as FP16 (``edge_sr.onnx_tidy.store_fp16``), bit-exact to the student.
@@ -97,6 +104,7 @@ class QuantRecipe:
     weight_grid: Literal["tensor", "channel"] = "tensor"
     grid: Literal["real", "ort", "trt"] = "real"
     fp_weights: Literal["fp32", "fp16"] = "fp32"
+    fp_sites: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         try:
@@ -105,6 +113,10 @@ class QuantRecipe:
             raise ValueError(f"--bits: {e}") from None
         object.__setattr__(self, "wide_inputs", tuple(self.wide_inputs))
         object.__setattr__(self, "rotate", tuple(self.rotate))
+        object.__setattr__(self, "fp_sites", tuple(self.fp_sites))
+        if bad := sorted(set(self.fp_sites) - set(SITE_KINDS)):
+            raise ValueError(f"--fp-sites: unknown site kinds {bad}; expected some of "
+                             f"{', '.join(SITE_KINDS)}")
         _check_linear_sites("wide-inputs", self.wide_inputs)
         _check_linear_sites("rotate", self.rotate)
         if self.search_assignment not in ("paper", "released"):
@@ -125,10 +137,14 @@ class QuantRecipe:
     def faithful(self) -> bool:
         """Whether this is the paper's quantizer set-up (no option beyond it)."""
         return not (self.wide_inputs or self.rotate or self.weight_grid != "tensor"
-                    or self.grid != "real" or self.fp_weights != "fp32")
+                    or self.grid != "real" or self.fp_weights != "fp32" or self.fp_sites)
 
     def rotated(self, point: QuantPoint) -> bool:
         return point.kind == "linear" and _matches(point, self.rotate)
+
+    def quantized(self, point: QuantPoint) -> bool:
+        """Whether ``point`` gets a quantizer (not kept in floating point by ``fp_sites``)."""
+        return not any(point.role in SITE_KINDS[k] for k in self.fp_sites)
 
     def search_for(self, point: QuantPoint) -> str:
         if self.search_assignment == "paper" and point.long_tailed_input \
@@ -145,6 +161,7 @@ class QuantRecipe:
         d = asdict(self)
         d["wide_inputs"] = list(self.wide_inputs)
         d["rotate"] = list(self.rotate)
+        d["fp_sites"] = list(self.fp_sites)
         return d
 
 
@@ -161,8 +178,10 @@ def prepare(model: SRModel, recipe: QuantRecipe) -> SRModel:
         p.requires_grad_(False)
     if recipe.fp_weights == "fp16":
         round_fp_weights(student, {f"{p.name}.weight" for p in model.quant_points()
-                                   if p.kind == "linear"})
+                                   if p.kind == "linear" and recipe.quantized(p)})
     for point in model.quant_points():
+        if not recipe.quantized(point):
+            continue
         search = recipe.search_for(point)
         if point.kind == "linear":
             lin = student.get_submodule(point.name)

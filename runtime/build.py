@@ -77,6 +77,7 @@ class BuildConfig:
     rotate: tuple[str, ...] | None = None  # CalibrationConfig.rotate (None: the method's)
     weight_grid: str | None = None  # CalibrationConfig.weight_grid (None: the method's)
     fp_weights: str | None = None  # CalibrationConfig.fp_weights (None: the method's)
+    fp_sites: tuple[str, ...] = ()  # CalibrationConfig.fp_sites: site kinds kept in FP
     # CalibrationConfig.grid; "auto": the backend's native grid ("ort" on ONNX Runtime, "trt" on
     # TensorRT), measured to cost nothing against "real" and to make the ORT engine faster than
     # FP32 (docs/results/grids.md)
@@ -93,6 +94,7 @@ class BuildConfig:
                 raise EdgeSRError(f"--input-size: expected WIDTHxHEIGHT in pixels, got "
                                   f"{self.input_size}")
         self.wide_inputs = tuple(self.wide_inputs)
+        self.fp_sites = tuple(self.fp_sites)
         if self.rotate is not None:
             self.rotate = tuple(self.rotate)
         if self.backend not in ("auto", "ort", "trt"):
@@ -120,7 +122,7 @@ class BuildConfig:
                                  qkv_separation=not self.shared_qkv_input,
                                  wide_inputs=self.wide_inputs, rotate=self.rotate,
                                  weight_grid=self.weight_grid, grid=self.resolved_grid(),
-                                 fp_weights=self.fp_weights,
+                                 fp_weights=self.fp_weights, fp_sites=self.fp_sites,
                                  avg_bits=self.avg_bits, rounding=self.rounding)
 
     def resolved_grid(self) -> str:
@@ -173,6 +175,7 @@ def calibration_key(model_sha256: str, cfg: BuildConfig) -> str:
                       | {k: v for k, v in (("rotate", cfg.rotate and list(cfg.rotate)),
                                            ("weight_grid", cfg.weight_grid),
                                            ("fp_weights", cfg.fp_weights),
+                                           ("fp_sites", list(cfg.fp_sites) or None),
                                            ("grid", None if cfg.resolved_grid() == "real"
                                             else cfg.resolved_grid()),
                                            ("shared_qkv", cfg.shared_qkv_input or None),

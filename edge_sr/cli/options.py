@@ -95,6 +95,10 @@ def quant_options(method_default: str, recipe_default: str, grid_default: str = 
                           "runs natively (0 on every grid, symmetric weights), searched and "
                           "learned under that constraint: plain Q/DQ, integer kernels"
                           + ("; auto = the backend's." if grid_default == "auto" else ".")),
+        click.option("--fp-sites", default="", metavar="KINDS",
+                     help="Beyond the paper: kinds of site kept in floating point, in the "
+                          "calibrated model and the engine alike: some of qkv, proj, fc1, fc2 "
+                          "(linears), qk, pv (attention products), softmax (its output)."),
         click.option("--fp-weights", type=click.Choice(["fp32", "fp16"]), default=None,
                      help="Beyond the paper: the weights that stay in floating point (convs, "
                           "position-bias tables) as float32 (paper) or rounded to FP16 before "
