@@ -11,7 +11,7 @@ at the given batch x patch) and validates every ``--val-every`` iterations on th
 with wall seconds since DQC started, the seconds spent before DQC (DOBI and the per-site
 choices), the CPU model and thread count. ``report`` writes ``results/dqc_budget/curve.png`` and
 prints a Markdown table of the best held-out PSNR reached within 5, 10 and 15 minutes of total
-calibration time. ``run --recipe paper --device cuda --time-limit MIN --score Set5,Set14`` is the
+calibration time. ``run --budget paper --device cuda --time-limit MIN --score Set5,Set14`` is the
 GPU form (scripts/gpu_session.sh): the paper's budget cut at a deadline, validated on the paper
 recipe's 16 held-out patches, then scored on the benchmark sets for reporting only.
 Benchmarks are not tests.
@@ -39,12 +39,12 @@ def run(a: argparse.Namespace) -> Path:
     torch.set_num_threads(a.threads)
     lm = load_model(a.model, device=a.device)
     cfg = CalibrationConfig(model=a.model, bits=a.bits, output="-", method=a.method,
-                            recipe=a.recipe, iterations=a.iterations, dqc_batch=a.batch,
+                            budget=a.budget, iterations=a.iterations, dqc_batch=a.batch,
                             dqc_patch=a.lr_patch, val_every=a.val_every, bound_lr=a.bound_lr,
                             device=a.device, time_limit=a.time_limit)
     # the recipe's data: 32 calibration patches and its held-out validation patches
     # ("cpu": 8 of 64x64 LR; "paper": 16 of 64x64)
-    data = pool_data(lm.scale, cfg.recipe, cfg.seed, lr_patch=cfg.dqc_config(lm.model).lr_patch)
+    data = pool_data(lm.scale, cfg.budget, cfg.seed, lr_patch=cfg.dqc_config(lm.model).lr_patch)
     t0 = time.perf_counter()
     cal = calibrate_model(lm, data, cfg)
     total = time.perf_counter() - t0
@@ -89,7 +89,7 @@ def score_sets(model, scale: int, sets: list[str]) -> dict:
     """Y-PSNR/SSIM of the fake-quant ``model`` on benchmark sets (reporting only: the run's
     choices are made on held-out pool patches before this)."""
     from edge_sr.evaluate import EvalConfig, evaluate
-    from edge_sr.predictors import TorchPredictor
+    from runtime.predictors import TorchPredictor
 
     res = evaluate(TorchPredictor(model, scale, "fake-quant"),
                    EvalConfig(datasets=sets, scale=scale, progress=False))
@@ -153,7 +153,7 @@ def main(argv=None) -> None:
     r.add_argument("--val-every", type=int, default=10)
     r.add_argument("--bound-lr", default=None, choices=["absolute", "relative"])
     r.add_argument("--threads", type=int, default=2)
-    r.add_argument("--recipe", default="cpu", choices=["cpu", "paper"],
+    r.add_argument("--budget", default="cpu", choices=["cpu", "paper"],
                    help="whose held-out patches validate (and whose DQC defaults apply)")
     r.add_argument("--device", default="cpu", help="cpu or cuda")
     r.add_argument("--time-limit", type=float, default=None, metavar="MIN",

@@ -23,7 +23,7 @@ def engine_exactness(engine_dir: str, datasets: list[str], threads: int = 1) -> 
 
     from edge_sr.checkpoints import load_model
     from edge_sr.evaluate import EvalConfig, evaluate
-    from runtime.build import cache_root, load_student
+    from runtime.calib_cache import cache_root, load_student
     from runtime.engine import open_engine
     from runtime.predictors import BackendPredictor, TorchBackend, engine_predictor
 

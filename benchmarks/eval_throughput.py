@@ -23,7 +23,7 @@ from edge_sr.data import load_benchmark
 from edge_sr.evaluate import evaluate_pairs
 from edge_sr.fileio import versions, write_json
 from edge_sr.paths import REPO_ROOT
-from edge_sr.predictors import make_predictor
+from runtime.predictors import make_predictor
 
 
 def cpu_model() -> str:

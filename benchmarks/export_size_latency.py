@@ -30,6 +30,7 @@ import torch
 
 from calibrate.export.ortcheck import fused_op_types, integer_coverage, make_session
 from calibrate.export_qdq import ExportConfig, export_qdq
+from edge_sr.data.datasets import center_crop
 from edge_sr.fileio import atomic_path, versions, write_json
 from edge_sr.onnx_tidy import share_constants
 from edge_sr.paths import REPO_ROOT
@@ -165,14 +166,6 @@ def run_latency(args) -> dict:
     out["load_average_end"] = os.getloadavg()
     write_json(args.out, out)
     return out
-
-
-def center_crop(pair, size: int, scale: int):
-    """The central ``size`` x ``size`` LR patch of a pair and its HR (shared-CPU budget runs)."""
-    h, w = pair.lr.shape[:2]
-    i, j = max(0, (h - size) // 2), max(0, (w - size) // 2)
-    return type(pair)(pair.name, pair.lr[i:i + size, j:j + size],
-                      pair.hr[i * scale:(i + size) * scale, j * scale:(j + size) * scale])
 
 
 def run_fidelity(args) -> dict:

@@ -4,9 +4,11 @@
     python -m benchmarks.frame_graphs qkv --model swinir-light-x2-ref [--threads 2 --runs 5]
 
 ``sizes`` exports, at the 320x180 frame padded to each model's window, the FP32 graph
-(``edge_sr.onnx_export``) and QDQ graphs (``calibrate.export_qdq``, ``--weights auto``) of DOBI
-students on random calibration patches: W8A8 and W4A4 on the ``ort`` grid, W4A4 on ``real``;
-file sizes do not depend on the bound values. ``qkv`` exports W8A8 ``ort`` graphs with the paper's
+(``edge_sr.onnx_export``) and QDQ files (``calibrate.export_qdq``, ``--weights auto``) of DOBI
+students on random calibration patches: W8A8 and W4A4 on the ``ort`` grid with FP16 FP weights
+(what ``build`` makes), W4A4 on ``ort`` with FP32 FP weights, and W4A4 on ``real``; file sizes do
+not depend on the bound values. Each file is split into weights (initializers) and graph
+(nodes, names, metadata). ``qkv`` exports W8A8 ``ort`` graphs with the paper's
 three qkv input quantizers and with one shared (``--shared-qkv-input``) and times them in one
 process, interleaved run by run (median). Run on an otherwise idle CPU. Benchmarks are not tests.
 """
@@ -22,25 +24,29 @@ from pathlib import Path
 FRAME = (180, 320)  # LR (height, width)
 
 
-def _student(model, bits: int, grid: str, qkv_separation: bool = True):
+def _student(model, bits: int, grid: str, qkv_separation: bool = True,
+             fp_weights: str = "fp32"):
     import torch
 
     from calibrate.dobi import init_bounds
     from calibrate.prepare import QuantRecipe, prepare
 
-    st = prepare(model, QuantRecipe(bits=bits, grid=grid, qkv_separation=qkv_separation))
+    st = prepare(model, QuantRecipe(bits=bits, grid=grid, qkv_separation=qkv_separation,
+                                    fp_weights=fp_weights))
     init_bounds(st, torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
     return st
 
 
 def _qdq(student, tile, path: Path) -> Path:
+    from calibrate.export_qdq import ExportConfig, export_qdq
+
+    return export_qdq(student, ExportConfig(target="ort", tile=tile), path)
+
+
+def _weight_bytes(path: Path) -> int:
     import onnx
 
-    from calibrate.export_qdq import ExportConfig, build_qdq
-
-    proto, _ = build_qdq(student, ExportConfig(target="ort", tile=tile))
-    onnx.save(proto, str(path))
-    return path
+    return sum(t.ByteSize() for t in onnx.load(str(path)).graph.initializer)
 
 
 def sizes(a: argparse.Namespace) -> None:
@@ -52,13 +58,19 @@ def sizes(a: argparse.Namespace) -> None:
             lm = load_model(name)
             tile = lm.model.size_requirements.fit(*FRAME)
             row = {"fp32": export_fp_onnx(lm.model, Path(d) / "fp32.onnx", tile=tile)}
-            for bits, grid in ((8, "ort"), (4, "ort"), (4, "real")):
-                row[f"w{bits}a{bits}_{grid}"] = _qdq(_student(lm.model, bits, grid), tile,
-                                                    Path(d) / f"w{bits}_{grid}.onnx")
+            for bits, grid, fpw in ((8, "ort", "fp16"), (4, "ort", "fp16"), (4, "ort", "fp32"),
+                                    (4, "real", "fp32")):
+                row[f"w{bits}a{bits}_{grid}_{fpw}"] = _qdq(
+                    _student(lm.model, bits, grid, fp_weights=fpw), tile,
+                    Path(d) / f"w{bits}_{grid}_{fpw}.onnx")
             mb = {k: os.path.getsize(p) / 1e6 for k, p in row.items()}
             n = sum(p.numel() for p in lm.model.parameters())
-            print(f"{name} ({n / 1e6:.2f} M parameters, tile {tile[0]}x{tile[1]}): " + ", ".join(
-                f"{k} {v:.2f} MB ({v / mb['fp32']:.2f}x)" for k, v in mb.items()))
+            print(f"{name} ({n / 1e6:.3f} M parameters, tile {tile[0]}x{tile[1]}):")
+            for k, p in row.items():
+                w = _weight_bytes(p) / 1e6
+                print(f"  {k}: {mb[k]:.2f} MB ({mb[k] / mb['fp32']:.2f}x FP32); weights "
+                      f"{w:.2f} MB ({w / _weight_bytes(row['fp32']) * 1e6:.2f}x FP32's), "
+                      f"graph {mb[k] - w:.2f} MB")
 
 
 def qkv(a: argparse.Namespace) -> None:

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import accuracy
+from benchmarks.accuracy.plan import FAMILIES, SETTINGS
+from benchmarks.accuracy.run import ScaleRun
 from calibrate.dobi import apply_bounds
 from calibrate.dqc import val_psnr
 from calibrate.prepare import QuantRecipe, prepare, quantizers
@@ -56,8 +57,8 @@ def held_out(scale: int, patches: int, size: int, seed: int = 1):
 
 
 def run(family: str, scale: int, bits: int, method: str, patches: int, size: int) -> dict:
-    accuracy.FAMILY = accuracy.FAMILIES[family]
-    sr = accuracy.ScaleRun(scale, [4, 2, 3])
+    SETTINGS.family = FAMILIES[family]
+    sr = ScaleRun(scale, [4, 2, 3])
     student = prepare(sr.lm.model, QuantRecipe(bits))
     res, _ = sr.stats(student)
     key = "dobi" if method == "dobi" else method
@@ -125,7 +126,7 @@ def render(runs: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--family", choices=sorted(accuracy.FAMILIES), default="ngswin")
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="ngswin")
     ap.add_argument("--scale", type=int, default=2)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--method", choices=["dobi", "minmax"], default="dobi")

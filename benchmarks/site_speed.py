@@ -17,7 +17,6 @@ Run on an otherwise idle CPU. Benchmarks are not tests.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
 import time

@@ -34,14 +34,27 @@ from calibrate.calibfile import (
 )
 from calibrate.dobi import apply_bounds, dobi_bounds
 from calibrate.dqc import DQCConfig, run_dqc, val_psnr
-from calibrate.prepare import DEPLOY_GRIDS, WEIGHT_GRIDS, WIDE_BITS, QuantRecipe, prepare
+from calibrate.prepare import WIDE_BITS, QuantRecipe, prepare
 from calibrate.quantizer import check_bits
+from calibrate.vocab import (
+    BUDGETS,
+    DEPLOY_GRIDS,
+    METHODS,
+    ROUNDINGS,
+    WEIGHT_GRIDS,
+    Budget,
+    FPWeights,
+    Grid,
+    Method,
+    Rounding,
+    WeightGrid,
+    expected,
+)
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import versions
 
 log = logging.getLogger(__name__)
 
-METHODS = ("2dquant", "edge-sr", "dobi", "minmax", "percentile")
 DOBI_METHODS = ("2dquant", "edge-sr", "dobi")  # bounds initialised by DOBI
 DQC_METHODS = ("2dquant", "edge-sr")  # then trained by DQC
 # What ``--method edge-sr`` adds to 2DQuant unless an option is given explicitly: Hadamard
@@ -50,12 +63,11 @@ DQC_METHODS = ("2dquant", "edge-sr")  # then trained by DQC
 # measured against the faithful 2DQuant on held-out data (docs/results/beyond.md).
 EDGE_SR_OPTIONS = dict(rotate=("auto",), weight_grid="channel", rounding="gptq",
                        bound_lr="relative", fp_weights="fp16")
-ROUNDINGS = ("nearest", "gptq")
 
-# DQC budgets. "fast" was sized on the shared 2-core CPU (see docs/results/accuracy.md); "cpu" is
-# the budget that gained most within 15 minutes of calibration on 2 cores, measured on NGswin x2
-# W4 held-out patches (benchmarks.dqc_budget, docs/results/beyond.md); "paper" is the paper's.
-RECIPES = {
+# DQC budgets, one per calibrate.vocab.BUDGETS name. "fast" was sized on the shared 2-core CPU
+# (see docs/results/accuracy.md); "cpu" is the budget that gained most within 15 minutes of
+# calibration on 2 cores, measured on NGswin x2 W4 held-out patches (benchmarks.dqc_budget, docs/results/beyond.md); "paper" is the paper's.
+DQC_BUDGETS = {
     "cpu": dict(dqc=DQCConfig(iterations=130, batch=4, lr_patch=64, val_every=10,
                               ckpt_every=10), val_patches=8, val_patch=64),
     "paper": dict(dqc=DQCConfig(iterations=4000, batch=16, lr_patch=64, val_every=100,
@@ -77,8 +89,8 @@ class CalibrationConfig:
     bits: int
     output: str | Path
     scale: int | None = None
-    method: Literal["2dquant", "edge-sr", "dobi", "minmax", "percentile"] = "2dquant"
-    recipe: Literal["cpu", "fast", "paper"] = "fast"
+    method: Method = "2dquant"
+    budget: Budget = "fast"  # DQC iterations x batch x patch (BUDGETS)
     seed: int = 0
     qkv_separation: bool = True
     search_assignment: Literal["paper", "released"] = "paper"
@@ -87,21 +99,21 @@ class CalibrationConfig:
     resume: bool = False
     pool: str | Path | None = None  # image folder; default data/train/BSD200
     percentile: float | None = None  # None: pick among PERCENTILES on held-out images
-    iterations: int | None = None  # override the recipe's DQC iterations (smoke runs)
+    iterations: int | None = None  # override the budget's DQC iterations (smoke runs)
     calib_patches: int = CALIB_PATCHES  # DOBI / baseline statistics: this many LR patches
     calib_patch: int = CALIB_PATCH  # of this size
     device: str = "cpu"  # where the model runs ("cuda" on a workstation GPU); bounds are the same
     # beyond the paper; None = the method's default (the paper for 2dquant, EDGE_SR_OPTIONS)
     rotate: tuple[str, ...] | None = None  # roles, module paths, or "auto" (chosen per site)
-    weight_grid: Literal["tensor", "channel"] | None = None
-    fp_weights: Literal["fp32", "fp16"] | None = None  # unquantized weights held as FP16
+    weight_grid: WeightGrid | None = None
+    fp_weights: FPWeights | None = None  # unquantized weights held as FP16
     fp_sites: tuple[str, ...] = ()  # site kinds kept in floating point (prepare.SITE_KINDS)
-    grid: Literal["real", "ort", "trt"] = "real"  # the engine whose native grid is learned
+    grid: Grid = "real"  # the engine whose native grid is learned
     avg_bits: float | None = None  # mixed precision: mean linear-input bits, sites chosen
-    rounding: Literal["nearest", "gptq"] | None = None  # weight rounding after DOBI
-    dqc_batch: int | None = None  # override the recipe's DQC batch (budget studies)
-    dqc_patch: int | None = None  # override the recipe's DQC LR patch
-    val_every: int | None = None  # override the recipe's validation interval
+    rounding: Rounding | None = None  # weight rounding after DOBI
+    dqc_batch: int | None = None  # override the budget's DQC batch (budget studies)
+    dqc_patch: int | None = None  # override the budget's DQC LR patch
+    val_every: int | None = None  # override the budget's validation interval
     bound_lr: Literal["absolute", "relative"] | None = None  # DQC bound lr (None: method's)
     recompute: bool = False  # DQC activation checkpointing per block (memory for time)
     time_limit: float | None = None  # minutes of calibration; DQC stops at the first step past it
@@ -113,17 +125,14 @@ class CalibrationConfig:
             raise EdgeSRError(f"--bits: expected an integer from 2 to 8, got {self.bits!r}"
                               ) from None
         if self.method not in METHODS:
-            raise EdgeSRError(f"--method: expected one of {', '.join(METHODS)}, got "
-                              f"{self.method!r}")
+            raise EdgeSRError(expected("--method", METHODS, self.method))
         check_device(self.device)
         if self.time_limit is not None and not self.time_limit > 0:
             raise EdgeSRError(f"--time-limit: expected minutes > 0, got {self.time_limit}")
-        if self.recipe not in RECIPES:
-            raise EdgeSRError(f"--recipe: expected one of {', '.join(RECIPES)}, got "
-                              f"{self.recipe!r}")
+        if self.budget not in BUDGETS:
+            raise EdgeSRError(expected("--budget", BUDGETS, self.budget))
         if self.option("rounding") not in ROUNDINGS:
-            raise EdgeSRError(f"--rounding: expected one of {', '.join(ROUNDINGS)}, got "
-                              f"{self.rounding!r}")
+            raise EdgeSRError(expected("--rounding", ROUNDINGS, self.rounding))
         if self.avg_bits is not None and not self.bits <= self.avg_bits <= WIDE_BITS:
             raise EdgeSRError(f"--avg-bits: expected a mean width from {self.bits} (--bits) to "
                               f"{WIDE_BITS}, got {self.avg_bits}")
@@ -146,11 +155,9 @@ class CalibrationConfig:
         """The recipe before per-site choices ("auto" rotation and ``avg_bits`` are resolved
         by ``calibrate_model`` on data)."""
         if self.option("weight_grid") not in WEIGHT_GRIDS:
-            raise ValueError(f"--weight-grid: expected one of {', '.join(WEIGHT_GRIDS)}, got "
-                             f"{self.weight_grid!r}")
+            raise ValueError(expected("--weight-grid", WEIGHT_GRIDS, self.weight_grid))
         if self.grid not in DEPLOY_GRIDS:
-            raise ValueError(f"--grid: expected one of {', '.join(DEPLOY_GRIDS)}, got "
-                             f"{self.grid!r}")
+            raise ValueError(expected("--grid", DEPLOY_GRIDS, self.grid))
         return QuantRecipe(self.bits, self.qkv_separation, self.search_assignment,
                            tuple(self.wide_inputs),
                            rotate=tuple(r for r in self.option("rotate") if r != "auto"),
@@ -160,7 +167,7 @@ class CalibrationConfig:
     def dqc_config(self, model: nn.Module | None = None) -> DQCConfig:
         """The DQC budget; patches are at least ``model``'s minimum input (smaller ones would
         only be padded up: NGswin pads every input to 64x64 LR)."""
-        base = RECIPES[self.recipe]["dqc"]
+        base = DQC_BUDGETS[self.budget]["dqc"]
         kw = asdict(base) | {"seed": self.seed, "feature_loss": self.feature_loss}
         for key, v in (("iterations", self.iterations), ("batch", self.dqc_batch),
                        ("lr_patch", self.dqc_patch), ("val_every", self.val_every),
@@ -203,7 +210,7 @@ def check_device(device: str) -> None:
                           f"{torch.__version__}; a CUDA build and a GPU are needed)")
 
 
-def pool_data(scale: int, recipe: str = "fast", seed: int = 0,
+def pool_data(scale: int, budget: str = "fast", seed: int = 0,
               pool: str | Path | None = None, lr_patch: int | None = None,
               calib_patches: int = CALIB_PATCHES, calib_patch: int = CALIB_PATCH) -> PoolData:
     """Calibration patches, held-out validation patches and the DQC sampler, all seeded."""
@@ -217,7 +224,7 @@ def pool_data(scale: int, recipe: str = "fast", seed: int = 0,
         raise EdgeSRError(f"image pool {root}: expected at least {MIN_POOL_IMAGES} images (one "
                           f"to calibrate on, one held out), found {n}")
     split = pool_split(root, n_val=min(20, max(1, n // 10)), seed=0)
-    r = RECIPES[recipe]
+    r = DQC_BUDGETS[budget]
     # A seeded subset of the calibration images: each image's LR (MATLAB bicubic) costs ~1 s, and
     # 32 calibration patches come from (up to) 32 images, as in the reference (spec §4.4).
     order = np.random.default_rng(seed).permutation(len(split.calib))
@@ -343,7 +350,7 @@ def calibrate(cfg: CalibrationConfig, lm=None) -> Path:
         from edge_sr.checkpoints import load_model
 
         lm = load_model(cfg.model, scale=cfg.scale, device=cfg.device)
-    data = pool_data(lm.scale, cfg.recipe, cfg.seed, cfg.pool,
+    data = pool_data(lm.scale, cfg.budget, cfg.seed, cfg.pool,
                      lr_patch=cfg.dqc_config(lm.model).lr_patch,
                      calib_patches=cfg.calib_patches, calib_patch=cfg.calib_patch)
     state = Path(str(cfg.output) + ".dqc-state.pt")

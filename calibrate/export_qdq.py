@@ -27,7 +27,6 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import onnx
 from torch import nn
@@ -35,13 +34,16 @@ from torch import nn
 from calibrate.export.emit import EmitOptions, fold_matmul_shifts, replace_sites
 from calibrate.export.grid import TARGETS
 from calibrate.export.trace import TRACE_OPSET, quant_sites, trace_with_sites
+from calibrate.vocab import WEIGHT_CONTAINERS, Target, WeightContainer, expected
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import atomic_path
 from edge_sr.onnx_tidy import compact, position_tables, tidy
 
 log = logging.getLogger(__name__)
 
-MIN_OPSET = 21  # int4 initializers and blocked/per-axis Q/DQ
+# INT4 / UINT4 weight codes and per-axis Q/DQ need opset 21; the FP export needs only 17
+# (edge_sr.onnx_export.FP_MIN_OPSET, the opset policy)
+QDQ_MIN_OPSET = 21
 META_KEY = "edge_sr.qdq"
 ORT_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators (MatMulIntegerToFloat)
 
@@ -51,23 +53,21 @@ class ExportConfig:
     """``weight_container``: "auto" stores weights of <= 4 bits as INT4 (smallest file), "int8"
     stores all weights as INT8 (what ORT 1.32 fuses into integer MatMul kernels)."""
 
-    target: Literal["ort", "trt"] = "ort"
+    target: Target = "ort"
     tile: tuple[int, int] = (64, 64)  # LR (height, width)
     batch: int = 1
     opset: int = 21
     lowbit_plugin: bool = False
-    weight_container: Literal["auto", "int8", "int4"] = "auto"
+    weight_container: WeightContainer = "auto"
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
-            raise EdgeSRError(f"--target: expected one of {', '.join(TARGETS)}, got "
-                              f"{self.target!r}")
-        if self.weight_container not in ("auto", "int8", "int4"):
-            raise EdgeSRError(f"--weights: expected auto, int8 or int4, got "
-                              f"{self.weight_container!r}")
+            raise EdgeSRError(expected("--target", TARGETS, self.target))
+        if self.weight_container not in WEIGHT_CONTAINERS:
+            raise EdgeSRError(expected("--weights", WEIGHT_CONTAINERS, self.weight_container))
         max_opset = onnx.defs.onnx_opset_version()
-        if not MIN_OPSET <= self.opset <= max_opset:
-            raise EdgeSRError(f"--opset: expected {MIN_OPSET} to {max_opset} (this onnx "
+        if not QDQ_MIN_OPSET <= self.opset <= max_opset:
+            raise EdgeSRError(f"--opset: expected {QDQ_MIN_OPSET} to {max_opset} (this onnx "
                               f"{onnx.__version__}), got {self.opset}")
         if self.batch < 1 or min(self.tile) < 1:
             raise EdgeSRError(f"--tile/--batch: expected positive sizes, got tile "
@@ -181,4 +181,4 @@ def read_qdq_meta(path_or_proto) -> dict:
     raise EdgeSRError(f"{path_or_proto}: not an edge-sr QDQ export (no {META_KEY} metadata)")
 
 
-__all__ = ["ExportConfig", "export_qdq", "build_qdq", "read_qdq_meta", "MIN_OPSET", "META_KEY"]
+__all__ = ["ExportConfig", "export_qdq", "build_qdq", "read_qdq_meta", "QDQ_MIN_OPSET", "META_KEY"]

@@ -18,26 +18,19 @@ from torch import nn
 from calibrate.qmodules import QuantLinear
 from calibrate.quantizer import BoundFakeQuantizer, check_bits
 from calibrate.rotation import random_hadamard
+from calibrate.vocab import DEPLOY_GRIDS, FP_WEIGHTS, SITE_KINDS, WEIGHT_GRIDS, expected
 from edge_sr.errors import EdgeSRError
 from edge_sr.models.base import QuantPoint, SRModel
 
 LINEAR_ROLES = ("qkv", "proj", "fc1", "fc2")
 WIDE_BITS = 8  # bit width of the ``wide_inputs`` quantizers
-WEIGHT_GRIDS = ("tensor", "channel")  # one weight grid per tensor (paper) or per output channel
-# The engine a grid is made for (beyond the paper): "real" keeps the paper's real-valued zero
-# points (exact export with correction terms); "ort" and "trt" put 0 on every grid so that
-# export is plain Q/DQ (quantizer.GRIDS gives each quantizer's kind, ``quantizer_grid``).
-DEPLOY_GRIDS = ("real", "ort", "trt")
-# How the weights that stay in floating point (convolutions, position-bias tables, unquantized
-# linears) are held: float32 (the paper), or rounded to FP16 values in the student so that the
-# engine stores them in half the bytes and still runs exactly what was calibrated
-FP_WEIGHTS = ("fp32", "fp16")
+# DEPLOY_GRIDS (calibrate.vocab), the engine a grid is made for (beyond the paper): "real" keeps
+# the paper's real-valued zero points (exact export with correction terms); "ort" and "trt" put
+# 0 on every grid so that export is plain Q/DQ (``quantizer_grid`` gives each quantizer's kind).
+# FP_WEIGHTS: how the weights that stay in floating point (convolutions, position-bias tables,
+# unquantized linears) are held: float32 (the paper), or rounded to FP16 values in the student so
+# that the engine stores them in half the bytes and still runs exactly what was calibrated.
 FP16_MIN_NUMEL = 256  # smaller tensors (biases, norms, scalars) stay float32 either way
-# Kinds of quantization site that ``QuantRecipe.fp_sites`` can keep in floating point (issue 18
-# item 3), each the point roles it covers: the four linears (input and weight), the attention
-# products q.k^T and p.v (both operands), and the softmax output alone
-SITE_KINDS = {"qkv": ("qkv",), "proj": ("proj",), "fc1": ("fc1",), "fc2": ("fc2",),
-              "qk": ("q", "k"), "pv": ("attn_probs", "v"), "softmax": ("attn_probs",)}
 
 
 def quantizer_grid(deploy: str, weight: bool, bits: int) -> str:
@@ -124,14 +117,11 @@ class QuantRecipe:
                 f"search_assignment must be 'paper' or 'released', got {self.search_assignment!r}"
             )
         if self.weight_grid not in WEIGHT_GRIDS:
-            raise ValueError(f"--weight-grid: expected one of {', '.join(WEIGHT_GRIDS)}, got "
-                             f"{self.weight_grid!r}")
+            raise ValueError(expected("--weight-grid", WEIGHT_GRIDS, self.weight_grid))
         if self.grid not in DEPLOY_GRIDS:
-            raise ValueError(f"--grid: expected one of {', '.join(DEPLOY_GRIDS)}, got "
-                             f"{self.grid!r}")
+            raise ValueError(expected("--grid", DEPLOY_GRIDS, self.grid))
         if self.fp_weights not in FP_WEIGHTS:
-            raise ValueError(f"--fp-weights: expected one of {', '.join(FP_WEIGHTS)}, got "
-                             f"{self.fp_weights!r}")
+            raise ValueError(expected("--fp-weights", FP_WEIGHTS, self.fp_weights))
 
     @property
     def faithful(self) -> bool:

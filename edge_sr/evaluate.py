@@ -12,7 +12,9 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
+import torch
 from tqdm import tqdm
 
 from edge_sr.data.datasets import SRPair, dataset_label, load_benchmark
@@ -20,7 +22,18 @@ from edge_sr.data.images import save_image, to_tensor, to_uint8
 from edge_sr.errors import EdgeSRError
 from edge_sr.logutil import progress_disabled
 from edge_sr.metrics import SSIM_WINDOW, psnr_y, ssim_y
-from edge_sr.predictors import Predictor
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """What evaluation runs: ``predictor(x)`` maps (1, 3, h, w) float32 in [0, 1] to
+    (1, 3, h*scale, w*scale). A torch model, a fake-quant student and an engine are all scored by
+    the same code (``runtime.predictors`` builds them)."""
+
+    scale: int
+    name: str
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 log = logging.getLogger(__name__)
 

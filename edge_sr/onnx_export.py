@@ -23,11 +23,14 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME = "lr"
 OUTPUT_NAME = "sr"
-MIN_OPSET = 17
+# The opset policy: the FP graph needs opset 17 (LayerNormalization) and is exported at it, so
+# older runtimes load it; the QDQ export (calibrate.export_qdq.QDQ_MIN_OPSET) needs 21 for INT4 /
+# UINT4 weight codes and per-axis Q/DQ.
+FP_MIN_OPSET = 17
 
 
 def export_fp_onnx(model: nn.Module, path: str | os.PathLike, tile: tuple[int, int] = (64, 64),
-                   batch: int = 1, opset: int = MIN_OPSET) -> Path:
+                   batch: int = 1, opset: int = FP_MIN_OPSET) -> Path:
     """Export ``model`` for a ``(batch, 3, *tile)`` input in [0, 1]; written atomically.
 
     The model pads a tile that is not a multiple of its window itself (the padding is baked into
@@ -36,8 +39,8 @@ def export_fp_onnx(model: nn.Module, path: str | os.PathLike, tile: tuple[int, i
     h, w = tile
     if h <= 0 or w <= 0 or batch <= 0:
         raise EdgeSRError(f"ONNX export: tile {h}x{w} and batch {batch} must be positive")
-    if opset < MIN_OPSET:
-        raise EdgeSRError(f"ONNX export: opset {opset} requested, at least {MIN_OPSET} is needed "
+    if opset < FP_MIN_OPSET:
+        raise EdgeSRError(f"ONNX export: opset {opset} requested, at least {FP_MIN_OPSET} is needed "
                           "(LayerNormalization)")
     path = Path(path)
     param = next(model.parameters(), None)

@@ -3,16 +3,14 @@
 Everything is built in a hidden temporary directory beside ``--out`` and renamed onto it only
 when every stage succeeded, so an error or Ctrl-C never leaves a partial engine (an existing
 engine is replaced only at that last rename, and only with ``--force``). Calibrations are cached
-under ``$EDGE_SR_CACHE/calibrations`` (default ``$XDG_CACHE_HOME/edge-sr`` or ``~/.cache/edge-sr``), keyed by a hash of
-everything that determines them, so rebuilding for another backend or tile skips the slow stage.
+(``runtime.calib_cache``), so rebuilding for another backend or tile skips the slow stage; the
+last stage scores the engine on held-out crops (``runtime.validation``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -25,11 +23,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from calibrate.api import METHODS, RECIPES, CalibrationConfig, calibrate
-from edge_sr.checkpoints import cache_dir
+from calibrate.api import CalibrationConfig
+from calibrate.vocab import BUDGETS, METHODS, expected
 from edge_sr.errors import EdgeSRError, MissingDependencyError
-from edge_sr.fileio import atomic_path, sha256_file, versions
+from edge_sr.fileio import versions
 from edge_sr.logutil import progress_disabled
+from runtime.calib_cache import cached_calibration, load_student
 from runtime.engine import (
     FP32_FILE,
     MODEL_FILE,
@@ -39,14 +38,20 @@ from runtime.engine import (
     file_entry,
     write_manifest,
 )
+from runtime.validation import validate_engine
+from runtime.vocab import BACKEND_CHOICES
 
 log = logging.getLogger(__name__)
 
 # Methods come from calibrate.api (2dquant = DOBI + DQC, the paper; edge-sr = 2DQuant with the
 # measured options beyond it; the others are baselines without DQC).
+# The sites an engine keeps in floating point unless --fp-sites says otherwise, by measurement
+# (benchmarks.site_speed, docs/results/grids.md "Per-site choices"): on ONNX Runtime's CPU every
+# linear's integer GEMM pays (50-120 ms per kind on a 320x180 frame) and the attention products
+# do not (q.k^T and p.v quantized together: 0-5% slower, their Q/DQ costing what the integer
+# product saves); TensorRT has not been measured, so it keeps the paper's sites.
+DEFAULT_FP_SITES = {"onnxruntime": ("qk", "pv"), "tensorrt": ()}
 STAGES = ("checkpoint", "calibrate", "export", "build", "validate", "manifest")
-CALIB_CACHE_VERSION = 2  # 2: the edge-sr method holds FP weights as FP16
-FIDELITY_CAP_DB = 100.0  # identical outputs have infinite PSNR; JSON has no infinity
 
 
 @dataclass
@@ -57,8 +62,8 @@ class BuildConfig:
     scale: int
     model: str | None = None  # registry name or checkpoint path; default swinir-light-x{s}-ref
     backend: str = "auto"  # auto | ort | trt
-    recipe: str = "cpu"  # a key of calibrate.api.RECIPES
-    method: str = "edge-sr"  # calibrate.api.METHODS (docs/results/beyond.md for why)
+    budget: str = "cpu"  # DQC budget (calibrate.vocab.BUDGETS)
+    method: str = "edge-sr"  # calibrate.vocab.METHODS (docs/results/beyond.md for why)
     tile: tuple[int, int] = (64, 64)
     # a camera's LR frame (width, height): the engine is exported at it, padded up to the model's
     # multiple (and minimum), so a frame runs as one tile; replaces ``tile``
@@ -72,12 +77,14 @@ class BuildConfig:
     val_crop: int = 96  # centre LR crop of each (keeps validation to seconds)
     cache_dir: str | Path | None = None
     seed: int = 0
-    calib_iterations: int | None = None  # override the recipe's DQC iterations (smoke tests)
+    calib_iterations: int | None = None  # override the budget's DQC iterations (smoke tests)
     wide_inputs: tuple[str, ...] = ()  # linear roles with 8-bit inputs (QuantRecipe.wide_inputs)
     rotate: tuple[str, ...] | None = None  # CalibrationConfig.rotate (None: the method's)
     weight_grid: str | None = None  # CalibrationConfig.weight_grid (None: the method's)
     fp_weights: str | None = None  # CalibrationConfig.fp_weights (None: the method's)
-    fp_sites: tuple[str, ...] = ()  # CalibrationConfig.fp_sites: site kinds kept in FP
+    # CalibrationConfig.fp_sites, the site kinds kept in FP; None: the backend's measured choice
+    # (DEFAULT_FP_SITES)
+    fp_sites: tuple[str, ...] | None = None
     # CalibrationConfig.grid; "auto": the backend's native grid ("ort" on ONNX Runtime, "trt" on
     # TensorRT), measured to cost nothing against "real" and to make the ORT engine faster than
     # FP32 (docs/results/grids.md)
@@ -94,17 +101,16 @@ class BuildConfig:
                 raise EdgeSRError(f"--input-size: expected WIDTHxHEIGHT in pixels, got "
                                   f"{self.input_size}")
         self.wide_inputs = tuple(self.wide_inputs)
-        self.fp_sites = tuple(self.fp_sites)
+        if self.fp_sites is not None:
+            self.fp_sites = tuple(self.fp_sites)
         if self.rotate is not None:
             self.rotate = tuple(self.rotate)
-        if self.backend not in ("auto", "ort", "trt"):
-            raise EdgeSRError(f"--backend: expected auto, ort or trt, got {self.backend!r}")
-        if self.recipe not in RECIPES:
-            raise EdgeSRError(f"--recipe: expected one of {', '.join(RECIPES)}, got "
-                              f"{self.recipe!r}")
+        if self.backend not in BACKEND_CHOICES:
+            raise EdgeSRError(expected("--backend", BACKEND_CHOICES, self.backend))
+        if self.budget not in BUDGETS:
+            raise EdgeSRError(expected("--budget", BUDGETS, self.budget))
         if self.method not in METHODS:
-            raise EdgeSRError(f"--method: expected one of {', '.join(METHODS)}, got "
-                              f"{self.method!r}")
+            raise EdgeSRError(expected("--method", METHODS, self.method))
         if self.scale not in (2, 3, 4):
             raise EdgeSRError(f"--scale: expected 2, 3 or 4, got {self.scale}")
         if len(self.tile) != 2 or min(self.tile) < 1 or self.batch < 1:
@@ -117,13 +123,20 @@ class BuildConfig:
     def calibration_config(self, model: str = "-", output: str | Path = "-") -> CalibrationConfig:
         """The ``calibrate.api`` configuration this build calibrates with."""
         return CalibrationConfig(model=model, scale=self.scale, bits=self.bits,
-                                 method=self.method, recipe=self.recipe, output=str(output),
+                                 method=self.method, budget=self.budget, output=str(output),
                                  seed=self.seed, iterations=self.calib_iterations,
                                  qkv_separation=not self.shared_qkv_input,
                                  wide_inputs=self.wide_inputs, rotate=self.rotate,
                                  weight_grid=self.weight_grid, grid=self.resolved_grid(),
-                                 fp_weights=self.fp_weights, fp_sites=self.fp_sites,
+                                 fp_weights=self.fp_weights,
+                                 fp_sites=self.resolved_fp_sites(),
                                  avg_bits=self.avg_bits, rounding=self.rounding)
+
+    def resolved_fp_sites(self) -> tuple[str, ...]:
+        """``fp_sites``, with None resolved to the backend's measured choice."""
+        if self.fp_sites is not None:
+            return self.fp_sites
+        return DEFAULT_FP_SITES[resolve_backend(self.backend)]
 
     def resolved_grid(self) -> str:
         """``grid``, with "auto" resolved to the backend's native grid."""
@@ -159,32 +172,6 @@ def resolve_backend(choice: str) -> str:
     return "onnxruntime"
 
 
-def cache_root(cfg: BuildConfig | None = None) -> Path:
-    """Where build keeps calibration files: ``cfg.cache_dir``, else the user cache."""
-    if cfg is not None and cfg.cache_dir is not None:
-        return Path(cfg.cache_dir)
-    return Path(cache_dir()) / "calibrations"
-
-
-def calibration_key(model_sha256: str, cfg: BuildConfig) -> str:
-    """Hash of every input that determines a calibration (not the tile, backend or output)."""
-    blob = json.dumps({"v": CALIB_CACHE_VERSION, "model": model_sha256, "scale": cfg.scale,
-                       "bits": cfg.bits, "recipe": cfg.recipe, "method": cfg.method,
-                       "seed": cfg.seed, "iterations": cfg.calib_iterations}
-                      | ({"wide_inputs": list(cfg.wide_inputs)} if cfg.wide_inputs else {})
-                      | {k: v for k, v in (("rotate", cfg.rotate and list(cfg.rotate)),
-                                           ("weight_grid", cfg.weight_grid),
-                                           ("fp_weights", cfg.fp_weights),
-                                           ("fp_sites", list(cfg.fp_sites) or None),
-                                           ("grid", None if cfg.resolved_grid() == "real"
-                                            else cfg.resolved_grid()),
-                                           ("shared_qkv", cfg.shared_qkv_input or None),
-                                           ("avg_bits", cfg.avg_bits),
-                                           ("rounding", cfg.rounding)) if v is not None},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
 # --- stages ------------------------------------------------------------------------------------
 
 def stage_checkpoint(cfg: BuildConfig):
@@ -200,34 +187,6 @@ def stage_checkpoint(cfg: BuildConfig):
     if why:
         raise EdgeSRError(f"--tile: {why} (the {lm.arch} window)")
     return lm
-
-
-def run_calibration(lm, cfg: BuildConfig, output: Path) -> Path:
-    """Call the calibration API (``calibrate.api``) and return the calibration file it wrote."""
-    cc = cfg.calibration_config(model=str(lm.path), output=output)
-    return Path(calibrate(cc, lm=lm))  # the checkpoint is loaded and hashed once
-
-
-def stage_calibrate(lm, cfg: BuildConfig) -> tuple[Path, dict]:
-    key = calibration_key(lm.sha256, cfg)
-    path = cache_root(cfg) / f"{lm.arch}-x{cfg.scale}-w{cfg.bits}-{cfg.recipe}-{key}.pt"
-    cached = path.is_file()
-    if cached:
-        log.info("calibration: reusing cached %s", path)
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path, suffix=".tmp.pt") as tmp:
-            written = run_calibration(lm, cfg, tmp)
-            if Path(written) != tmp:
-                shutil.copyfile(written, tmp)
-    return path, {"key": key, "sha256": sha256_file(path), "cached": cached, "file": path.name}
-
-
-def load_student(calib_path: Path, lm):
-    from calibrate.calibfile import load_calibrated
-
-    cal = load_calibrated(calib_path, model=lm.model)
-    return getattr(cal, "model", cal).eval()
 
 
 def stage_export(student, lm, cfg: BuildConfig, backend: str, work: Path) -> None:
@@ -259,67 +218,6 @@ def stage_build(cfg: BuildConfig, backend: str, work: Path) -> None:
 
     for name in (MODEL_FILE, FP32_FILE):
         OrtBackend(work / name, threads=cfg.threads, max_batch=cfg.batch).close()
-
-
-def centre_crop(pair, crop: int, scale: int):
-    """The centre ``crop`` x ``crop`` LR window of a pair and its HR."""
-    h, w = pair.lr.shape[:2]
-    ch, cw = min(crop, h), min(crop, w)
-    y, x = (h - ch) // 2, (w - cw) // 2
-    return (pair.lr[y:y + ch, x:x + cw],
-            pair.hr[y * scale:(y + ch) * scale, x * scale:(x + cw) * scale])
-
-
-def stage_validate(student, lm, cfg: BuildConfig, backend_name: str, work: Path,
-                   manifest: Manifest) -> dict:
-    """Score the engine on held-out BSD200 crops (never the test sets).
-
-    ``psnr_y_db``: the engine against HR. ``fidelity_psnr_y_db``: the engine's output against
-    the fake-quant model's, both through the same tiles, so it measures export + runtime error
-    only. The fake-quant (tiled) and FP (whole-crop) PSNRs against HR put the drop in context.
-    """
-    import numpy as np
-    import torch
-
-    from edge_sr.data import pool_split
-    from edge_sr.data.images import to_tensor, to_uint8
-    from edge_sr.data.pool import pool_pairs
-    from edge_sr.metrics import psnr_y
-    from runtime.engine import Engine
-    from runtime.predictors import BackendPredictor, TorchBackend
-
-    pairs = pool_pairs(pool_split().val[: cfg.val_images], cfg.scale)
-    engine_pred = BackendPredictor(Engine(work, manifest).backend(threads=cfg.threads),
-                                   manifest.name, overlap=manifest.overlap)
-    fq_pred = BackendPredictor(TorchBackend(student, cfg.scale, cfg.tile, cfg.batch),
-                               "fake-quant", overlap=manifest.overlap)
-    rows = []
-    s = cfg.scale
-    for pair in tqdm(pairs, desc="validate", unit="img", leave=False,
-                     disable=progress_disabled()):
-        lr, hr = centre_crop(pair, cfg.val_crop, s)
-        x = to_tensor(lr)
-        with torch.no_grad():
-            sr_engine, sr_fq = to_uint8(engine_pred(x)), to_uint8(fq_pred(x))
-            sr_fp = to_uint8(lm.model(x))
-        diff = np.abs(sr_engine.astype(np.int16) - sr_fq.astype(np.int16))
-        rows.append({"image": pair.name, "lr_size": list(lr.shape[:2]),
-                     "psnr_engine": psnr_y(sr_engine, hr, s),
-                     "psnr_fake_quant": psnr_y(sr_fq, hr, s), "psnr_fp": psnr_y(sr_fp, hr, s),
-                     "fidelity_psnr": min(psnr_y(sr_engine, sr_fq, 0), FIDELITY_CAP_DB),
-                     "max_abs_diff_vs_fake_quant": int(diff.max()),
-                     "share_pixels_differing": float((diff > 0).mean())})
-    engine_pred.close()
-
-    def mean(k: str) -> float:
-        return float(np.mean([r[k] for r in rows]))
-
-    return {"images": "BSD200 held-out validation split (edge_sr.data.pool_split().val), "
-                      f"first {len(rows)}, centre {cfg.val_crop}x{cfg.val_crop} LR crops",
-            "backend": backend_name,
-            "psnr_y_db": mean("psnr_engine"), "psnr_y_fake_quant_db": mean("psnr_fake_quant"),
-            "psnr_y_fp_db": mean("psnr_fp"), "fidelity_psnr_y_db": mean("fidelity_psnr"),
-            "per_image": rows}
 
 
 # --- driver ------------------------------------------------------------------------------------
@@ -382,8 +280,8 @@ def build(cfg: BuildConfig) -> BuildResult:
         import torch
 
         torch.set_num_threads(cfg.threads)  # on a loaded CPU, fewer OpenMP threads can be faster
-    log.info("building %s: %s x%d W%dA%d, recipe %s, backend %s, tile %dx%d", out,
-             cfg.model_name, cfg.scale, cfg.bits, cfg.bits, cfg.recipe, backend, *cfg.tile)
+    log.info("building %s: %s x%d W%dA%d, budget %s, backend %s, tile %dx%d", out,
+             cfg.model_name, cfg.scale, cfg.bits, cfg.bits, cfg.budget, backend, *cfg.tile)
     times: dict[str, float] = {}
     bar = tqdm(total=len(STAGES), desc="build", unit="stage", disable=progress_disabled())
 
@@ -401,7 +299,7 @@ def build(cfg: BuildConfig) -> BuildResult:
             with stage("checkpoint"):
                 lm = stage_checkpoint(cfg)
             with stage("calibrate"):
-                calib_path, calib_info = stage_calibrate(lm, cfg)
+                calib_path, calib_info = cached_calibration(lm, cfg)
                 student = load_student(calib_path, lm)
                 if (qr := getattr(student, "quant_recipe", None)) is not None:
                     # what was calibrated: rotated sites, weight grid, per-site input bits
@@ -423,11 +321,11 @@ def build(cfg: BuildConfig) -> BuildResult:
                 scale=cfg.scale, bits=cfg.bits, backend=backend, tile=list(cfg.tile),
                 batch=cfg.batch,
                 overlap=default_overlap(cfg.tile) if cfg.overlap is None else cfg.overlap,
-                precision=f"w{cfg.bits}a{cfg.bits}-qdq", files=files, recipe=cfg.recipe,
+                precision=f"w{cfg.bits}a{cfg.bits}-qdq", files=files, budget=cfg.budget,
                 method=cfg.method, calibration=calib_info, versions=versions(),
                 build_config=config_dict(cfg))
             with stage("validate"):
-                manifest.validation = stage_validate(student, lm, cfg, backend, work, manifest)
+                manifest.validation = validate_engine(student, lm, cfg, backend, work, manifest)
             with stage("manifest"):
                 manifest.stage_seconds = dict(times)
                 manifest.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

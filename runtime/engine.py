@@ -22,6 +22,7 @@ from pathlib import Path
 
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import sha256_file, write_json
+from runtime.vocab import BACKENDS
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -29,7 +30,6 @@ FP32_FILE = "model_fp32.onnx"
 TRT_FILE = "model.engine"
 TRT_FP32_FILE = "model_fp32.engine"
 FORMAT_VERSION = 1
-BACKENDS = ("onnxruntime", "tensorrt")
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Manifest:
     overlap: int  # LR pixels neighbouring tiles share
     precision: str  # e.g. "w4a4-qdq", "fp32"
     files: dict[str, dict]  # role ("model", "fp32", "engine") -> {"path", "sha256", "bytes"}
-    recipe: str | None = None
+    budget: str | None = None  # the DQC budget (calibrate.vocab.BUDGETS)
     method: str | None = None
     calibration: dict | None = None  # {"sha256", "key", "cached"}
     validation: dict | None = None  # PSNR / fidelity measured at build
@@ -68,6 +68,8 @@ class Manifest:
             raise EdgeSRError(f"{source}: format_version {version!r} is newer than this edge-sr "
                               f"reads ({FORMAT_VERSION}); upgrade edge-sr or rebuild the engine")
         known = {f.name for f in fields(cls)}
+        if "recipe" in d and "budget" not in d:  # manifests written before the rename
+            d = {**d, "budget": d["recipe"]}
         required = {"name", "model", "scale", "bits", "backend", "tile", "batch", "overlap",
                     "precision", "files"}
         missing = sorted(required - d.keys())

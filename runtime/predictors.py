@@ -1,6 +1,8 @@
-"""``Predictor``s (see ``edge_sr.predictors``) over fixed-shape runtime artifacts.
+"""Everything evaluation can score (``edge_sr.evaluate.Predictor``), built from what the user
+named (``make_predictor``): a torch model or a fake-quant calibration (``TorchPredictor``, whole
+image), an ONNX file or an engine (``BackendPredictor``).
 
-A backend runs one fixed tile shape; the predictor tiles any (1, 3, h, w) tensor through it with
+A backend runs one fixed tile shape; its predictor tiles any (1, 3, h, w) tensor through it with
 ``runtime.tiling.run_tiled``, so evaluation scores an ONNX file or an engine exactly like a torch
 model.
 """
@@ -13,8 +15,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from calibrate.calibfile import load_calibrated
+from edge_sr.checkpoints import load_model
+from edge_sr.errors import EdgeSRError
+from edge_sr.evaluate import Predictor
 from runtime.backends.base import Backend, BackendInfo
 from runtime.tiling import run_tiled
+
+
+class TorchPredictor:
+    """A torch ``nn.Module`` run whole-image under ``no_grad`` (the model pads internally)."""
+
+    def __init__(self, model: torch.nn.Module, scale: int, name: str,
+                 info: dict | None = None) -> None:
+        self.model, self.scale, self.name = model.eval(), int(scale), name
+        self.info = dict(info or {})  # provenance (path, sha256, arch, calibration), for JSON
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.device)).cpu()
 
 
 class TorchBackend(Backend):
@@ -78,3 +98,48 @@ def engine_predictor(engine_dir: str | os.PathLike, threads: int | None = None,
     backend = eng.backend(threads=threads, fp32=fp32)
     return BackendPredictor(backend, name=eng.manifest.name + ("-fp32" if fp32 else ""),
                             overlap=eng.manifest.overlap, info={"engine": str(eng.path)})
+
+
+def _check_scale(scale: int | None, found: int, source: str) -> None:
+    if scale is not None and int(scale) != int(found):
+        raise EdgeSRError(f"--scale {scale}: {source} is an x{found} model, so the scale must be "
+                          f"{found} (or left out)")
+
+
+def make_predictor(model=None, scale: int | None = None,
+                   calibration: str | os.PathLike | None = None,
+                   onnx: str | os.PathLike | None = None, threads: int | None = None,
+                   device: str = "cpu") -> Predictor:
+    """Build a predictor from a model (registry name, checkpoint path or ``nn.Module``), a
+    calibration file (fake-quant student of ``model``) or an ONNX file (ONNX Runtime, CPU).
+
+    ``scale`` defaults to the model's; a different one is an error. ``threads`` sets the intra-op
+    threads of torch (here) or of the ONNX Runtime session.
+    """
+    if threads is not None:
+        if threads < 1:
+            raise EdgeSRError(f"--threads: expected a positive number, got {threads}")
+        if onnx is None:
+            torch.set_num_threads(threads)
+    if onnx is not None:
+        if model is not None or calibration is not None:
+            raise EdgeSRError("--onnx: give either an ONNX file or --model/--calibration, not both")
+        pred = onnx_predictor(Path(onnx), threads=threads)
+        _check_scale(scale, pred.scale, f"ONNX file {onnx}")
+        return pred
+    if calibration is not None:
+        loaded = load_calibrated(Path(calibration), model=model)
+        _check_scale(scale, loaded.meta.scale, f"calibration file {calibration}")
+        return TorchPredictor(loaded.model.to(device), loaded.meta.scale,
+                              name=f"{Path(calibration).name}",
+                              info={"calibration": str(calibration)})
+    if model is None:
+        raise EdgeSRError("--model: expected a checkpoint name or path, got nothing")
+    if isinstance(model, torch.nn.Module):
+        found = int(model.scale)
+        _check_scale(scale, found, "the model")
+        return TorchPredictor(model.to(device), found, name=type(model).__name__)
+    lm = load_model(model, scale=None, device=device)
+    _check_scale(scale, lm.scale, f"checkpoint {lm.name}")
+    return TorchPredictor(lm.model, lm.scale, name=lm.name,
+                          info={"path": str(lm.path), "sha256": lm.sha256, "arch": lm.arch})

@@ -4,18 +4,21 @@
 # depend on the bound values, so DOBI-only calibrations stand in for trained ones (same graph).
 # Every other `edge-sr` job is stopped (SIGSTOP) while profiling and continued afterwards; the CPU
 # model and the date go to $OUT/cpu.txt.
-# Usage (repo root): bash scripts/frame_speed.sh [OUT=results/speed]
+# Usage (repo root): [OUT=results/speed] [DIR=engines/speed] [SPECS="model bits grid;..."]
+#   bash scripts/frame_speed.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/speed}
+DIR=${DIR:-engines/speed}
 E=${E:-.venv/bin/edge-sr}
+SPECS=${SPECS:-"swinir-light-x2-ref 8 ort;swinir-light-x2-ref 4 ort;swinir-light-x2-ref 4 real;ngswin-x2 8 ort;ngswin-x2 4 ort"}
 mkdir -p "$OUT"
 engines=()
-for spec in "swinir-light-x2-ref 8 ort" "swinir-light-x2-ref 4 ort" "swinir-light-x2-ref 4 real" \
-            "ngswin-x2 8 ort" "ngswin-x2 4 ort"; do
-  set -- $spec; out=engines/speed/${1}_w${2}_${3}_dobi
+IFS=';' read -ra specs <<< "$SPECS"
+for spec in "${specs[@]}"; do
+  set -- $spec; out=$DIR/${1}_w${2}_${3}_dobi
   [ -s "$out/manifest.json" ] || $E build --model "$1" --scale 2 --bits "$2" --grid "$3" --method dobi \
-    --recipe fast --input-size 320x180 --backend ort -q --force --out "$out" || continue
+    --budget fast --input-size 320x180 --backend ort -q --force --out "$out" || continue
   engines+=("$out")
 done
 PIDS=$(pgrep -f "edge-sr (calibrate|eval|build)" | tr '\n' ' ')

@@ -38,9 +38,9 @@ run() {  # run NAME LIMIT CMD...: output to r/NAME.log, the exit status to the s
 }
 
 BITS=${BITS:-4} PLAN=${PLAN:-all}
-MODEL=ngswin-x2 DEV=cuda BATCH=16 PATCH=64 RECIPE=paper SETS=Set5,Set14 VAL=50 THREADS=6
+MODEL=ngswin-x2 DEV=cuda BATCH=16 PATCH=64 BUDGET=paper SETS=Set5,Set14 VAL=50 THREADS=6
 if [ "${SMOKE:-0}" = 1 ]; then
-  MODEL=swinir-light-x2-ref DEV=cpu BATCH=2 PATCH=16 RECIPE=cpu SETS=Set5 VAL=5 THREADS=1
+  MODEL=swinir-light-x2-ref DEV=cpu BATCH=2 PATCH=16 BUDGET=cpu SETS=Set5 VAL=5 THREADS=1
   LIMIT=${LIMIT_SMOKE:-300}
 fi
 log "machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1); $(nproc) CPUs"
@@ -68,9 +68,9 @@ TL=$($PY -c "print(round(max(0.5, ($(left) - $RESERVE) / 60), 2))")
 log "calibrations: --time-limit $TL min each, side by side"
 for m in 2dquant edge-sr; do
   run paper_w${BITS}_$m $(( $(left) - 40 )) $PY -m benchmarks.dqc_budget run --model $MODEL --bits $BITS \
-    --method $m --recipe $RECIPE --batch $BATCH --lr-patch $PATCH --iterations 4000 \
+    --method $m --budget $BUDGET --batch $BATCH --lr-patch $PATCH --iterations 4000 \
     --val-every $VAL --device $DEV --threads $THREADS --time-limit "$TL" --score $SETS \
-    --out "$OUT/r" --tag "$RECIPE-$DEV" &
+    --out "$OUT/r" --tag "$BUDGET-$DEV" &
   sleep 1
 done
 while [ -n "$(jobs -rp | head -1)" ] && [ "$(left)" -gt 60 ]; do

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# PSNR of each deployable grid (issue 18; docs/results/grids.md): edge-sr, `fast` recipe,
+# PSNR of each deployable grid (issue 18; docs/results/grids.md): edge-sr, `fast` budget,
 # calibrated then scored on Set5/Set14, one cell at a time; a cell already scored is skipped, so
 # an interrupted run resumes. At 2-7 bits the trt grid is the ort grid
 # (calibrate.prepare.quantizer_grid), so trt is calibrated at 8 bits only.
@@ -15,7 +15,7 @@ for cell in "swinir-light-x2-ref 4 real" "swinir-light-x2-ref 4 ort" "ngswin-x2 
   set -- $cell; m=$1 b=$2 g=$3; f=$OUT/${m}_w${b}_${g}
   [ -s "$f.json" ] && continue
   t0=$(date +%s)
-  [ -s "$f.pt" ] || $E calibrate --model "$m" --bits "$b" --method edge-sr --recipe fast --grid "$g" -q -o "$f.pt" || continue
+  [ -s "$f.pt" ] || $E calibrate --model "$m" --bits "$b" --method edge-sr --budget fast --grid "$g" -q -o "$f.pt" || continue
   t1=$(date +%s)
   $E eval --calibration "$f.pt" --datasets Set5,Set14 -q --json "$f.json"
   echo "$(date +%T) $m W$b $g calib $((t1-t0)) s eval $(( $(date +%s)-t1 )) s" >> "$OUT/log.txt"

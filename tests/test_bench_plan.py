@@ -6,20 +6,22 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import accuracy
+import benchmarks.accuracy.__main__ as accuracy_cli
+from benchmarks.accuracy import claims, report, run
+from benchmarks.accuracy import plan as planning
 from benchmarks.sensitivity import group_of
 
 
 @pytest.fixture
 def family(monkeypatch):
     def use(key):
-        monkeypatch.setattr(accuracy, "FAMILY", accuracy.FAMILIES[key])
+        monkeypatch.setattr(planning.SETTINGS, "family", planning.FAMILIES[key])
     return use
 
 
 def test_swinir_plan_has_the_issue_grid(family):
     family("swinir")
-    cells = accuracy.plan([2, 4, 3], [4, 2, 3])
+    cells = planning.plan([2, 4, 3], [4, 2, 3])
     narrow = [c for c in cells if c[3] in ("Set5", "Set14")]
     assert len(narrow) == 3 * 2 * (1 + 3 * 4)  # scales x sets x (FP + bits x methods)
     wide = {c for c in cells if c[3] in ("B100", "Urban100")}
@@ -29,17 +31,17 @@ def test_swinir_plan_has_the_issue_grid(family):
 
 def test_ngswin_plan_wide_rows_at_both_scales_and_filters(family):
     family("ngswin")
-    cells = accuracy.plan([2, 3], [4, 2, 3], datasets=("Urban100",), methods=("2dquant",))
+    cells = planning.plan([2, 3], [4, 2, 3], datasets=("Urban100",), methods=("2dquant",))
     assert cells == [(2, 32, "fp", "Urban100"), (2, 4, "2dquant", "Urban100"),
                      (2, 2, "2dquant", "Urban100"), (3, 32, "fp", "Urban100"),
                      (3, 4, "2dquant", "Urban100"), (3, 2, "2dquant", "Urban100")]
-    assert accuracy.cell_path(2, 4, "dobi", "Set5").parent.name == "accuracy_ngswin"
+    assert planning.cell_path(2, 4, "dobi", "Set5").parent.name == "accuracy_ngswin"
 
 
 def test_render_puts_condiquant_beside_the_paper_drop_for_ngswin(family):
     family("ngswin")
     cells = {(2, 32, "fp", "Set5"): {"psnr": 38.0}, (2, 4, "2dquant", "Set5"): {"psnr": 37.5}}
-    text = accuracy.render(cells, "cpu")
+    text = report.render(cells, "cpu")
     row = next(line for line in text.splitlines() if "| 2DQuant (fast) |" in line)
     # ours -0.50; Table 3 x2 W4 2DQuant 37.87 - 38.15 = -0.28; CondiQuant 38.03 - 38.15 = -0.12
     assert "| 37.50 | -0.50 | -0.28 / -0.12 |" in row
@@ -61,7 +63,7 @@ def test_ordering_check_reports_what_holds_and_what_does_not(family):
     c = {(4, 2, m, d): {"psnr": v} for (m, d), v in {
         ("minmax", "Set5"): 28.0, ("percentile", "Set5"): 28.5, ("dobi", "Set5"): 28.3,
         ("2dquant", "Set5"): 28.6, ("dobi", "Set14"): 26.0, ("2dquant", "Set14"): 25.9}.items()}
-    (line,) = [ln for ln in accuracy.ordering(c) if ln.startswith("- ")]
+    (line,) = [ln for ln in report.ordering(c) if ln.startswith("- ")]
     assert "DOBI > MinMax (Set5 +0.300)" in line
     assert "DOBI not > Percentile (Set5 -0.200)" in line
     assert "2DQuant > DOBI (mean over Set5/Set14 +0.100)" in line
@@ -69,16 +71,16 @@ def test_ordering_check_reports_what_holds_and_what_does_not(family):
 
 def test_claims_are_exclusive_and_a_dead_owner_is_taken_over(tmp_path):
     cell = tmp_path / "x2_w4_dobi_Set5.json"
-    assert accuracy.claim(cell)
-    assert not accuracy.claim(cell)  # held by this (live) process
+    assert claims.claim(cell)
+    assert not claims.claim(cell)  # held by this (live) process
     lock = tmp_path / (cell.name + ".claim")
     import socket
 
     lock.write_text(f"{socket.gethostname()} 999999999")  # a pid that cannot exist
-    assert accuracy.claim(cell)
+    assert claims.claim(cell)
     lock.write_text("another-host 1")  # another machine's worker: never taken over
-    assert not accuracy.claim(cell)
-    accuracy.release(cell)
+    assert not claims.claim(cell)
+    claims.release(cell)
     assert not lock.exists()
 
 
@@ -87,10 +89,11 @@ def test_workers_skip_cells_claimed_elsewhere_and_wait_for_busy_calibrations(
     import dataclasses
 
     family("ngswin")
-    monkeypatch.setattr(accuracy, "FAMILY", dataclasses.replace(accuracy.FAMILY, out=tmp_path))
-    monkeypatch.setattr(accuracy, "write_table", lambda: None)
-    monkeypatch.setattr(accuracy.time, "sleep", lambda s: None)
-    monkeypatch.setattr(accuracy, "ScaleRun", lambda s, bits: object())
+    monkeypatch.setattr(planning.SETTINGS, "family",
+                        dataclasses.replace(planning.SETTINGS.family, out=tmp_path))
+    monkeypatch.setattr(run, "write_table", lambda: None)
+    monkeypatch.setattr(run.time, "sleep", lambda s: None)
+    monkeypatch.setattr(run, "ScaleRun", lambda s, bits: object())
     cells = [(2, 32, "fp", "Set5"), (2, 4, "dobi", "Set5"), (2, 4, "minmax", "Set5")]
     (tmp_path / "x2_w4_minmax_Set5.json.claim").write_text("another-host 1")
     busy = {"n": 0}
@@ -98,11 +101,11 @@ def test_workers_skip_cells_claimed_elsewhere_and_wait_for_busy_calibrations(
     def run_cell(run, b, m, ds):
         if m == "dobi" and busy["n"] < 2:  # its calibration is being made by another worker
             busy["n"] += 1
-            raise accuracy.Busy("calib")
-        accuracy.cell_path(2, b, m, ds).write_text("{}")
+            raise claims.Busy("calib")
+        planning.cell_path(2, b, m, ds).write_text("{}")
 
-    monkeypatch.setattr(accuracy, "run_cell", run_cell)
-    accuracy.work(cells, [4])
+    monkeypatch.setattr(run, "run_cell", run_cell)
+    run.work(cells, [4])
     done = sorted(p.name for p in tmp_path.glob("*.json"))
     assert done == ["x2_w32_fp_Set5.json", "x2_w4_dobi_Set5.json"]  # minmax left to its owner
     assert busy["n"] == 2 and not list(tmp_path.glob("*dobi*.claim"))
@@ -115,7 +118,7 @@ def test_paper_recipe_rows_compare_with_the_papers_2dquant_drop(family):
                  "psnr": 31.9, "device_type": "cuda", "device": "GPU X",
                  "calibration": {"dqc_iterations": 400, "dqc_planned_iterations": 4000,
                                  "dqc_best_iteration": 300, "val_psnr": 25.0, "device": "GPU X"}}}
-    text = accuracy.render(cells, "cpu")
+    text = report.render(cells, "cpu")
     row = next(line for line in text.splitlines() if "paper recipe, cut short" in line)
     assert "| 31.90† | -0.10 | -0.68 |" in row  # Table 3 x4 W4 2DQuant 31.77 - 32.45
     assert "stopped at 400 of 4000 it (best @300) on GPU X" in row
@@ -148,11 +151,11 @@ def tiny_set(monkeypatch):
 
 def test_cell_scores_per_image_resumes_and_matches_the_whole_set_score(tiny_set, tmp_path):
     from edge_sr.evaluate import evaluate_pairs
-    from edge_sr.predictors import TorchPredictor
+    from runtime.predictors import TorchPredictor
 
     model, cell = _Upsample(), tmp_path / "x2_w4_dobi_Set5.json"
     whole = evaluate_pairs(TorchPredictor(model, 2, "m"), tiny_set, 2, ssim=True, progress=False)
-    parts = accuracy.parts_dir(cell)
+    parts = planning.parts_dir(cell)
     parts.mkdir()
     first = {"name": "img0", "psnr": 99.0, "ssim": 1.0, "seconds": 0.1, "lr_pixels": 120,
              "wall": 0.2, "worker": "other 1", "model_key": "k"}
@@ -160,7 +163,7 @@ def test_cell_scores_per_image_resumes_and_matches_the_whole_set_score(tiny_set,
     (parts / "001_img1.json").write_text(json.dumps(first | {"name": "img1", "model_key": "old"}))
     (parts / "002_img2.json").write_text('{"name": "img2", "psn')  # edited by hand, cut short
     model.calls = 0
-    out = accuracy.score(model, 2, "Set5", cell, key="k")
+    out = run.score(model, 2, "Set5", cell, key="k")
     assert model.calls == 3  # img0 kept; img1 (another model) and img2 (unreadable) scored again
     assert out["images"] == 4 and out["eval_workers"] == 2
     assert out["per_image"][0]["psnr"] == 99.0
@@ -171,10 +174,10 @@ def test_cell_scores_per_image_resumes_and_matches_the_whole_set_score(tiny_set,
 def test_a_helper_takes_only_unclaimed_images_and_leaves_the_cell_to_its_lead(
         tiny_set, tmp_path):
     model, cell = _Upsample(), tmp_path / "x2_w4_dobi_Set5.json"
-    parts = accuracy.parts_dir(cell)
+    parts = planning.parts_dir(cell)
     parts.mkdir()
     (parts / "002_img2.json.claim").write_text("another-host 1")  # the lead is scoring img2
-    assert accuracy.score(model, 2, "Set5", cell, key="k", lead=False) is None
+    assert run.score(model, 2, "Set5", cell, key="k", lead=False) is None
     assert model.calls == 3
     assert sorted(p.name for p in parts.glob("*.json")) == [
         "000_img0.json", "001_img1.json", "003_img3.json"]
@@ -186,16 +189,17 @@ def test_a_worker_with_nothing_left_helps_the_cells_others_are_scoring(
     import dataclasses
 
     family("ngswin")
-    monkeypatch.setattr(accuracy, "FAMILY", dataclasses.replace(accuracy.FAMILY, out=tmp_path))
-    monkeypatch.setattr(accuracy, "ScaleRun", lambda s, bits: object())
+    monkeypatch.setattr(planning.SETTINGS, "family",
+                        dataclasses.replace(planning.SETTINGS.family, out=tmp_path))
+    monkeypatch.setattr(run, "ScaleRun", lambda s, bits: object())
     cells = [(2, 4, "dobi", "Urban100"), (2, 4, "minmax", "Urban100")]
     for _, b, m, ds in cells:  # both led elsewhere; only dobi has begun scoring images
         (tmp_path / f"x2_w{b}_{m}_{ds}.json.claim").write_text("another-host 1")
-    accuracy.parts_dir(accuracy.cell_path(*cells[0])).mkdir()
+    planning.parts_dir(planning.cell_path(*cells[0])).mkdir()
     calls = []
-    monkeypatch.setattr(accuracy, "run_cell", lambda run, b, m, ds, lead=True:
+    monkeypatch.setattr(run, "run_cell", lambda run, b, m, ds, lead=True:
                         calls.append((m, lead)))
-    accuracy.work(cells, [4])
+    run.work(cells, [4])
     assert calls == [("dobi", False)]
 
 
@@ -206,14 +210,14 @@ def test_sigterm_releases_a_workers_claims(tmp_path):
     cell = tmp_path / "x2_w4_dobi_Set5.json"
     old = signal.getsignal(signal.SIGTERM)
     try:
-        accuracy.exit_on_sigterm()
+        claims.exit_on_sigterm()
         with pytest.raises(SystemExit) as e:
-            assert accuracy.claim(cell)
+            assert claims.claim(cell)
             try:  # the shape of work(): claim, run, release in finally
                 os.kill(os.getpid(), signal.SIGTERM)
                 pytest.fail("SIGTERM did not stop the worker")
             finally:
-                accuracy.release(cell)
+                claims.release(cell)
         assert e.value.code == 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, old)
@@ -225,12 +229,13 @@ def test_the_table_lists_missing_cells_with_the_images_already_scored(family, tm
     import dataclasses
 
     family("ngswin")
-    monkeypatch.setattr(accuracy, "FAMILY", dataclasses.replace(accuracy.FAMILY, out=tmp_path))
-    parts = accuracy.parts_dir(accuracy.cell_path(2, 32, "fp", "Urban100"))
+    monkeypatch.setattr(planning.SETTINGS, "family",
+                        dataclasses.replace(planning.SETTINGS.family, out=tmp_path))
+    parts = planning.parts_dir(planning.cell_path(2, 32, "fp", "Urban100"))
     parts.mkdir()
     for i in range(3):
         (parts / f"{i:03d}_img{i}.json").write_text("{}")
-    text = accuracy.render({(2, 32, "fp", "Set5"): {"psnr": 38.0}}, "cpu")
+    text = report.render({(2, 32, "fp", "Set5"): {"psnr": 38.0}}, "cpu")
     (line,) = [ln for ln in text.splitlines() if ln.startswith("- x2 Urban100:")]
     assert line.startswith("- x2 Urban100: FP (3 images scored), MinMax W4, ")
 
@@ -241,7 +246,7 @@ def test_the_table_lists_missing_cells_with_the_images_already_scored(family, tm
     (["--bits", "4,9"], "--bits '4,9': expected some of 2, 3, 4, 5, 6, 7, 8"),
 ])
 def test_bad_scales_or_bits_are_named_in_a_usage_error(argv, says, monkeypatch, capsys):
-    monkeypatch.setattr(accuracy.sys, "argv", ["accuracy", *argv])
+    monkeypatch.setattr("sys.argv", ["accuracy", *argv])
     with pytest.raises(SystemExit) as e:
-        accuracy.main()
+        accuracy_cli.main()
     assert e.value.code == 2 and says in capsys.readouterr().err

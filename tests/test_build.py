@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import runtime.build as rb
+import runtime.calib_cache as cc
 from edge_sr.errors import EdgeSRError
 from runtime.engine import MANIFEST, MODEL_FILE, open_engine
 
@@ -52,7 +53,7 @@ def env(tmp_path_factory):
     calls: list[int] = []
     run_cal, load_student = _fast_calibration(calls)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rb, "run_calibration", run_cal)
+        mp.setattr(cc, "run_calibration", run_cal)
         mp.setattr(rb, "load_student", load_student)
 
         def cfg(**kw):
@@ -179,7 +180,7 @@ def test_build_config_errors(env):
     base, wide = rb.BuildConfig(bits=4, scale=2), rb.BuildConfig(bits=4, scale=2,
                                                                  wide_inputs=["fc1"])
     assert wide.wide_inputs == ("fc1",)
-    assert rb.calibration_key("0" * 64, base) != rb.calibration_key("0" * 64, wide)
+    assert cc.calibration_key("0" * 64, base) != cc.calibration_key("0" * 64, wide)
 
 
 def test_open_engine_validation(env):
@@ -215,7 +216,7 @@ def test_cli_print_config_and_errors(env):
     assert r.exit_code == 0, r.output
     cfg = json.loads(r.output)
     assert cfg["model"] is None and cfg["out"] == "engines/swinir-light-x2-ref-w4a4"
-    assert cfg["tile"] == [64, 64] and cfg["recipe"] == "cpu" and cfg["wide_inputs"] == []
+    assert cfg["tile"] == [64, 64] and cfg["budget"] == "cpu" and cfg["wide_inputs"] == []
     # the default grid is the backend's native one: ORT here (no TensorRT, no GPU)
     assert cfg["grid"] == "auto" and rb.BuildConfig(bits=4, scale=2).resolved_grid() == "ort"
     assert rb.BuildConfig(bits=4, scale=2, backend="trt").resolved_grid() == "trt"
@@ -248,7 +249,7 @@ def test_real_calibration_api(tmp_path, env):
                                   calib_iterations=2))
     finally:
         run_cal, load_student = _fast_calibration(env["calls"])
-        env["mp"].setattr(rb, "run_calibration", run_cal)
+        env["mp"].setattr(cc, "run_calibration", run_cal)
         env["mp"].setattr(rb, "load_student", load_student)
     assert res.manifest.validation["fidelity_psnr_y_db"] > 40
     # the manifest records what was calibrated: build's default method is edge-sr

@@ -91,7 +91,7 @@ def test_calibrate_model_in_memory_matches_the_file(tiny_ckpt, pool, tmp_path, o
     cfg = CalibrationConfig(model=str(tiny_ckpt), bits=4, output=tmp_path / "e.pt",
                             method="edge-sr", avg_bits=4.5, **small)
     lm = load_model(str(tiny_ckpt))
-    data = pool_data(lm.scale, cfg.recipe, cfg.seed, pool, lr_patch=16, calib_patches=4,
+    data = pool_data(lm.scale, cfg.budget, cfg.seed, pool, lr_patch=16, calib_patches=4,
                      calib_patch=32)
     cal = calibrate_model(lm, data, cfg)
     recipe = cal.meta.quant_recipe
@@ -123,10 +123,21 @@ def test_cli_takes_the_new_options(tiny_ckpt, tmp_path, one_thread):
     assert r.exit_code == 2 and "--rotate: unknown linear roles ['attn']" in r.output
 
 
-def test_cli_vocabulary_matches_the_api():
-    from calibrate.api import METHODS, RECIPES
-    from calibrate.prepare import DEPLOY_GRIDS
-    from edge_sr.cli.options import GRID_CHOICES, METHOD_CHOICES, RECIPE_CHOICES
+def test_vocabularies_are_defined_once_and_the_cli_offers_them():
+    from calibrate import api, prepare, vocab
+    from calibrate.export.grid import TARGETS
+    from edge_sr.cli import main
 
-    assert set(METHOD_CHOICES) == set(METHODS) and set(RECIPE_CHOICES) == set(RECIPES)
-    assert GRID_CHOICES == DEPLOY_GRIDS
+    assert set(api.DQC_BUDGETS) == set(vocab.BUDGETS)  # one DQC budget per name
+    assert set(TARGETS) == set(vocab.TARGET_NAMES)
+    assert prepare.DEPLOY_GRIDS is vocab.DEPLOY_GRIDS and api.METHODS is vocab.METHODS
+    for cmd, option, vocabulary in (("calibrate", "--method", vocab.METHODS),
+                                    ("calibrate", "--budget", vocab.BUDGETS),
+                                    ("calibrate", "--grid", vocab.DEPLOY_GRIDS),
+                                    ("export", "--target", vocab.TARGET_NAMES)):
+        r = CliRunner().invoke(main, [cmd, "--help"], terminal_width=200)
+        line = next(ln for ln in r.output.splitlines() if ln.strip().startswith(option))
+        assert "[" + "|".join(vocabulary) in line, (option, line)
+    r = CliRunner().invoke(main, ["calibrate", "--model", "m", "--bits", "4", "--budget", "slow",
+                                  "-o", "x.pt"])
+    assert r.exit_code == 2 and "'slow' is not one of 'cpu', 'fast', 'paper'" in r.output

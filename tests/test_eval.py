@@ -18,7 +18,7 @@ from edge_sr.evaluate import EvalConfig, evaluate, evaluate_pairs
 from edge_sr.metrics import psnr_y
 from edge_sr.models.swinir import SwinIRLight
 from edge_sr.paths import data_root
-from edge_sr.predictors import TorchPredictor, make_predictor
+from runtime.predictors import TorchPredictor, make_predictor
 
 DATA = data_root(required=False)
 needs_data = pytest.mark.skipif(DATA is None, reason="shared data folder not found (EDGE_SR_DATA)")

@@ -34,7 +34,6 @@ def test_fp_sites_leave_those_points_unquantized(tiny_swinir, kinds, linears, ac
 
 
 def test_fp_site_engine_stays_exact_and_has_no_q_there(tiny_swinir):
-    pytest.importorskip("onnxruntime")
     tiny = tiny_swinir(2, depths=(2,), num_heads=(2,))
     calib = torch.rand(2, 3, *TILE, generator=torch.Generator().manual_seed(1))
     st = prepare(tiny, QuantRecipe(bits=8, grid="ort", fp_sites=("pv", "fc2")))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, numpy_helper
@@ -21,7 +22,6 @@ from calibrate.qmodules import QuantLinear
 from edge_sr.onnx_export import export_fp_onnx
 from edge_sr.onnx_tidy import compact, gather_position_biases, position_tables, store_fp16
 
-ort = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.usefixtures("one_thread")
 TILE = (16, 16)
 
@@ -56,7 +56,7 @@ def test_fp32_export_keeps_position_tables_not_expanded_biases(tiny_swinir, tmp_
 def test_gather_position_biases_is_exact_and_smaller():
     rng = np.random.default_rng(0)
     table = rng.standard_normal((49, 3)).astype(np.float32)
-    from edge_sr.models.swinir import relative_position_index
+    from edge_sr.models.windows import relative_position_index
 
     index = relative_position_index(4).numpy()
     bias = table[index.reshape(-1)].reshape(16, 16, 3).transpose(2, 0, 1)[None]

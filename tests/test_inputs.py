@@ -9,6 +9,7 @@ the shape or the format is the point.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -19,8 +20,6 @@ from edge_sr.cli import main
 from edge_sr.data.media import _orient, load_image, read_image
 from edge_sr.errors import EdgeSRError
 from runtime.upscale import UpscaleConfig, upscale
-
-cv2 = pytest.importorskip("cv2")
 
 ORIENTATION = ExifTags.Base.Orientation
 # What exif_transpose applies for each orientation, and its inverse (how a camera stores it).
@@ -297,7 +296,7 @@ def test_row5_row6_tiny_and_thin_images_are_scored(tmp_path):
 
     from edge_sr.evaluate import EvalConfig, evaluate
     from edge_sr.metrics import psnr_y, ssim_y
-    from edge_sr.predictors import make_predictor
+    from runtime.predictors import make_predictor
 
     toy = _set(tmp_path / "Toy", {"big": (32, 30), "small": (14, 14), "thin": (200, 6)})
     res = evaluate(make_predictor(make_tiny_swinir(2)),

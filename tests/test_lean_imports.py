@@ -58,28 +58,3 @@ def test_cli_help_works_and_stays_lean():
     r2 = subprocess.run([sys.executable, "-m", "edge_sr", "--help"], capture_output=True,
                         text=True, timeout=120)
     assert r2.returncode == 0 and "Usage" in r2.stdout
-
-
-def test_imports_flow_one_way():
-    """calibrate imports edge_sr only; edge_sr's core (not its CLI) imports neither calibrate
-    nor runtime (the guide's layering; the low-bit packing format lives in calibrate.export)."""
-    import ast
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-
-    def imported(path: Path) -> set[str]:
-        mods = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                mods |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                mods.add(node.module.split(".")[0])
-        return mods
-
-    bad = [f"{p.relative_to(root)} imports runtime" for p in (root / "calibrate").rglob("*.py")
-           if "runtime" in imported(p)]
-    bad += [f"{p.relative_to(root)} imports {m}" for p in (root / "edge_sr").rglob("*.py")
-            if "cli" not in p.relative_to(root).parts
-            for m in sorted(imported(p) & {"calibrate", "runtime"})]
-    assert not bad, bad

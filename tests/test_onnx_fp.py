@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
 from edge_sr.errors import EdgeSRError
 from edge_sr.onnx_export import export_fp_onnx
 
-ort = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -68,7 +68,7 @@ def test_masks_are_stored_as_labels_and_rebuilt_exactly():
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
-    from edge_sr.models.swinir import shift_attention_mask
+    from edge_sr.models.windows import shift_attention_mask
     from edge_sr.onnx_tidy import _region_labels, compress_masks
 
     mask = shift_attention_mask(32, 48, 8, 4).numpy()[None, :, None]  # (1, nW, 1, 64, 64)

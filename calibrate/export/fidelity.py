@@ -37,7 +37,7 @@ class ImageFidelity:
         return self.psnr_ort - self.psnr_torch
 
 
-def tiled(run, lr: torch.Tensor, tile: tuple[int, int], scale: int) -> torch.Tensor:
+def run_nonoverlapping(run, lr: torch.Tensor, tile: tuple[int, int], scale: int) -> torch.Tensor:
     """Run ``run(tile_tensor) -> tensor`` over non-overlapping tiles of ``lr`` (1, 3, H, W).
 
     The LR is padded bottom/right with mirror copies (numpy "symmetric", i.e. the flipped-copy
@@ -64,9 +64,9 @@ def _u8(t: torch.Tensor) -> np.ndarray:
 def image_fidelity(student, session, pair, tile: tuple[int, int], scale: int) -> ImageFidelity:
     lr = torch.from_numpy(np.ascontiguousarray(pair.lr.transpose(2, 0, 1))).float()[None] / 255
     with torch.no_grad():
-        ref = tiled(student, lr, tile, scale)
-    ort_out = tiled(lambda t: torch.from_numpy(session.run(None, {"lr": t.numpy()})[0]), lr, tile,
-                    scale)
+        ref = run_nonoverlapping(student, lr, tile, scale)
+    ort_out = run_nonoverlapping(
+        lambda t: torch.from_numpy(session.run(None, {"lr": t.numpy()})[0]), lr, tile, scale)
     a, b = _u8(ref), _u8(ort_out)
     diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
     return ImageFidelity(pair.name, psnr_y(a, pair.hr, scale), psnr_y(b, pair.hr, scale),

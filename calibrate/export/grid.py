@@ -38,8 +38,7 @@ import numpy as np
 import torch
 
 from calibrate.quantizer import BoundFakeQuantizer, QParams
-
-Target = Literal["ort", "trt"]
+from calibrate.vocab import Target
 
 
 @dataclass(frozen=True)

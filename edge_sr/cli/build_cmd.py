@@ -7,6 +7,7 @@ import json
 import click
 
 from edge_sr.cli.options import logging_options, quant_options
+from runtime.vocab import BACKEND_CHOICES
 
 
 @click.command("build")
@@ -16,9 +17,9 @@ from edge_sr.cli.options import logging_options, quant_options
 @click.option("--scale", type=int, required=True, help="Upscaling factor (2, 3, 4).")
 @click.option("--model", metavar="NAME|PATH", default=None,
               help="Checkpoint name or .pth path [default: swinir-light-x{scale}-ref].")
-@click.option("--backend", type=click.Choice(["auto", "ort", "trt"]), default="auto",
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto",
               show_default=True, help="auto: TensorRT with a CUDA GPU, else ONNX Runtime (CPU).")
-@quant_options(method_default="edge-sr", recipe_default="cpu", grid_default="auto")
+@quant_options(method_default="edge-sr", budget_default="cpu", grid_default="auto")
 @click.option("--tile", default="64", show_default=True,
               help="LR tile the engine runs: N or WxH (a multiple of the model's window).")
 @click.option("--input-size", default=None, metavar="WxH",
@@ -40,20 +41,20 @@ from edge_sr.cli.options import logging_options, quant_options
                    "GEMM per block instead of three and a Concat.")
 @click.option("--print-config", is_flag=True, help="Print the build configuration and stop.")
 @logging_options
-def build_cmd(bits, scale, model, backend, recipe, method, tile, input_size, batch, out, force, threads,
+def build_cmd(bits, scale, model, backend, budget, method, tile, input_size, batch, out, force, threads,
               wide_inputs, rotate, weight_grid, grid, fp_sites, fp_weights, avg_bits, rounding, shared_qkv_input,
               print_config) -> None:
     """Build a quantized SR engine: checkpoint -> calibrate -> export -> build -> validate."""
-    from edge_sr.cli.options import parse_list, parse_rotate, parse_size
+    from edge_sr.cli.options import parse_list, parse_optional_list, parse_size
     from runtime.build import BuildConfig, build, config_dict
 
-    cfg = BuildConfig(bits=bits, scale=scale, model=model, backend=backend, recipe=recipe,
+    cfg = BuildConfig(bits=bits, scale=scale, model=model, backend=backend, budget=budget,
                       method=method, tile=parse_size(tile, "--tile"), batch=batch, out=out,
                       input_size=(None if input_size is None else
                                   parse_size(input_size, "--input-size")[::-1]),
                       force=force, threads=threads,
-                      wide_inputs=parse_list(wide_inputs), rotate=parse_rotate(rotate),
-                      weight_grid=weight_grid, grid=grid, fp_sites=parse_list(fp_sites), fp_weights=fp_weights, avg_bits=avg_bits, rounding=rounding,
+                      wide_inputs=parse_list(wide_inputs), rotate=parse_optional_list(rotate),
+                      weight_grid=weight_grid, grid=grid, fp_sites=parse_optional_list(fp_sites), fp_weights=fp_weights, avg_bits=avg_bits, rounding=rounding,
                       shared_qkv_input=shared_qkv_input)
     if print_config:
         click.echo(json.dumps(config_dict(cfg), indent=2))

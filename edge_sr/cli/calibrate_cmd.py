@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from edge_sr.cli.options import logging_options, parse_list, parse_rotate, quant_options
+from edge_sr.cli.options import logging_options, parse_list, parse_optional_list, quant_options
 
 
 @click.command("calibrate")
@@ -13,7 +13,7 @@ from edge_sr.cli.options import logging_options, parse_list, parse_rotate, quant
 @click.option("--bits", type=int, required=True, help="Weight and activation bits (2-8).")
 @click.option("--scale", type=int, default=None,
               help="Upscaling factor; defaults to the checkpoint's, and must agree with it.")
-@quant_options(method_default="2dquant", recipe_default="fast")
+@quant_options(method_default="2dquant", budget_default="fast")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shared-qkv-input", is_flag=True,
               help="One input quantizer for the fused qkv (deployment) instead of three (paper).")
@@ -41,7 +41,7 @@ from edge_sr.cli.options import logging_options, parse_list, parse_rotate, quant
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Calibration file to write (atomically).")
 @logging_options
-def calibrate_cmd(model, bits, scale, recipe, method, seed, shared_qkv_input, search_assignment,
+def calibrate_cmd(model, bits, scale, budget, method, seed, shared_qkv_input, search_assignment,
                   wide_inputs, rotate, weight_grid, grid, fp_sites, fp_weights, avg_bits, rounding, recompute, time_limit,
                   feature_loss,
                   resume, pool, device, output) -> None:
@@ -49,10 +49,10 @@ def calibrate_cmd(model, bits, scale, recipe, method, seed, shared_qkv_input, se
     from calibrate.api import CalibrationConfig, calibrate
 
     path = calibrate(CalibrationConfig(
-        model=model, bits=bits, output=output, scale=scale, method=method, recipe=recipe,
+        model=model, bits=bits, output=output, scale=scale, method=method, budget=budget,
         seed=seed, qkv_separation=not shared_qkv_input, search_assignment=search_assignment,
-        wide_inputs=parse_list(wide_inputs), rotate=parse_rotate(rotate),
-        weight_grid=weight_grid, grid=grid, fp_sites=parse_list(fp_sites), fp_weights=fp_weights, avg_bits=avg_bits, rounding=rounding, recompute=recompute,
+        wide_inputs=parse_list(wide_inputs), rotate=parse_optional_list(rotate),
+        weight_grid=weight_grid, grid=grid, fp_sites=parse_optional_list(fp_sites) or (), fp_weights=fp_weights, avg_bits=avg_bits, rounding=rounding, recompute=recompute,
         time_limit=time_limit,
         feature_loss=feature_loss, resume=resume, pool=pool, device=device))
     click.echo(f"wrote {path}")

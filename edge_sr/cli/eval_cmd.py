@@ -34,7 +34,7 @@ def eval_cmd(model, scale, datasets, json_path, save_images, calibration, onnx, 
     from edge_sr.errors import EdgeSRError
     from edge_sr.evaluate import EvalConfig, evaluate
     from edge_sr.fileio import versions, write_json
-    from edge_sr.predictors import make_predictor
+    from runtime.predictors import make_predictor
 
     names = [d.strip() for d in datasets.split(",") if d.strip()]
     if not names:

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import click
 
+from calibrate.vocab import TARGET_NAMES, WEIGHT_CONTAINERS
 from edge_sr.cli.options import logging_options
 
 
 @click.command("export")
 @click.argument("calibration", type=click.Path(dir_okay=False))
-@click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+@click.option("--target", type=click.Choice(TARGET_NAMES), default="ort", show_default=True,
               help="ort: uint8 activations with zero points; trt: symmetric, zero point 0.")
 @click.option("--tile", default="64x64", show_default=True, metavar="WxH",
               help="Fixed LR input tile of the graph; a multiple of the model's window.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Fixed batch size.")
 @click.option("--opset", type=int, default=21, show_default=True, help="ONNX opset (>= 21).")
-@click.option("--weights", "weight_container", type=click.Choice(["auto", "int8", "int4"]),
+@click.option("--weights", "weight_container", type=click.Choice(WEIGHT_CONTAINERS),
               default="auto", show_default=True,
               help="Weight storage: auto = INT4 for <= 4 bits (smallest file); int8 = what "
                    "ONNX Runtime fuses into integer MatMul kernels.")

@@ -6,6 +6,15 @@ import functools
 
 import click
 
+from calibrate.vocab import (
+    BUDGETS,
+    DEPLOY_GRIDS,
+    FP_WEIGHTS,
+    METHODS,
+    ROUNDINGS,
+    SITE_KINDS,
+    WEIGHT_GRIDS,
+)
 from edge_sr.logutil import setup_logging
 
 
@@ -49,8 +58,8 @@ def parse_list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
-def parse_rotate(text: str | None) -> tuple[str, ...] | None:
-    """``--rotate``: None (the method's default), ``none`` (off), or a list of roles/paths."""
+def parse_optional_list(text: str | None) -> tuple[str, ...] | None:
+    """``--rotate`` / ``--fp-sites``: None (the default), ``none`` (empty), or a list."""
     if text is None:
         return None
     if text.strip().lower() == "none":
@@ -58,24 +67,18 @@ def parse_rotate(text: str | None) -> tuple[str, ...] | None:
     return parse_list(text)
 
 
-# The calibration vocabulary the CLI offers (the API's calibrate.api.METHODS / RECIPES; tests
-# check they agree). Listed here so that --help needs no torch import.
-METHOD_CHOICES = ("2dquant", "edge-sr", "dobi", "minmax", "percentile")
-GRID_CHOICES = ("real", "ort", "trt")  # calibrate.prepare.DEPLOY_GRIDS (a test pins it)
-RECIPE_CHOICES = ("cpu", "fast", "paper")
-
-
-def quant_options(method_default: str, recipe_default: str, grid_default: str = "real"):
-    """``--method``, ``--recipe`` and the options beyond the paper, shared by calibrate and
-    build (the defaults differ: build uses the measured method and budget)."""
+def quant_options(method_default: str, budget_default: str, grid_default: str = "real"):
+    """``--method``, ``--budget`` and the options beyond the paper, shared by calibrate and
+    build (the defaults differ: build uses the measured method and budget). The choices come
+    from ``calibrate.vocab`` (torch-free, so --help stays light)."""
     opts = [
-        click.option("--method", type=click.Choice(METHOD_CHOICES), default=method_default,
+        click.option("--method", type=click.Choice(METHODS), default=method_default,
                      show_default=True,
                      help="2dquant = the faithful paper (DOBI + DQC); edge-sr = 2DQuant + "
                           "Hadamard rotation where it measures better, per-channel weights "
                           "and GPTQ (+1.4 to +2.6 dB on converged NGswin); dobi/minmax/"
                           "percentile = calibration only, no DQC."),
-        click.option("--recipe", type=click.Choice(RECIPE_CHOICES), default=recipe_default,
+        click.option("--budget", type=click.Choice(BUDGETS), default=budget_default,
                      show_default=True,
                      help="DQC budget: cpu = 130 it x batch 4 x 64px LR (chosen by measurement: "
                           "<= 15 min of 2 CPU cores on NGswin), fast = 60 it x 4 x 16px (raised "
@@ -84,29 +87,31 @@ def quant_options(method_default: str, recipe_default: str, grid_default: str = 
                      help="Beyond the paper: Hadamard-rotate the inputs of these linear roles "
                           "(qkv, proj, fc1, fc2) or module paths; 'auto' picks the sites where "
                           "it measures better; 'none' turns it off [default: the method's]."),
-        click.option("--weight-grid", type=click.Choice(["tensor", "channel"]), default=None,
+        click.option("--weight-grid", type=click.Choice(WEIGHT_GRIDS), default=None,
                      help="Beyond the paper: one weight grid per tensor (paper) or per output "
                           "channel [default: the method's]."),
         click.option("--grid", default=grid_default, show_default=True,
-                     type=click.Choice(GRID_CHOICES + (("auto",) if grid_default == "auto"
+                     type=click.Choice(DEPLOY_GRIDS + (("auto",) if grid_default == "auto"
                                                        else ())),
                      help="Beyond the paper: real = the paper's real-valued zero points (exact "
                           "export with correction terms); ort / trt = the grids that engine "
                           "runs natively (0 on every grid, symmetric weights), searched and "
                           "learned under that constraint: plain Q/DQ, integer kernels"
                           + ("; auto = the backend's." if grid_default == "auto" else ".")),
-        click.option("--fp-sites", default="", metavar="KINDS",
+        click.option("--fp-sites", default=None, metavar="KINDS|none",
                      help="Beyond the paper: kinds of site kept in floating point, in the "
-                          "calibrated model and the engine alike: some of qkv, proj, fc1, fc2 "
-                          "(linears), qk, pv (attention products), softmax (its output)."),
-        click.option("--fp-weights", type=click.Choice(["fp32", "fp16"]), default=None,
+                          "calibrated model and the engine alike: some of "
+                          f"{', '.join(SITE_KINDS)} (the linears, the attention products q.k "
+                          "and p.v, the softmax output alone), or none [default: none for "
+                          "calibrate; build: what measured faster on the backend]."),
+        click.option("--fp-weights", type=click.Choice(FP_WEIGHTS), default=None,
                      help="Beyond the paper: the weights that stay in floating point (convs, "
                           "position-bias tables) as float32 (paper) or rounded to FP16 before "
                           "calibration and stored so [default: the method's]."),
         click.option("--avg-bits", type=float, default=None, metavar="BITS",
                      help="Beyond the paper: mixed precision; the linear inputs that measure "
                           "most sensitive (held-out data) go to 8 bits within this mean width."),
-        click.option("--rounding", type=click.Choice(["nearest", "gptq"]), default=None,
+        click.option("--rounding", type=click.Choice(ROUNDINGS), default=None,
                      help="Beyond the paper: weight rounding after DOBI, nearest (paper) or "
                           "GPTQ (output-aware, on the same grids) [default: the method's]."),
     ]

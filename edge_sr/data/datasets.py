@@ -35,6 +35,16 @@ class SRPair(NamedTuple):
     hr: np.ndarray
 
 
+def center_crop(pair: SRPair, size: int, scale: int) -> SRPair:
+    """The central ``size`` x ``size`` LR window of a pair (smaller where the image is) and the
+    HR window it maps to (``scale`` times larger)."""
+    h, w = pair.lr.shape[:2]
+    ch, cw = min(size, h), min(size, w)
+    y, x = (h - ch) // 2, (w - cw) // 2
+    return SRPair(pair.name, pair.lr[y:y + ch, x:x + cw],
+                  pair.hr[y * scale:(y + ch) * scale, x * scale:(x + cw) * scale])
+
+
 def resolve_dataset(name: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
     """A set's folder: a path holding ``HR/``, or a name under ``<data>/benchmark`` (any case)."""
     p = Path(name)

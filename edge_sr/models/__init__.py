@@ -1,46 +1,25 @@
 """The architecture registry: recognise a checkpoint from its tensors and build the model.
 
 Each architecture module exposes ``ARCHITECTURE`` (an ``Architecture``) and, optionally,
-``CHECKPOINTS`` (named ``CheckpointEntry``s). Optional architectures are imported by name so the
-registry works whether or not they are installed in this checkout.
+``CHECKPOINTS`` (named ``CheckpointEntry``s); both are imported here, plainly, so the import
+graph shows the registry's members.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 
 from edge_sr.errors import EdgeSRError
+from edge_sr.models import ngswin
 from edge_sr.models.base import Architecture, CheckpointEntry, SRModel
 from edge_sr.models.swinir import ARCHITECTURE as SWINIR_LIGHT
 from edge_sr.models.swinir import SwinIRLight, swinir_from_state_dict, unwrap_state_dict
 
 log = logging.getLogger(__name__)
 
-# Architecture modules beyond SwinIR-light, imported if present (NGswin is being added).
-OPTIONAL_MODULES = ("edge_sr.models.ngswin",)
-
-
-def _optional_modules() -> list:
-    mods = []
-    for name in OPTIONAL_MODULES:
-        try:
-            mods.append(importlib.import_module(name))
-        except ModuleNotFoundError as e:
-            if e.name != name:  # the module exists but one of its imports is missing: a bug
-                raise
-            log.debug("optional architecture module %s not present", name)
-    return mods
-
-
-_MODULES = _optional_modules()
-ARCHITECTURES: list[Architecture] = [SWINIR_LIGHT] + [
-    m.ARCHITECTURE for m in _MODULES if hasattr(m, "ARCHITECTURE")
-]
+ARCHITECTURES: list[Architecture] = [SWINIR_LIGHT, ngswin.ARCHITECTURE]
 # Checkpoints contributed by architecture modules (SwinIR's live in edge_sr.checkpoints).
-EXTRA_CHECKPOINTS: list[CheckpointEntry] = [
-    e for m in _MODULES for e in getattr(m, "CHECKPOINTS", [])
-]
+EXTRA_CHECKPOINTS: list[CheckpointEntry] = list(ngswin.CHECKPOINTS)
 
 
 def get_architecture(name: str) -> Architecture:

@@ -24,42 +24,14 @@ from edge_sr.models.base import (
     window_attention_block_points,
 )
 from edge_sr.models.state_dict import unwrap_state_dict
+from edge_sr.models.windows import (
+    relative_position_index,
+    shift_attention_mask,
+    window_partition,
+    window_reverse,
+)
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
-
-
-def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
-    """(B, H, W, C) -> (B * nW, ws * ws, C)."""
-    b, h, w, c = x.shape
-    x = x.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, ws * ws, c)
-
-
-def window_reverse(windows: torch.Tensor, ws: int, h: int, w: int) -> torch.Tensor:
-    """(B * nW, ws * ws, C) -> (B, H, W, C)."""
-    c = windows.shape[-1]
-    x = windows.view(-1, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, h, w, c)
-
-
-def relative_position_index(ws: int) -> torch.Tensor:
-    coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij"))
-    flat = coords.flatten(1)
-    rel = (flat[:, :, None] - flat[:, None, :]).permute(1, 2, 0) + (ws - 1)
-    return rel[:, :, 0] * (2 * ws - 1) + rel[:, :, 1]
-
-
-def shift_attention_mask(h: int, w: int, ws: int, shift: int) -> torch.Tensor:
-    """(nW, ws*ws, ws*ws) mask of 0 / -100 for shifted-window attention, as in Swin/SwinIR."""
-    img = torch.zeros(1, h, w, 1)
-    cnt = 0
-    for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
-        for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
-            img[:, hs, wsl, :] = cnt
-            cnt += 1
-    win = window_partition(img, ws).squeeze(-1)
-    mask = win.unsqueeze(1) - win.unsqueeze(2)
-    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
 
 
 class WindowAttention(nn.Module):

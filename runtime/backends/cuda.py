@@ -7,7 +7,8 @@ attention's activation quantizers stay PyTorch fake-quant. Precisions:
 * ``fp32`` / ``fp16``: the full-precision model in that dtype;
 * ``lowbit``: a calibrated student with the kernels (``compute_dtype`` for everything else).
 
-``profile_cuda`` is the API under ``edge-sr profile --backend cuda --compare``. Nothing imports
+``profile_cuda`` times them side by side (a Python API, run by scripts/gpu_check.sh and
+scripts/gpu_session.sh; ``edge-sr profile`` has no CUDA backend yet). Nothing imports
 CUDA at module import; a machine without a GPU gets ``EdgeSRError`` ("no CUDA GPU").
 """
 
@@ -214,10 +215,9 @@ def models_for_engine(engine_dir, calibration=None):
     """The FP model and the calibrated student behind an engine directory.
 
     The FP checkpoint comes from ``manifest.model.path``; the calibration from ``calibration``
-    (a file), else the build cache (``$EDGE_SR_CACHE/calibrations/<manifest.calibration.file>``).
+    (a file), else the build cache (``runtime.calib_cache.cache_root()/<manifest.calibration.file>``).
     A full-precision engine (``bits`` null) has no student.
     """
-    import os
     from pathlib import Path
 
     from edge_sr.checkpoints import load_model
@@ -229,8 +229,9 @@ def models_for_engine(engine_dir, calibration=None):
         return lm.model, None
     if calibration is None:
         name = (m.calibration or {}).get("file")
-        base = Path(os.environ.get("EDGE_SR_CACHE") or Path.home() / ".cache" / "edge-sr")
-        calibration = base / "calibrations" / name if name else None
+        from runtime.calib_cache import cache_root
+
+        calibration = cache_root() / name if name else None
     if calibration is None or not Path(calibration).is_file():
         raise EdgeSRError(f"--engine {engine_dir}: its calibration file ({calibration}) is not "
                           "here; pass it with --calibration (edge-sr calibrate writes one)")

@@ -54,8 +54,9 @@ def import_tensorrt():
 
 
 @dataclass(frozen=True)
-class BuildConfig:
-    """How a plan is built. ``plugin_lib``: the LowBitLinear plugin (``make kernels`` on the
+class PlanOptions:
+    """How a TensorRT plan is built (the engine-level options are ``runtime.build.BuildConfig``).
+    ``plugin_lib``: the LowBitLinear plugin (``make kernels`` on the
     device: build/kernels/libesr_lowbit_plugin.so) for graphs from ``--lowbit-plugin``."""
 
     fp16: bool = True
@@ -73,7 +74,7 @@ class BuildConfig:
                               f"{self.workspace_mib} and {self.optimization_level}")
 
 
-def resolve_typing(cfg: BuildConfig, trt_major: int) -> str:
+def resolve_typing(cfg: PlanOptions, trt_major: int) -> str:
     """``strong`` or ``weak`` (weak typing and the FP16 flag exist only up to TensorRT 10)."""
     if cfg.typing == "weak" and trt_major >= 11:
         raise EdgeSRError(f"typing=weak: TensorRT {trt_major}.x removed weak typing; use strong")
@@ -139,13 +140,13 @@ def _load_plugin(trt, lib: str | None) -> None:
 
 
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
-                 config: BuildConfig | None = None, **_ignored) -> dict:
+                 config: PlanOptions | None = None, **_ignored) -> dict:
     """Parse the ONNX, build and serialize the plan atomically; returns the manifest fields.
 
     Extra keywords (``tile``, ``batch``) are accepted for the build pipeline's convenience: the
     exported ONNX already has a fixed input shape.
     """
-    cfg = config or BuildConfig()
+    cfg = config or PlanOptions()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if not onnx_path.is_file():
         raise EdgeSRError(f"ONNX model {onnx_path}: file not found")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_sr.models.base import ActSlot, Mlp
-from edge_sr.models.swinir import relative_position_index, window_partition, window_reverse
+from edge_sr.models.windows import relative_position_index, window_partition, window_reverse
 
 LOGIT_SCALE_MAX = math.log(1.0 / 0.01)
 

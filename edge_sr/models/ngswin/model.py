@@ -26,7 +26,7 @@ from torch import nn
 
 from edge_sr.models.base import QuantPoint, SizeRequirements, SRModel, window_attention_block_points
 from edge_sr.models.ngswin.blocks import NSTB, dims, run_blocks
-from edge_sr.models.swinir import shift_attention_mask
+from edge_sr.models.windows import shift_attention_mask
 
 MEAN = (0.4485, 0.4375, 0.4045)
 STD = {2: (0.2397, 0.2290, 0.2389), 3: (0.2373, 0.2265, 0.2367), 4: (0.2352, 0.2244, 0.2349)}

@@ -1,0 +1,78 @@
+"""Build's calibration cache: one file per distinct calibration, keyed by a hash of everything
+that determines it (not the tile, backend or output), so rebuilding for another backend or
+tile skips the slow stage. Files live under ``$EDGE_SR_CACHE/calibrations`` (default
+``$XDG_CACHE_HOME/edge-sr`` or ``~/.cache/edge-sr``) and are written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from calibrate.api import calibrate
+from calibrate.calibfile import load_calibrated
+from edge_sr.checkpoints import cache_dir
+from edge_sr.fileio import atomic_path, sha256_file
+
+if TYPE_CHECKING:
+    from runtime.build import BuildConfig
+
+log = logging.getLogger(__name__)
+
+CALIB_CACHE_VERSION = 2  # 2: the edge-sr method holds FP weights as FP16
+
+
+def cache_root(cfg: BuildConfig | None = None) -> Path:
+    """Where build keeps calibration files: ``cfg.cache_dir``, else the user cache."""
+    if cfg is not None and cfg.cache_dir is not None:
+        return Path(cfg.cache_dir)
+    return Path(cache_dir()) / "calibrations"
+
+
+def calibration_key(model_sha256: str, cfg: BuildConfig) -> str:
+    """Hash of every input that determines a calibration (not the tile, backend or output)."""
+    blob = json.dumps({"v": CALIB_CACHE_VERSION, "model": model_sha256, "scale": cfg.scale,
+                       "bits": cfg.bits, "budget": cfg.budget, "method": cfg.method,
+                       "seed": cfg.seed, "iterations": cfg.calib_iterations}
+                      | ({"wide_inputs": list(cfg.wide_inputs)} if cfg.wide_inputs else {})
+                      | {k: v for k, v in (("rotate", cfg.rotate and list(cfg.rotate)),
+                                           ("weight_grid", cfg.weight_grid),
+                                           ("fp_weights", cfg.fp_weights),
+                                           ("fp_sites", list(cfg.resolved_fp_sites()) or None),
+                                           ("grid", None if cfg.resolved_grid() == "real"
+                                            else cfg.resolved_grid()),
+                                           ("shared_qkv", cfg.shared_qkv_input or None),
+                                           ("avg_bits", cfg.avg_bits),
+                                           ("rounding", cfg.rounding)) if v is not None},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def run_calibration(lm, cfg: BuildConfig, output: Path) -> Path:
+    """Call the calibration API (``calibrate.api``) and return the calibration file it wrote."""
+    cc = cfg.calibration_config(model=str(lm.path), output=output)
+    return Path(calibrate(cc, lm=lm))  # the checkpoint is loaded and hashed once
+
+
+def cached_calibration(lm, cfg: BuildConfig) -> tuple[Path, dict]:
+    key = calibration_key(lm.sha256, cfg)
+    path = cache_root(cfg) / f"{lm.arch}-x{cfg.scale}-w{cfg.bits}-{cfg.budget}-{key}.pt"
+    cached = path.is_file()
+    if cached:
+        log.info("calibration: reusing cached %s", path)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, suffix=".tmp.pt") as tmp:
+            written = run_calibration(lm, cfg, tmp)
+            if Path(written) != tmp:
+                shutil.copyfile(written, tmp)
+    return path, {"key": key, "sha256": sha256_file(path), "cached": cached, "file": path.name}
+
+
+def load_student(calib_path: Path, lm):
+    cal = load_calibrated(calib_path, model=lm.model)
+    return getattr(cal, "model", cal).eval()

@@ -1,0 +1,15 @@
+"""The runtime vocabularies, each defined once (no heavy import: the CLI builds its choices here).
+
+* ``BackendChoice``: what ``build --backend`` accepts; ``auto`` is TensorRT where a CUDA GPU and
+  tensorrt are usable, else ONNX Runtime (``runtime.build.resolve_backend``).
+* ``Backend``: what an engine manifest records.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+BackendChoice = Literal["auto", "ort", "trt"]
+BACKEND_CHOICES: tuple[str, ...] = get_args(BackendChoice)
+Backend = Literal["onnxruntime", "tensorrt"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
