@@ -2,6 +2,7 @@
 
     python -m benchmarks.frame_graphs sizes [--models swinir-light-x2-ref,ngswin-x2]
     python -m benchmarks.frame_graphs qkv --model swinir-light-x2-ref [--threads 2 --runs 5]
+    python -m benchmarks.frame_graphs shapes --model swinir-light-x2-ref [--threads 2 --runs 5]
 
 ``sizes`` exports, at the 320x180 frame padded to each model's window, the FP32 graph
 (``edge_sr.onnx_export``) and QDQ files (``calibrate.export_qdq``, ``--weights auto``) of DOBI
@@ -10,7 +11,10 @@ students on random calibration patches: W8A8 and W4A4 on the ``ort`` grid with F
 not depend on the bound values. Each file is split into weights (initializers) and graph
 (nodes, names, metadata). ``qkv`` exports W8A8 ``ort`` graphs with the paper's
 three qkv input quantizers and with one shared (``--shared-qkv-input``) and times them in one
-process, interleaved run by run (median). Run on an otherwise idle CPU. Benchmarks are not tests.
+process, interleaved run by run (median). ``shapes`` times the FP32 graph and a W8A8 ``ort``
+graph (the attention products FP, as ``build`` makes it) exported at several engine shapes, and
+gives each shape's cost per LR pixel and per 320x180 frame once the tiler's overlapping tiles
+are counted (``runtime.tiling``). Run on an otherwise idle CPU. Benchmarks are not tests.
 """
 
 from __future__ import annotations
@@ -25,14 +29,14 @@ FRAME = (180, 320)  # LR (height, width)
 
 
 def _student(model, bits: int, grid: str, qkv_separation: bool = True,
-             fp_weights: str = "fp32"):
+             fp_weights: str = "fp32", fp_sites: tuple[str, ...] = ()):
     import torch
 
     from calibrate.dobi import init_bounds
     from calibrate.prepare import QuantRecipe, prepare
 
     st = prepare(model, QuantRecipe(bits=bits, grid=grid, qkv_separation=qkv_separation,
-                                    fp_weights=fp_weights))
+                                    fp_weights=fp_weights, fp_sites=fp_sites))
     init_bounds(st, torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
     return st
 
@@ -47,6 +51,34 @@ def _weight_bytes(path: Path) -> int:
     import onnx
 
     return sum(t.ByteSize() for t in onnx.load(str(path)).graph.initializer)
+
+
+def cpu_sessions(paths: dict[str, Path], threads: int) -> dict:
+    """One ORT CPU session per graph, ``threads`` intra-op threads, warnings silenced."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+    return {k: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+            for k, p in paths.items()}
+
+
+def interleaved_ms(sessions: dict, x, runs: int, on_round=None) -> dict[str, float]:
+    """Median ms per session over ``runs`` rounds, the sessions run one after another in each
+    round (so slow drift of the machine hits all alike), after one warm-up call each."""
+    import numpy as np
+
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for s in sessions.values():
+        s.run(None, {"lr": x})
+    for r in range(runs):
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, {"lr": x})
+            times[k].append(time.perf_counter() - t)
+        if on_round is not None:
+            on_round(r)
+    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
 
 
 def sizes(a: argparse.Namespace) -> None:
@@ -75,31 +107,57 @@ def sizes(a: argparse.Namespace) -> None:
 
 def qkv(a: argparse.Namespace) -> None:
     import numpy as np
-    import onnxruntime as ort
 
     from benchmarks.dqc_step import cpu_model
     from edge_sr.checkpoints import load_model
 
     lm = load_model(a.model)
     tile = lm.model.size_requirements.fit(*FRAME)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = a.threads, 1, 3
     with tempfile.TemporaryDirectory() as d:
-        sess = {}
-        for label, sep in (("three qkv quantizers", True), ("one shared", False)):
-            p = _qdq(_student(lm.model, 8, "ort", sep), tile, Path(d) / f"{sep}.onnx")
-            sess[label] = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+        paths = {label: _qdq(_student(lm.model, 8, "ort", sep), tile, Path(d) / f"{sep}.onnx")
+                 for label, sep in (("three qkv quantizers", True), ("one shared", False))}
+        sess = cpu_sessions(paths, a.threads)
     x = np.random.default_rng(0).random((1, 3, *tile), dtype=np.float32)
-    times: dict[str, list[float]] = {k: [] for k in sess}
-    for s in sess.values():
-        s.run(None, {"lr": x})
-    for _ in range(a.runs):
-        for k, s in sess.items():
-            t = time.perf_counter()
-            s.run(None, {"lr": x})
-            times[k].append(time.perf_counter() - t)
+    ms = interleaved_ms(sess, x, a.runs)
     print(f"{a.model} W8A8 ort, {tile[0]}x{tile[1]}, {a.threads} threads [{cpu_model()}]: " +
-          ", ".join(f"{k} {1e3 * float(np.median(v)):.0f} ms" for k, v in times.items()))
+          ", ".join(f"{k} {v:.0f} ms" for k, v in ms.items()))
+
+
+def shapes(a: argparse.Namespace) -> None:
+    import numpy as np
+
+    from benchmarks.dqc_step import cpu_model
+    from edge_sr.checkpoints import load_model
+    from edge_sr.onnx_export import export_fp_onnx
+    from runtime.tiling import TilePlan, default_overlap
+
+    lm = load_model(a.model)
+    req = lm.model.size_requirements
+    tiles = sorted({req.fit(*(int(v) for v in t.split("x")[::-1])) for t in a.tiles.split(",")})
+    fh, fw = req.fit(*FRAME)
+    rows = []
+    for tile in tiles:
+        with tempfile.TemporaryDirectory() as d:
+            st = _student(lm.model, 8, "ort", fp_sites=("qk", "pv"))
+            paths = {"FP32": export_fp_onnx(lm.model, Path(d) / "fp32.onnx", tile=tile),
+                     "W8A8": _qdq(st, tile, Path(d) / "w8.onnx")}
+            sess = cpu_sessions(paths, a.threads)
+        x = np.random.default_rng(0).random((1, 3, *tile), dtype=np.float32)
+        ms = interleaved_ms(sess, x, a.runs)
+        # tiles per 320x180 frame as upscale runs it: the frame padded to the tile if smaller
+        n = len(TilePlan.make(max(FRAME[0], tile[0]), max(FRAME[1], tile[1]), tile,
+                              default_overlap(tile)))
+        rows.append((tile, ms, n))
+    print(f"{a.model}, {a.threads} threads [{cpu_model()}]; frame 320x180 (engine shape for one "
+          f"tile: {fh}x{fw})")
+    print("| engine shape (H x W) | FP32 ms | W8A8 ms | FP32 us / LR pixel | W8A8 us / LR pixel "
+          "| tiles per 320x180 frame | FP32 ms / frame | W8A8 ms / frame |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (th, tw), ms, n in rows:
+        px = th * tw
+        print(f"| {th}x{tw} | {ms['FP32']:.0f} | {ms['W8A8']:.0f} | {1e3 * ms['FP32'] / px:.1f} "
+              f"| {1e3 * ms['W8A8'] / px:.1f} | {n} | {n * ms['FP32']:.0f} | "
+              f"{n * ms['W8A8']:.0f} |")
 
 
 def main(argv=None) -> None:
@@ -111,11 +169,17 @@ def main(argv=None) -> None:
     q.add_argument("--model", default="swinir-light-x2-ref")
     q.add_argument("--threads", type=int, default=2)
     q.add_argument("--runs", type=int, default=5)
+    h = sub.add_parser("shapes")
+    h.add_argument("--model", default="swinir-light-x2-ref")
+    h.add_argument("--tiles", default="64x64,96x96,128x128,192x192,320x180",
+                   help="engine shapes WIDTHxHEIGHT (each padded to the model's window)")
+    h.add_argument("--threads", type=int, default=2)
+    h.add_argument("--runs", type=int, default=5)
     a = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
-    (sizes if a.cmd == "sizes" else qkv)(a)
+    {"sizes": sizes, "qkv": qkv, "shapes": shapes}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -45,10 +45,10 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     import numpy as np
-    import onnxruntime as ort
     import torch
 
     from benchmarks.dqc_step import cpu_model
+    from benchmarks.frame_graphs import cpu_sessions, interleaved_ms
     from calibrate.api import pool_data
     from calibrate.dobi import init_bounds
     from calibrate.dqc import val_psnr
@@ -72,36 +72,23 @@ def main(argv=None) -> None:
     log.info("DOBI %.0f s", time.perf_counter() - t0)
     state = base.state_dict()
     fp_psnr = val_psnr(lm.model, *data.val, lm.scale)
-    rows = []
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = a.threads, 1, 3
-    sessions = {}
+    rows, paths = [], {}
     with tempfile.TemporaryDirectory() as d:
-        sessions["FP32"] = ort.InferenceSession(
-            str(export_fp_onnx(lm.model, Path(d) / "fp32.onnx", tile=tile)), so,
-            providers=["CPUExecutionProvider"])
-        for label, fp_sites in variants:
+        paths["FP32"] = export_fp_onnx(lm.model, Path(d) / "fp32.onnx", tile=tile)
+        for i, (label, fp_sites) in enumerate(variants):
             st = prepare(lm.model, QuantRecipe(bits=a.bits, grid="ort", fp_sites=fp_sites))
             missing = st.load_state_dict(state, strict=False).missing_keys
             if missing:
                 raise AssertionError(f"{label}: bounds not carried over: {missing[:3]}")
             psnr = val_psnr(st, *data.val, lm.scale)
-            path = export_qdq(st, ExportConfig(target="ort", tile=tile), Path(d) / "q.onnx")
-            sessions[label] = ort.InferenceSession(str(path), so,
-                                                   providers=["CPUExecutionProvider"])
+            paths[label] = export_qdq(st, ExportConfig(target="ort", tile=tile),
+                                      Path(d) / f"q{i}.onnx")
             rows.append(dict(variant=label, fp_sites=list(fp_sites), val_psnr=psnr))
             log.info("%s: held-out %.3f dB", label, psnr)
+        sessions = cpu_sessions(paths, a.threads)
     x = np.random.default_rng(0).random((1, 3, *tile), dtype=np.float32)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for s in sessions.values():
-        s.run(None, {"lr": x})
-    for r in range(a.runs):
-        for k, s in sessions.items():
-            t = time.perf_counter()
-            s.run(None, {"lr": x})
-            times[k].append(time.perf_counter() - t)
-        log.info("round %d/%d", r + 1, a.runs)
-    ms = {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+    ms = interleaved_ms(sessions, x, a.runs,
+                        on_round=lambda r: log.info("round %d/%d", r + 1, a.runs))
     base_ms, base_psnr = ms["all quantized"], rows[0]["val_psnr"]
     for row in rows:
         row |= dict(ms=ms[row["variant"]], speed_vs_fp32=ms["FP32"] / ms[row["variant"]],

@@ -64,7 +64,10 @@ class BuildConfig:
     backend: str = "auto"  # auto | ort | trt
     budget: str = "cpu"  # DQC budget (calibrate.vocab.BUDGETS)
     method: str = "edge-sr"  # calibrate.vocab.METHODS (docs/results/beyond.md for why)
-    tile: tuple[int, int] = (64, 64)
+    # the engine's LR shape when --input-size is not given: by measurement (benchmarks.frame_graphs
+    # shapes, docs/results/grids.md "Engine shape"), the cost per pixel falls or stays level as
+    # the shape grows, and a 320x180 frame takes 2 tiles of 192x192 against 28 of 64x64
+    tile: tuple[int, int] = (192, 192)
     # a camera's LR frame (width, height): the engine is exported at it, padded up to the model's
     # multiple (and minimum), so a frame runs as one tile; replaces ``tile``
     input_size: tuple[int, int] | None = None

@@ -216,7 +216,7 @@ def test_cli_print_config_and_errors(env):
     assert r.exit_code == 0, r.output
     cfg = json.loads(r.output)
     assert cfg["model"] is None and cfg["out"] == "engines/swinir-light-x2-ref-w4a4"
-    assert cfg["tile"] == [64, 64] and cfg["budget"] == "cpu" and cfg["wide_inputs"] == []
+    assert cfg["tile"] == [192, 192] and cfg["budget"] == "cpu" and cfg["wide_inputs"] == []
     # the default grid is the backend's native one: ORT here (no TensorRT, no GPU)
     assert cfg["grid"] == "auto" and rb.BuildConfig(bits=4, scale=2).resolved_grid() == "ort"
     assert rb.BuildConfig(bits=4, scale=2, backend="trt").resolved_grid() == "trt"

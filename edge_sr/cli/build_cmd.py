@@ -20,8 +20,10 @@ from runtime.vocab import BACKEND_CHOICES
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto",
               show_default=True, help="auto: TensorRT with a CUDA GPU, else ONNX Runtime (CPU).")
 @quant_options(method_default="edge-sr", budget_default="cpu", grid_default="auto")
-@click.option("--tile", default="64", show_default=True,
-              help="LR tile the engine runs: N or WxH (a multiple of the model's window).")
+@click.option("--tile", default="192", show_default=True,
+              help="LR tile the engine runs: N or WxH (a multiple of the model's window); the "
+                   "default was chosen by measured cost per pixel and per frame "
+                   "(docs/results/grids.md).")
 @click.option("--input-size", default=None, metavar="WxH",
               help="A camera's LR frame: the engine is exported at this shape (padded to the "
                    "model's window), so each frame runs as one tile; replaces --tile.")
