@@ -4,9 +4,10 @@ Both choices read one FP pass over calibration patches (``calibrate.dobi.collect
 each linear input by the relative error its best DOBI grid causes at the linear's output,
 ``||(Q(x) - x) W^T||^2 / ||x W^T||^2`` (``output_error``):
 
-* ``choose_rotations``: a site is rotated when the rotated input ``x R`` (weight ``W R``) has a
-  smaller error than ``x`` by at least ``margin`` (issue 19's hint: a Hadamard rotation cuts
-  NGswin's decoder fc1 error ~40x, and makes already-even inputs slightly worse).
+* ``choose_rotations``: a site is rotated when the rotated input ``x R`` (weight ``W R``) has an
+  error below ``margin`` (``ROTATION_MARGIN``) times that of ``x`` (issue 19's hint: a Hadamard
+  rotation cuts NGswin's decoder fc1 error ~40x, and makes already-even inputs slightly worse;
+  each rotation also costs the engine a MatMul, so only a large gain pays).
 * ``choose_wide_inputs``: mixed precision under a budget in average activation bits. Sites are
   promoted to ``WIDE_BITS`` greedily, largest error reduction per extra bit first (the error
   cost is the site's element count, so the budget is in bits per activation element).
@@ -28,6 +29,13 @@ from calibrate.quantizer import fake_quant_nograd
 from calibrate.rotation import has_hadamard, random_hadamard
 
 log = logging.getLogger(__name__)
+
+# Rotate a linear input only when rotating at least halves its output error. Each rotated input
+# costs the engine an FP32 MatMul; measured (benchmarks.rotation_cost, docs/results/grids.md
+# "Rotation cost"), 0.5 keeps 98% of the rotations' held-out gain on NGswin x2 W4A4 (DOBI: 32.15
+# against 32.25 dB at 0.9, 27.44 without) with 36 rotated inputs instead of 64, and rotates 29
+# instead of 87 on the reference SwinIR-light, where they gain nothing.
+ROTATION_MARGIN = 0.5
 
 
 def output_error(x: torch.Tensor, weight: torch.Tensor, bits: int,
@@ -65,7 +73,7 @@ def _linear_inputs(fp_model: nn.Module, recipe: QuantRecipe, calib_lr: torch.Ten
 
 
 def choose_rotations(fp_model: nn.Module, recipe: QuantRecipe, calib_lr: torch.Tensor,
-                     margin: float = 0.9) -> tuple[tuple[str, ...], dict[str, dict]]:
+                     margin: float = ROTATION_MARGIN) -> tuple[tuple[str, ...], dict[str, dict]]:
     """Linear sites whose rotated input quantizes better; returns (sites, per-site errors).
 
     A site is chosen when ``output_error`` with the rotation is below ``margin`` times the

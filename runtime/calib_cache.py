@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CALIB_CACHE_VERSION = 2  # 2: the edge-sr method holds FP weights as FP16
+CALIB_CACHE_VERSION = 3  # 2: FP weights as FP16 (edge-sr); 3: ROTATION_MARGIN 0.5
 
 
 def cache_root(cfg: BuildConfig | None = None) -> Path:

@@ -1,0 +1,102 @@
+"""What the online rotations cost on ORT's CPU, against what they buy in PSNR, by how strict the
+per-site choice is (``calibrate.site_choice.choose_rotations``'s ``margin``).
+
+    python -m benchmarks.rotation_cost --model ngswin-x2 --bits 4 --threads 2 --runs 7 \\
+        --out results/rotation_cost/ngswin_w4.json
+
+A rotated linear input costs one FP32 ``MatMul(x, R)`` in the engine (``P/Rotate``). ``auto``
+rotates a site when the rotated input's output error is below ``margin`` x the plain one; one
+pass gives every site's two errors, so each margin's site set comes from the same report. Each
+variant is DOBI on the ``ort`` grid with per-channel weights and the attention products FP (what
+``build`` makes, without GPTQ and DQC), scored on the held-out BSD200 patches (never a test set),
+exported at the 320x180 frame and timed in one process, interleaved run by run (median), beside
+the FP32 graph. Run on an otherwise idle CPU. Benchmarks are not tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+FRAME = (180, 320)  # LR (height, width)
+log = logging.getLogger("rotation_cost")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="ngswin-x2")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--margins", default="0.05,0.25,0.5,0.9",
+                    help="margins to compare with no rotation (0.9: today's auto)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON to write (atomically)")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    import numpy as np
+    import torch
+
+    from benchmarks.dqc_step import cpu_model
+    from benchmarks.frame_graphs import cpu_sessions, interleaved_ms
+    from calibrate.api import pool_data
+    from calibrate.dobi import init_bounds
+    from calibrate.dqc import val_psnr
+    from calibrate.export_qdq import ExportConfig, export_qdq
+    from calibrate.prepare import QuantRecipe, prepare
+    from calibrate.site_choice import choose_rotations
+    from edge_sr.checkpoints import load_model
+    from edge_sr.fileio import write_json
+    from edge_sr.onnx_export import export_fp_onnx
+
+    torch.set_num_threads(a.threads)
+    lm = load_model(a.model)
+    tile = lm.model.size_requirements.fit(*FRAME)
+    data = pool_data(lm.scale, "paper", seed=0)
+    base = QuantRecipe(bits=a.bits, grid="ort", weight_grid="channel", fp_sites=("qk", "pv"))
+    _, report = choose_rotations(lm.model, base, data.calib_lr)
+    variants = [("no rotation", ())]
+    for m in (float(v) for v in a.margins.split(",")):
+        sites = tuple(s for s, r in report.items()
+                      if r["rotated"] is not None and r["rotated"] < m * r["plain"])
+        variants.append((f"margin {m:g}", sites))
+    rows, paths = [], {}
+    with tempfile.TemporaryDirectory() as d:
+        paths["FP32"] = export_fp_onnx(lm.model, Path(d) / "fp32.onnx", tile=tile)
+        for i, (label, sites) in enumerate(variants):
+            st = prepare(lm.model, replace(base, rotate=sites))
+            init_bounds(st, data.calib_lr)
+            psnr = val_psnr(st, *data.val, lm.scale)
+            paths[label] = export_qdq(st, ExportConfig(target="ort", tile=tile),
+                                      Path(d) / f"r{i}.onnx")
+            rows.append(dict(variant=label, rotated_sites=len(sites), val_psnr=psnr))
+            log.info("%s: %d of %d sites rotated, held-out %.3f dB", label, len(sites),
+                     len(report), psnr)
+        sessions = cpu_sessions(paths, a.threads)
+    x = np.random.default_rng(0).random((1, 3, *tile), dtype=np.float32)
+    ms = interleaved_ms(sessions, x, a.runs,
+                        on_round=lambda r: log.info("round %d/%d", r + 1, a.runs))
+    for row in rows:
+        row |= dict(ms=ms[row["variant"]], speed_vs_fp32=ms["FP32"] / ms[row["variant"]])
+    out = dict(model=a.model, bits=a.bits, tile=list(tile), threads=a.threads, runs=a.runs,
+               cpu=cpu_model(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               fp32_ms=ms["FP32"], fp_val_psnr=val_psnr(lm.model, *data.val, lm.scale),
+               sites=len(report), rows=rows)
+    print(f"{a.model} W{a.bits}A{a.bits} ort, {tile[0]}x{tile[1]}, {a.threads} threads "
+          f"[{out['cpu']}]; FP32 {ms['FP32']:.0f} ms, FP held-out {out['fp_val_psnr']:.3f} dB")
+    print("| rotation choice | sites rotated | ms | vs ORT FP32 | held-out PSNR |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['variant']} | {row['rotated_sites']} / {len(report)} | {row['ms']:.0f} | "
+              f"{row['speed_vs_fp32']:.2f}x | {row['val_psnr']:.3f} |")
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(a.out, out)
+
+
+if __name__ == "__main__":
+    main()
