@@ -18,6 +18,10 @@ whose inputs are quantized separately)::
     P/MatMul{j}(a, W) + [P/ReduceSum{j}(a)·m_w + (b + m_x·Σ_k ŵ)]   (bias kept out of the MatMul)
     P/Concat (groups > 1)
 
+Each product is written by one of two handlers, chosen from ``LINEAR_EMITTERS`` by the target's
+``TargetRules.fused_linear`` (``grid.TARGETS``): ``_emit_fused`` (ORT, when every grid holds 0:
+one ``com.microsoft.MatMulIntegerToFloat`` with its bias) or ``_emit_qdq`` (TensorRT, and the
+``real`` grid anywhere: ``DQ(W) -> MatMul -> Add`` plus the rank-1 terms above).
 The bias is added as a separate Add of a non-constant tensor so ORT does not fold MatMul+Add into
 an FP Gemm (deploy notes §B1). Every Q, DQ and MatMul node carries ``metadata_props``
 ``edge_sr.site``/``edge_sr.bits``/``edge_sr.kind`` (and ``qmin``/``qmax``) and a JSON doc_string.
@@ -118,9 +122,106 @@ def _emit_act(g: _Graph, x: str, enc: ActEncoding, prefix: str, site: str, dq_co
     return outs
 
 
+@dataclass
+class _LinearGroup:
+    """One integer product of a quantized linear (one group, or all groups of a shared-input
+    qkv), everything its emitter needs: the activation (DQ output, or Q output for the fused op),
+    the weight codes ``(K, N)`` and their per-column scale / shift, and the bias (with the
+    activation shift already folded in)."""
+
+    site: str
+    j: int
+    act: str  # the DQ output (or the Q output, for the fused op)
+    act_sum: str | None  # a second DQ copy, for the weight-shift rank-1 term
+    act_prefix: str  # where the activation's scale / zero point initializers live
+    enc: ActEncoding
+    codes: np.ndarray  # (K, N) signed codes k - 2^(b-1)
+    scales: np.ndarray  # (N,)
+    shifts: np.ndarray  # (N,)
+    bias: np.ndarray  # (N,) float32
+    bits: int
+    per_col: bool
+    offsets: np.ndarray  # (N,) 2^(b-1) per column: the uint8 form's zero point
+    out: str
+    meta: dict  # metadata of the product node
+
+    @property
+    def w_zero(self) -> bool:
+        return not np.any(self.shifts)
+
+
+def _weight_tensor(g: _Graph, c: _LinearGroup, container: str) -> tuple[str, str, str]:
+    """The weight codes as ``container`` ("int8", "int4" or "uint8" with zero point 2^(b-1)),
+    with their scale and zero point; returns the three tensor names."""
+    p = f"{c.site}/W{c.j}"
+    codes = c.codes
+    zp_vals = np.zeros(codes.shape[1] if c.per_col else (), np.int64)
+    if container == "uint8":  # codes + 2^(b-1) with that zero point: same dequantized values
+        codes = codes.astype(np.int64) + c.offsets[None, :]
+        zp_vals = c.offsets if c.per_col else np.asarray(c.offsets[0])
+    scale = g.const(f"{p}_scale", c.scales if c.per_col else c.scales[0])
+    return g.int_tensor(p, codes, container), scale, g.int_tensor(f"{p}_zero_point", zp_vals,
+                                                                     container)
+
+
+def _emit_fused(g: _Graph, c: _LinearGroup, opts: EmitOptions) -> str:
+    """ORT: ``com.microsoft.MatMulIntegerToFloat`` (uint8 activation codes x uint8 weight codes,
+    scales, zero points, bias) written directly: a constant bias Add after a DQ'd MatMul would be
+    folded into an FP32 Gemm before ORT's QDQ fusion (deploy notes B1). At <= 4 bits the codes
+    are stored packed (UINT4) and widened by a Cast that ORT folds at load."""
+    p = f"{c.site}/W{c.j}"
+    codes = c.codes.astype(np.int64) + c.offsets[None, :]
+    if c.bits <= 4 and opts.weight_container == "auto":
+        g.int_tensor(f"{p}_u4", codes, "uint4")
+        g.add("Cast", [f"{p}_u4"], [p], f"{p}/CastUInt8", to=TensorProto.UINT8)
+    else:
+        g.int_tensor(p, codes, "uint8")
+    n = codes.shape[1]
+    scale = g.const(f"{p}_scale_c", c.scales if c.per_col else np.full(n, c.scales[0]))
+    zp = g.int_tensor(f"{p}_zero_point_c", c.offsets, "uint8")
+    _meta(g.add("MatMulIntegerToFloat",
+                [c.act, p, f"{c.act_prefix}scale", scale, f"{c.act_prefix}zero_point", zp,
+                 g.const(f"{c.site}/bias{c.j}", c.bias)], [c.out], f"{c.site}/MatMul{c.j}",
+                domain="com.microsoft"), **c.meta, weight=p)
+    return "uint8"
+
+
+def _emit_qdq(g: _Graph, c: _LinearGroup, opts: EmitOptions) -> str:
+    """``DQ(W) -> MatMul -> Add``, which TensorRT fuses (and ORT on the ``real`` grid): the
+    weight in the target's container (INT4 at <= 4 bits unless asked otherwise), the bias as a
+    plain Add, and for a weight grid with a shift the exact rank-1 term ``rowsum(a) * m_w``."""
+    rules = TARGETS[opts.target]
+    int4 = opts.weight_container == "int4" or (opts.weight_container == "auto" and c.bits <= 4)
+    container = "int4" if int4 else rules.weight_container
+    wname, scale, zp = _weight_tensor(g, c, container)
+    lo = 0 if container == "uint8" else -(2 ** (c.bits - 1))
+    _meta(g.add("DequantizeLinear", [wname, scale, zp], [f"{wname}_dq"],
+                f"{wname}/DequantizeLinear", **({"axis": 1} if c.per_col else {})),
+          site=c.site, kind="weight", bits=c.bits, qmin=lo, qmax=lo + 2**c.bits - 1,
+          container=container)
+    mm, site, j = f"{c.site}/MatMul{c.j}", c.site, c.j
+    _meta(g.add("MatMul", [c.act, f"{wname}_dq"], [f"{mm}_out"], mm), **c.meta, weight=wname)
+    if c.w_zero:  # plain bias (TensorRT fuses it; nothing to correct)
+        g.add("Add", [f"{mm}_out", g.const(f"{site}/bias{j}", c.bias)], [c.out], f"{site}/Add{j}")
+    else:
+        g.add("ReduceSum", [c.act_sum, g.const(f"{site}/axes_last{j}", [-1], np.int64)],
+              [f"{site}/rowsum{j}"], f"{site}/ReduceSum{j}", keepdims=1)
+        g.add("Mul", [f"{site}/rowsum{j}", g.const(f"{wname}_shift", c.shifts)],
+              [f"{site}/wcorr{j}"], f"{site}/MulShift{j}")
+        g.add("Add", [f"{site}/wcorr{j}", g.const(f"{site}/bias{j}", c.bias)],
+              [f"{site}/corr{j}"], f"{site}/AddBias{j}")
+        g.add("Add", [f"{mm}_out", f"{site}/corr{j}"], [c.out], f"{site}/Add{j}")
+    return container
+
+
+# How each target writes a quantized linear whose grids all hold 0 (TargetRules.fused_linear);
+# any other linear (the ``real`` grid's shifts, or INT4 containers asked for) is written as Q/DQ
+LINEAR_EMITTERS = {True: _emit_fused, False: _emit_qdq}
+
+
 def _emit_linear(g: _Graph, node: onnx.NodeProto, site: str, lin: QuantLinear,
                  opts: EmitOptions) -> list[dict]:
-    """The subgraph of one quantized linear; returns one metadata record per MatMul."""
+    """The subgraph of one quantized linear; returns one metadata record per product."""
     x, out = node.input[0], node.output[0]
     if lin.rotation is not None:  # online rotation x R (W R is already folded into the weight)
         rot = g.const(f"{site}/rotation", lin.rotation.detach().cpu().float().numpy())
@@ -128,13 +229,11 @@ def _emit_linear(g: _Graph, node: onnx.NodeProto, site: str, lin: QuantLinear,
         x = f"{site}/rotated"
     acts = [act_encoding(q, opts.target) for q in lin.act_quantizers]
     wencs = [weight_encoding(q, w) for q, w in zip(lin.weight_quantizers, lin.weight_blocks())]
-    # a deployable grid (0 on every grid): no weight-shift term, so no second DQ copy for it;
-    # for ORT the fused integer op is written directly (a constant bias Add after a DQ'd MatMul
-    # is folded into an FP Gemm before ORT's QDQ fusion: deploy notes B1)
+    # a deployable grid (0 on every grid): no weight-shift term, so no second DQ copy for it
     w_zero = all(not np.any(w.row_shifts()) for w in wencs)
-    rules = TARGETS[opts.target]
-    fused = (rules.fused_linear and w_zero and all(e.shift == 0.0 for e in acts)
+    fused = (TARGETS[opts.target].fused_linear and w_zero and all(e.shift == 0.0 for e in acts)
              and opts.weight_container != "int4")
+    emit = LINEAR_EMITTERS[fused]
     copies = 0 if fused else 1 if w_zero else 2
     dqs = [_emit_act(g, x, e, f"{site}/act{i}/", site, dq_copies=copies)
            for i, e in enumerate(acts)]
@@ -144,79 +243,36 @@ def _emit_linear(g: _Graph, node: onnx.NodeProto, site: str, lin: QuantLinear,
                                                                      range(lin.groups)]
     outs, records = [], []
     for j, groups in plan:
-        enc = acts[j if not lin.shared_input else 0]
-        a, a_sum = (dqs[j if not lin.shared_input else 0] + [None])[:2]
+        a_idx = j if not lin.shared_input else 0
+        enc = acts[a_idx]
         ws = [wencs[k] for k in groups]
-        bits = max(w.bits for w in ws)
-        int4 = opts.weight_container == "int4" or (opts.weight_container == "auto" and bits <= 4
-                                                   and not fused)
-        container = "int4" if int4 else rules.weight_container
-        codes = np.concatenate([w.codes for w in ws], 0).T  # (K, N) for MatMul(a, W)
         deq = np.concatenate([w.dequant for w in ws], 0).astype(np.float64)  # (N, K)
-        col = np.concatenate([np.full(w.codes.shape[0], 1.0) for w in ws])
-        scales = np.concatenate([w.row_scales() for w in ws])
-        shifts = np.concatenate([w.row_shifts() for w in ws])
         bias = np.concatenate([b if b is not None else np.zeros(w.codes.shape[0])
                                for b, w in zip((biases[k] for k in groups), ws)])
-        bias = (bias + enc.shift * deq.sum(1) * col).astype(np.float32)
-        p = f"{site}/W{j}"
-        per_col = len(ws) > 1 or any(w.per_channel for w in ws)
-        scale = g.const(f"{p}_scale", scales if per_col else scales[0])
-        zp_vals = np.zeros(codes.shape[1] if per_col else (), np.int64)
-        if container == "uint8":  # codes + 2^(b-1) with that zero point: same dequantized values
-            off = np.concatenate([np.full(w.codes.shape[0], 2 ** (w.bits - 1)) for w in ws])
-            codes = codes.astype(np.int64) + off[None, :]
-            zp_vals = off if per_col else np.asarray(off[0])
-        if fused and container == "uint8" and bits <= 4 and opts.weight_container == "auto":
-            # 4-bit codes stored packed and widened by a Cast that ORT folds at load, so the
-            # integer kernel still gets (and prepacks) a uint8 constant
-            g.int_tensor(f"{p}_u4", codes, "uint4")
-            wname = p
-            g.add("Cast", [f"{p}_u4"], [p], f"{p}/CastUInt8", to=TensorProto.UINT8)
-        else:
-            wname = g.int_tensor(p, codes, container)
-        zp = g.int_tensor(f"{p}_zero_point", zp_vals, container)
-        lo = 0 if container == "uint8" else -(2 ** (bits - 1))
-        wmeta = dict(site=site, kind="weight", bits=bits, qmin=lo, qmax=lo + 2**bits - 1,
-                     container=container)
-        mm = f"{site}/MatMul{j}"
+        bits = max(w.bits for w in ws)
         yj = out if len(plan) == 1 else f"{site}/out{j}"
-        lin_meta = dict(site=site, kind="linear", bits=bits, a_bits=enc.bits, w_bits=bits,
-                        group=j, weight=wname,
-                        act_q=f"{site}/act{j if not lin.shared_input else 0}/QuantizeLinear")
-        if fused:  # uint8 activation codes x uint8 weight codes, scales, zero points, bias
-            if not per_col:
-                scale = g.const(f"{p}_scale_c", np.full(codes.shape[1], scales[0], np.float32))
-                zp = g.int_tensor(f"{p}_zero_point_c", np.full(codes.shape[1], zp_vals),
-                                  container)
-            pre = f"{site}/act{j if not lin.shared_input else 0}/"
-            _meta(g.add("MatMulIntegerToFloat",
-                        [a, wname, f"{pre}scale", scale, f"{pre}zero_point", zp,
-                         g.const(f"{site}/bias{j}", bias)], [yj], mm, domain="com.microsoft"),
-                  **lin_meta)
-            outs.append(yj)
-        else:
-            _meta(g.add("DequantizeLinear", [wname, scale, zp], [f"{p}_dq"],
-                        f"{p}/DequantizeLinear", **({"axis": 1} if per_col else {})), **wmeta)
-            _meta(g.add("MatMul", [a, f"{p}_dq"], [f"{mm}_out"], mm), **lin_meta)
-            if w_zero:  # plain bias (TensorRT fuses it; nothing to correct)
-                g.add("Add", [f"{mm}_out", g.const(f"{site}/bias{j}", bias)], [yj],
-                      f"{site}/Add{j}")
-            else:
-                g.add("ReduceSum", [a_sum, g.const(f"{site}/axes_last{j}", [-1], np.int64)],
-                      [f"{site}/rowsum{j}"], f"{site}/ReduceSum{j}", keepdims=1)
-                g.add("Mul", [f"{site}/rowsum{j}", g.const(f"{p}_shift", shifts)],
-                      [f"{site}/wcorr{j}"], f"{site}/MulShift{j}")
-                g.add("Add", [f"{site}/wcorr{j}", g.const(f"{site}/bias{j}", bias)],
-                      [f"{site}/corr{j}"], f"{site}/AddBias{j}")
-                g.add("Add", [f"{mm}_out", f"{site}/corr{j}"], [yj], f"{site}/Add{j}")
-            outs.append(yj)
-        records.append(dict(site=site, kind="linear", matmul=mm, group=j, weight=wname,
-                            weight_container=container, w_bits=bits, a_bits=enc.bits,
-                            act=enc.meta(), weight_scale=scales.tolist() if per_col
-                            else float(scales[0]), weight_shift=shifts.tolist() if per_col
-                            else float(shifts[0]), in_features=int(codes.shape[0]),
-                            out_features=int(codes.shape[1])))
+        c = _LinearGroup(
+            site=site, j=j, act=dqs[a_idx][0], act_sum=(dqs[a_idx] + [None])[1],
+            act_prefix=f"{site}/act{a_idx}/", enc=enc,
+            codes=np.concatenate([w.codes for w in ws], 0).T,  # (K, N) for MatMul(a, W)
+            scales=np.concatenate([w.row_scales() for w in ws]),
+            shifts=np.concatenate([w.row_shifts() for w in ws]),
+            bias=(bias + enc.shift * deq.sum(1)).astype(np.float32), bits=bits,
+            per_col=len(ws) > 1 or any(w.per_channel for w in ws),
+            offsets=np.concatenate([np.full(w.codes.shape[0], 2 ** (w.bits - 1)) for w in ws]),
+            out=yj, meta=dict(site=site, kind="linear", bits=bits, a_bits=enc.bits, w_bits=bits,
+                              group=j, act_q=f"{site}/act{a_idx}/QuantizeLinear"))
+        container = emit(g, c, opts)
+        outs.append(yj)
+        records.append(dict(site=site, kind="linear", matmul=f"{site}/MatMul{j}", group=j,
+                            weight=f"{site}/W{j}", weight_container=container, w_bits=bits,
+                            a_bits=enc.bits, act=enc.meta(),
+                            weight_scale=c.scales.tolist() if c.per_col
+                            else float(c.scales[0]),
+                            weight_shift=c.shifts.tolist() if c.per_col
+                            else float(c.shifts[0]),
+                            in_features=int(c.codes.shape[0]),
+                            out_features=int(c.codes.shape[1])))
     if len(plan) > 1:
         g.add("Concat", outs, [out], f"{site}/Concat", axis=-1)
     return records
