@@ -34,8 +34,10 @@ from calibrate.calibfile import (
 )
 from calibrate.dobi import apply_bounds, dobi_bounds
 from calibrate.dqc import DQCConfig, run_dqc, val_psnr
+from calibrate.gptq import apply_gptq
 from calibrate.prepare import WIDE_BITS, QuantRecipe, prepare
 from calibrate.quantizer import check_bits
+from calibrate.site_choice import choose_rotations, choose_wide_inputs
 from calibrate.vocab import (
     BUDGETS,
     DEPLOY_GRIDS,
@@ -50,8 +52,12 @@ from calibrate.vocab import (
     WeightGrid,
     expected,
 )
+from edge_sr.checkpoints import load_model
+from edge_sr.data.images import is_image_name
+from edge_sr.data.pool import PatchSampler, pool_split
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import versions
+from edge_sr.paths import train_dir
 
 log = logging.getLogger(__name__)
 
@@ -214,10 +220,6 @@ def pool_data(scale: int, budget: str = "fast", seed: int = 0,
               pool: str | Path | None = None, lr_patch: int | None = None,
               calib_patches: int = CALIB_PATCHES, calib_patch: int = CALIB_PATCH) -> PoolData:
     """Calibration patches, held-out validation patches and the DQC sampler, all seeded."""
-    from edge_sr.data.images import is_image_name
-    from edge_sr.data.pool import PatchSampler, pool_split
-    from edge_sr.paths import train_dir
-
     root = Path(pool) if pool is not None else train_dir()
     n = sum(1 for f in root.iterdir() if is_image_name(f)) if root.is_dir() else 0
     if n < MIN_POOL_IMAGES:
@@ -262,15 +264,11 @@ def resolve_recipe(cfg: CalibrationConfig, fp_model: nn.Module, data: PoolData,
     recipe = cfg.quant_recipe()
     rotate = cfg.option("rotate")
     if "auto" in rotate:
-        from calibrate.site_choice import choose_rotations
-
         fixed = tuple(r for r in rotate if r != "auto")
         sites, report = choose_rotations(fp_model, replace(recipe, rotate=()), data.calib_lr)
         recipe = replace(recipe, rotate=fixed + tuple(s for s in sites if s not in fixed))
         stats["rotation_choice"] = report
     if cfg.avg_bits is not None:
-        from calibrate.site_choice import choose_wide_inputs
-
         # the per-site bits are chosen on held-out patches, never on the test sets
         sites, report = choose_wide_inputs(fp_model, recipe, data.val[0], cfg.avg_bits)
         recipe = replace(recipe, wide_inputs=tuple(recipe.wide_inputs) + sites)
@@ -315,8 +313,6 @@ def calibrate_model(lm, data: PoolData, cfg: CalibrationConfig,
         stats["stats_seconds"] = rep.seconds
     rounding = cfg.option("rounding")
     if rounding == "gptq":
-        from calibrate.gptq import apply_gptq
-
         stats["gptq"] = apply_gptq(student, data.calib_lr)
     stats["val_psnr_init"] = val_psnr(student, *data.val, scale)
     if cfg.method in DQC_METHODS:
@@ -347,8 +343,6 @@ def calibrate(cfg: CalibrationConfig, lm=None) -> Path:
     """
     cfg.validate()
     if lm is None:
-        from edge_sr.checkpoints import load_model
-
         lm = load_model(cfg.model, scale=cfg.scale, device=cfg.device)
     data = pool_data(lm.scale, cfg.budget, cfg.seed, cfg.pool,
                      lr_patch=cfg.dqc_config(lm.model).lr_patch,

@@ -34,8 +34,10 @@ from torch import nn
 from tqdm import tqdm
 
 from calibrate.prepare import bound_parameters, quantizers
+from edge_sr.data.images import to_uint8
 from edge_sr.fileio import atomic_path
 from edge_sr.logutil import progress_disabled
+from edge_sr.metrics import psnr_y
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +148,6 @@ class _FeatureTap:
 
 def val_psnr(student: nn.Module, val_lr: torch.Tensor, val_hr: torch.Tensor, scale: int) -> float:
     """Mean Y-PSNR (crop = scale) of the student on held-out patches, via edge_sr.metrics."""
-    from edge_sr.data.images import to_uint8
-    from edge_sr.metrics import psnr_y
-
     dev = next(student.parameters()).device
     with torch.no_grad():
         sr = student(val_lr.to(dev)).cpu()

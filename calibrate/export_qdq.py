@@ -31,9 +31,12 @@ from pathlib import Path
 import onnx
 from torch import nn
 
+from calibrate.calibfile import load_calibrated
 from calibrate.export.emit import EmitOptions, fold_matmul_shifts, replace_sites
 from calibrate.export.grid import TARGETS
 from calibrate.export.trace import TRACE_OPSET, quant_sites, trace_with_sites
+from calibrate.export_plugin import apply_lowbit_plugins
+from calibrate.prepare import quantizers
 from calibrate.vocab import WEIGHT_CONTAINERS, Target, WeightContainer, expected
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import atomic_path
@@ -77,10 +80,6 @@ class ExportConfig:
 def _student(calibrated) -> nn.Module:
     """Accept a ``CalibratedModel`` (``.model``), a fake-quant model, or a calibration file path."""
     if isinstance(calibrated, (str, os.PathLike)):
-        try:
-            from calibrate.calibfile import load_calibrated
-        except ImportError as e:  # pragma: no cover - H3's module not present in this checkout
-            raise EdgeSRError(f"{calibrated}: cannot read calibration files ({e})") from None
         calibrated = load_calibrated(calibrated)
     model = getattr(calibrated, "model", calibrated)
     if not isinstance(model, nn.Module):
@@ -93,8 +92,6 @@ def _check_model(model: nn.Module, cfg: ExportConfig) -> None:
     if not linears and not acts:
         raise EdgeSRError("export: the model has no quantizers; calibrate it first "
                           "(edge-sr calibrate)")
-    from calibrate.prepare import quantizers
-
     missing = [n for n, q in quantizers(model) if not bool(q.initialized)]
     if missing:
         raise EdgeSRError(f"export: the model is not calibrated: {len(missing)} quantizer(s) "
@@ -156,11 +153,6 @@ def export_qdq(calibrated, cfg: ExportConfig, output: str | os.PathLike,
     model = _student(calibrated)
     proto, records = build_qdq(model, cfg)
     if cfg.lowbit_plugin:
-        try:
-            from calibrate.export_plugin import apply_lowbit_plugins
-        except ImportError:
-            raise EdgeSRError("--lowbit-plugin: calibrate.export_plugin is not available in "
-                              "this installation") from None
         proto = apply_lowbit_plugins(proto)
     compact(proto)  # the file is for running: short tensor names, no shape annotations
     with atomic_path(output) as tmp:

@@ -24,10 +24,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from calibrate.api import CalibrationConfig
+from calibrate.export_qdq import ExportConfig, export_qdq
 from calibrate.vocab import BUDGETS, METHODS, expected
+from edge_sr.checkpoints import load_model
 from edge_sr.errors import EdgeSRError, MissingDependencyError
 from edge_sr.fileio import versions
 from edge_sr.logutil import progress_disabled
+from edge_sr.onnx_export import export_fp_onnx
+from runtime.backends.onnxruntime import OrtBackend
 from runtime.calib_cache import cached_calibration, load_student
 from runtime.engine import (
     FP32_FILE,
@@ -38,6 +42,7 @@ from runtime.engine import (
     file_entry,
     write_manifest,
 )
+from runtime.tiling import default_overlap
 from runtime.validation import validate_engine
 from runtime.vocab import BACKEND_CHOICES
 
@@ -178,8 +183,6 @@ def resolve_backend(choice: str) -> str:
 # --- stages ------------------------------------------------------------------------------------
 
 def stage_checkpoint(cfg: BuildConfig):
-    from edge_sr.checkpoints import load_model
-
     lm = load_model(cfg.model_name, scale=cfg.scale)
     if cfg.input_size is not None:
         w, h = cfg.input_size
@@ -193,9 +196,6 @@ def stage_checkpoint(cfg: BuildConfig):
 
 
 def stage_export(student, lm, cfg: BuildConfig, backend: str, work: Path) -> None:
-    from calibrate.export_qdq import ExportConfig, export_qdq
-    from edge_sr.onnx_export import export_fp_onnx
-
     target = "trt" if backend == "tensorrt" else "ort"
     export_qdq(student, ExportConfig(target=target, tile=cfg.tile, batch=cfg.batch),
                work / MODEL_FILE)
@@ -217,7 +217,6 @@ def stage_build(cfg: BuildConfig, backend: str, work: Path) -> None:
         build_engine(work / MODEL_FILE, work / TRT_FILE, tile=cfg.tile, batch=cfg.batch)
         build_engine(work / FP32_FILE, work / TRT_FP32_FILE, tile=cfg.tile, batch=cfg.batch)
         return
-    from runtime.backends.onnxruntime import OrtBackend
 
     for name in (MODEL_FILE, FP32_FILE):
         OrtBackend(work / name, threads=cfg.threads, max_batch=cfg.batch).close()
@@ -311,7 +310,6 @@ def build(cfg: BuildConfig) -> BuildResult:
                 stage_export(student, lm, cfg, backend, work)
             with stage("build"):
                 stage_build(cfg, backend, work)
-            from runtime.tiling import default_overlap
 
             files = {"model": file_entry(work, MODEL_FILE), "fp32": file_entry(work, FP32_FILE)}
             if (work / TRT_FILE).exists():

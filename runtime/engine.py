@@ -22,6 +22,7 @@ from pathlib import Path
 
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import sha256_file, write_json
+from runtime.backends.onnxruntime import OrtBackend
 from runtime.vocab import BACKENDS
 
 MANIFEST = "manifest.json"
@@ -135,7 +136,6 @@ class Engine:
             from runtime.backends.tensorrt import TensorRTBackend  # lazy: needs a GPU
 
             return TensorRTBackend(self.file("fp32_engine" if fp32 else "engine"))
-        from runtime.backends.onnxruntime import OrtBackend
 
         role = "fp32" if fp32 else "model"
         return OrtBackend(self.file(role), threads=threads, tile=tuple(m.tile),

@@ -30,9 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_sr.checkpoints import cache_dir, load_model
+from edge_sr.data.pool import load_pair, pool_split
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import atomic_path, sha256_file
 from runtime.backends.base import Backend, BackendInfo
+from runtime.backends.onnxruntime import cpu_model
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +78,6 @@ def calibration_tiles(tile: tuple[int, int], scale: int, n: int = CALIB_PATCHES,
     real input; images and crop positions come from ``seed``. Returns float32 (n, 3, h, w) in
     [0, 1] and the image names.
     """
-    from edge_sr.data.pool import load_pair, pool_split
-
     try:
         paths = pool_split().calib
     except EdgeSRError as e:
@@ -167,7 +168,6 @@ def ort_static_graph(eng, n_calib: int = CALIB_PATCHES, seed: int = 0) -> tuple[
     fp32 = eng.file("fp32")
     fp32_sha = (eng.manifest.files.get("fp32") or {}).get("sha256") or sha256_file(fp32)
     key = static_key(fp32_sha, n_calib, seed)
-    from edge_sr.checkpoints import cache_dir
 
     candidates = [eng.path / STATIC_FILE, cache_dir() / "ort_quantize_static" / f"{key}.onnx"]
     info = {"graph": None, "key": key, "fp32_sha256": fp32_sha, "settings": static_settings(),
@@ -218,7 +218,6 @@ class EagerBackend(Backend):
     def info(self) -> BackendInfo:
         import torch
 
-        from runtime.backends.onnxruntime import cpu_model
 
         return BackendInfo("pytorch-eager", f"CPU ({cpu_model()}, {torch.get_num_threads()} "
                            "threads)", "fp32")
@@ -230,8 +229,6 @@ class EagerBackend(Backend):
 def eager_model(manifest) -> tuple[object, dict]:
     """The engine's FP model (``manifest.model.path``, else its registered name) and what the
     JSON records of it; ``BaselineUnavailable`` when it cannot be found or read."""
-    from edge_sr.checkpoints import load_model
-
     rec = manifest.model or {}
     tried, errors = [], []
     for ref in (rec.get("path"), rec.get("name")):

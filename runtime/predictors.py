@@ -20,6 +20,8 @@ from edge_sr.checkpoints import load_model
 from edge_sr.errors import EdgeSRError
 from edge_sr.evaluate import Predictor
 from runtime.backends.base import Backend, BackendInfo
+from runtime.backends.onnxruntime import OrtBackend
+from runtime.engine import open_engine
 from runtime.tiling import run_tiled
 
 
@@ -80,8 +82,6 @@ class BackendPredictor:
 def onnx_predictor(path: str | os.PathLike, threads: int | None = None,
                    overlap: int | None = None) -> BackendPredictor:
     """An ONNX Runtime (CPU) predictor over a fixed-shape SR ONNX file."""
-    from runtime.backends.onnxruntime import OrtBackend
-
     backend = OrtBackend(path, threads=threads)
     info = backend.info()
     return BackendPredictor(backend, name=Path(path).name, overlap=overlap,
@@ -92,8 +92,6 @@ def onnx_predictor(path: str | os.PathLike, threads: int | None = None,
 def engine_predictor(engine_dir: str | os.PathLike, threads: int | None = None,
                      scale: int | None = None, fp32: bool = False) -> BackendPredictor:
     """A predictor over an engine directory (``runtime.engine``), validated first."""
-    from runtime.engine import open_engine
-
     eng = open_engine(engine_dir, scale=scale)
     backend = eng.backend(threads=threads, fp32=fp32)
     return BackendPredictor(backend, name=eng.manifest.name + ("-fp32" if fp32 else ""),

@@ -32,6 +32,8 @@ from tqdm import tqdm
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import atomic_path, write_json
 from edge_sr.logutil import progress_disabled
+from runtime.backends.onnxruntime import OrtBackend, default_threads
+from runtime.engine import open_engine
 from runtime.ort_baseline import (
     EAGER_LABEL,
     STATIC_LABEL,
@@ -41,6 +43,8 @@ from runtime.ort_baseline import (
     eager_model,
     ort_static_graph,
 )
+from runtime.predictors import BackendPredictor
+from runtime.tiling import TilePlan, pad_to_min
 
 log = logging.getLogger(__name__)
 MIN_RUNS = 3  # timed rounds kept even when the time budget is spent
@@ -126,10 +130,6 @@ def default_paths(cfg: ProfileConfig, engine_name: str) -> tuple[Path, Path]:
 def profile(cfg: ProfileConfig) -> dict:
     """Profile the engine (with ``compare``: its FP32 graph, ORT's ``quantize_static`` graph of it
     and PyTorch eager FP32 too, interleaved); write JSON and a PNG plot."""
-    from runtime.engine import open_engine
-    from runtime.predictors import BackendPredictor
-    from runtime.tiling import TilePlan, pad_to_min
-
     eng = open_engine(cfg.engine, scale=cfg.scale)
     m = eng.manifest
     h, w = cfg.input_size
@@ -221,7 +221,6 @@ def _add_baselines(cfg: ProfileConfig, eng, factories: dict, baselines: dict,
     ``skipped``); set torch's threads to the engine's and return the previous count."""
     import torch
 
-    from runtime.backends.onnxruntime import OrtBackend, default_threads
 
     m = eng.manifest
     threads = cfg.threads or default_threads()
