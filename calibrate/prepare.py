@@ -18,7 +18,16 @@ from torch import nn
 from calibrate.qmodules import QuantLinear
 from calibrate.quantizer import BoundFakeQuantizer, check_bits
 from calibrate.rotation import random_hadamard
-from calibrate.vocab import DEPLOY_GRIDS, FP_WEIGHTS, SITE_KINDS, WEIGHT_GRIDS, expected
+from calibrate.vocab import (
+    DEPLOY_GRIDS,
+    FP_WEIGHTS,
+    SITE_KINDS,
+    WEIGHT_GRIDS,
+    FPWeights,
+    Grid,
+    WeightGrid,
+    expected,
+)
 from edge_sr.errors import EdgeSRError
 from edge_sr.models.base import QuantPoint, SRModel
 
@@ -94,9 +103,9 @@ class QuantRecipe:
     wide_inputs: tuple[str, ...] = ()
     rotate: tuple[str, ...] = ()
     rotation_seed: int = 0
-    weight_grid: Literal["tensor", "channel"] = "tensor"
-    grid: Literal["real", "ort", "trt"] = "real"
-    fp_weights: Literal["fp32", "fp16"] = "fp32"
+    weight_grid: WeightGrid = "tensor"
+    grid: Grid = "real"
+    fp_weights: FPWeights = "fp32"
     fp_sites: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
