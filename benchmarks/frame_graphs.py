@@ -81,6 +81,37 @@ def interleaved_ms(sessions: dict, x, runs: int, on_round=None) -> dict[str, flo
     return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
 
 
+def score_and_time(fp_model, variants, tile, val, scale: int, threads: int, runs: int,
+                   log=None) -> tuple[list[dict], dict[str, float]]:
+    """For each ``(label, make_student)``: the student's held-out PSNR (``val`` = LR, HR) and
+    its ``ort`` QDQ graph at ``tile``; then every graph and the FP32 one timed side by side
+    (``interleaved_ms``). Returns one row per variant (``variant``, ``val_psnr``, ``ms``,
+    ``speed_vs_fp32``) and the medians by label (``"FP32"`` included)."""
+    import numpy as np
+
+    from calibrate.dqc import val_psnr
+    from calibrate.export_qdq import ExportConfig, export_qdq
+    from edge_sr.onnx_export import export_fp_onnx
+
+    rows, paths = [], {}
+    with tempfile.TemporaryDirectory() as d:
+        paths["FP32"] = export_fp_onnx(fp_model, Path(d) / "fp32.onnx", tile=tile)
+        for i, (label, make_student) in enumerate(variants):
+            st = make_student()
+            rows.append(dict(variant=label, val_psnr=val_psnr(st, *val, scale)))
+            paths[label] = export_qdq(st, ExportConfig(target="ort", tile=tile),
+                                      Path(d) / f"v{i}.onnx")
+            if log is not None:
+                log.info("%s: held-out %.3f dB", label, rows[-1]["val_psnr"])
+        sessions = cpu_sessions(paths, threads)
+    x = np.random.default_rng(0).random((1, 3, *tile), dtype=np.float32)
+    ms = interleaved_ms(sessions, x, runs, on_round=None if log is None else
+                        lambda r: log.info("round %d/%d", r + 1, runs))
+    for row in rows:
+        row |= dict(ms=ms[row["variant"]], speed_vs_fp32=ms["FP32"] / ms[row["variant"]])
+    return rows, ms
+
+
 def sizes(a: argparse.Namespace) -> None:
     from edge_sr.checkpoints import load_model
     from edge_sr.onnx_export import export_fp_onnx

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 FRAME = (180, 320)  # LR (height, width)
@@ -38,20 +38,17 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    import numpy as np
     import torch
 
     from benchmarks.dqc_step import cpu_model
-    from benchmarks.frame_graphs import cpu_sessions, interleaved_ms
+    from benchmarks.frame_graphs import score_and_time
     from calibrate.api import pool_data
     from calibrate.dobi import init_bounds
     from calibrate.dqc import val_psnr
-    from calibrate.export_qdq import ExportConfig, export_qdq
     from calibrate.prepare import QuantRecipe, prepare
     from calibrate.site_choice import choose_rotations
     from edge_sr.checkpoints import load_model
     from edge_sr.fileio import write_json
-    from edge_sr.onnx_export import export_fp_onnx
 
     torch.set_num_threads(a.threads)
     lm = load_model(a.model)
@@ -64,24 +61,16 @@ def main(argv=None) -> None:
         sites = tuple(s for s, r in report.items()
                       if r["rotated"] is not None and r["rotated"] < m * r["plain"])
         variants.append((f"margin {m:g}", sites))
-    rows, paths = [], {}
-    with tempfile.TemporaryDirectory() as d:
-        paths["FP32"] = export_fp_onnx(lm.model, Path(d) / "fp32.onnx", tile=tile)
-        for i, (label, sites) in enumerate(variants):
-            st = prepare(lm.model, replace(base, rotate=sites))
-            init_bounds(st, data.calib_lr)
-            psnr = val_psnr(st, *data.val, lm.scale)
-            paths[label] = export_qdq(st, ExportConfig(target="ort", tile=tile),
-                                      Path(d) / f"r{i}.onnx")
-            rows.append(dict(variant=label, rotated_sites=len(sites), val_psnr=psnr))
-            log.info("%s: %d of %d sites rotated, held-out %.3f dB", label, len(sites),
-                     len(report), psnr)
-        sessions = cpu_sessions(paths, a.threads)
-    x = np.random.default_rng(0).random((1, 3, *tile), dtype=np.float32)
-    ms = interleaved_ms(sessions, x, a.runs,
-                        on_round=lambda r: log.info("round %d/%d", r + 1, a.runs))
-    for row in rows:
-        row |= dict(ms=ms[row["variant"]], speed_vs_fp32=ms["FP32"] / ms[row["variant"]])
+    def student(sites):
+        st = prepare(lm.model, replace(base, rotate=sites))
+        init_bounds(st, data.calib_lr)
+        return st
+
+    rows, ms = score_and_time(lm.model, [(label, partial(student, sites))
+                                         for label, sites in variants],
+                              tile, data.val, lm.scale, a.threads, a.runs, log)
+    for row, (_, sites) in zip(rows, variants):
+        row["rotated_sites"] = len(sites)
     out = dict(model=a.model, bits=a.bits, tile=list(tile), threads=a.threads, runs=a.runs,
                cpu=cpu_model(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                fp32_ms=ms["FP32"], fp_val_psnr=val_psnr(lm.model, *data.val, lm.scale),

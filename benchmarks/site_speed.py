@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 FRAME = (180, 320)  # LR (height, width)
@@ -44,19 +44,16 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    import numpy as np
     import torch
 
     from benchmarks.dqc_step import cpu_model
-    from benchmarks.frame_graphs import cpu_sessions, interleaved_ms
+    from benchmarks.frame_graphs import score_and_time
     from calibrate.api import pool_data
     from calibrate.dobi import init_bounds
     from calibrate.dqc import val_psnr
-    from calibrate.export_qdq import ExportConfig, export_qdq
     from calibrate.prepare import SITE_KINDS, QuantRecipe, prepare
     from edge_sr.checkpoints import load_model
     from edge_sr.fileio import write_json
-    from edge_sr.onnx_export import export_fp_onnx
 
     torch.set_num_threads(a.threads)
     w, h = (int(v) for v in a.size.lower().split("x"))
@@ -72,27 +69,22 @@ def main(argv=None) -> None:
     log.info("DOBI %.0f s", time.perf_counter() - t0)
     state = base.state_dict()
     fp_psnr = val_psnr(lm.model, *data.val, lm.scale)
-    rows, paths = [], {}
-    with tempfile.TemporaryDirectory() as d:
-        paths["FP32"] = export_fp_onnx(lm.model, Path(d) / "fp32.onnx", tile=tile)
-        for i, (label, fp_sites) in enumerate(variants):
-            st = prepare(lm.model, QuantRecipe(bits=a.bits, grid="ort", fp_sites=fp_sites))
-            missing = st.load_state_dict(state, strict=False).missing_keys
-            if missing:
-                raise AssertionError(f"{label}: bounds not carried over: {missing[:3]}")
-            psnr = val_psnr(st, *data.val, lm.scale)
-            paths[label] = export_qdq(st, ExportConfig(target="ort", tile=tile),
-                                      Path(d) / f"q{i}.onnx")
-            rows.append(dict(variant=label, fp_sites=list(fp_sites), val_psnr=psnr))
-            log.info("%s: held-out %.3f dB", label, psnr)
-        sessions = cpu_sessions(paths, a.threads)
-    x = np.random.default_rng(0).random((1, 3, *tile), dtype=np.float32)
-    ms = interleaved_ms(sessions, x, a.runs,
-                        on_round=lambda r: log.info("round %d/%d", r + 1, a.runs))
+
+    def student(fp_sites):  # the one DOBI calibration, minus the sites kept FP
+        st = prepare(lm.model, QuantRecipe(bits=a.bits, grid="ort", fp_sites=fp_sites))
+        missing = st.load_state_dict(state, strict=False).missing_keys
+        if missing:
+            raise AssertionError(f"{fp_sites}: bounds not carried over: {missing[:3]}")
+        return st
+
+    rows, ms = score_and_time(lm.model, [(label, partial(student, fp_sites))
+                                         for label, fp_sites in variants],
+                              tile, data.val, lm.scale, a.threads, a.runs, log)
+    for row, (_, fp_sites) in zip(rows, variants):
+        row["fp_sites"] = list(fp_sites)
     base_ms, base_psnr = ms["all quantized"], rows[0]["val_psnr"]
     for row in rows:
-        row |= dict(ms=ms[row["variant"]], speed_vs_fp32=ms["FP32"] / ms[row["variant"]],
-                    ms_saved_by_quantizing=ms[row["variant"]] - base_ms,
+        row |= dict(ms_saved_by_quantizing=ms[row["variant"]] - base_ms,
                     psnr_cost_of_quantizing=row["val_psnr"] - base_psnr)
     out = dict(model=a.model, bits=a.bits, grid="ort", tile=list(tile), threads=a.threads,
                runs=a.runs, cpu=cpu_model(), date=time.strftime("%Y-%m-%d %H:%M UTC",
