@@ -68,8 +68,6 @@ class ScaleRun:
         self.scale, self.bits_list = scale, bits_list
         self.lm = load_model(SETTINGS.family.checkpoint.format(scale=scale), device=SETTINGS.device)
         self._data = self._stats = self._paper_data = None
-        self.recipe_cfg = CalibrationConfig(model=self.lm.name, bits=4, output="-",
-                                            budget="fast")
 
     @property
     def data(self):
@@ -77,12 +75,13 @@ class ScaleRun:
             self._data = pool_data(self.scale, "fast", seed=0)
         return self._data
 
-    def recipe_data(self, recipe: str):
-        """The recipe's pool data: the same 32 DOBI patches, its own DQC and validation patches."""
-        if recipe == "fast":
+    def budget_data(self, budget: str):
+        """The DQC budget's pool data: the same 32 DOBI patches, its own DQC and validation
+        patches."""
+        if budget == "fast":
             return self.data
         if self._paper_data is None:
-            self._paper_data = pool_data(self.scale, recipe, seed=0)
+            self._paper_data = pool_data(self.scale, budget, seed=0)
         return self._paper_data
 
     def stats(self, student):
@@ -137,8 +136,8 @@ class ScaleRun:
                               else prepare(self.lm.model, QuantRecipe(bits)))
         info: dict = {"stats_pass_seconds": rep.seconds, "device": device_name(),
                       "device_type": torch.device(SETTINGS.device).type}
-        dqc_recipe = "paper" if method == PAPER_RECIPE else "fast"
-        data = self.recipe_data(dqc_recipe)
+        dqc_budget = "paper" if method == PAPER_RECIPE else "fast"
+        data = self.budget_data(dqc_budget)
         if method in ("dobi", *DQC_METHODS):
             # a shared qkv input quantizer is named like the separated q-input one (index 0)
             names = [n for n, _ in quantizers(student)]
@@ -155,7 +154,7 @@ class ScaleRun:
         info["val_psnr_init"] = val_psnr(student, *data.val, self.scale)
         cfg = CalibrationConfig(model=self.lm.name, bits=bits, output=str(path),
                                 method="2dquant" if method in DQC_METHODS else method,
-                                budget=dqc_recipe, qkv_separation=recipe.qkv_separation,
+                                budget=dqc_budget, qkv_separation=recipe.qkv_separation,
                                 wide_inputs=recipe.wide_inputs, device=SETTINGS.device)
         if method in DQC_METHODS:
             dqc_cfg = cfg.dqc_config()
