@@ -82,7 +82,7 @@ class BuildConfig:
     force: bool = False
     threads: int | None = None  # torch (calibration, validation) and ORT threads; None: defaults
     val_images: int = 4  # held-out BSD200 images for the build-time check
-    val_crop: int = 96  # centre LR crop of each (keeps validation to seconds)
+    val_crop: int = 96  # center LR crop of each (keeps validation to seconds)
     cache_dir: str | Path | None = None
     seed: int = 0
     calib_iterations: int | None = None  # override the budget's DQC iterations (smoke tests)

@@ -50,7 +50,7 @@ def test_candidate_grids_follow_the_reference():
 
 @pytest.mark.parametrize("bits", [2, 4])
 def test_uniform_data_optimum_is_half_a_cell_inside(bits):
-    # levels on the bounds: for U(-1, 1) the MSE optimum puts them at the centres of 2^b cells
+    # levels on the bounds: for U(-1, 1) the MSE optimum puts them at the centers of 2^b cells
     u = torch.rand(100_000, generator=torch.Generator().manual_seed(1)) * 2 - 1
     x = torch.cat([u, -u])
     lo, up = search_bounds(x, bits, "two_sided")
