@@ -53,6 +53,12 @@ def _weight_bytes(path: Path) -> int:
     return sum(t.ByteSize() for t in onnx.load(str(path)).graph.initializer)
 
 
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table (the form docs/results uses) from a header and string cells."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
 def cpu_sessions(paths: dict[str, Path], threads: int) -> dict:
     """One ORT CPU session per graph, ``threads`` intra-op threads, warnings silenced."""
     import onnxruntime as ort
@@ -181,14 +187,12 @@ def shapes(a: argparse.Namespace) -> None:
         rows.append((tile, ms, n))
     print(f"{a.model}, {a.threads} threads [{cpu_model()}]; frame 320x180 (engine shape for one "
           f"tile: {fh}x{fw})")
-    print("| engine shape (H x W) | FP32 ms | W8A8 ms | FP32 us / LR pixel | W8A8 us / LR pixel "
-          "| tiles per 320x180 frame | FP32 ms / frame | W8A8 ms / frame |")
-    print("|---|---|---|---|---|---|---|---|")
-    for (th, tw), ms, n in rows:
-        px = th * tw
-        print(f"| {th}x{tw} | {ms['FP32']:.0f} | {ms['W8A8']:.0f} | {1e3 * ms['FP32'] / px:.1f} "
-              f"| {1e3 * ms['W8A8'] / px:.1f} | {n} | {n * ms['FP32']:.0f} | "
-              f"{n * ms['W8A8']:.0f} |")
+    print(markdown_table(
+        ["engine shape (H x W)", "FP32 ms", "W8A8 ms", "FP32 us / LR pixel", "W8A8 us / LR pixel",
+         "tiles per 320x180 frame", "FP32 ms / frame", "W8A8 ms / frame"],
+        [[f"{th}x{tw}", f"{ms['FP32']:.0f}", f"{ms['W8A8']:.0f}",
+          f"{1e3 * ms['FP32'] / (th * tw):.1f}", f"{1e3 * ms['W8A8'] / (th * tw):.1f}", str(n),
+          f"{n * ms['FP32']:.0f}", f"{n * ms['W8A8']:.0f}"] for (th, tw), ms, n in rows]))
 
 
 def main(argv=None) -> None:

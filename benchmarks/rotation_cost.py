@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     import torch
 
     from benchmarks.dqc_step import cpu_model
-    from benchmarks.frame_graphs import score_and_time
+    from benchmarks.frame_graphs import markdown_table, score_and_time
     from calibrate.api import pool_data
     from calibrate.dobi import init_bounds
     from calibrate.dqc import val_psnr
@@ -77,13 +77,11 @@ def main(argv=None) -> None:
                sites=len(report), rows=rows)
     print(f"{a.model} W{a.bits}A{a.bits} ort, {tile[0]}x{tile[1]}, {a.threads} threads "
           f"[{out['cpu']}]; FP32 {ms['FP32']:.0f} ms, FP held-out {out['fp_val_psnr']:.3f} dB")
-    print("| rotation choice | sites rotated | ms | vs ORT FP32 | held-out PSNR |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['variant']} | {row['rotated_sites']} / {len(report)} | {row['ms']:.0f} | "
-              f"{row['speed_vs_fp32']:.2f}x | {row['val_psnr']:.3f} |")
+    print(markdown_table(
+        ["rotation choice", "sites rotated", "ms", "vs ORT FP32", "held-out PSNR"],
+        [[r["variant"], f"{r['rotated_sites']} / {len(report)}", f"{r['ms']:.0f}",
+          f"{r['speed_vs_fp32']:.2f}x", f"{r['val_psnr']:.3f}"] for r in rows]))
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
         write_json(a.out, out)
 
 

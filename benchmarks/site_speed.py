@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     import torch
 
     from benchmarks.dqc_step import cpu_model
-    from benchmarks.frame_graphs import score_and_time
+    from benchmarks.frame_graphs import markdown_table, score_and_time
     from calibrate.api import pool_data
     from calibrate.dobi import init_bounds
     from calibrate.dqc import val_psnr
@@ -92,15 +92,13 @@ def main(argv=None) -> None:
                fp32_ms=ms["FP32"], fp_val_psnr=fp_psnr, rows=rows)
     print(f"{a.model} W{a.bits}A{a.bits} ort, {tile[0]}x{tile[1]}, {a.threads} threads "
           f"[{out['cpu']}]; FP32 {ms['FP32']:.0f} ms, FP held-out {fp_psnr:.3f} dB")
-    print("| variant | ms | vs ORT FP32 | ms the site's integer path saves | held-out PSNR "
-          "| PSNR the site's quantization costs |")
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['variant']} | {row['ms']:.0f} | {row['speed_vs_fp32']:.2f}x | "
-              f"{row['ms_saved_by_quantizing']:+.0f} | {row['val_psnr']:.3f} | "
-              f"{row['psnr_cost_of_quantizing']:+.3f} |")
+    print(markdown_table(
+        ["variant", "ms", "vs ORT FP32", "ms the site's integer path saves", "held-out PSNR",
+         "PSNR the site's quantization costs"],
+        [[r["variant"], f"{r['ms']:.0f}", f"{r['speed_vs_fp32']:.2f}x",
+          f"{r['ms_saved_by_quantizing']:+.0f}", f"{r['val_psnr']:.3f}",
+          f"{r['psnr_cost_of_quantizing']:+.3f}"] for r in rows]))
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
         write_json(a.out, out)
 
 
