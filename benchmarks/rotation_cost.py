@@ -61,6 +61,7 @@ def main(argv=None) -> None:
         sites = tuple(s for s, r in report.items()
                       if r["rotated"] is not None and r["rotated"] < m * r["plain"])
         variants.append((f"margin {m:g}", sites))
+
     def student(sites):
         st = prepare(lm.model, replace(base, rotate=sites))
         init_bounds(st, data.calib_lr)
