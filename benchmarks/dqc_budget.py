@@ -41,7 +41,9 @@ def run(a: argparse.Namespace) -> Path:
     cfg = CalibrationConfig(model=a.model, bits=a.bits, output="-", method=a.method,
                             budget=a.budget, iterations=a.iterations, dqc_batch=a.batch,
                             dqc_patch=a.lr_patch, val_every=a.val_every, bound_lr=a.bound_lr,
-                            device=a.device, time_limit=a.time_limit)
+                            device=a.device, time_limit=a.time_limit, grid=a.grid,
+                            fp_sites=tuple(s for s in a.fp_sites.split(",") if s),
+                            weight_lr=a.weight_lr)
     # the recipe's data: 32 calibration patches and its held-out validation patches
     # ("cpu": 8 of 64x64 LR; "paper": 16 of 64x64)
     data = pool_data(lm.scale, cfg.budget, cfg.seed, lr_patch=cfg.dqc_config(lm.model).lr_patch)
@@ -52,7 +54,8 @@ def run(a: argparse.Namespace) -> Path:
     pre = total - st.get("dqc_seconds", 0.0)
     res = {"model": a.model, "bits": a.bits, "method": a.method, "batch": a.batch,
            "lr_patch": cfg.dqc_config(lm.model).lr_patch, "iterations": a.iterations,
-           "bound_lr": cfg.option("bound_lr"), "threads": a.threads, "cpu": cpu_model(),
+           "bound_lr": cfg.option("bound_lr"), "weight_lr": cfg.option("weight_lr"),
+           "grid": cfg.grid, "fp_sites": list(cfg.fp_sites), "threads": a.threads, "cpu": cpu_model(),
            "device": _device_name(a.device), "dqc_stopped_at": st.get("dqc_stopped_at"),
            "time_limit_min": a.time_limit,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -152,6 +155,11 @@ def main(argv=None) -> None:
     r.add_argument("--iterations", type=int, default=200)
     r.add_argument("--val-every", type=int, default=10)
     r.add_argument("--bound-lr", default=None, choices=["absolute", "relative"])
+    r.add_argument("--weight-lr", type=float, default=None,
+                   help="DQC also trains the linears' weights at this lr x grid step")
+    r.add_argument("--grid", default="real", help="the engine grid learned (real, ort, ...)")
+    r.add_argument("--fp-sites", default="", metavar="KINDS",
+                   help="site kinds kept in floating point, e.g. qk,pv")
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--budget", default="cpu", choices=["cpu", "paper"],
                    help="whose held-out patches validate (and whose DQC defaults apply)")

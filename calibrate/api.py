@@ -38,6 +38,7 @@ from calibrate.gptq import apply_gptq
 from calibrate.prepare import WIDE_BITS, QuantRecipe, prepare
 from calibrate.quantizer import check_bits
 from calibrate.site_choice import choose_rotations, choose_wide_inputs
+from calibrate.smoothing import measure_smoothing
 from calibrate.vocab import (
     BUDGETS,
     DEPLOY_GRIDS,
@@ -61,6 +62,11 @@ from edge_sr.paths import train_dir
 
 log = logging.getLogger(__name__)
 
+# SmoothQuant's migration strength for ``--method edge-sr``: chosen on held-out BSD200 patches
+# (NGswin x2 W4A4, DOBI + GPTQ: 0.35 / 0.5 / 0.65 / 0.8 gave 31.25 / 31.41 / 31.49 / 31.43 dB;
+# without smoothing 30.66; docs/results/beyond.md)
+SMOOTH_ALPHA = 0.65
+
 DOBI_METHODS = ("2dquant", "edge-sr", "dobi")  # bounds initialised by DOBI
 DQC_METHODS = ("2dquant", "edge-sr")  # then trained by DQC
 # What ``--method edge-sr`` adds to 2DQuant unless an option is given explicitly: Hadamard
@@ -68,7 +74,7 @@ DQC_METHODS = ("2dquant", "edge-sr")  # then trained by DQC
 # rounding of the weights, and a bound learning rate relative to each grid's range. Each was
 # measured against the faithful 2DQuant on held-out data (docs/results/beyond.md).
 EDGE_SR_OPTIONS = dict(rotate=("auto",), weight_grid="channel", rounding="gptq",
-                       bound_lr="relative", fp_weights="fp16")
+                       bound_lr="relative", fp_weights="fp16", weight_lr=0.0, smooth=SMOOTH_ALPHA)
 
 # DQC budgets, one per calibrate.vocab.BUDGETS name. "fast" was sized on the shared 2-core CPU
 # (see docs/results/accuracy.md); "cpu" is the budget that gained most within 15 minutes of
@@ -121,6 +127,8 @@ class CalibrationConfig:
     dqc_patch: int | None = None  # override the budget's DQC LR patch
     val_every: int | None = None  # override the budget's validation interval
     bound_lr: Literal["absolute", "relative"] | None = None  # DQC bound lr (None: method's)
+    weight_lr: float | None = None  # DQC also trains the linears' weights (None: method's)
+    smooth: float | Literal["none"] | None = None  # SmoothQuant alpha ("none": off; None: method's)
     recompute: bool = False  # DQC activation checkpointing per block (memory for time)
     time_limit: float | None = None  # minutes of calibration; DQC stops at the first step past it
 
@@ -133,6 +141,9 @@ class CalibrationConfig:
         if self.method not in METHODS:
             raise EdgeSRError(expected("--method", METHODS, self.method))
         check_device(self.device)
+        if self.weight_lr is not None and not self.weight_lr >= 0:
+            raise EdgeSRError(f"--weight-lr: expected a learning rate >= 0 (0: only the "
+                              f"bounds train), got {self.weight_lr}")
         if self.time_limit is not None and not self.time_limit > 0:
             raise EdgeSRError(f"--time-limit: expected minutes > 0, got {self.time_limit}")
         if self.budget not in BUDGETS:
@@ -155,7 +166,8 @@ class CalibrationConfig:
         if self.method == "edge-sr":
             return EDGE_SR_OPTIONS[name]
         return {"rotate": (), "weight_grid": "tensor", "rounding": "nearest",
-                "bound_lr": "absolute", "fp_weights": "fp32"}[name]
+                "bound_lr": "absolute", "fp_weights": "fp32", "weight_lr": 0.0,
+                "smooth": "none"}[name]
 
     def quant_recipe(self) -> QuantRecipe:
         """The recipe before per-site choices ("auto" rotation and ``avg_bits`` are resolved
@@ -168,7 +180,9 @@ class CalibrationConfig:
                            tuple(self.wide_inputs),
                            rotate=tuple(r for r in self.option("rotate") if r != "auto"),
                            weight_grid=self.option("weight_grid"), grid=self.grid,
-                           fp_weights=self.option("fp_weights"), fp_sites=tuple(self.fp_sites))
+                           fp_weights=self.option("fp_weights"), fp_sites=tuple(self.fp_sites),
+                           smooth=None if self.option("smooth") == "none"
+                           else float(self.option("smooth")))
 
     def dqc_config(self, model: nn.Module | None = None) -> DQCConfig:
         """The DQC budget; patches are at least ``model``'s minimum input (smaller ones would
@@ -178,6 +192,7 @@ class CalibrationConfig:
         for key, v in (("iterations", self.iterations), ("batch", self.dqc_batch),
                        ("lr_patch", self.dqc_patch), ("val_every", self.val_every),
                        ("bound_lr", self.option("bound_lr")),
+                       ("weight_lr", self.option("weight_lr")),
                        ("recompute", self.recompute or None)):
             if v is not None:
                 kw[key] = v
@@ -259,9 +274,13 @@ def pick_percentile(student: nn.Module, per_p: dict[str, dict], data: PoolData,
 
 
 def resolve_recipe(cfg: CalibrationConfig, fp_model: nn.Module, data: PoolData,
-                   stats: dict) -> QuantRecipe:
-    """The recipe with every measured per-site choice made (rotation "auto", ``avg_bits``)."""
+                   stats: dict) -> tuple[QuantRecipe, dict[str, torch.Tensor] | None]:
+    """The recipe with every measured per-site choice made (smoothing factors, rotation "auto",
+    ``avg_bits``); returns (recipe, smoothing factors or None)."""
     recipe = cfg.quant_recipe()
+    smoothing = None
+    if recipe.smooth is not None:
+        smoothing = measure_smoothing(fp_model, recipe, data.calib_lr, recipe.smooth)
     rotate = cfg.option("rotate")
     if "auto" in rotate:
         fixed = tuple(r for r in rotate if r != "auto")
@@ -270,10 +289,11 @@ def resolve_recipe(cfg: CalibrationConfig, fp_model: nn.Module, data: PoolData,
         stats["rotation_choice"] = report
     if cfg.avg_bits is not None:
         # the per-site bits are chosen on held-out patches, never on the test sets
-        sites, report = choose_wide_inputs(fp_model, recipe, data.val[0], cfg.avg_bits)
+        sites, report = choose_wide_inputs(fp_model, recipe, data.val[0], cfg.avg_bits,
+                                           smoothing=smoothing)
         recipe = replace(recipe, wide_inputs=tuple(recipe.wide_inputs) + sites)
         stats["wide_choice"] = report
-    return recipe
+    return recipe, smoothing
 
 
 def calibrate_model(lm, data: PoolData, cfg: CalibrationConfig,
@@ -290,8 +310,8 @@ def calibrate_model(lm, data: PoolData, cfg: CalibrationConfig,
     scale = lm.scale
     stats: dict = {"val_patches": list(data.val[0].shape)}
     t0 = time.perf_counter()
-    recipe = resolve_recipe(cfg, lm.model, data, stats)
-    student = prepare(lm.model, recipe)
+    recipe, smoothing = resolve_recipe(cfg, lm.model, data, stats)
+    student = prepare(lm.model, recipe, smoothing)
     if cfg.method in DOBI_METHODS:
         bounds, rep = dobi_bounds(student, data.calib_lr, [cfg.bits])
         apply_bounds(student, bounds[cfg.bits])
@@ -331,7 +351,8 @@ def calibrate_model(lm, data: PoolData, cfg: CalibrationConfig,
         bits=cfg.bits, scale=scale, method=cfg.method, recipe=recipe.to_dict(),
         checkpoint_name=lm.name, checkpoint_sha256=lm.sha256,
         state_sha256=state_checksum(lm.model), arch=lm.arch, config=cfg.to_dict(), stats=stats,
-        versions=versions(), rounding=rounding)
+        versions=versions(), rounding=rounding,
+        weights_trained=cfg.method in DQC_METHODS and cfg.option("weight_lr") > 0)
     return CalibratedModel(student.eval(), meta)
 
 

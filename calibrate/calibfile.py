@@ -7,7 +7,11 @@ the calibration config, timings, versions). A per-channel quantizer's bounds are
 floats. Files written before the recipe gained its options beyond the paper (rotation, per-channel
 weights, per-site bits) carry no such keys and read as the faithful recipe they were made with.
 When the weights were not rounded to nearest (GPTQ, ``meta.rounding``), the file also holds every
-quantized linear's weight (``weights`` {module path: float32 tensor}), restored on loading. Loading rebuilds the student from the FP checkpoint
+quantized linear's weight (``weights`` {module path: float32 tensor}), restored on loading. When
+DQC trained the weights too (``meta.weights_trained``, ``DQCConfig.weight_lr > 0``; format
+version 2) the file also holds their biases (``biases``), and with SmoothQuant smoothing
+(``recipe.smooth``; version 2) each quantized linear's factors (``smoothing`` {module path:
+(K,) tensor}). Version 1 files (neither) still read. Loading rebuilds the student from the FP checkpoint
 and the stored recipe; the bit width comes from the recipe, and a file that disagrees with what
 the caller asks for (bits, scale, recipe, checkpoint) is an error that names both (spec §7.13).
 """
@@ -29,7 +33,8 @@ from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import atomic_path
 
 FORMAT = "edge-sr-calibration"
-VERSION = 1
+VERSION = 2  # 2: trained weights and biases (meta.weights_trained), smoothing factors
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,11 @@ class CalibrationMeta:
     stats: dict = field(default_factory=dict)  # timings, DQC history, chosen percentile, ...
     versions: dict = field(default_factory=dict)
     rounding: str = "nearest"  # weight rounding: "nearest" (paper) or "gptq" (weights stored)
+    weights_trained: bool = False  # DQC trained the linears' weights and biases (both stored)
+
+    @property
+    def stores_weights(self) -> bool:
+        return self.rounding != "nearest" or self.weights_trained
 
     @property
     def quant_recipe(self) -> QuantRecipe:
@@ -77,9 +87,14 @@ def save_calibration(path: str | os.PathLike, student: nn.Module, meta: Calibrat
     path = Path(path)
     obj = {"format": FORMAT, "version": VERSION, "meta": asdict(meta),
            "bounds": {n: q.bounds() for n, q in quantizers(student)}}
-    if meta.rounding != "nearest":  # the weights are not the FP ones: store them
-        obj["weights"] = {n: m.weight.detach().cpu().clone() for n, m in student.named_modules()
-                          if isinstance(m, QuantLinear)}
+    linears = [(n, m) for n, m in student.named_modules() if isinstance(m, QuantLinear)]
+    if meta.stores_weights:  # the weights are not the FP ones: store them
+        obj["weights"] = {n: m.weight.detach().cpu().clone() for n, m in linears}
+    if meta.weights_trained:
+        obj["biases"] = {n: m.bias.detach().cpu().clone() for n, m in linears
+                         if m.bias is not None}
+    if meta.quant_recipe.smooth is not None:
+        obj["smoothing"] = {n: m.smoothing.detach().cpu().clone() for n, m in linears}
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return path
@@ -87,7 +102,8 @@ def save_calibration(path: str | os.PathLike, student: nn.Module, meta: Calibrat
 
 def read_calibration(path: str | os.PathLike, with_weights: bool = False):
     """(bounds, meta) of a calibration file, checked for format and completeness; with
-    ``with_weights``, (bounds, meta, weights) where weights is {linear: tensor} or {}."""
+    ``with_weights``, (bounds, meta, tensors): {"weights": {linear: tensor}, "biases": {...},
+    "smoothing": {...}}, each empty when the file has none."""
     path = Path(path)
     if not path.is_file():
         raise EdgeSRError(f"calibration file {path}: expected a file written by 'edge-sr "
@@ -100,16 +116,24 @@ def read_calibration(path: str | os.PathLike, with_weights: bool = False):
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise EdgeSRError(f"calibration file {path}: expected format {FORMAT!r}, found "
                           f"{obj.get('format') if isinstance(obj, dict) else type(obj).__name__!r}")
-    if obj.get("version") != VERSION:
-        raise EdgeSRError(f"calibration file {path}: expected version {VERSION}, found "
+    if obj.get("version") not in READABLE_VERSIONS:
+        raise EdgeSRError(f"calibration file {path}: expected version "
+                          f"{' or '.join(map(str, READABLE_VERSIONS))}, found "
                           f"{obj.get('version')}")
     names = {f.name for f in fields(CalibrationMeta)}
     meta = CalibrationMeta(**{k: v for k, v in obj["meta"].items() if k in names})
-    weights = obj.get("weights", {})
-    if meta.rounding != "nearest" and not weights:
-        raise EdgeSRError(f"calibration file {path}: its weights were rounded by "
-                          f"{meta.rounding} but are missing from the file")
-    return (obj["bounds"], meta, weights) if with_weights else (obj["bounds"], meta)
+    weights = dict(obj.get("weights", {}))
+    if meta.stores_weights and not weights:
+        why = "trained by DQC" if meta.weights_trained else f"rounded by {meta.rounding}"
+        raise EdgeSRError(f"calibration file {path}: its weights were {why} but are missing "
+                          "from the file")
+    smoothing = dict(obj.get("smoothing", {}))
+    if meta.quant_recipe.smooth is not None and not smoothing:
+        raise EdgeSRError(f"calibration file {path}: its recipe smooths the linear inputs but "
+                          "the smoothing factors are missing from the file")
+    tensors = {"weights": weights, "biases": dict(obj.get("biases", {})),
+               "smoothing": smoothing}
+    return (obj["bounds"], meta, tensors) if with_weights else (obj["bounds"], meta)
 
 
 def _mismatch(path: Path, what: str, stored, asked) -> EdgeSRError:
@@ -126,7 +150,7 @@ def load_calibrated(path: str | os.PathLike, model=None, *, bits: int | None = N
     ``recipe``, when given, must match the file.
     """
     path = Path(path)
-    bounds, meta, weights = read_calibration(path, with_weights=True)
+    bounds, meta, tensors = read_calibration(path, with_weights=True)
     if bits is not None and bits != meta.bits:
         raise _mismatch(path, "bits", meta.bits, bits)
     if scale is not None and scale != meta.scale:
@@ -152,17 +176,21 @@ def load_calibrated(path: str | os.PathLike, model=None, *, bits: int | None = N
                 f"differ (checksum {state_checksum(fp)[:12]})")
     if int(fp.scale) != meta.scale:
         raise _mismatch(path, "scale", meta.scale, int(fp.scale))
-    student = prepare(fp, meta.quant_recipe)
     try:
-        for name, w in weights.items():
-            lin = dict(student.named_modules()).get(name)
-            if not isinstance(lin, QuantLinear) or lin.weight.shape != w.shape:
-                raise ValueError(f"stored weight {name} {tuple(w.shape)} fits no quantized "
+        student = prepare(fp, meta.quant_recipe, tensors["smoothing"] or None)
+        mods = dict(student.named_modules())
+        stored = [(n, "weight", w) for n, w in tensors["weights"].items()] + \
+                 [(n, "bias", b) for n, b in tensors["biases"].items()]
+        for path_, attr, w in stored:
+            lin = mods.get(path_)
+            dst = getattr(lin, attr, None) if isinstance(lin, QuantLinear) else None
+            if dst is None or dst.shape != w.shape:
+                raise ValueError(f"stored {attr} {path_} {tuple(w.shape)} fits no quantized "
                                  "linear of the model")
             with torch.no_grad():
-                lin.weight.copy_(w)
+                dst.copy_(w)
         apply_bounds(student, {k: tuple(v) for k, v in bounds.items()})
-    except ValueError as e:
+    except (ValueError, KeyError) as e:
         raise EdgeSRError(f"calibration file {path}: its quantizers do not fit the model ({e})"
                           ) from None
     return CalibratedModel(student.eval(), meta)

@@ -1,4 +1,6 @@
-"""DQC: distillation quantization calibration (spec §4). Only the quantizers' bounds train.
+"""DQC: distillation quantization calibration (spec §4). In the paper only the quantizers'
+bounds train; ``weight_lr > 0`` (beyond the paper) also trains the quantized linears' weights and
+biases through the same straight-through estimator.
 
 Loss = output L1 (student vs FP teacher, no ground truth) + lambda * sum of feature terms at the
 model's ``feature_modules()`` outputs. ``feature_loss="fixed"`` (default) is the intended loss:
@@ -15,7 +17,10 @@ saved atomically every ``ckpt_every`` iterations; ``resume`` continues from it.
 
 One step is ``DQCStep.step`` (``benchmarks.dqc_step`` times it). Beyond the paper, with the same
 maths: ``recompute`` checkpoints every transformer block (memory for time), and
-``bound_lr="relative"`` gives each quantizer an lr proportional to its range (``param_groups``).
+``bound_lr="relative"`` gives each quantizer an lr proportional to its range (``param_groups``),
+and ``weight_lr`` trains the weights of every quantized linear as well, at ``weight_lr`` times
+its mean weight-grid step (quantization-aware fine-tuning by distillation, as in the block
+reconstruction of BRECQ / EfficientQAT, but end to end).
 Each validation in the history records the seconds since this run (re)started.
 """
 
@@ -34,6 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from calibrate.prepare import bound_parameters, quantizers
+from calibrate.qmodules import QuantLinear
 from edge_sr.data.images import to_uint8
 from edge_sr.fileio import atomic_path
 from edge_sr.logutil import progress_disabled
@@ -58,8 +64,13 @@ class DQCConfig:
     # "absolute": one lr for every bound (the paper); "relative": each quantizer's lr is
     # ``lr`` times its range u - l at the start (beyond the paper; spec §7.9)
     bound_lr: Literal["absolute", "relative"] = "absolute"
+    # 0: only the bounds train (the paper). > 0: the quantized linears' weights and biases train
+    # too, each linear at weight_lr x its mean weight-grid step (u - l) / (2^b - 1) (beyond it)
+    weight_lr: float = 0.0
 
     def __post_init__(self) -> None:
+        if not self.weight_lr >= 0:
+            raise ValueError(f"weight_lr must be >= 0, got {self.weight_lr!r}")
         if self.bound_lr not in ("absolute", "relative"):
             raise ValueError(f"bound_lr must be 'absolute' or 'relative', got {self.bound_lr!r}")
         if self.feature_loss not in ("fixed", "released"):
@@ -156,9 +167,20 @@ def val_psnr(student: nn.Module, val_lr: torch.Tensor, val_hr: torch.Tensor, sca
     return float(sum(min(v, 100.0) for v in vals) / len(vals))
 
 
+def quantized_linears(student: nn.Module) -> list[tuple[str, QuantLinear]]:
+    return [(n, m) for n, m in student.named_modules() if isinstance(m, QuantLinear)]
+
+
 def _bounds_state(student: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{n}.{k}": getattr(q, k).detach().clone() for n, q in quantizers(student)
-            for k in ("lower", "upper")}
+    """What DQC trains: every quantizer's bounds, and the quantized linears' weights and biases
+    (stored even when only the bounds train, so a resumed or best state restores them all)."""
+    st = {f"{n}.{k}": getattr(q, k).detach().clone() for n, q in quantizers(student)
+          for k in ("lower", "upper")}
+    for n, m in quantized_linears(student):
+        st[f"{n}.weight"] = m.weight.detach().clone()
+        if m.bias is not None:
+            st[f"{n}.bias"] = m.bias.detach().clone()
+    return st
 
 
 def _load_bounds(student: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -166,6 +188,23 @@ def _load_bounds(student: nn.Module, state: dict[str, torch.Tensor]) -> None:
         for n, q in quantizers(student):
             q.lower.copy_(state[f"{n}.lower"])
             q.upper.copy_(state[f"{n}.upper"])
+        for n, m in quantized_linears(student):
+            for k in ("weight", "bias"):
+                if f"{n}.{k}" in state:  # states written before weights could train lack them
+                    getattr(m, k).copy_(state[f"{n}.{k}"])
+
+
+def linear_parameters(student: nn.Module) -> list[tuple[QuantLinear, list[nn.Parameter]]]:
+    """Each quantized linear with its weight (and bias): what ``weight_lr > 0`` trains."""
+    return [(m, [m.weight] + ([m.bias] if m.bias is not None else []))
+            for _, m in quantized_linears(student)]
+
+
+def weight_step(m: QuantLinear) -> float:
+    """The mean grid step (u - l) / (2^b - 1) of a quantized linear's weight quantizers."""
+    steps = [float((q.upper.detach() - q.lower.detach()).abs().mean()) / (2**q.bits - 1)
+             for q in m.weight_quantizers]
+    return sum(steps) / len(steps)
 
 
 def param_groups(student: nn.Module, cfg: DQCConfig) -> list[dict]:
@@ -176,11 +215,15 @@ def param_groups(student: nn.Module, cfg: DQCConfig) -> list[dict]:
     bounds (range ~2000) by nothing measurable; a relative lr moves every grid alike.
     """
     if cfg.bound_lr == "absolute":
-        return [{"params": bound_parameters(student)}]
-    groups = []
-    for _, q in quantizers(student):
-        rng = float((q.upper.detach() - q.lower.detach()).abs().mean())
-        groups.append({"params": [q.lower, q.upper], "lr": cfg.lr * max(rng, 1e-8)})
+        groups = [{"params": bound_parameters(student)}]
+    else:
+        groups = []
+        for _, q in quantizers(student):
+            rng = float((q.upper.detach() - q.lower.detach()).abs().mean())
+            groups.append({"params": [q.lower, q.upper], "lr": cfg.lr * max(rng, 1e-8)})
+    if cfg.weight_lr > 0:
+        groups += [{"params": ps, "lr": cfg.weight_lr * max(weight_step(m), 1e-12)}
+                   for m, ps in linear_parameters(student)]
     return groups
 
 
@@ -188,12 +231,15 @@ class DQCStep:
     """One DQC training step, the unit ``run_dqc`` repeats and ``benchmarks.dqc_step`` times.
 
     ``step(lr)``: teacher forward (no autograd), student forward, output + feature loss,
-    backward, Adam. Only the bounds train; ``close()`` removes the hooks and freezes them again.
+    backward, Adam. The bounds train (and, with ``cfg.weight_lr > 0``, the quantized linears'
+    weights and biases); ``close()`` removes the hooks and freezes them again.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DQCConfig) -> None:
         self.student, self.teacher, self.cfg = student.eval(), teacher.eval(), cfg
         self.params = bound_parameters(student)
+        if cfg.weight_lr > 0:
+            self.params += [p for _, ps in linear_parameters(student) for p in ps]
         for p in self.params:
             p.requires_grad_(True)
         self.opt = torch.optim.Adam(param_groups(student, cfg), lr=cfg.lr, betas=cfg.betas)

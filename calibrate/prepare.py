@@ -95,6 +95,9 @@ class QuantRecipe:
     * ``fp_weights``: ``"fp16"`` rounds every floating-point weight that is not quantized (of at
       least ``FP16_MIN_NUMEL`` elements and two axes) to FP16 before calibration; the exports
       then store it as FP16 (``edge_sr.onnx_tidy.store_fp16``), bit-exact to the student.
+    * ``smooth``: SmoothQuant's migration strength alpha in [0, 1]; every quantized linear's input
+      is divided per channel by factors measured on calibration data
+      (``calibrate.smoothing``), which ``prepare`` then takes as its ``smoothing`` argument.
     """
 
     bits: int = 4
@@ -107,6 +110,7 @@ class QuantRecipe:
     grid: Grid = "real"
     fp_weights: FPWeights = "fp32"
     fp_sites: tuple[str, ...] = ()
+    smooth: float | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -131,12 +135,16 @@ class QuantRecipe:
             raise ValueError(expected("--grid", DEPLOY_GRIDS, self.grid))
         if self.fp_weights not in FP_WEIGHTS:
             raise ValueError(expected("--fp-weights", FP_WEIGHTS, self.fp_weights))
+        if self.smooth is not None and not 0.0 <= self.smooth <= 1.0:
+            raise ValueError(f"--smooth: expected a migration strength from 0 to 1 (or none), "
+                             f"got {self.smooth}")
 
     @property
     def faithful(self) -> bool:
         """Whether this is the paper's quantizer set-up (no option beyond it)."""
         return not (self.wide_inputs or self.rotate or self.weight_grid != "tensor"
-                    or self.grid != "real" or self.fp_weights != "fp32" or self.fp_sites)
+                    or self.grid != "real" or self.fp_weights != "fp32" or self.fp_sites
+                    or self.smooth is not None)
 
     def rotated(self, point: QuantPoint) -> bool:
         return point.kind == "linear" and _matches(point, self.rotate)
@@ -170,8 +178,17 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, attr, module)
 
 
-def prepare(model: SRModel, recipe: QuantRecipe) -> SRModel:
-    """Return a deep copy of ``model`` with every quantization point swapped for a quantizer."""
+def prepare(model: SRModel, recipe: QuantRecipe,
+            smoothing: dict[str, torch.Tensor] | None = None) -> SRModel:
+    """Return a deep copy of ``model`` with every quantization point swapped for a quantizer.
+
+    ``smoothing``: {linear module path: (K,) factors}, required when ``recipe.smooth`` is set
+    (``calibrate.smoothing.smoothing_factors``; calibration files store them). Raises
+    ``ValueError`` when they are missing or do not fit.
+    """
+    if recipe.smooth is not None and smoothing is None:
+        raise ValueError("the recipe smooths the linear inputs (smooth="
+                         f"{recipe.smooth}), but no smoothing factors were given")
     student = copy.deepcopy(model).eval()
     for p in student.parameters():
         p.requires_grad_(False)
@@ -193,7 +210,8 @@ def prepare(model: SRModel, recipe: QuantRecipe) -> SRModel:
             q = QuantLinear(lin, recipe.bits, groups=groups,
                             shared_input=groups > 1 and not recipe.qkv_separation,
                             act_search=search, act_bits=recipe.input_bits(point),
-                            rotation=rot, weight_channels=recipe.weight_grid == "channel")
+                            rotation=rot, weight_channels=recipe.weight_grid == "channel",
+                            smoothing=None if recipe.smooth is None else smoothing[point.name])
         else:
             q = BoundFakeQuantizer(recipe.bits, search)
         _set_submodule(student, point.name, q)

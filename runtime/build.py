@@ -100,6 +100,8 @@ class BuildConfig:
     shared_qkv_input: bool = False  # one qkv input quantizer: one integer GEMM (not the paper)
     avg_bits: float | None = None  # CalibrationConfig.avg_bits (mixed precision)
     rounding: str | None = None  # CalibrationConfig.rounding (None: the method's)
+    weight_lr: float | None = None  # CalibrationConfig.weight_lr (None: the method's)
+    smooth: float | str | None = None  # CalibrationConfig.smooth (None: the method's)
 
     def __post_init__(self) -> None:
         self.tile = tuple(int(t) for t in self.tile)
@@ -138,7 +140,8 @@ class BuildConfig:
                                  weight_grid=self.weight_grid, grid=self.resolved_grid(),
                                  fp_weights=self.fp_weights,
                                  fp_sites=self.resolved_fp_sites(),
-                                 avg_bits=self.avg_bits, rounding=self.rounding)
+                                 avg_bits=self.avg_bits, rounding=self.rounding,
+                                 weight_lr=self.weight_lr, smooth=self.smooth)
 
     def resolved_fp_sites(self) -> tuple[str, ...]:
         """``fp_sites``, with None resolved to the backend's measured choice."""

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CALIB_CACHE_VERSION = 3  # 2: FP weights as FP16 (edge-sr); 3: ROTATION_MARGIN 0.5
+CALIB_CACHE_VERSION = 4  # 2: FP weights as FP16 (edge-sr); 3: ROTATION_MARGIN 0.5; 4: smoothing
 
 
 def cache_root(cfg: BuildConfig | None = None) -> Path:
@@ -47,7 +47,9 @@ def calibration_key(model_sha256: str, cfg: BuildConfig) -> str:
                                             else cfg.resolved_grid()),
                                            ("shared_qkv", cfg.shared_qkv_input or None),
                                            ("avg_bits", cfg.avg_bits),
-                                           ("rounding", cfg.rounding)) if v is not None},
+                                           ("rounding", cfg.rounding),
+                                           ("weight_lr", cfg.weight_lr),
+                                           ("smooth", cfg.smooth)) if v is not None},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 

@@ -163,3 +163,30 @@ def test_deadline_stops_validates_saves_and_resumes(tiny_swinir, one_thread, tmp
     rep2 = run_dqc(student, fp, sample, val, cfg, state_path=state, resume=True)
     assert rep2.stopped_at is None and rep2.iterations == 5
     assert [h["iteration"] for h in rep2.history] == [0, 1, 5, 6]
+
+
+def test_weight_lr_trains_weights_not_teacher(tiny_swinir, one_thread):
+    """``weight_lr > 0`` (beyond the paper): the quantized linears' weights and biases train
+    with the bounds, the FP teacher's do not, and the best state carries the weights."""
+    from calibrate.dqc import linear_parameters, param_groups, weight_step
+
+    fp, student, sample, val = _setup(tiny_swinir, bits=4)
+    teacher = {k: v.clone() for k, v in fp.state_dict().items()}
+    lin = {id(p): p.detach().clone() for _, ps in linear_parameters(student) for p in ps}
+    cfg = DQCConfig(iterations=20, batch=4, lr_patch=16, val_every=1, ckpt_every=100, lr=1e-3,
+                    weight_lr=0.5)
+    groups = param_groups(student, cfg)
+    m0, ps0 = linear_parameters(student)[0]
+    g = next(g for g in groups if g["params"][0] is ps0[0])
+    assert g["lr"] == pytest.approx(0.5 * weight_step(m0))
+    rep = run_dqc(student, fp, sample, val, cfg)
+    assert all(torch.equal(v, fp.state_dict()[k]) for k, v in teacher.items())
+    moved = [not torch.equal(p.detach(), lin[id(p)]) for _, ps in linear_parameters(student)
+             for p in ps]
+    if rep.best_iteration > 0:
+        assert all(moved)
+    else:  # the DOBI start was best: the weights are restored with the bounds
+        assert not any(moved)
+    assert not any(p.requires_grad for p in student.parameters())
+    with pytest.raises(ValueError, match="weight_lr"):
+        DQCConfig(weight_lr=-1.0)

@@ -76,7 +76,7 @@ def test_edge_sr_method_defaults_and_explicit_options():
     faithful = CalibrationConfig(model="m", bits=4, output="o")
     assert faithful.quant_recipe().faithful
     off = CalibrationConfig(model="m", bits=4, output="o", method="edge-sr", rotate=(),
-                            weight_grid="tensor", fp_weights="fp32")
+                            weight_grid="tensor", fp_weights="fp32", smooth="none")
     assert off.quant_recipe().faithful
     with pytest.raises(EdgeSRError, match="--avg-bits"):
         CalibrationConfig(model="m", bits=4, output="o", avg_bits=3.0).validate()
@@ -141,3 +141,11 @@ def test_vocabularies_are_defined_once_and_the_cli_offers_them():
     r = CliRunner().invoke(main, ["calibrate", "--model", "m", "--bits", "4", "--budget", "slow",
                                   "-o", "x.pt"])
     assert r.exit_code == 2 and "'slow' is not one of 'cpu', 'fast', 'paper'" in r.output
+
+
+def test_weight_lr_option_reaches_dqc_and_is_checked():
+    cc = CalibrationConfig(model="m", bits=4, output="o", method="edge-sr", weight_lr=0.05)
+    assert cc.dqc_config().weight_lr == 0.05
+    assert CalibrationConfig(model="m", bits=4, output="o").dqc_config().weight_lr == 0.0
+    with pytest.raises(EdgeSRError, match="--weight-lr: expected a learning rate >= 0"):
+        CalibrationConfig(model="m", bits=4, output="o", weight_lr=-1.0).validate()

@@ -95,3 +95,55 @@ def test_gptq_weights_survive_a_calibration_file_and_export(tiny_swinir, tmp_pat
     torch.save(obj, tmp_path / "broken.pt")
     with pytest.raises(EdgeSRError, match="rounded by gptq but are missing"):
         read_calibration(tmp_path / "broken.pt")
+
+
+def test_dqc_trained_weights_and_biases_survive_a_calibration_file_and_export(tiny_swinir,
+                                                                             tmp_path):
+    """``weight_lr > 0``: the file (format version 2) keeps the trained weights and biases, the
+    export uses them, and a version-1 file still reads."""
+    from calibrate.dqc import linear_parameters
+    from calibrate.export.ortcheck import make_session
+    from calibrate.export_qdq import ExportConfig, build_qdq
+
+    fp = tiny_swinir(depths=(2,), num_heads=(2,))
+    recipe = QuantRecipe(bits=4, weight_grid="channel", rotate=("fc1",))
+    student = prepare(fp, recipe)
+    init_bounds(student, torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # what DQC's weight training does: move weights and biases
+        for _, ps in linear_parameters(student):
+            for p in ps:
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+    meta = CalibrationMeta(bits=4, scale=2, method="edge-sr", recipe=recipe.to_dict(),
+                           checkpoint_name="tiny", checkpoint_sha256="0" * 64,
+                           state_sha256=state_checksum(fp), arch="swinir-light",
+                           weights_trained=True)
+    path = save_calibration(tmp_path / "w.pt", student, meta)
+    back = load_calibrated(path, fp)
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = student(x)
+        assert torch.equal(back.model(x), ref)
+        assert not torch.equal(prepare(fp, recipe).eval()(x), ref)  # the changes matter
+    proto, _ = build_qdq(back.model, ExportConfig(target="ort", tile=(16, 16)))
+    out = make_session(proto, threads=1).run(None, {"lr": x.numpy()})[0]
+    assert abs(out - ref.numpy()).max() < 1e-4
+    obj = torch.load(path, weights_only=True)
+    assert obj["version"] == 2 and obj["biases"]
+    del obj["weights"], obj["biases"]
+    torch.save(obj, tmp_path / "broken.pt")
+    with pytest.raises(EdgeSRError, match="trained by DQC but are missing"):
+        read_calibration(tmp_path / "broken.pt")
+    plain = CalibrationMeta(bits=4, scale=2, method="2dquant", recipe=recipe.to_dict(),
+                            checkpoint_name="tiny", checkpoint_sha256="0" * 64,
+                            state_sha256=state_checksum(fp), arch="swinir-light")
+    obj = torch.load(save_calibration(tmp_path / "p.pt", prepare(fp, recipe), plain),
+                     weights_only=True)
+    obj["version"] = 1
+    obj["meta"].pop("weights_trained")
+    torch.save(obj, tmp_path / "v1.pt")
+    assert read_calibration(tmp_path / "v1.pt")[1].weights_trained is False
+    obj["version"] = 3
+    torch.save(obj, tmp_path / "v3.pt")
+    with pytest.raises(EdgeSRError, match="expected version 1 or 2, found 3"):
+        read_calibration(tmp_path / "v3.pt")

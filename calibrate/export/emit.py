@@ -11,7 +11,8 @@ the MatMul gets exact rank-1 corrections, so the MatMul sees the DQ output and O
 Quantized linear ``P`` (``edge_sr::QLinear``), for group j (one group, or q/k/v of a fused qkv
 whose inputs are quantized separately)::
 
-    P/Rotate: MatMul(x, R)                                   only for a rotated linear
+    P/Rotate: MatMul(x, S^-1 R)                              only for a rotated linear
+    P/Smooth: Mul(x, 1/s)                                    a smoothed linear that is not rotated
     P/act{i}/{Sub,Clip,QuantizeLinear,DequantizeLinear}      the input, as above (shift m_x)
     P/W{j} (int8/int4 initializer) -> P/W{j}/DequantizeLinear (zp 0)
     (ORT's fused linear: P/W{j} uint8 codes, stored as P/W{j}_u4 -> P/W{j}/CastUInt8 at <= 4 bits)
@@ -223,10 +224,14 @@ def _emit_linear(g: _Graph, node: onnx.NodeProto, site: str, lin: QuantLinear,
                  opts: EmitOptions) -> list[dict]:
     """The subgraph of one quantized linear; returns one metadata record per product."""
     x, out = node.input[0], node.output[0]
-    if lin.rotation is not None:  # online rotation x R (W R is already folded into the weight)
-        rot = g.const(f"{site}/rotation", lin.rotation.detach().cpu().float().numpy())
+    if lin.rotation is not None:  # online x S^-1 R (W S R is already folded into the weight)
+        rot = g.const(f"{site}/rotation", lin.input_matrix().detach().cpu().float().numpy())
         g.add("MatMul", [x, rot], [f"{site}/rotated"], f"{site}/Rotate")
         x = f"{site}/rotated"
+    elif lin.smooth_inv is not None:  # smoothing alone: one multiply (W S folded)
+        inv = g.const(f"{site}/smooth_inv", lin.smooth_inv.detach().cpu().float().numpy())
+        g.add("Mul", [x, inv], [f"{site}/smoothed"], f"{site}/Smooth")
+        x = f"{site}/smoothed"
     acts = [act_encoding(q, opts.target) for q in lin.act_quantizers]
     wencs = [weight_encoding(q, w) for q, w in zip(lin.weight_quantizers, lin.weight_blocks())]
     # a deployable grid (0 on every grid): no weight-shift term, so no second DQ copy for it

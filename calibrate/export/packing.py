@@ -117,6 +117,9 @@ def params_from_quant_linear(qlin: nn.Module) -> LowBitLinearParams:
     if getattr(qlin, "rotation", None) is not None:
         raise EdgeSRError("the low-bit linear has no input rotation; calibrate without "
                           "--rotate for the low-bit CUDA path")
+    if getattr(qlin, "smoothing", None) is not None:
+        raise EdgeSRError("the low-bit linear has no input smoothing; calibrate with "
+                          "--smooth none for the low-bit CUDA path")
     w_bits, act_bits = w_q[0].bits, a_q[0].bits
     codes, lowers, scales = [], [], []
     for block, q in zip(qlin.weight_blocks(), w_q):

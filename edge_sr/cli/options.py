@@ -67,6 +67,20 @@ def parse_optional_list(text: str | None) -> tuple[str, ...] | None:
     return parse_list(text)
 
 
+def _smooth_value(ctx, param, value: str | None) -> float | str | None:
+    """``--smooth``: a migration strength in [0, 1], or none."""
+    if value is None or value.strip().lower() == "none":
+        return None if value is None else "none"
+    try:
+        alpha = float(value)
+    except ValueError:
+        alpha = -1.0
+    if not 0.0 <= alpha <= 1.0:
+        raise click.BadParameter(f"expected a migration strength from 0 to 1 or none, got "
+                                 f"{value!r}")
+    return alpha
+
+
 def quant_options(method_default: str, budget_default: str, grid_default: str = "real"):
     """``--method``, ``--budget`` and the options beyond the paper, shared by calibrate and
     build (the defaults differ: build uses the measured method and budget). The choices come
@@ -114,6 +128,14 @@ def quant_options(method_default: str, budget_default: str, grid_default: str = 
         click.option("--rounding", type=click.Choice(ROUNDINGS), default=None,
                      help="Beyond the paper: weight rounding after DOBI, nearest (paper) or "
                           "GPTQ (output-aware, on the same grids) [default: the method's]."),
+        click.option("--smooth", default=None, metavar="ALPHA|none", callback=_smooth_value,
+                     help="Beyond the paper: SmoothQuant input smoothing of every quantized "
+                          "linear, with migration strength ALPHA in [0, 1] (factors measured on "
+                          "calibration data, folded into the weights) [default: the method's]."),
+        click.option("--weight-lr", type=float, default=None, metavar="LR",
+                     help="Beyond the paper: DQC also trains the quantized linears' weights "
+                          "and biases, at LR x each weight grid's step per Adam step; 0 = "
+                          "bounds only, as the paper [default: the method's]."),
     ]
 
     def deco(f):
