@@ -12,6 +12,10 @@ outputs, the v output and the softmax output. Writes results/bench/sensitivity_<
 PNG bar chart beside it.
 
     python -m benchmarks.sensitivity --family ngswin --scale 2 --bits 4 [--method dobi]
+    python -m benchmarks.sensitivity --calibration F --patches 24 --size 64 --seed 7
+
+``--calibration F`` scores the groups of a calibration file's student instead (after DQC, with
+its rotations, smoothing and weights), as method ``file:<name>``.
 """
 
 from __future__ import annotations
@@ -56,14 +60,23 @@ def held_out(scale: int, patches: int, size: int, seed: int = 1):
                         images=split.val).sample(patches)
 
 
-def run(family: str, scale: int, bits: int, method: str, patches: int, size: int) -> dict:
-    SETTINGS.family = FAMILIES[family]
-    sr = ScaleRun(scale, [4, 2, 3])
-    student = prepare(sr.lm.model, QuantRecipe(bits))
-    res, _ = sr.stats(student)
-    key = "dobi" if method == "dobi" else method
-    apply_bounds(student, {n: (r[key][bits] if key == "dobi" else r[key]) for n, r in res.items()})
-    lr, hr = held_out(scale, patches, size)
+def run(family: str, scale: int, bits: int, method: str, patches: int, size: int,
+        calibration: Path | None = None, seed: int = 1) -> dict:
+    if calibration is not None:
+        from calibrate.calibfile import load_calibrated
+
+        cal = load_calibrated(calibration)
+        student, name = cal.model, cal.meta.checkpoint_name
+        scale, bits, method = cal.meta.scale, cal.meta.bits, f"file:{calibration.name}"
+    else:
+        SETTINGS.family = FAMILIES[family]
+        sr = ScaleRun(scale, [4, 2, 3])
+        student, name = prepare(sr.lm.model, QuantRecipe(bits)), sr.lm.name
+        res, _ = sr.stats(student)
+        key = "dobi" if method == "dobi" else method
+        apply_bounds(student, {n: (r[key][bits] if key == "dobi" else r[key])
+                               for n, r in res.items()})
+    lr, hr = held_out(scale, patches, size, seed)
     qs = dict(quantizers(student))
     groups = sorted({group_of(n) for n in qs})
 
@@ -78,8 +91,8 @@ def run(family: str, scale: int, bits: int, method: str, patches: int, size: int
         rows[f"only {g}"] = score({g})
         rows[f"all but {g}"] = score(set(groups) - {g})
         log.info("%s: only %.3f, all but %.3f", g, rows[f"only {g}"], rows[f"all but {g}"])
-    return {"family": family, "checkpoint": sr.lm.name, "scale": scale, "bits": bits,
-            "method": method, "held_out": {"patches": patches, "lr_size": size},
+    return {"family": family, "checkpoint": name, "scale": scale, "bits": bits,
+            "method": method, "held_out": {"patches": patches, "lr_size": size, "seed": seed},
             "groups": {g: sum(group_of(n) == g for n in qs) for g in groups},
             "psnr": rows, "seconds": time.perf_counter() - t0,
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "versions": versions()}
@@ -132,6 +145,9 @@ def main() -> None:
     ap.add_argument("--method", choices=["dobi", "minmax"], default="dobi")
     ap.add_argument("--patches", type=int, default=16)
     ap.add_argument("--size", type=int, default=48, help="LR patch size")
+    ap.add_argument("--seed", type=int, default=1, help="held-out patch seed")
+    ap.add_argument("--calibration", type=Path, default=None,
+                    help="score this calibration file's student instead of DOBI/MinMax bounds")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table", action="store_true", help="print the stored runs as markdown")
     args = ap.parse_args()
@@ -142,7 +158,8 @@ def main() -> None:
         print(render(json.loads(out.read_text())["runs"]))
         return
     runs = json.loads(out.read_text())["runs"] if out.exists() else []
-    r = run(args.family, args.scale, args.bits, args.method, args.patches, args.size)
+    r = run(args.family, args.scale, args.bits, args.method, args.patches, args.size,
+            args.calibration, args.seed)
     runs = [x for x in runs if (x["scale"], x["bits"], x["method"]) !=
             (r["scale"], r["bits"], r["method"])] + [r]
     write_json(out, {"runs": runs})

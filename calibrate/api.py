@@ -62,9 +62,10 @@ from edge_sr.paths import train_dir
 
 log = logging.getLogger(__name__)
 
-# SmoothQuant's migration strength for ``--method edge-sr``: chosen on held-out BSD200 patches
-# (NGswin x2 W4A4, DOBI + GPTQ: 0.35 / 0.5 / 0.65 / 0.8 gave 31.25 / 31.41 / 31.49 / 31.43 dB;
-# without smoothing 30.66; docs/results/beyond.md)
+# SmoothQuant's migration strength for ``--method edge-sr``, chosen on held-out BSD200 patches
+# (scripts/smooth_study.py; NGswin x2 W4A4 at DOBI + GPTQ, 24 held-out 64x64 patches: none /
+# 0.35 / 0.5 / 0.65 / 0.8 / 1.0 gave 30.66 / 31.25 / 31.43 / 31.45 / 31.45 / 31.33 dB, and 0.65
+# is best on DQC's 8 validation patches: docs/results/beyond.md)
 SMOOTH_ALPHA = 0.65
 
 DOBI_METHODS = ("2dquant", "edge-sr", "dobi")  # bounds initialised by DOBI

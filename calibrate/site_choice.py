@@ -116,7 +116,7 @@ def choose_wide_inputs(fp_model: nn.Module, recipe: QuantRecipe, calib_lr: torch
 
     The mean is over activation elements of the linear inputs (a site's weight is its element
     count in the pass). Sites go greedily by the reduction of ``output_error`` per extra
-    bit-element. Rotations in ``recipe`` (and ``smoothing``, as in ``choose_rotations``) are
+    bit-element. Rotations in ``recipe`` (and the ``smoothing`` factors, when given) are
     applied before measuring.
     """
     if not recipe.bits <= avg_bits <= WIDE_BITS:

@@ -44,6 +44,36 @@ def make_tiny_swinir(scale: int = 2, seed: int = 0, embed_dim: int = 12,
     return perturb_parameters(model, seed)
 
 
+def make_outlier_swinir(**config) -> SwinIRLight:
+    """A tiny SwinIR-light whose first fc1 input has one huge channel (the post-norm NGswin
+    case): the same FP function, with LayerNorm gain 30 on channel 3 and fc1's column 3 / 30."""
+    fp = make_tiny_swinir(2, **config)
+    blk = fp.layers[0].residual_group.blocks[0]
+    with torch.no_grad():
+        blk.norm2.weight[3] = 30.0
+        blk.mlp.fc1.weight[:, 3] /= 30.0
+    return fp
+
+
+def file_and_export_roundtrip(student, fp, meta, path: Path, target: str = "ort"):
+    """Save ``student`` with ``meta`` to ``path``, load it back on ``fp`` and export it to QDQ
+    ONNX for ``target``. Asserts the reloaded student equals ``student`` bit for bit and the ONNX
+    Runtime output is within 1e-4 of it (one 16x16 input). Returns (reloaded, proto)."""
+    from calibrate.calibfile import load_calibrated, save_calibration
+    from calibrate.export.ortcheck import make_session
+    from calibrate.export_qdq import ExportConfig, build_qdq
+
+    back = load_calibrated(save_calibration(path, student, meta), fp)
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = student(x)
+        assert torch.equal(back.model(x), ref)
+    proto, _ = build_qdq(back.model, ExportConfig(target=target, tile=(16, 16)))
+    out = make_session(proto, threads=1).run(None, {"lr": x.numpy()})[0]
+    assert abs(out - ref.numpy()).max() < 1e-4
+    return back, proto
+
+
 @pytest.fixture
 def tiny_swinir() -> Callable[..., SwinIRLight]:
     """Factory: ``tiny_swinir(scale=2, seed=0, **config)`` -> a seeded tiny SwinIR-light."""

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import make_outlier_swinir
 from PIL import Image
 
 from calibrate.api import CalibrationConfig, calibrate, calibrate_model, pool_data
@@ -36,18 +37,10 @@ def pool(tmp_path):
     return _pool(tmp_path / "pool", 4, (72, 72))
 
 
-def _outlier_model(tiny_swinir):
-    """A tiny model whose first fc1 input has one huge channel (the post-norm NGswin case)."""
-    fp = tiny_swinir(2)
-    blk = fp.layers[0].residual_group.blocks[0]
-    with torch.no_grad():
-        blk.norm2.weight[3] = 30.0
-        blk.mlp.fc1.weight[:, 3] /= 30.0  # same FP function, an outlier channel in fc1's input
-    return fp
 
 
 def test_rotation_is_chosen_where_it_measures_better(tiny_swinir):
-    fp = _outlier_model(tiny_swinir)
+    fp = make_outlier_swinir()
     calib = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     sites, report = choose_rotations(fp, QuantRecipe(bits=4), calib)
     first = "layers.0.residual_group.blocks.0.mlp.fc1"
@@ -57,7 +50,7 @@ def test_rotation_is_chosen_where_it_measures_better(tiny_swinir):
 
 
 def test_mixed_precision_keeps_to_the_budget_and_promotes_the_worst_site(tiny_swinir):
-    fp = _outlier_model(tiny_swinir)
+    fp = make_outlier_swinir()
     calib = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     sites, report = choose_wide_inputs(fp, QuantRecipe(bits=4), calib, avg_bits=4.5)
     total = sum(r["elements"] for r in report.values())
