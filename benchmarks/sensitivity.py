@@ -15,7 +15,7 @@ PNG bar chart beside it.
     python -m benchmarks.sensitivity --calibration F --patches 24 --size 64 --seed 7
 
 ``--calibration F`` scores the groups of a calibration file's student instead (after DQC, with
-its rotations, smoothing and weights), as method ``file:<name>``.
+its rotations, smoothing and weights), as method ``file:<path>``.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def run(family: str, scale: int, bits: int, method: str, patches: int, size: int
 
         cal = load_calibrated(calibration)
         student, name = cal.model, cal.meta.checkpoint_name
-        scale, bits, method = cal.meta.scale, cal.meta.bits, f"file:{calibration.name}"
+        scale, bits, method = cal.meta.scale, cal.meta.bits, f"file:{calibration}"
     else:
         SETTINGS.family = FAMILIES[family]
         sr = ScaleRun(scale, [4, 2, 3])
