@@ -56,12 +56,6 @@ log = logging.getLogger(__name__)
 # do not (q.k^T and p.v quantized together: 0-5% slower, their Q/DQ costing what the integer
 # product saves); TensorRT has not been measured, so it keeps the paper's sites.
 DEFAULT_FP_SITES = {"onnxruntime": ("qk", "pv"), "tensorrt": ()}
-# Which linear inputs an engine rotates unless --rotate says otherwise: none on ONNX Runtime's
-# CPU, where each online rotation is one FP32 MatMul (5-13% of a 320x180 NGswin frame) and the
-# accurate engine with 36 of them ran 1.00x / 0.92x ORT FP32; without them (SmoothQuant smoothing
-# kept) NGswin x2 W4A4 still loses <= 1 dB (0.92 / 0.93 on Set5 / Set14, docs/results/beyond.md).
-# None: the method's choice (edge-sr: "auto"); TensorRT has not been measured.
-DEFAULT_ROTATE: dict[str, tuple[str, ...] | None] = {"onnxruntime": (), "tensorrt": None}
 STAGES = ("checkpoint", "calibrate", "export", "build", "validate", "manifest")
 
 
@@ -93,8 +87,7 @@ class BuildConfig:
     seed: int = 0
     calib_iterations: int | None = None  # override the budget's DQC iterations (smoke tests)
     wide_inputs: tuple[str, ...] = ()  # linear roles with 8-bit inputs (QuantRecipe.wide_inputs)
-    # CalibrationConfig.rotate; None: the backend's measured choice (DEFAULT_ROTATE)
-    rotate: tuple[str, ...] | None = None
+    rotate: tuple[str, ...] | None = None  # CalibrationConfig.rotate (None: the method's)
     weight_grid: str | None = None  # CalibrationConfig.weight_grid (None: the method's)
     fp_weights: str | None = None  # CalibrationConfig.fp_weights (None: the method's)
     # CalibrationConfig.fp_sites, the site kinds kept in FP; None: the backend's measured choice
@@ -143,7 +136,7 @@ class BuildConfig:
                                  method=self.method, budget=self.budget, output=str(output),
                                  seed=self.seed, iterations=self.calib_iterations,
                                  qkv_separation=not self.shared_qkv_input,
-                                 wide_inputs=self.wide_inputs, rotate=self.resolved_rotate(),
+                                 wide_inputs=self.wide_inputs, rotate=self.rotate,
                                  weight_grid=self.weight_grid, grid=self.resolved_grid(),
                                  fp_weights=self.fp_weights,
                                  fp_sites=self.resolved_fp_sites(),
@@ -155,13 +148,6 @@ class BuildConfig:
         if self.fp_sites is not None:
             return self.fp_sites
         return DEFAULT_FP_SITES[resolve_backend(self.backend)]
-
-    def resolved_rotate(self) -> tuple[str, ...] | None:
-        """``rotate``, with None resolved to the backend's measured choice (None there: the
-        method's own default)."""
-        if self.rotate is not None:
-            return self.rotate
-        return DEFAULT_ROTATE[resolve_backend(self.backend)]
 
     def resolved_grid(self) -> str:
         """``grid``, with "auto" resolved to the backend's native grid."""

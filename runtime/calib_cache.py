@@ -39,8 +39,7 @@ def calibration_key(model_sha256: str, cfg: BuildConfig) -> str:
                        "bits": cfg.bits, "budget": cfg.budget, "method": cfg.method,
                        "seed": cfg.seed, "iterations": cfg.calib_iterations}
                       | ({"wide_inputs": list(cfg.wide_inputs)} if cfg.wide_inputs else {})
-                      | {k: v for k, v in (("rotate", None if cfg.resolved_rotate() is None
-                                            else list(cfg.resolved_rotate())),
+                      | {k: v for k, v in (("rotate", cfg.rotate and list(cfg.rotate)),
                                            ("weight_grid", cfg.weight_grid),
                                            ("fp_weights", cfg.fp_weights),
                                            ("fp_sites", list(cfg.resolved_fp_sites()) or None),

@@ -254,11 +254,8 @@ def test_real_calibration_api(tmp_path, env):
     assert res.manifest.validation["fidelity_psnr_y_db"] > 40
     # the manifest records what was calibrated: build's default method is edge-sr
     recipe = res.manifest.calibration["quant_recipe"]
-    assert recipe["weight_grid"] == "channel" and recipe["smooth"] == 0.65
-    # ONNX Runtime's measured defaults: attention products FP, FP weights held as FP16, and no
-    # online rotation (DEFAULT_ROTATE); TensorRT keeps the method's per-site choice
+    # (the rotation sites are chosen per site by measurement: on the tiny model, possibly none)
+    assert recipe["weight_grid"] == "channel" and isinstance(recipe["rotate"], list)
+    assert recipe["smooth"] == 0.65
+    # ONNX Runtime's measured defaults: attention products FP, FP weights held as FP16
     assert recipe["fp_sites"] == ["qk", "pv"] and recipe["fp_weights"] == "fp16"
-    assert recipe["rotate"] == []
-    assert rb.BuildConfig(bits=4, scale=2).resolved_rotate() == ()
-    assert rb.BuildConfig(bits=4, scale=2, backend="trt").resolved_rotate() is None
-    assert rb.BuildConfig(bits=4, scale=2, rotate=("auto",)).resolved_rotate() == ("auto",)
