@@ -70,10 +70,11 @@ SMOOTH_ALPHA = 0.65
 
 DOBI_METHODS = ("2dquant", "edge-sr", "dobi")  # bounds initialised by DOBI
 DQC_METHODS = ("2dquant", "edge-sr")  # then trained by DQC
-# What ``--method edge-sr`` adds to 2DQuant unless an option is given explicitly: Hadamard
-# rotation of the linear inputs where it measures better, per-channel weight grids, GPTQ
-# rounding of the weights, and a bound learning rate relative to each grid's range. Each was
-# measured against the faithful 2DQuant on held-out data (docs/results/beyond.md).
+# What ``--method edge-sr`` adds to 2DQuant unless an option is given explicitly: SmoothQuant
+# smoothing of the linear inputs (SMOOTH_ALPHA), Hadamard rotation of them where it measures
+# better, per-channel weight grids, GPTQ rounding of the weights, and a bound learning rate
+# relative to each grid's range. Each was measured against the faithful 2DQuant on held-out data
+# (docs/results/beyond.md). DQC weight training (weight_lr) was measured and stays off.
 EDGE_SR_OPTIONS = dict(rotate=("auto",), weight_grid="channel", rounding="gptq",
                        bound_lr="relative", fp_weights="fp16", weight_lr=0.0, smooth=SMOOTH_ALPHA)
 

@@ -171,11 +171,13 @@ def quantized_linears(student: nn.Module) -> list[tuple[str, QuantLinear]]:
     return [(n, m) for n, m in student.named_modules() if isinstance(m, QuantLinear)]
 
 
-def _bounds_state(student: nn.Module) -> dict[str, torch.Tensor]:
-    """What DQC trains: every quantizer's bounds, and the quantized linears' weights and biases
-    (stored even when only the bounds train, so a resumed or best state restores them all)."""
+def _bounds_state(student: nn.Module, weights: bool = False) -> dict[str, torch.Tensor]:
+    """What DQC trains: every quantizer's bounds and, with ``weights`` (``weight_lr > 0``), the
+    quantized linears' weights and biases too."""
     st = {f"{n}.{k}": getattr(q, k).detach().clone() for n, q in quantizers(student)
           for k in ("lower", "upper")}
+    if not weights:
+        return st
     for n, m in quantized_linears(student):
         st[f"{n}.weight"] = m.weight.detach().clone()
         if m.bias is not None:
@@ -289,7 +291,7 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
     scale = int(student.scale)
     dev = next(student.parameters()).device
     start, history = 0, []
-    best = (0, val_psnr(student, *val, scale), _bounds_state(student))
+    best = (0, val_psnr(student, *val, scale), _bounds_state(student, cfg.weight_lr > 0))
     history.append({"iteration": 0, "val_psnr": best[1]})
     trainer = DQCStep(student, teacher, cfg)
     opt = trainer.opt
@@ -325,7 +327,7 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
                 history.append({"iteration": done, "loss": loss.item(), "val_psnr": v,
                                 "seconds": time.perf_counter() - t0})
                 if v > best[1]:
-                    best = (done, v, _bounds_state(student))
+                    best = (done, v, _bounds_state(student, cfg.weight_lr > 0))
                 post["val"] = f"{v:.2f}"
                 log.debug("DQC %d: loss %.4g, val %.3f dB", done, loss.item(), v)
             bar.set_postfix(post, refresh=False)
@@ -349,7 +351,7 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
 
 def _save_state(path: Path, cfg: DQCConfig, iteration: int, student: nn.Module,
                 opt: torch.optim.Optimizer, history: list, best: tuple) -> None:
-    st = {"config": asdict(cfg), "iteration": iteration, "bounds": _bounds_state(student),
+    st = {"config": asdict(cfg), "iteration": iteration, "bounds": _bounds_state(student, cfg.weight_lr > 0),
           "optimizer": opt.state_dict(), "history": history, "best_iteration": best[0],
           "best_val_psnr": best[1], "best_bounds": best[2], "torch_rng": torch.get_rng_state()}
     with atomic_path(path) as tmp:
