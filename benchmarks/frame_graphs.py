@@ -87,6 +87,19 @@ def interleaved_ms(sessions: dict, x, runs: int, on_round=None) -> dict[str, flo
     return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
 
 
+def run_record(a, tile, fp32_ms: float, fp_psnr: float, rows: list[dict], **extra) -> dict:
+    """The JSON record of a per-variant speed run (model, bits, tile, threads, runs, CPU model,
+    date, FP32 ms and held-out PSNR, the rows), and its one-line summary printed."""
+    from benchmarks.dqc_step import cpu_model
+
+    out = dict(model=a.model, bits=a.bits, tile=list(tile), threads=a.threads, runs=a.runs,
+               cpu=cpu_model(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               fp32_ms=fp32_ms, fp_val_psnr=fp_psnr, rows=rows, **extra)
+    print(f"{a.model} W{a.bits}A{a.bits} ort, {tile[0]}x{tile[1]}, {a.threads} threads "
+          f"[{out['cpu']}]; FP32 {fp32_ms:.0f} ms, FP held-out {fp_psnr:.3f} dB")
+    return out
+
+
 def score_and_time(fp_model, variants, tile, val, scale: int, threads: int, runs: int,
                    log=None) -> tuple[list[dict], dict[str, float]]:
     """For each ``(label, make_student)``: the student's held-out PSNR (``val`` = LR, HR) and

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -40,8 +39,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    from benchmarks.dqc_step import cpu_model
-    from benchmarks.frame_graphs import markdown_table, score_and_time
+    from benchmarks.frame_graphs import markdown_table, run_record, score_and_time
     from calibrate.api import pool_data
     from calibrate.dobi import init_bounds
     from calibrate.dqc import val_psnr
@@ -72,12 +70,8 @@ def main(argv=None) -> None:
                               tile, data.val, lm.scale, a.threads, a.runs, log)
     for row, (_, sites) in zip(rows, variants):
         row["rotated_sites"] = len(sites)
-    out = dict(model=a.model, bits=a.bits, tile=list(tile), threads=a.threads, runs=a.runs,
-               cpu=cpu_model(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               fp32_ms=ms["FP32"], fp_val_psnr=val_psnr(lm.model, *data.val, lm.scale),
-               sites=len(report), rows=rows)
-    print(f"{a.model} W{a.bits}A{a.bits} ort, {tile[0]}x{tile[1]}, {a.threads} threads "
-          f"[{out['cpu']}]; FP32 {ms['FP32']:.0f} ms, FP held-out {out['fp_val_psnr']:.3f} dB")
+    out = run_record(a, tile, ms["FP32"], val_psnr(lm.model, *data.val, lm.scale), rows,
+                     sites=len(report))
     print(markdown_table(
         ["rotation choice", "sites rotated", "ms", "vs ORT FP32", "held-out PSNR"],
         [[r["variant"], f"{r['rotated_sites']} / {len(report)}", f"{r['ms']:.0f}",

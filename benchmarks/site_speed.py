@@ -46,8 +46,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    from benchmarks.dqc_step import cpu_model
-    from benchmarks.frame_graphs import markdown_table, score_and_time
+    from benchmarks.frame_graphs import markdown_table, run_record, score_and_time
     from calibrate.api import pool_data
     from calibrate.dobi import init_bounds
     from calibrate.dqc import val_psnr
@@ -86,12 +85,7 @@ def main(argv=None) -> None:
     for row in rows:
         row |= dict(ms_saved_by_quantizing=ms[row["variant"]] - base_ms,
                     psnr_cost_of_quantizing=row["val_psnr"] - base_psnr)
-    out = dict(model=a.model, bits=a.bits, grid="ort", tile=list(tile), threads=a.threads,
-               runs=a.runs, cpu=cpu_model(), date=time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                time.gmtime()),
-               fp32_ms=ms["FP32"], fp_val_psnr=fp_psnr, rows=rows)
-    print(f"{a.model} W{a.bits}A{a.bits} ort, {tile[0]}x{tile[1]}, {a.threads} threads "
-          f"[{out['cpu']}]; FP32 {ms['FP32']:.0f} ms, FP held-out {fp_psnr:.3f} dB")
+    out = run_record(a, tile, ms["FP32"], fp_psnr, rows, grid="ort")
     print(markdown_table(
         ["variant", "ms", "vs ORT FP32", "ms the site's integer path saves", "held-out PSNR",
          "PSNR the site's quantization costs"],
