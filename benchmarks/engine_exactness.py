@@ -9,6 +9,13 @@ fixed-shape engine: the model pads a whole image to its own multiple, while the 
 mirror-pads each tile to the engine's shape, and the two paddings give different border pixels.
 The calibration file is the one the engine's manifest names, in the build cache. Reporting only:
 nothing is chosen on these sets. Benchmarks are not tests.
+
+``--noise-floor`` adds a third row: the fake-quant model against itself with its input moved by
+Gaussian noise of ``--noise`` (default 1e-7, about one float32 ulp of a pixel near 1.0). A low-bit
+model is chaotic: float32 summation-order noise moves values across rounding midpoints of the
+next quantizer, and each one-level step propagates. No engine can be closer to the fake-quant
+model than the model is to itself under such noise, so this row is the floor of the exactness
+figure.
 """
 
 from __future__ import annotations
@@ -18,7 +25,26 @@ import json
 from pathlib import Path
 
 
-def engine_exactness(engine_dir: str, datasets: list[str], threads: int = 1) -> dict:
+class _InputNoise:
+    """Wraps a torch SR module: adds fixed-seed Gaussian noise of std ``sigma`` to each input."""
+
+    def __init__(self, model, sigma: float, seed: int = 0) -> None:
+        import torch
+
+        self.model, self.sigma = model, sigma
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def eval(self):
+        return self
+
+    def __call__(self, x):
+        import torch
+
+        return self.model(x + self.sigma * torch.randn(x.shape, generator=self.gen))
+
+
+def engine_exactness(engine_dir: str, datasets: list[str], threads: int = 1,
+                     noise: float | None = None) -> dict:
     import torch
 
     from edge_sr.checkpoints import load_model
@@ -36,6 +62,10 @@ def engine_exactness(engine_dir: str, datasets: list[str], threads: int = 1) -> 
     preds = {"engine": engine_predictor(engine_dir, threads=threads),
              "fake_quant": BackendPredictor(TorchBackend(student, m.scale, tuple(m.tile), m.batch),
                                             "fake-quant", overlap=m.overlap)}
+    if noise:
+        preds["noise_floor"] = BackendPredictor(
+            TorchBackend(_InputNoise(student, noise), m.scale, tuple(m.tile), m.batch),
+            "fake-quant + input noise", overlap=m.overlap)
     out = {"engine": str(engine_dir), "tile": m.tile, "overlap": m.overlap}
     res = {k: evaluate(p, EvalConfig(datasets=datasets, scale=m.scale, ssim=False,
                                      progress=False)) for k, p in preds.items()}
@@ -47,6 +77,14 @@ def engine_exactness(engine_dir: str, datasets: list[str], threads: int = 1) -> 
                   "delta_db": e.psnr - f.psnr, "worst_image_delta_db": worst}
         print(f"{engine_dir} {d}: engine {e.psnr:.4f} dB, fake-quant {f.psnr:.4f} dB "
               f"(same tiles), delta {e.psnr - f.psnr:+.4f} dB, worst image {worst:.4f} dB")
+        if noise:
+            n = res["noise_floor"].datasets[d]
+            per_n = {i.name: i.psnr for i in n.images}
+            worst_n = max(abs(per_n[i.name] - i.psnr) for i in f.images)
+            out[d].update(noise=noise, noise_floor_psnr=n.psnr, noise_floor_delta_db=n.psnr - f.psnr,
+                          noise_floor_worst_image_delta_db=worst_n)
+            print(f"{engine_dir} {d}: fake-quant with input noise {noise:g}: {n.psnr:.4f} dB, "
+                  f"delta {n.psnr - f.psnr:+.4f} dB, worst image {worst_n:.4f} dB (the floor)")
     return out
 
 
@@ -56,8 +94,12 @@ def main(argv=None) -> None:
     ap.add_argument("--datasets", default="Set5")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--noise-floor", action="store_true",
+                    help="also score the fake-quant model with its input moved by --noise")
+    ap.add_argument("--noise", type=float, default=1e-7)
     a = ap.parse_args(argv)
-    rows = [engine_exactness(e, a.datasets.split(","), a.threads) for e in a.engines]
+    rows = [engine_exactness(e, a.datasets.split(","), a.threads,
+                             a.noise if a.noise_floor else None) for e in a.engines]
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(rows, indent=2))
