@@ -43,7 +43,7 @@ def run(a: argparse.Namespace) -> Path:
                             dqc_patch=a.lr_patch, val_every=a.val_every, bound_lr=a.bound_lr,
                             device=a.device, time_limit=a.time_limit, grid=a.grid,
                             fp_sites=tuple(s for s in a.fp_sites.split(",") if s),
-                            weight_lr=a.weight_lr)
+                            weight_lr=a.weight_lr, block_recon=a.block_recon)
     # the recipe's data: 32 calibration patches and its held-out validation patches
     # ("cpu": 8 of 64x64 LR; "paper": 16 of 64x64)
     data = pool_data(lm.scale, cfg.budget, cfg.seed, lr_patch=cfg.dqc_config(lm.model).lr_patch)
@@ -55,6 +55,7 @@ def run(a: argparse.Namespace) -> Path:
     res = {"model": a.model, "bits": a.bits, "method": a.method, "batch": a.batch,
            "lr_patch": cfg.dqc_config(lm.model).lr_patch, "iterations": a.iterations,
            "bound_lr": cfg.option("bound_lr"), "weight_lr": cfg.option("weight_lr"),
+           "block_recon": a.block_recon, "block_recon_report": st.get("block_recon"),
            "grid": cfg.grid, "fp_sites": list(cfg.fp_sites), "threads": a.threads, "cpu": cpu_model(),
            "device": _device_name(a.device), "dqc_stopped_at": st.get("dqc_stopped_at"),
            "time_limit_min": a.time_limit,
@@ -155,6 +156,8 @@ def main(argv=None) -> None:
     r.add_argument("--iterations", type=int, default=200)
     r.add_argument("--val-every", type=int, default=10)
     r.add_argument("--bound-lr", default=None, choices=["absolute", "relative"])
+    r.add_argument("--block-recon", type=int, default=0, metavar="STEPS",
+                   help="block reconstruction before DQC, STEPS Adam steps per block")
     r.add_argument("--weight-lr", type=float, default=None,
                    help="DQC also trains the linears' weights at this lr x grid step")
     r.add_argument("--grid", default="real", help="the engine grid learned (real, ort, ...)")

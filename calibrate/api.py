@@ -4,8 +4,8 @@
 memory; ``calibrate(CalibrationConfig) -> Path`` loads the checkpoint, calls it and writes the
 calibration file. Flow: split the training pool (calibration / held-out validation) -> per-site
 choices by measurement (rotation, mixed precision; beyond the paper) -> ``prepare`` the student
--> bounds by DOBI, MinMax or Percentile from one FP pass over 32 calibration patches -> DQC
-(2DQuant, edge-sr) -> the calibrated model. Everything is seeded, so the same config gives the
+-> bounds by DOBI, MinMax or Percentile from one FP pass over 32 calibration patches -> (GPTQ,
+block reconstruction: options) -> DQC (2DQuant, edge-sr) -> the calibrated model. Everything is seeded, so the same config gives the
 same file (callers may cache on the config).
 
 Methods: ``2dquant`` is the faithful paper (DOBI + DQC) and stays so; ``edge-sr`` is 2DQuant
@@ -37,6 +37,7 @@ from calibrate.dqc import DQCConfig, run_dqc, val_psnr
 from calibrate.gptq import apply_gptq
 from calibrate.prepare import WIDE_BITS, QuantRecipe, prepare
 from calibrate.quantizer import check_bits
+from calibrate.recon import ReconConfig, run_block_recon
 from calibrate.site_choice import choose_rotations, choose_wide_inputs
 from calibrate.smoothing import measure_smoothing
 from calibrate.vocab import (
@@ -132,6 +133,7 @@ class CalibrationConfig:
     weight_lr: float | None = None  # DQC also trains the linears' weights (None: method's)
     smooth: float | Literal["none"] | None = None  # SmoothQuant alpha ("none": off; None: method's)
     recompute: bool = False  # DQC activation checkpointing per block (memory for time)
+    block_recon: int = 0  # BRECQ-style block reconstruction: Adam steps per block (0: off)
     time_limit: float | None = None  # minutes of calibration; DQC stops at the first step past it
 
     def validate(self) -> None:
@@ -146,6 +148,12 @@ class CalibrationConfig:
         if self.weight_lr is not None and not self.weight_lr >= 0:
             raise EdgeSRError(f"--weight-lr: expected a learning rate >= 0 (0: only the "
                               f"bounds train), got {self.weight_lr}")
+        if self.block_recon < 0:
+            raise EdgeSRError(f"--block-recon: expected steps per block >= 0 (0: off), got "
+                              f"{self.block_recon}")
+        if self.block_recon and self.method not in DOBI_METHODS:
+            raise EdgeSRError(f"--block-recon: needs DOBI bounds to start from (--method "
+                              f"{', '.join(DOBI_METHODS)}), got --method {self.method}")
         if self.time_limit is not None and not self.time_limit > 0:
             raise EdgeSRError(f"--time-limit: expected minutes > 0, got {self.time_limit}")
         if self.budget not in BUDGETS:
@@ -336,6 +344,10 @@ def calibrate_model(lm, data: PoolData, cfg: CalibrationConfig,
     rounding = cfg.option("rounding")
     if rounding == "gptq":
         stats["gptq"] = apply_gptq(student, data.calib_lr)
+    if cfg.block_recon:
+        r = run_block_recon(student, lm.model, data.calib_lr, data.val,
+                            ReconConfig(iterations=cfg.block_recon, seed=cfg.seed))
+        stats["block_recon"] = asdict(r)
     stats["val_psnr_init"] = val_psnr(student, *data.val, scale)
     if cfg.method in DQC_METHODS:
         dqc_cfg = cfg.dqc_config(lm.model)

@@ -27,6 +27,13 @@ from edge_sr.cli.options import logging_options, parse_list, parse_optional_list
 @click.option("--recompute", is_flag=True,
               help="DQC: recompute each transformer block in the backward pass instead of "
                    "storing it (NGswin at batch 16 of 64x64: 12 -> 4.8 GB, ~15% slower).")
+@click.option("--block-recon", type=click.IntRange(min=0), default=0, show_default=True,
+              metavar="STEPS",
+              help="Beyond the paper: before DQC, train the bounds block by block against the "
+                   "FP blocks' outputs on cached inputs (BRECQ-style), STEPS Adam steps per "
+                   "block; 0 = off. With --iterations 0 it replaces DQC.")
+@click.option("--iterations", type=click.IntRange(min=0), default=None, metavar="N",
+              help="DQC iterations instead of the budget's (0: no DQC).")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="MIN", help="Stop DQC at the first step after this many minutes of "
                                   "calibration, keeping its best-validated bounds (--resume "
@@ -42,7 +49,7 @@ from edge_sr.cli.options import logging_options, parse_list, parse_optional_list
               help="Calibration file to write (atomically).")
 @logging_options
 def calibrate_cmd(model, bits, scale, budget, method, seed, shared_qkv_input, search_assignment,
-                  wide_inputs, rotate, weight_grid, grid, fp_sites, fp_weights, avg_bits, rounding, smooth, weight_lr, recompute, time_limit,
+                  wide_inputs, rotate, weight_grid, grid, fp_sites, fp_weights, avg_bits, rounding, smooth, weight_lr, recompute, block_recon, iterations, time_limit,
                   feature_loss,
                   resume, pool, device, output) -> None:
     """Calibrate a low-bit fake-quant model; score it with 'edge-sr eval --calibration FILE'."""
@@ -53,6 +60,6 @@ def calibrate_cmd(model, bits, scale, budget, method, seed, shared_qkv_input, se
         seed=seed, qkv_separation=not shared_qkv_input, search_assignment=search_assignment,
         wide_inputs=parse_list(wide_inputs), rotate=parse_optional_list(rotate),
         weight_grid=weight_grid, grid=grid, fp_sites=parse_optional_list(fp_sites) or (), fp_weights=fp_weights, avg_bits=avg_bits, rounding=rounding, smooth=smooth, weight_lr=weight_lr, recompute=recompute,
-        time_limit=time_limit,
+        block_recon=block_recon, iterations=iterations, time_limit=time_limit,
         feature_loss=feature_loss, resume=resume, pool=pool, device=device))
     click.echo(f"wrote {path}")
