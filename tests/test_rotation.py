@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -168,6 +169,16 @@ def test_rotated_per_channel_export_is_exact(tiny_swinir, target):
     proto, records = build_qdq(student, ExportConfig(target=target, tile=(16, 16)))
     rotations = [n for n in proto.graph.node if n.name.endswith("/Rotate")]
     assert len(rotations) == sum(isinstance(m, QuantLinear) for m in student.modules())
+    # ORT: each S^-1 R is INT4 signs x a per-row scale (1/8 of the float32 bytes); TensorRT: float32
+    inits = {t.name: t for t in proto.graph.initializer}
+    makers = {o: n for n in proto.graph.node for o in n.output}
+    for r in rotations:
+        if target == "ort":
+            dq = makers[r.input[1]]
+            assert dq.op_type == "DequantizeLinear" and dq.attribute[0].i == 0
+            assert inits[dq.input[0]].data_type == onnx.TensorProto.INT4
+        else:
+            assert inits[r.input[1]].data_type == onnx.TensorProto.FLOAT
     lin = [r for r in records if r["kind"] == "linear"]
     assert all(isinstance(r["weight_scale"], list) for r in lin)
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))

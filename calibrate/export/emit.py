@@ -12,6 +12,7 @@ Quantized linear ``P`` (``edge_sr::QLinear``), for group j (one group, or q/k/v 
 whose inputs are quantized separately)::
 
     P/Rotate: MatMul(x, S^-1 R)                              only for a rotated linear
+      (ORT: S^-1 R = P/rotation/DequantizeLinear(INT4 signs, per-row scale, axis 0), exact)
     P/Smooth: Mul(x, 1/s)                                    a smoothed linear that is not rotated
     P/act{i}/{Sub,Clip,QuantizeLinear,DequantizeLinear}      the input, as above (shift m_x)
     P/W{j} (int8/int4 initializer) -> P/W{j}/DequantizeLinear (zp 0)
@@ -220,12 +221,31 @@ def _emit_qdq(g: _Graph, c: _LinearGroup, opts: EmitOptions) -> str:
 LINEAR_EMITTERS = {True: _emit_fused, False: _emit_qdq}
 
 
+def _rotation(g: _Graph, name: str, m: np.ndarray, signs: bool) -> str:
+    """The (K, K) input transform ``S^-1 R`` as a graph tensor ``name``.
+
+    ``R = diag(±1) H / sqrt(K)`` has one magnitude, and ``S^-1`` scales its rows, so every row of
+    ``S^-1 R`` holds one magnitude: with ``signs`` it is stored as INT4 codes ±1 and a float32
+    per-row scale, and one ``DequantizeLinear`` (axis 0) rebuilds the float32 matrix exactly
+    (±1 × scale), in 1/8 of the bytes. Otherwise (or for a matrix without that form) float32.
+    """
+    mag = np.abs(m)
+    if not (signs and m.ndim == 2 and np.all(mag > 0) and np.array_equal(mag, np.repeat(
+            mag[:, :1], m.shape[1], axis=1))):
+        return g.const(name, m)
+    g.int_tensor(f"{name}_signs", np.sign(m).astype(np.int8), "int4")
+    g.add("DequantizeLinear", [f"{name}_signs", g.const(f"{name}_scale", mag[:, 0])], [name],
+          f"{name}/DequantizeLinear", axis=0)
+    return name
+
+
 def _emit_linear(g: _Graph, node: onnx.NodeProto, site: str, lin: QuantLinear,
                  opts: EmitOptions) -> list[dict]:
     """The subgraph of one quantized linear; returns one metadata record per product."""
     x, out = node.input[0], node.output[0]
     if lin.rotation is not None:  # online x S^-1 R (W S R is already folded into the weight)
-        rot = g.const(f"{site}/rotation", lin.input_matrix().detach().cpu().float().numpy())
+        rot = _rotation(g, f"{site}/rotation", lin.input_matrix().detach().cpu().float().numpy(),
+                        TARGETS[opts.target].sign_rotation)
         g.add("MatMul", [x, rot], [f"{site}/rotated"], f"{site}/Rotate")
         x = f"{site}/rotated"
     elif lin.smooth_inv is not None:  # smoothing alone: one multiply (W S folded)

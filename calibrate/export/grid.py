@@ -50,11 +50,15 @@ class TargetRules:
     weight_container: Literal["uint8", "int8"]  # 8-bit weight codes (uint8: + 2^(b-1), zp too)
     fused_linear: bool  # write a deployable linear as the engine's fused integer op (ORT's
     # MatMulIntegerToFloat); else DQ -> MatMul -> Add, which TensorRT fuses itself
+    sign_rotation: bool = False  # store a rotation S^-1 R as INT4 signs x a per-row scale (one
+    # DequantizeLinear on axis 0, exact); TensorRT takes per-channel scales on a weight's output
+    # axis only, so it keeps the float32 matrix
 
 
 TARGETS: dict[str, TargetRules] = {
     # ORT 1.32 CPU: u8 x s8 saturates without VNNI, so weights are u8 with zero point 2^(b-1)
-    "ort": TargetRules(act_container="uint8", weight_container="uint8", fused_linear=True),
+    "ort": TargetRules(act_container="uint8", weight_container="uint8", fused_linear=True,
+                       sign_rotation=True),
     # TensorRT: symmetric int8 only (zero point 0)
     "trt": TargetRules(act_container="int8", weight_container="int8", fused_linear=False),
 }
