@@ -195,7 +195,7 @@ def gather_position_biases(proto: onnx.ModelProto,
 FP16_MIN_BYTES = 1024
 # consumers that see the folded FP32 constant; quantization scales stay plain initializers,
 # which ORT's QDQ fusions require before constant folding runs
-FP16_CONSUMERS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Gather", "Add", "Mul"}
+FP16_CONSUMERS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Gather", "Add", "Mul", "Identity"}
 
 
 def store_fp16(proto: onnx.ModelProto) -> int:
