@@ -5,8 +5,8 @@ memory; ``calibrate(CalibrationConfig) -> Path`` loads the checkpoint, calls it 
 calibration file. Flow: split the training pool (calibration / held-out validation) -> per-site
 choices by measurement (rotation, mixed precision; beyond the paper) -> ``prepare`` the student
 -> bounds by DOBI, MinMax or Percentile from one FP pass over 32 calibration patches -> (GPTQ,
-block reconstruction: options) -> DQC (2DQuant, edge-sr) -> the calibrated model. Everything is seeded, so the same config gives the
-same file (callers may cache on the config).
+block reconstruction: options) -> DQC (2DQuant, edge-sr) -> the calibrated model. Everything is
+seeded, so the same config gives the same file (callers may cache on the config).
 
 Methods: ``2dquant`` is the faithful paper (DOBI + DQC) and stays so; ``edge-sr`` is 2DQuant
 plus the options beyond the paper that measured better on held-out data (``EDGE_SR_OPTIONS``;
