@@ -3,6 +3,7 @@
     python -m benchmarks.frame_graphs sizes [--models swinir-light-x2-ref,ngswin-x2]
     python -m benchmarks.frame_graphs qkv --model swinir-light-x2-ref [--threads 2 --runs 5]
     python -m benchmarks.frame_graphs shapes --model swinir-light-x2-ref [--threads 2 --runs 5]
+    python -m benchmarks.frame_graphs time A.onnx B.onnx ... [--threads 2 --runs 9]
 
 ``sizes`` exports, at the 320x180 frame padded to each model's window, the FP32 graph
 (``edge_sr.onnx_export``) and QDQ files (``calibrate.export_qdq``, ``--weights auto``) of DOBI
@@ -14,7 +15,10 @@ three qkv input quantizers and with one shared (``--shared-qkv-input``) and time
 process, interleaved run by run (median). ``shapes`` times the FP32 graph and a W8A8 ``ort``
 graph (the attention products FP, as ``build`` makes it) exported at several engine shapes, and
 gives each shape's cost per LR pixel and per 320x180 frame once the tiler's overlapping tiles
-are counted (``runtime.tiling``). Run on an otherwise idle CPU. Benchmarks are not tests.
+are counted (``runtime.tiling``). ``time`` times ONNX files that take the same input (engines of
+one model and shape, e.g. two exports of one calibration) in one process, interleaved run by
+run, with the engine's session options, and prints their medians and ratios to the first. Run
+on an otherwise idle CPU. Benchmarks are not tests.
 """
 
 from __future__ import annotations
@@ -208,6 +212,26 @@ def shapes(a: argparse.Namespace) -> None:
           f"{n * ms['FP32']:.0f}", f"{n * ms['W8A8']:.0f}"] for (th, tw), ms, n in rows]))
 
 
+def time_files(a: argparse.Namespace) -> None:
+    import numpy as np
+
+    from benchmarks.dqc_step import cpu_model
+    from runtime.backends.onnxruntime import OrtBackend
+
+    paths = [Path(f) for f in a.files]
+    backends = {str(f): OrtBackend(f, threads=a.threads) for f in paths}
+    first = next(iter(backends.values()))
+    h, w = first.tile
+    x = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
+    ms = interleaved_ms({k: b.session for k, b in backends.items()}, x, a.runs)
+    base = ms[str(paths[0])]
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu_model()}, "
+          f"{a.threads} threads, {a.runs} interleaved runs, input {h}x{w} LR")
+    print(markdown_table(["graph", "MB", "median ms", "vs first"],
+                         [[k, f"{Path(k).stat().st_size / 1e6:.2f}", f"{v:.0f}",
+                           f"{base / v:.2f}x"] for k, v in ms.items()]))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -223,11 +247,15 @@ def main(argv=None) -> None:
                    help="engine shapes WIDTHxHEIGHT (each padded to the model's window)")
     h.add_argument("--threads", type=int, default=2)
     h.add_argument("--runs", type=int, default=5)
+    t = sub.add_parser("time")
+    t.add_argument("files", nargs="+", help="ONNX files taking the same (1, 3, h, w) input")
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--runs", type=int, default=9)
     a = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
-    {"sizes": sizes, "qkv": qkv, "shapes": shapes}[a.cmd](a)
+    {"sizes": sizes, "qkv": qkv, "shapes": shapes, "time": time_files}[a.cmd](a)
 
 
 if __name__ == "__main__":
