@@ -4,6 +4,7 @@
     python -m benchmarks.frame_graphs qkv --model swinir-light-x2-ref [--threads 2 --runs 5]
     python -m benchmarks.frame_graphs shapes --model swinir-light-x2-ref [--threads 2 --runs 5]
     python -m benchmarks.frame_graphs time A.onnx B.onnx ... [--threads 2 --runs 9]
+    python -m benchmarks.frame_graphs dynamic --model swinir-light-x2-ref [--threads 2 --runs 5]
 
 ``sizes`` exports, at the 320x180 frame padded to each model's window, the FP32 graph
 (``edge_sr.onnx_export``) and QDQ files (``calibrate.export_qdq``, ``--weights auto``) of DOBI
@@ -17,8 +18,11 @@ graph (the attention products FP, as ``build`` makes it) exported at several eng
 gives each shape's cost per LR pixel and per 320x180 frame once the tiler's overlapping tiles
 are counted (``runtime.tiling``). ``time`` times ONNX files that take the same input (engines of
 one model and shape, e.g. two exports of one calibration) in one process, interleaved run by
-run, with the engine's session options, and prints their medians and ratios to the first. Run
-on an otherwise idle CPU. Benchmarks are not tests.
+run, with the engine's session options, and prints their medians and ratios to the first.
+``dynamic`` exports the FP32 graph once with a dynamic height and width
+(``export_fp_onnx(dynamic=True)``) and once per frame size with fixed shapes, and times each
+fixed graph against the dynamic one at its size, interleaved. Run on an otherwise idle CPU.
+Benchmarks are not tests.
 """
 
 from __future__ import annotations
@@ -232,6 +236,33 @@ def time_files(a: argparse.Namespace) -> None:
                            f"{base / v:.2f}x"] for k, v in ms.items()]))
 
 
+def dynamic(a: argparse.Namespace) -> None:
+    import numpy as np
+
+    from benchmarks.dqc_step import cpu_model
+    from edge_sr.checkpoints import load_model
+    from edge_sr.cli.options import parse_size
+    from edge_sr.onnx_export import export_fp_onnx
+
+    fp = load_model(a.model).model
+    sizes = [parse_size(f, "--frames") for f in a.frames.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        dyn = export_fp_onnx(fp, Path(d) / "dynamic.onnx", tile=sizes[0], dynamic=True)
+        for h, w in sizes:
+            fixed = export_fp_onnx(fp, Path(d) / f"fixed_{h}x{w}.onnx", tile=(h, w))
+            x = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
+            ms = interleaved_ms(cpu_sessions({"fixed": fixed, "dynamic": dyn}, a.threads), x,
+                                a.runs)
+            rows.append([f"{w}x{h}", f"{fixed.stat().st_size / 1e6:.2f}",
+                         f"{dyn.stat().st_size / 1e6:.2f}", f"{ms['fixed']:.0f}",
+                         f"{ms['dynamic']:.0f}", f"{ms['fixed'] / ms['dynamic']:.2f}x"])
+    print(f"{a.model}, FP32, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+          f"{cpu_model()}, {a.threads} threads, median of {a.runs} interleaved runs")
+    print(markdown_table(["LR input", "fixed-shape MB", "dynamic MB", "fixed ms", "dynamic ms",
+                          "dynamic speed vs fixed"], rows))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -251,11 +282,17 @@ def main(argv=None) -> None:
     t.add_argument("files", nargs="+", help="ONNX files taking the same (1, 3, h, w) input")
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--runs", type=int, default=9)
+    y = sub.add_parser("dynamic")
+    y.add_argument("--model", default="swinir-light-x2-ref")
+    y.add_argument("--frames", default="320x180,640x360", help="LR sizes WIDTHxHEIGHT")
+    y.add_argument("--threads", type=int, default=2)
+    y.add_argument("--runs", type=int, default=5)
     a = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
-    {"sizes": sizes, "qkv": qkv, "shapes": shapes, "time": time_files}[a.cmd](a)
+    {"sizes": sizes, "qkv": qkv, "shapes": shapes, "time": time_files,
+     "dynamic": dynamic}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
-"""Full-precision ONNX export at a fixed input shape (input ``lr``, output ``sr``).
+"""Full-precision ONNX export at a fixed input shape (input ``lr``, output ``sr``), or with a
+dynamic height and width where the model allows it (``SRModel.dynamic_export``).
 
 torch 2.13's default (dynamo) exporter needs ``onnxscript``, which edge-sr does not depend on; the
 TorchScript-based exporter (``dynamo=False``) handles SwinIR-light and gives a plain graph. The
 shape is fixed so window partitioning, padding and the shifted-window masks are baked in as
 constants, which is what ONNX Runtime's and TensorRT's graph optimisers and the QDQ export expect.
+``dynamic=True`` traces inside ``edge_sr.models.base.dynamic_shapes()`` instead: the padding, the
+window partitions and the shifted-window masks are computed in the graph from the input's size,
+so one file runs any size of at least the model's minimum (docs/results/grids.md measures it).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -18,6 +23,7 @@ from torch import nn
 
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import atomic_path
+from edge_sr.models.base import dynamic_shapes
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +36,20 @@ FP_MIN_OPSET = 17
 
 
 def export_fp_onnx(model: nn.Module, path: str | os.PathLike, tile: tuple[int, int] = (64, 64),
-                   batch: int = 1, opset: int = FP_MIN_OPSET) -> Path:
+                   batch: int = 1, opset: int = FP_MIN_OPSET, dynamic: bool = False) -> Path:
     """Export ``model`` for a ``(batch, 3, *tile)`` input in [0, 1]; written atomically.
 
     The model pads a tile that is not a multiple of its window itself (the padding is baked into
     the graph), so any tile works; multiples of ``size_requirements.multiple`` waste no compute.
+    ``dynamic``: the input's height and width (and the output's) are symbolic ``h``/``w``
+    (``tile`` is only the tracing example); raises EdgeSRError for a model without
+    ``dynamic_export``.
     """
     h, w = tile
+    if dynamic and not getattr(model, "dynamic_export", False):
+        raise EdgeSRError(f"ONNX export: {getattr(model, 'arch', type(model).__name__)} has no "
+                          "dynamic-shape export (its padding or masks need fixed sizes); give "
+                          "a fixed tile")
     if h <= 0 or w <= 0 or batch <= 0:
         raise EdgeSRError(f"ONNX export: tile {h}x{w} and batch {batch} must be positive")
     if opset < FP_MIN_OPSET:
@@ -56,14 +69,19 @@ def export_fp_onnx(model: nn.Module, path: str | os.PathLike, tile: tuple[int, i
                 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
                 warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX")
                 warnings.filterwarnings("ignore", message=".*will be removed")
-                torch.onnx.export(model, (x,), str(tmp), input_names=[INPUT_NAME],
-                                  output_names=[OUTPUT_NAME], opset_version=opset,
-                                  do_constant_folding=True, dynamo=False)
+                axes = ({INPUT_NAME: {2: "h", 3: "w"}, OUTPUT_NAME: {2: "H", 3: "W"}}
+                        if dynamic else None)
+                with dynamic_shapes() if dynamic else nullcontext():
+                    torch.onnx.export(model, (x,), str(tmp), input_names=[INPUT_NAME],
+                                      output_names=[OUTPUT_NAME], opset_version=opset,
+                                      do_constant_folding=True, dynamo=False,
+                                      dynamic_axes=axes)
                 _tidy(tmp, model)
                 _check(tmp)
     finally:
         model.train(was_training)
-    log.info("exported %s (%dx%dx%dx%d, opset %d)", path, batch, 3, h, w, opset)
+    log.info("exported %s (%dx%dx%sx%s, opset %d)", path, batch, 3, "h" if dynamic else h,
+             "w" if dynamic else w, opset)
     return path
 
 

@@ -148,16 +148,20 @@ def gather_position_biases(proto: onnx.ModelProto,
     ``tables``: ``(table, index)`` pairs, ``table`` ``(R, nh)`` float32 and ``index`` ``(n, n)``
     integer, as Swin computes the bias: ``table[index].permute(2, 0, 1)`` (``nh x n x n``,
     leading unit axes allowed). Each matching initializer becomes ``Gather(table, index) ->
-    Transpose -> Reshape``, bit-exact. Returns the bytes saved.
+    Transpose -> Reshape``, bit-exact. A dynamic-shape trace folds only the gather,
+    ``table[index.view(-1)]`` (``n*n x nh``): that form becomes ``Gather -> Reshape``. Returns the
+    bytes saved.
     """
     graph = proto.graph
-    wanted: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
+    wanted: dict[tuple[int, str], tuple[np.ndarray, np.ndarray, bool]] = {}
     for table, index in tables:
         table = np.ascontiguousarray(table, np.float32)
         n = index.shape[-1]
-        bias = np.ascontiguousarray(table[index.reshape(-1)].reshape(n, n, -1).transpose(2, 0, 1))
-        wanted.setdefault((bias.nbytes, hashlib.sha256(bias.tobytes()).hexdigest()),
-                          (table, index))
+        flat = np.ascontiguousarray(table[index.reshape(-1)])
+        bias = np.ascontiguousarray(flat.reshape(n, n, -1).transpose(2, 0, 1))
+        for value, heads_first in ((bias, True), (flat, False)):
+            wanted.setdefault((value.nbytes, hashlib.sha256(value.tobytes()).hexdigest()),
+                              (table, index, heads_first))
     if not wanted:
         return 0
     indices: dict[bytes, str] = {}
@@ -168,8 +172,8 @@ def gather_position_biases(proto: onnx.ModelProto,
         if not hit:
             keep.append(t)
             continue
-        table, index = hit
-        idx = np.ascontiguousarray(index, np.int32)
+        table, index, heads_first = hit
+        idx = np.ascontiguousarray(index if heads_first else index.reshape(-1), np.int32)
         iname = indices.get(idx.tobytes())
         if iname is None:
             iname = indices[idx.tobytes()] = f"position_index_{len(indices)}"
@@ -177,13 +181,14 @@ def gather_position_biases(proto: onnx.ModelProto,
         p = f"{t.name}/position"
         keep += [numpy_helper.from_array(table, f"{p}_table"),
                  numpy_helper.from_array(np.array(t.dims, np.int64), f"{p}_shape")]
-        new_nodes += [
-            helper.make_node("Gather", [f"{p}_table", iname], [f"{p}_gathered"], name=f"{p}/Gather",
-                             axis=0),
-            helper.make_node("Transpose", [f"{p}_gathered"], [f"{p}_heads"], name=f"{p}/Transpose",
-                             perm=[2, 0, 1]),
-            helper.make_node("Reshape", [f"{p}_heads", f"{p}_shape"], [t.name],
-                             name=f"{p}/Reshape")]
+        new_nodes.append(helper.make_node("Gather", [f"{p}_table", iname], [f"{p}_gathered"],
+                                          name=f"{p}/Gather", axis=0))
+        if heads_first:
+            new_nodes.append(helper.make_node("Transpose", [f"{p}_gathered"], [f"{p}_heads"],
+                                              name=f"{p}/Transpose", perm=[2, 0, 1]))
+        new_nodes.append(helper.make_node(
+            "Reshape", [f"{p}_heads" if heads_first else f"{p}_gathered", f"{p}_shape"], [t.name],
+            name=f"{p}/Reshape"))
         saved += len(t.raw_data) - table.nbytes
     if new_nodes:
         del graph.initializer[:]
@@ -240,6 +245,10 @@ def compact(proto: onnx.ModelProto) -> int:
     del graph.value_info[:]
     for n in graph.node:
         n.doc_string = ""
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for n in graph.node for a in n.attribute):
+        # subgraphs (If, Loop) read outer names that the renaming below does not follow
+        return before - proto.ByteSize()
     first: dict[bytes, str] = {}
     rename: dict[str, str] = {}
     nodes = []

@@ -83,3 +83,53 @@ def test_masks_are_stored_as_labels_and_rebuilt_exactly():
     assert saved > 0.9 * mask.nbytes and len(proto.SerializeToString()) < before / 10
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(sess.run(None, {})[0], mask)
+
+
+def _loop_mask(h, w, ws, shift):
+    """Swin's shifted-window mask as the official code builds it (slice assignment)."""
+    from edge_sr.models.windows import window_partition
+
+    img = torch.zeros(1, h, w, 1)
+    cnt = 0
+    for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+        for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+            img[:, hs, wsl, :] = cnt
+            cnt += 1
+    win = window_partition(img, ws).squeeze(-1)
+    mask = win.unsqueeze(1) - win.unsqueeze(2)
+    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+
+@pytest.mark.parametrize("h,w,ws", [(8, 8, 8), (16, 24, 8), (64, 40, 8), (48, 96, 16)])
+def test_tensor_op_mask_equals_the_official_loop(h, w, ws):
+    from edge_sr.models.windows import shift_attention_mask
+
+    assert torch.equal(shift_attention_mask(h, w, ws, ws // 2), _loop_mask(h, w, ws, ws // 2))
+
+
+def test_dynamic_export_runs_any_size_like_pytorch(tiny_swinir, tmp_path, one_thread):
+    model = tiny_swinir(2)
+    path = export_fp_onnx(model, tmp_path / "dyn.onnx", tile=(24, 32), dynamic=True)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    shape = sess.get_inputs()[0].shape
+    assert shape[2:] == ["h", "w"], shape
+    # the position biases are gathered from their tables here too: no bigger than a fixed file
+    fixed = export_fp_onnx(model, tmp_path / "fixed.onnx", tile=(24, 32))
+    assert path.stat().st_size < 1.1 * fixed.stat().st_size
+    assert not any(n.op_type in ("If", "Loop") for n in onnx.load(str(path)).graph.node)
+    g = torch.Generator().manual_seed(0)
+    for hw in [(24, 32), (16, 16), (13, 27), (40, 24)]:  # multiples or not, the example or not
+        x = torch.rand(1, 3, *hw, generator=g)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        out = sess.run(None, {"lr": x.numpy()})[0]
+        assert out.shape == ref.shape == (1, 3, 2 * hw[0], 2 * hw[1])
+        assert np.abs(out - ref).max() < 1e-5, hw
+
+
+def test_dynamic_export_is_refused_where_the_model_needs_fixed_sizes(tiny_swinir, tmp_path):
+    model = tiny_swinir(2)
+    model.dynamic_export = False  # as NGswin, whose padding and N-gram windows need fixed sizes
+    with pytest.raises(EdgeSRError, match="no dynamic-shape export"):
+        export_fp_onnx(model, tmp_path / "x.onnx", dynamic=True)
+    assert not (tmp_path / "x.onnx").exists()

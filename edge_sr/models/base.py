@@ -8,7 +8,8 @@ with the role that decides the DOBI search (one-sided for softmax and post-GELU 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -102,6 +103,34 @@ def pad_flip(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
     return x
 
 
+_DYNAMIC_TRACE = [False]
+
+
+@contextmanager
+def dynamic_shapes() -> Iterator[None]:
+    """While a dynamic-shape ONNX export traces a model: sizes stay traced values, so padding,
+    window masks and crops are computed in the graph instead of baked in as constants."""
+    _DYNAMIC_TRACE[0] = True
+    try:
+        yield
+    finally:
+        _DYNAMIC_TRACE[0] = False
+
+
+def tracing_dynamic() -> bool:
+    """True inside ``dynamic_shapes()`` while the ONNX tracer runs."""
+    return _DYNAMIC_TRACE[0] and torch.jit.is_tracing()
+
+
+def pad_flip_traced(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``pad_flip`` to the next multiple of ``multiple`` with sizes that may be traced: one
+    flipped copy, so each side must be at least ``multiple - 1`` pixels (``minimum``)."""
+    for dim in (2, 3):
+        n = x.shape[dim]
+        x = torch.cat([x, torch.flip(x, [dim])], dim).narrow(dim, 0, n + (-n) % multiple)
+    return x
+
+
 def pad_reflect_symmetric(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Pad all sides evenly with reflection (used by models that pad centrally).
 
@@ -131,6 +160,9 @@ class SRModel(nn.Module):
     arch: str = "?"
     scale: int
     size_requirements: SizeRequirements
+    # True when the forward pass traces with sizes as graph values (``dynamic_shapes``), so one
+    # ONNX export runs any input size; False where padding or masks need Python-side sizes
+    dynamic_export: bool = False
 
     def quant_points(self) -> list[QuantPoint]:
         raise NotImplementedError

@@ -21,6 +21,8 @@ from edge_sr.models.base import (
     SizeRequirements,
     SRModel,
     pad_flip,
+    pad_flip_traced,
+    tracing_dynamic,
     window_attention_block_points,
 )
 from edge_sr.models.state_dict import unwrap_state_dict
@@ -86,6 +88,8 @@ class SwinTransformerBlock(nn.Module):
         scores; a float32 mask would promote them)."""
         if self.shift_size == 0:
             return None
+        if tracing_dynamic():  # a dynamic-shape export: the mask is computed in the graph
+            return shift_attention_mask(h, w, self.window_size, self.shift_size).to(like.dtype)
         h, w = int(h), int(w)  # under ONNX tracing these are tensors; the mask is a constant
         key = (h, w, like.device, like.dtype)
         if key not in self._mask_cache:
@@ -156,6 +160,7 @@ class SwinIRLight(SRModel):
     """SwinIR-light: embed 60, depths [6,6,6,6], 6 heads, window 8, ``pixelshuffledirect``."""
 
     arch = "swinir-light"
+    dynamic_export = True
 
     def __init__(self, scale: int = 2, embed_dim: int = 60, depths: tuple[int, ...] = (6, 6, 6, 6),
                  num_heads: tuple[int, ...] = (6, 6, 6, 6), window_size: int = 8,
@@ -194,8 +199,10 @@ class SwinIRLight(SRModel):
         # To the next multiple of the window, not the official script's extra full window when
         # already a multiple: this reproduces shared/data/README.md's reference PSNRs exactly
         # (Set5 x2 35.2966, x4 28.9153; the official variant gives 35.2978 and 28.9219).
-        pad_h, pad_w = self.size_requirements.padding(h, w)
-        x = pad_flip(x, pad_h, pad_w)
+        if tracing_dynamic():
+            x = pad_flip_traced(x, self.size_requirements.multiple)
+        else:
+            x = pad_flip(x, *self.size_requirements.padding(h, w))
         x = x - self.mean
         feat = self.conv_first(x)
         x = self.upsample(self.conv_after_body(self.forward_features(feat)) + feat) + self.mean

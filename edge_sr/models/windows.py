@@ -29,14 +29,19 @@ def relative_position_index(ws: int) -> torch.Tensor:
     return rel[:, :, 0] * (2 * ws - 1) + rel[:, :, 1]
 
 
-def shift_attention_mask(h: int, w: int, ws: int, shift: int) -> torch.Tensor:
-    """(nW, ws*ws, ws*ws) mask of 0 / -100 for shifted-window attention, as in Swin/SwinIR."""
-    img = torch.zeros(1, h, w, 1)
-    cnt = 0
-    for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
-        for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
-            img[:, hs, wsl, :] = cnt
-            cnt += 1
-    win = window_partition(img, ws).squeeze(-1)
+def shift_attention_mask(h, w, ws: int, shift: int) -> torch.Tensor:
+    """(nW, ws*ws, ws*ws) mask of 0 / -100 for shifted-window attention, as in Swin/SwinIR.
+
+    Swin labels the (h, w) map by nine regions (rows and columns each split at ``-ws`` and
+    ``-shift``) and masks token pairs of different regions. Computed with tensor operations only
+    (no slice assignment, no Python loop), so ``h`` and ``w`` may also be traced sizes (0-d
+    tensors) and a dynamic-shape ONNX export computes the mask in the graph.
+    """
+    def labels(n):
+        r = torch.arange(n)
+        return (r >= n - ws).to(torch.int64) + (r >= n - shift).to(torch.int64)
+
+    img = (labels(h)[:, None] * 3 + labels(w)[None, :]).to(torch.float32)
+    win = window_partition(img[None, :, :, None], ws)[..., 0]  # not squeeze: no ONNX If
     mask = win.unsqueeze(1) - win.unsqueeze(2)
-    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+    return torch.where(mask != 0, torch.tensor(-100.0), torch.tensor(0.0))
