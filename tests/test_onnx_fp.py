@@ -113,10 +113,16 @@ def test_dynamic_export_runs_any_size_like_pytorch(tiny_swinir, tmp_path, one_th
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     shape = sess.get_inputs()[0].shape
     assert shape[2:] == ["h", "w"], shape
-    # the position biases are gathered from their tables here too: no bigger than a fixed file
+    # the position biases are gathered from their tables here too: the constants are no bigger
+    # than a fixed-shape file's (the graph holds more Shape/Gather nodes)
     fixed = export_fp_onnx(model, tmp_path / "fixed.onnx", tile=(24, 32))
-    assert path.stat().st_size < 1.1 * fixed.stat().st_size
-    assert not any(n.op_type in ("If", "Loop") for n in onnx.load(str(path)).graph.node)
+    dyn_proto = onnx.load(str(path))
+
+    def const_bytes(proto):
+        return sum(len(t.raw_data) for t in proto.graph.initializer)
+
+    assert const_bytes(dyn_proto) <= 1.02 * const_bytes(onnx.load(str(fixed)))
+    assert not any(n.op_type in ("If", "Loop") for n in dyn_proto.graph.node)
     g = torch.Generator().manual_seed(0)
     for hw in [(24, 32), (16, 16), (13, 27), (40, 24)]:  # multiples or not, the example or not
         x = torch.rand(1, 3, *hw, generator=g)
