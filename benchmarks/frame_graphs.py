@@ -20,7 +20,8 @@ are counted (``runtime.tiling``). ``time`` times ONNX files that take the same i
 one model and shape, e.g. two exports of one calibration) in one process, interleaved run by
 run, with the engine's session options, and prints their medians and ratios to the first.
 ``dynamic`` exports the FP32 graph once with a dynamic height and width
-(``export_fp_onnx(dynamic=True)``) and once per frame size with fixed shapes, and times each
+(``export_fp_onnx(dynamic=True)``; with ``--calibration F`` the QDQ graphs of that file,
+``export_qdq(dynamic=True)``) and once per frame size with fixed shapes, and times each
 fixed graph against the dynamic one at its size, interleaved. Run on an otherwise idle CPU.
 Benchmarks are not tests.
 """
@@ -244,20 +245,32 @@ def dynamic(a: argparse.Namespace) -> None:
     from edge_sr.cli.options import parse_size
     from edge_sr.onnx_export import export_fp_onnx
 
-    fp = load_model(a.model).model
     sizes = [parse_size(f, "--frames") for f in a.frames.split(",")]
+    if a.calibration:  # the QDQ graphs of a calibration file, as `edge-sr export` writes them
+        from calibrate.export_qdq import ExportConfig, export_qdq
+
+        def export(path, tile, dynamic=False):
+            return export_qdq(a.calibration, ExportConfig(target="ort", tile=tile,
+                                                          dynamic=dynamic), path)
+        what = f"QDQ of {a.calibration}"
+    else:
+        fp = load_model(a.model).model
+
+        def export(path, tile, dynamic=False):
+            return export_fp_onnx(fp, path, tile=tile, dynamic=dynamic)
+        what = f"{a.model}, FP32"
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        dyn = export_fp_onnx(fp, Path(d) / "dynamic.onnx", tile=sizes[0], dynamic=True)
+        dyn = export(Path(d) / "dynamic.onnx", sizes[0], dynamic=True)
         for h, w in sizes:
-            fixed = export_fp_onnx(fp, Path(d) / f"fixed_{h}x{w}.onnx", tile=(h, w))
+            fixed = export(Path(d) / f"fixed_{h}x{w}.onnx", (h, w))
             x = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
             ms = interleaved_ms(cpu_sessions({"fixed": fixed, "dynamic": dyn}, a.threads), x,
                                 a.runs)
             rows.append([f"{w}x{h}", f"{fixed.stat().st_size / 1e6:.2f}",
                          f"{dyn.stat().st_size / 1e6:.2f}", f"{ms['fixed']:.0f}",
                          f"{ms['dynamic']:.0f}", f"{ms['fixed'] / ms['dynamic']:.2f}x"])
-    print(f"{a.model}, FP32, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+    print(f"{what}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{cpu_model()}, {a.threads} threads, median of {a.runs} interleaved runs")
     print(markdown_table(["LR input", "fixed-shape MB", "dynamic MB", "fixed ms", "dynamic ms",
                           "dynamic speed vs fixed"], rows))
@@ -285,6 +298,8 @@ def main(argv=None) -> None:
     y = sub.add_parser("dynamic")
     y.add_argument("--model", default="swinir-light-x2-ref")
     y.add_argument("--frames", default="320x180,640x360", help="LR sizes WIDTHxHEIGHT")
+    y.add_argument("--calibration", default=None,
+                   help="time the QDQ graphs (ort target) of this calibration file instead")
     y.add_argument("--threads", type=int, default=2)
     y.add_argument("--runs", type=int, default=5)
     a = ap.parse_args(argv)

@@ -62,6 +62,7 @@ class ExportConfig:
     opset: int = 21
     lowbit_plugin: bool = False
     weight_container: WeightContainer = "auto"
+    dynamic: bool = False  # symbolic height and width (``tile`` only traces); SwinIR-light
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -121,7 +122,10 @@ def build_qdq(model: nn.Module, cfg: ExportConfig) -> tuple[onnx.ModelProto, lis
     if any(p.device.type != "cpu" for p in model.parameters()):
         model = copy.deepcopy(model).cpu()  # tracing and the integer encodings run on the CPU
     linears, acts = quant_sites(model)
-    proto = trace_with_sites(model, cfg.tile, cfg.batch)
+    if cfg.dynamic and not getattr(model, "dynamic_export", False):
+        raise EdgeSRError(f"--dynamic: {getattr(model, 'arch', type(model).__name__)} has no "
+                          "dynamic-shape export (its padding or masks need fixed sizes)")
+    proto = trace_with_sites(model, cfg.tile, cfg.batch, cfg.dynamic)
     if cfg.opset != TRACE_OPSET:
         proto = _set_opset(proto, cfg.opset)
     opts = EmitOptions(target=cfg.target, weight_container=cfg.weight_container)

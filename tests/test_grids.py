@@ -163,3 +163,30 @@ def test_constant_tensor_keeps_the_reference_range_on_the_real_grid():
     assert search_bounds_multi(x, [4], "two_sided")[4] == pytest.approx((0.5, 0.500001))
     lo, up = search_bounds_multi(x, [4], "two_sided", grid="integer")[4]
     assert lo == 0.0 and up == pytest.approx(0.500001)  # 0 on the grid
+
+
+def test_dynamic_qdq_export_runs_any_size_exactly(tiny_swinir, one_thread):
+    """--dynamic: one ort-grid graph (rotation, smoothing, per-channel weights) for any size."""
+    from edge_sr.errors import EdgeSRError
+
+    tiny = tiny_swinir(2, depths=(2,), num_heads=(2,))
+    calib = torch.rand(2, 3, *TILE, generator=torch.Generator().manual_seed(1))
+    st = prepare(tiny, QuantRecipe(bits=4, grid="ort", rotate=("fc1",), weight_grid="channel"))
+    init_bounds(st, calib)
+    proto, _ = build_qdq(st, ExportConfig(target="ort", tile=TILE, dynamic=True))
+    sess = make_session(proto, threads=1)
+    assert sess.get_inputs()[0].shape[2:] == ["h", "w"]
+    for hw in [TILE, (24, 40), (13, 21)]:
+        x = torch.rand(1, 3, *hw, generator=torch.Generator().manual_seed(hw[0]))
+        with torch.no_grad():
+            ref = st(x).numpy()
+        out = sess.run(None, {"lr": x.numpy()})[0]
+        assert out.shape == ref.shape and np.abs(out - ref).max() < 1e-4, hw
+    # the real grid's exact attention corrections need a static head size
+    real = prepare(tiny, QuantRecipe(bits=4))
+    init_bounds(real, calib)
+    with pytest.raises(EdgeSRError, match="export this grid at a fixed shape"):
+        build_qdq(real, ExportConfig(target="ort", tile=TILE, dynamic=True))
+    st.dynamic_export = False
+    with pytest.raises(EdgeSRError, match="--dynamic: swinir-light has no dynamic-shape export"):
+        build_qdq(st, ExportConfig(target="ort", tile=TILE, dynamic=True))

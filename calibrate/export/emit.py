@@ -42,6 +42,7 @@ from calibrate.export.grid import TARGETS, ActEncoding, Target, act_encoding, we
 from calibrate.export.trace import DOMAIN
 from calibrate.qmodules import QuantLinear
 from calibrate.quantizer import BoundFakeQuantizer
+from edge_sr.errors import EdgeSRError
 
 PASS_THROUGH = {"Transpose", "Reshape"}
 
@@ -384,8 +385,9 @@ def fold_matmul_shifts(proto: onnx.ModelProto, act_outputs: dict[str, tuple[str,
         alpha, beta = shifts
         a, b, c = mm.input[0], mm.input[1], mm.output[0]
         kdim = shapes.get(a, [0])[-1]
-        if not kdim:
-            raise AssertionError(f"no static shape for {a} (MatMul {mm.name})")
+        if alpha and beta and not kdim:  # only the K*alpha*beta term needs K
+            raise EdgeSRError(f"MatMul {mm.name}: the exact correction needs the static size of "
+                              f"{a}'s last axis; export this grid at a fixed shape")
         raw = f"{mm.name}/raw"
         mm.output[0] = raw
         new, terms = [], []

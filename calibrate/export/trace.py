@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
+from contextlib import nullcontext
 
 import onnx
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 
 from calibrate.qmodules import QuantLinear
 from calibrate.quantizer import BoundFakeQuantizer
+from edge_sr.models.base import dynamic_shapes
 
 DOMAIN = "edge_sr"
 TRACE_OPSET = 20  # the TorchScript exporter's maximum in torch 2.13; emit.py raises it
@@ -84,8 +86,10 @@ def quant_sites(model: nn.Module) -> tuple[dict[str, QuantLinear], dict[str, Bou
     return linears, acts
 
 
-def trace_with_sites(model: nn.Module, tile: tuple[int, int], batch: int) -> onnx.ModelProto:
-    """Export ``model`` at ``(batch, 3, *tile)`` with placeholder nodes at every quantization site."""
+def trace_with_sites(model: nn.Module, tile: tuple[int, int], batch: int,
+                     dynamic: bool = False) -> onnx.ModelProto:
+    """Export ``model`` at ``(batch, 3, *tile)`` with placeholder nodes at every quantization site
+    (``dynamic``: with a symbolic height and width, ``edge_sr.onnx_export``'s dynamic trace)."""
     marked = copy.deepcopy(model).eval()
     linears, acts = quant_sites(marked)
     for name in acts:
@@ -97,7 +101,10 @@ def trace_with_sites(model: nn.Module, tile: tuple[int, int], batch: int) -> onn
     with torch.no_grad(), warnings.catch_warnings():
         marked(x)  # fill per-shape caches (shifted-window masks) so they export as constants
         warnings.filterwarnings("ignore")
-        torch.onnx.export(marked, (x,), buf, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          opset_version=TRACE_OPSET, do_constant_folding=True, dynamo=False,
-                          custom_opsets={DOMAIN: 1})
+        axes = {INPUT_NAME: {2: "h", 3: "w"}, OUTPUT_NAME: {2: "H", 3: "W"}} if dynamic else None
+        with dynamic_shapes() if dynamic else nullcontext():
+            torch.onnx.export(marked, (x,), buf, input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], opset_version=TRACE_OPSET,
+                              do_constant_folding=True, dynamo=False, custom_opsets={DOMAIN: 1},
+                              dynamic_axes=axes)
     return onnx.load_from_string(buf.getvalue())

@@ -15,6 +15,9 @@ from edge_sr.cli.options import logging_options
               help="ort: uint8 activations with zero points; trt: symmetric, zero point 0.")
 @click.option("--tile", default="64x64", show_default=True, metavar="WxH",
               help="Fixed LR input tile of the graph; a multiple of the model's window.")
+@click.option("--dynamic", is_flag=True,
+              help="Symbolic input height and width (--tile only traces): one graph for any "
+                   "size; SwinIR-light on the ort/trt grids.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Fixed batch size.")
 @click.option("--opset", type=int, default=21, show_default=True, help="ONNX opset (>= 21).")
 @click.option("--weights", "weight_container", type=click.Choice(WEIGHT_CONTAINERS),
@@ -27,7 +30,7 @@ from edge_sr.cli.options import logging_options
               help="The .onnx file to write (atomically).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @logging_options
-def export_cmd(calibration, target, tile, batch, opset, weight_container, lowbit_plugin,
+def export_cmd(calibration, target, tile, dynamic, batch, opset, weight_container, lowbit_plugin,
                output, force) -> None:
     """Export CALIBRATION (a file from ``edge-sr calibrate``) as QDQ ONNX, exact to its grids."""
     from pathlib import Path
@@ -39,6 +42,7 @@ def export_cmd(calibration, target, tile, batch, opset, weight_container, lowbit
     if not Path(calibration).is_file():
         raise EdgeSRError(f"CALIBRATION: file {calibration} not found")
     cfg = ExportConfig(target=target, tile=parse_size(tile, "--tile"), batch=batch, opset=opset,
-                       lowbit_plugin=lowbit_plugin, weight_container=weight_container)
+                       lowbit_plugin=lowbit_plugin, weight_container=weight_container,
+                       dynamic=dynamic)
     path = export_qdq(calibration, cfg, output, force=force)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
