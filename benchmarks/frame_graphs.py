@@ -247,7 +247,11 @@ def dynamic(a: argparse.Namespace) -> None:
 
     sizes = [parse_size(f, "--frames") for f in a.frames.split(",")]
     if a.calibration:  # the QDQ graphs of a calibration file, as `edge-sr export` writes them
+        from calibrate.calibfile import load_calibrated
         from calibrate.export_qdq import ExportConfig, export_qdq
+
+        req = load_calibrated(a.calibration).model.size_requirements
+        sizes = [req.fit(h, w) for h, w in sizes]  # QDQ graphs take whole windows
 
         def export(path, tile, dynamic=False):
             return export_qdq(a.calibration, ExportConfig(target="ort", tile=tile,

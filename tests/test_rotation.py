@@ -174,9 +174,10 @@ def test_rotated_per_channel_export_is_exact(tiny_swinir, target):
     makers = {o: n for n in proto.graph.node for o in n.output}
     for r in rotations:
         if target == "ort":
-            dq = makers[r.input[1]]
-            assert dq.op_type == "DequantizeLinear" and dq.attribute[0].i == 0
-            assert inits[dq.input[0]].data_type == onnx.TensorProto.INT4
+            mul = makers[r.input[1]]
+            cast = makers[mul.input[0]]
+            assert mul.op_type == "Mul" and cast.op_type == "Cast"
+            assert inits[cast.input[0]].data_type == onnx.TensorProto.INT4
         else:
             assert inits[r.input[1]].data_type == onnx.TensorProto.FLOAT
     lin = [r for r in records if r["kind"] == "linear"]

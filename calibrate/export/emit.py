@@ -12,7 +12,7 @@ Quantized linear ``P`` (``edge_sr::QLinear``), for group j (one group, or q/k/v 
 whose inputs are quantized separately)::
 
     P/Rotate: MatMul(x, S^-1 R)                              only for a rotated linear
-      (ORT: S^-1 R = P/rotation/DequantizeLinear(INT4 signs, per-row scale, axis 0), exact)
+      (ORT: S^-1 R = Cast(INT4 signs) * per-row scale, folded at load, exact)
     P/Smooth: Mul(x, 1/s)                                    a smoothed linear that is not rotated
     P/act{i}/{Sub,Clip,QuantizeLinear,DequantizeLinear}      the input, as above (shift m_x)
     P/W{j} (int8/int4 initializer) -> P/W{j}/DequantizeLinear (zp 0)
@@ -227,16 +227,18 @@ def _rotation(g: _Graph, name: str, m: np.ndarray, signs: bool) -> str:
 
     ``R = diag(±1) H / sqrt(K)`` has one magnitude, and ``S^-1`` scales its rows, so every row of
     ``S^-1 R`` holds one magnitude: with ``signs`` it is stored as INT4 codes ±1 and a float32
-    per-row scale, and one ``DequantizeLinear`` (axis 0) rebuilds the float32 matrix exactly
-    (±1 × scale), in 1/8 of the bytes. Otherwise (or for a matrix without that form) float32.
+    (K, 1) scale, and ``Cast -> Mul`` rebuilds the float32 matrix exactly (±1 × scale), in 1/8 of
+    the bytes. Both inputs are constants, so ORT folds the two nodes at load and the rotation's
+    MatMul keeps a constant (prepacked) B; a ``DequantizeLinear`` would run on every call.
+    Otherwise (or for a matrix without that form) float32.
     """
     mag = np.abs(m)
     if not (signs and m.ndim == 2 and np.all(mag > 0) and np.array_equal(mag, np.repeat(
             mag[:, :1], m.shape[1], axis=1))):
         return g.const(name, m)
     g.int_tensor(f"{name}_signs", np.sign(m).astype(np.int8), "int4")
-    g.add("DequantizeLinear", [f"{name}_signs", g.const(f"{name}_scale", mag[:, 0])], [name],
-          f"{name}/DequantizeLinear", axis=0)
+    g.add("Cast", [f"{name}_signs"], [f"{name}_pm1"], f"{name}/Cast", to=TensorProto.FLOAT)
+    g.add("Mul", [f"{name}_pm1", g.const(f"{name}_scale", mag[:, :1])], [name], f"{name}/Mul")
     return name
 
 

@@ -50,9 +50,8 @@ class TargetRules:
     weight_container: Literal["uint8", "int8"]  # 8-bit weight codes (uint8: + 2^(b-1), zp too)
     fused_linear: bool  # write a deployable linear as the engine's fused integer op (ORT's
     # MatMulIntegerToFloat); else DQ -> MatMul -> Add, which TensorRT fuses itself
-    sign_rotation: bool = False  # store a rotation S^-1 R as INT4 signs x a per-row scale (one
-    # DequantizeLinear on axis 0, exact); TensorRT takes per-channel scales on a weight's output
-    # axis only, so it keeps the float32 matrix
+    sign_rotation: bool = False  # store a rotation S^-1 R as INT4 signs x a per-row scale
+    # (Cast -> Mul, folded at load, exact); TensorRT keeps the float32 matrix
 
 
 TARGETS: dict[str, TargetRules] = {
