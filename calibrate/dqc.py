@@ -171,7 +171,7 @@ def quantized_linears(student: nn.Module) -> list[tuple[str, QuantLinear]]:
     return [(n, m) for n, m in student.named_modules() if isinstance(m, QuantLinear)]
 
 
-def _bounds_state(student: nn.Module, weights: bool = False) -> dict[str, torch.Tensor]:
+def bounds_state(student: nn.Module, weights: bool = False) -> dict[str, torch.Tensor]:
     """What DQC trains: every quantizer's bounds and, with ``weights`` (``weight_lr > 0``), the
     quantized linears' weights and biases too."""
     st = {f"{n}.{k}": getattr(q, k).detach().clone() for n, q in quantizers(student)
@@ -185,7 +185,7 @@ def _bounds_state(student: nn.Module, weights: bool = False) -> dict[str, torch.
     return st
 
 
-def _load_bounds(student: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_bounds(student: nn.Module, state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for n, q in quantizers(student):
             q.lower.copy_(state[f"{n}.lower"])
@@ -291,7 +291,7 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
     scale = int(student.scale)
     dev = next(student.parameters()).device
     start, history = 0, []
-    best = (0, val_psnr(student, *val, scale), _bounds_state(student, cfg.weight_lr > 0))
+    best = (0, val_psnr(student, *val, scale), bounds_state(student, cfg.weight_lr > 0))
     history.append({"iteration": 0, "val_psnr": best[1]})
     trainer = DQCStep(student, teacher, cfg)
     opt = trainer.opt
@@ -306,7 +306,7 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
 
                 raise EdgeSRError(f"--resume: state file {state_path} was written for DQC "
                                   f"config {st['config']}, but this run asks for {asdict(cfg)}")
-            _load_bounds(student, st["bounds"])
+            load_bounds(student, st["bounds"])
             opt.load_state_dict(st["optimizer"])
             start, history = st["iteration"], st["history"]
             best = (st["best_iteration"], st["best_val_psnr"], st["best_bounds"])
@@ -327,7 +327,7 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
                 history.append({"iteration": done, "loss": loss.item(), "val_psnr": v,
                                 "seconds": time.perf_counter() - t0})
                 if v > best[1]:
-                    best = (done, v, _bounds_state(student, cfg.weight_lr > 0))
+                    best = (done, v, bounds_state(student, cfg.weight_lr > 0))
                 post["val"] = f"{v:.2f}"
                 log.debug("DQC %d: loss %.4g, val %.3f dB", done, loss.item(), v)
             bar.set_postfix(post, refresh=False)
@@ -341,7 +341,7 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
         bar.close()
     finally:
         trainer.close()
-    _load_bounds(student, best[2])
+    load_bounds(student, best[2])
     rep = DQCReport((stopped_at or cfg.iterations) - start, time.perf_counter() - t0, best[0],
                     best[1], history, stopped_at)
     log.info("DQC: %d iterations in %.0f s; best validation %.3f dB at iteration %d",
@@ -351,7 +351,7 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
 
 def _save_state(path: Path, cfg: DQCConfig, iteration: int, student: nn.Module,
                 opt: torch.optim.Optimizer, history: list, best: tuple) -> None:
-    st = {"config": asdict(cfg), "iteration": iteration, "bounds": _bounds_state(student, cfg.weight_lr > 0),
+    st = {"config": asdict(cfg), "iteration": iteration, "bounds": bounds_state(student, cfg.weight_lr > 0),
           "optimizer": opt.state_dict(), "history": history, "best_iteration": best[0],
           "best_val_psnr": best[1], "best_bounds": best[2], "torch_rng": torch.get_rng_state()}
     with atomic_path(path) as tmp:

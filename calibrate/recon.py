@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 from calibrate.dqc import (
     DQCConfig,
-    _bounds_state,
-    _load_bounds,
     block_paths,
+    bounds_state,
+    load_bounds,
     param_groups,
     val_psnr,
 )
@@ -158,7 +158,7 @@ def run_block_recon(student: nn.Module, teacher: nn.Module, patches: torch.Tenso
     student.eval()
     teacher.eval()
     patches = patches.to(dev)
-    start = _bounds_state(student)
+    start = bounds_state(student)
     before = val_psnr(student, *val, scale)
     names = execution_order(student, block_paths(student), patches[:1])
     targets = block_outputs(teacher, names, patches, cfg.chunk)
@@ -199,7 +199,7 @@ def run_block_recon(student: nn.Module, teacher: nn.Module, patches: torch.Tenso
     after = val_psnr(student, *val, scale)
     kept = after >= before
     if not kept:
-        _load_bounds(student, start)
+        load_bounds(student, start)
     rep = ReconReport(len(per_block), time.perf_counter() - t0, before, after, kept, per_block)
     log.info("block reconstruction: %d blocks x %d steps in %.0f s; held-out %.3f -> %.3f dB%s",
              rep.blocks, cfg.iterations, rep.seconds, before, after,

@@ -16,7 +16,7 @@ import pickle
 import torch
 
 from calibrate.calibfile import CalibrationMeta, save_calibration, state_checksum
-from calibrate.dqc import _load_bounds
+from calibrate.dqc import load_bounds
 from calibrate.prepare import QuantRecipe, prepare
 from edge_sr.checkpoints import load_model
 from edge_sr.errors import EdgeSRError
@@ -60,7 +60,7 @@ def main() -> None:
         raise SystemExit(str(e)) from None
     student = prepare(lm.model, recipe)
     try:
-        _load_bounds(student, st["best_bounds"])
+        load_bounds(student, st["best_bounds"])
     except KeyError as e:
         raise SystemExit(f"{args.state}: its bounds do not fit {args.model} at {args.bits} bits "
                          f"(no {e})") from None
