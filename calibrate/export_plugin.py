@@ -142,6 +142,9 @@ def apply_lowbit_plugins(proto: onnx.ModelProto, max_bits: int = 8) -> onnx.Mode
     if meta is None:
         raise EdgeSRError("--lowbit-plugin: the model is not an edge-sr QDQ export "
                           f"(no {QDQ_META_KEY} metadata)")
+    if any(r["kind"] == "linear" and "weight" not in r for r in meta["sites"]):
+        raise EdgeSRError("--lowbit-plugin: the model's names were shortened when it was written; "
+                          "export it again with --lowbit-plugin (or --keep-names)")
     graph = proto.graph
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     nodes = {n.name: n for n in graph.node}

@@ -16,7 +16,12 @@ the PyTorch module path such as ``layers.0.residual_group.blocks.1.attn.qkv``:
 * every Q, DQ and quantized MatMul node has ``metadata_props`` ``edge_sr.site``, ``edge_sr.kind``
   (act, weight, linear), ``edge_sr.bits`` (the true bit width, whatever the container),
   ``edge_sr.qmin``/``edge_sr.qmax``; the model's ``metadata_props["edge_sr.qdq"]`` is a JSON list of
-  every site with its full encoding (scale, shift, zero point, container).
+  every site with its encoding: the activation's scale, shift, zero point and container, and a
+  per-tensor weight's scale and shift; a per-channel weight (``weight_per_channel``) keeps its
+  vectors only in the graph (``P/W{j}_scale``, ``P/W{j}_shift``).
+* these names hold in ``build_qdq``'s proto. The file ``export_qdq`` writes is compacted
+  (``edge_sr.onnx_tidy.compact``): node, tensor and initializer names are shortened, and the
+  records' node names follow (``keep_names`` keeps them all).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 from torch import nn
 
@@ -36,7 +42,7 @@ from calibrate.export.emit import EmitOptions, fold_matmul_shifts, replace_sites
 from calibrate.export.grid import TARGETS
 from calibrate.export.trace import TRACE_OPSET, quant_sites, trace_with_sites
 from calibrate.export_plugin import apply_lowbit_plugins
-from calibrate.prepare import quantizers
+from calibrate.prepare import kept_weight_grids, quantizers
 from calibrate.vocab import WEIGHT_CONTAINERS, Target, WeightContainer, expected
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import atomic_path
@@ -63,6 +69,7 @@ class ExportConfig:
     lowbit_plugin: bool = False
     weight_container: WeightContainer = "auto"
     dynamic: bool = False  # symbolic height and width (``tile`` only traces); SwinIR-light
+    keep_names: bool = False  # keep the traced node and initializer names (per-module profiles)
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -136,7 +143,7 @@ def build_qdq(model: nn.Module, cfg: ExportConfig) -> tuple[onnx.ModelProto, lis
         proto.opset_import.extend([onnx.helper.make_opsetid(ORT_DOMAIN, 1)])
     proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     fold_matmul_shifts(proto, act_outputs)
-    saved = tidy(proto, position_tables(model))
+    saved = tidy(proto, position_tables(model), kept_weight_grids(model))
     log.debug("ONNX tidy (shared constants, masks, position tables, FP16): %.1f MB saved", saved / 1e6)
     del proto.graph.value_info[:]
     proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
@@ -146,6 +153,30 @@ def build_qdq(model: nn.Module, cfg: ExportConfig) -> tuple[onnx.ModelProto, lis
     proto.producer_name, proto.doc_string = "edge-sr", "2DQuant QDQ export (calibrate.export_qdq)"
     onnx.checker.check_model(proto, full_check=True)
     return proto, records
+
+
+DERIVED_KEYS = ("lower", "upper", "qmin", "qmax")  # from bits, scale, zero point and shift
+
+
+def _rename_meta(proto: onnx.ModelProto, renamed: dict[str, str]) -> None:
+    """Follow ``compact``'s renaming in the ``edge_sr.qdq`` records: node names (``q``, ``act_q``,
+    ``matmul``) are mapped; ``weight`` (a name other names derive from) and the encodings'
+    derived fields (``DERIVED_KEYS``) are dropped."""
+    meta = read_qdq_meta(proto)
+    for rec in meta["sites"]:
+        rec.pop("weight", None)
+        for key in ("q", "act_q", "matmul"):
+            if key in rec:
+                rec[key] = renamed.get(rec[key], rec[key])
+        for enc in (rec, rec.get("act", {})):
+            for key in DERIVED_KEYS:
+                enc.pop(key, None)
+            for key, v in enc.items():  # float32 values: the shortest repr that round-trips
+                if isinstance(v, float):
+                    enc[key] = float(str(np.float32(v)))
+    for p in proto.metadata_props:
+        if p.key == META_KEY:
+            p.value = json.dumps(meta, separators=(",", ":"))
 
 
 def export_qdq(calibrated, cfg: ExportConfig, output: str | os.PathLike,
@@ -158,7 +189,11 @@ def export_qdq(calibrated, cfg: ExportConfig, output: str | os.PathLike,
     proto, records = build_qdq(model, cfg)
     if cfg.lowbit_plugin:
         proto = apply_lowbit_plugins(proto)
-    compact(proto)  # the file is for running: short tensor names, no shape annotations
+    # the file is for running: short names, no shape annotations
+    renamed: dict[str, str] = {}
+    compact(proto, keep_names=cfg.keep_names, renamed=renamed)
+    if renamed:
+        _rename_meta(proto, renamed)
     with atomic_path(output) as tmp:
         onnx.save(proto, str(tmp))
     n_lin = sum(r["kind"] == "linear" for r in records)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,7 +40,11 @@ WIDE_BITS = 8  # bit width of the ``wide_inputs`` quantizers
 # FP_WEIGHTS: how the weights that stay in floating point (convolutions, position-bias tables,
 # unquantized linears) are held: float32 (the paper), or rounded to FP16 values in the student so
 # that the engine stores them in half the bytes and still runs exactly what was calibrated.
+# "int8" / "int4" go further for the convolutions and linears among them (weight-only, see
+# ``quantize_kept_weights``); the layers that read or write image channels stay FP16.
 FP16_MIN_NUMEL = 256  # smaller tensors (biases, norms, scalars) stay float32 either way
+KEPT_WEIGHT_BITS = {"int8": 8, "int4": 4}
+KEPT_CLIP_RATIOS = tuple(np.linspace(0.5, 1.0, 26))  # per-channel clip search (MSE), as DOBI's
 
 
 def quantizer_grid(deploy: str, weight: bool, bits: int) -> str:
@@ -192,9 +197,12 @@ def prepare(model: SRModel, recipe: QuantRecipe,
     student = copy.deepcopy(model).eval()
     for p in student.parameters():
         p.requires_grad_(False)
-    if recipe.fp_weights == "fp16":
-        round_fp_weights(student, {f"{p.name}.weight" for p in model.quant_points()
-                                   if p.kind == "linear" and recipe.quantized(p)})
+    if recipe.fp_weights != "fp32":
+        quantized = {p.name for p in model.quant_points()
+                     if p.kind == "linear" and recipe.quantized(p)}
+        kept = (quantize_kept_weights(student, quantized, KEPT_WEIGHT_BITS[recipe.fp_weights])
+                if recipe.fp_weights in KEPT_WEIGHT_BITS else set())
+        round_fp_weights(student, {f"{n}.weight" for n in quantized | kept})
     for point in model.quant_points():
         if not recipe.quantized(point):
             continue
@@ -233,6 +241,64 @@ def round_fp_weights(model: nn.Module, skip: set[str]) -> int:
             p.copy_(p.half().to(p.dtype))
             n += 1
     return n
+
+
+def image_layer(m: nn.Module, scale: int) -> bool:
+    """Whether a convolution or linear reads or writes image channels: 3 in, or 3 or 3*scale^2
+    out (the conv before a pixel shuffle). The paper keeps these first and last layers FP."""
+    n_in = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
+    n_out = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+    return n_in == 3 or n_out in (3, 3 * scale * scale)
+
+
+@torch.no_grad()
+def quantize_kept_weights(model: nn.Module, skip: set[str], bits: int) -> set[str]:
+    """Weight-only quantization of the convolutions and linears that calibration keeps out of
+    W_b A_b (beyond the paper: a smaller engine file). Their inputs stay floating point.
+
+    Each weight ``w`` (``(out, in, ...)``) gets a symmetric per-output-channel grid
+    ``s * c``, ``c`` an integer in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``, with ``s`` the clip of
+    ``KEPT_CLIP_RATIOS`` x max|w| (rounded to an FP16 value) of least squared error per channel
+    (round to nearest). The weight becomes ``c.float() * s`` in float32, in place, and the module keeps ``kept_codes``
+    (int8, ``w``'s shape) and ``kept_scale`` (float32, ``(out,)``) so that export stores the
+    codes and rebuilds the same float32 values (``edge_sr.onnx_tidy.store_int_weights``).
+    Skipped: modules in ``skip`` (quantized linears), image layers (``image_layer``), weights of
+    fewer than ``FP16_MIN_NUMEL`` elements. Returns the names of the modules quantized.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    scale = int(getattr(model, "scale", 1))
+    done = set()
+    for name, m in model.named_modules():
+        if (not isinstance(m, (nn.Conv2d, nn.Linear)) or name in skip or image_layer(m, scale)
+                or m.weight.numel() < FP16_MIN_NUMEL):
+            continue
+        w = m.weight.detach().float()
+        flat = w.reshape(w.shape[0], -1)
+        amax = flat.abs().amax(1).clamp_min(1e-12)
+        best_err = torch.full_like(amax, float("inf"))
+        best_s = (amax / qmax).half().float()
+        for r in KEPT_CLIP_RATIOS:
+            s = (amax * float(r) / qmax).half().float()  # FP16 values: stored in 2 bytes
+            q = torch.clamp(torch.round(flat / s[:, None]), -qmax, qmax) * s[:, None]
+            err = (q - flat).pow(2).sum(1)
+            better = err < best_err
+            best_err, best_s = torch.where(better, err, best_err), torch.where(better, s, best_s)
+        codes = torch.clamp(torch.round(flat / best_s[:, None]), -qmax, qmax)
+        m.kept_codes = codes.to(torch.int8).reshape(w.shape)
+        m.kept_scale = best_s.float()
+        m.kept_bits = bits
+        m.weight.copy_((codes * best_s[:, None]).reshape(w.shape).to(m.weight.dtype))
+        done.add(name)
+    return done
+
+
+def kept_weight_grids(model: nn.Module) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+    """``(weight, codes, scale, bits)`` of every weight ``quantize_kept_weights`` quantized, as
+    numpy arrays (the float32 weight and int8 codes in the module's layout, the ``(out,)``
+    scale), for the export."""
+    return [(m.weight.detach().float().cpu().numpy(), m.kept_codes.cpu().numpy(),
+             m.kept_scale.cpu().numpy(), int(m.kept_bits))
+            for m in model.modules() if getattr(m, "kept_codes", None) is not None]
 
 
 def quantizers(model: nn.Module) -> Iterator[tuple[str, BoundFakeQuantizer]]:

@@ -21,7 +21,7 @@ Budget = Literal["cpu", "fast", "paper"]
 Grid = Literal["real", "ort", "trt"]
 WeightGrid = Literal["tensor", "channel"]
 Rounding = Literal["nearest", "gptq"]
-FPWeights = Literal["fp32", "fp16"]
+FPWeights = Literal["fp32", "fp16", "int8", "int4"]  # int: weight-only (kept layers)
 Target = Literal["ort", "trt"]  # the engine a QDQ export is written for
 WeightContainer = Literal["auto", "int8", "int4"]  # how export stores weight codes
 

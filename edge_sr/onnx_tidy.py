@@ -16,6 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 MIN_SHARED_BYTES = 1024
+INT4_MIN_OPSET = 21  # Cast and Q/DQ take (u)int4 from opset 21
 
 
 def drop_unused_initializers(proto: onnx.ModelProto) -> None:
@@ -94,8 +95,11 @@ def _region_labels(a: np.ndarray) -> np.ndarray | None:
 
 def compress_masks(proto: onnx.ModelProto) -> int:
     """Replace each large 0 / -100 attention-mask initializer by its region labels and three
-    nodes that rebuild it (bit-exact). Returns the bytes saved; needs opset >= 13."""
+    nodes that rebuild it (bit-exact). Labels below 16 are stored as UINT4 where the opset has
+    it (>= 21), else as uint8. Returns the bytes saved; needs opset >= 13."""
     graph = proto.graph
+    int4_ok = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+                   0) >= INT4_MIN_OPSET
     new_nodes, keep, saved = [], [], 0
     for t in graph.initializer:
         if t.data_type != onnx.TensorProto.FLOAT or len(t.raw_data) < MASK_MIN_BYTES:
@@ -107,11 +111,14 @@ def compress_masks(proto: onnx.ModelProto) -> int:
             continue
         p = f"{t.name}/mask"
         labels_in = f"{p}_labels"
-        if labels.max(initial=0) < 256:  # one byte per token, widened in the graph
-            new_nodes.append(helper.make_node("Cast", [f"{p}_labels_u8"], [labels_in],
+        if labels.max(initial=0) < 256:  # a nibble or a byte per token, widened in the graph
+            small = "uint4" if labels.max(initial=0) < 16 and int4_ok else "uint8"
+            new_nodes.append(helper.make_node("Cast", [f"{p}_labels_{small}"], [labels_in],
                                               name=f"{p}/CastLabels", to=onnx.TensorProto.INT32))
-            labels, labels_in = labels.astype(np.uint8), f"{p}_labels_u8"
-        keep += [numpy_helper.from_array(labels, labels_in),
+            packed = int_initializer(f"{p}_labels_{small}", labels, small)
+        else:
+            packed = numpy_helper.from_array(labels, labels_in)
+        keep += [packed,
                  numpy_helper.from_array(np.array([-1], np.int64), f"{p}_ax_m1"),
                  numpy_helper.from_array(np.array([-2], np.int64), f"{p}_ax_m2"),
                  numpy_helper.from_array(np.array(0.0, np.float32), f"{p}_zero"),
@@ -124,13 +131,90 @@ def compress_masks(proto: onnx.ModelProto) -> int:
             helper.make_node("Equal", [f"{p}_col", f"{p}_row"], [f"{p}_same"], name=f"{p}/Equal"),
             helper.make_node("Where", [f"{p}_same", f"{p}_zero", f"{p}_fill"], [t.name],
                              name=f"{p}/Where")]
-        saved += len(t.raw_data) - labels.nbytes
+        saved += len(t.raw_data) - len(packed.raw_data)
     if new_nodes:
         del graph.initializer[:]
         graph.initializer.extend(keep)
         nodes = new_nodes + list(graph.node)
         del graph.node[:]
         graph.node.extend(nodes)
+    return saved
+
+
+def int_initializer(name: str, codes: np.ndarray, container: str) -> onnx.TensorProto:
+    """Integer codes as an initializer of ``container`` (int8, uint8, int4, uint4); 4-bit
+    containers hold two codes per byte, low nibble first (ONNX's packing)."""
+    codes = np.asarray(codes)
+    if container in ("int4", "uint4"):
+        flat = (codes.astype(np.int64).reshape(-1) & 0x0F).astype(np.uint8)
+        if flat.size % 2:
+            flat = np.append(flat, np.uint8(0))
+        packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+        kind = onnx.TensorProto.INT4 if container == "int4" else onnx.TensorProto.UINT4
+        return helper.make_tensor(name, kind, codes.shape, packed, raw=True)
+    dtype = np.uint8 if container == "uint8" else np.int8
+    if codes.min(initial=0) < np.iinfo(dtype).min or codes.max(initial=0) > np.iinfo(dtype).max:
+        raise ValueError(f"{name}: codes do not fit {container}")
+    return numpy_helper.from_array(codes.astype(dtype), name)
+
+
+def store_int_weights(proto: onnx.ModelProto,
+                      grids: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]) -> int:
+    """Store weights that are exactly ``codes * scale`` as their codes (INT8, or INT4 for
+    ``bits <= 4``) with ``Cast -> Mul(scale)``, which rebuilds the same float32 values (one
+    float32 product, as the student computed them) and which ORT folds at load. A scale of FP16
+    values is stored as FP16 (and a Cast).
+
+    ``grids``: ``(weight, codes, scale, bits)`` per weight, ``weight`` float32 ``(out, ...)``,
+    ``codes`` integer of the same shape, ``scale`` ``(out,)`` (``calibrate.prepare.
+    kept_weight_grids``). A float32 initializer matches a weight when it holds the same bytes,
+    as is (a convolution's ``(out, in, kh, kw)``) or transposed (a linear's ``(in, out)`` MatMul
+    operand). Returns the bytes saved; a weight that matches nothing stays float32.
+    """
+    wanted: dict[bytes, tuple[np.ndarray, np.ndarray, int]] = {}
+    for w, codes, scale, bits in grids:
+        w = np.ascontiguousarray(w, np.float32)
+        bshape = (-1,) + (1,) * (w.ndim - 1)
+        wanted[hashlib.sha256(w.tobytes()).digest() + bytes(str(w.shape), "ascii")] = (
+            codes, np.asarray(scale, np.float32).reshape(bshape), bits)
+        if w.ndim == 2:  # a linear's weight traced as MatMul(x, W^T)
+            wt = np.ascontiguousarray(w.T)
+            wanted[hashlib.sha256(wt.tobytes()).digest() + bytes(str(wt.shape), "ascii")] = (
+                codes.T, np.asarray(scale, np.float32).reshape(1, -1), bits)
+    graph = proto.graph
+    new_nodes, keep, saved = [], [], 0
+    for t in graph.initializer:
+        if t.data_type != onnx.TensorProto.FLOAT or not wanted:
+            keep.append(t)
+            continue
+        a = numpy_helper.to_array(t)
+        hit = wanted.get(hashlib.sha256(np.ascontiguousarray(a).tobytes()).digest()
+                         + bytes(str(a.shape), "ascii"))
+        if hit is None:
+            keep.append(t)
+            continue
+        codes, scale, bits = hit
+        if not np.array_equal(codes.astype(np.float32) * scale, a):  # pragma: no cover
+            keep.append(t)
+            continue
+        container = "int4" if bits <= 4 else "int8"
+        keep.append(int_initializer(f"{t.name}/codes", codes, container))
+        new_nodes.append(helper.make_node("Cast", [f"{t.name}/codes"], [f"{t.name}/float"],
+                                          name=f"{t.name}/Cast", to=onnx.TensorProto.FLOAT))
+        sname = f"{t.name}/scale"
+        if np.array_equal(scale.astype(np.float16).astype(np.float32), scale):
+            keep.append(numpy_helper.from_array(scale.astype(np.float16), f"{sname}_fp16"))
+            new_nodes.append(helper.make_node("Cast", [f"{sname}_fp16"], [sname],
+                                              name=f"{sname}/Cast", to=onnx.TensorProto.FLOAT))
+        else:
+            keep.append(numpy_helper.from_array(scale, sname))
+        new_nodes.append(helper.make_node("Mul", [f"{t.name}/float", sname], [t.name],
+                                          name=f"{t.name}/MulScale"))
+        saved += a.nbytes - (codes.size * bits + 7) // 8 - scale.nbytes
+    if new_nodes:
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        _prepend(proto, new_nodes)
     return saved
 
 
@@ -177,7 +261,12 @@ def gather_position_biases(proto: onnx.ModelProto,
         iname = indices.get(idx.tobytes())
         if iname is None:
             iname = indices[idx.tobytes()] = f"position_index_{len(indices)}"
-            keep.append(numpy_helper.from_array(idx, iname))
+            if idx.max(initial=0) < 256:  # one byte per index, widened once in the graph
+                keep.append(numpy_helper.from_array(idx.astype(np.uint8), f"{iname}_u8"))
+                new_nodes.append(helper.make_node("Cast", [f"{iname}_u8"], [iname],
+                                                  name=f"{iname}/Cast", to=onnx.TensorProto.INT32))
+            else:
+                keep.append(numpy_helper.from_array(idx, iname))
         p = f"{t.name}/position"
         keep += [numpy_helper.from_array(table, f"{p}_table"),
                  numpy_helper.from_array(np.array(t.dims, np.int64), f"{p}_shape")]
@@ -235,16 +324,50 @@ def store_fp16(proto: onnx.ModelProto) -> int:
     return saved
 
 
-def compact(proto: onnx.ModelProto) -> int:
-    """Smaller bytes for a file that will only be run: drop ``value_info`` and node doc strings,
-    keep one ``Constant`` node per distinct small constant, and give every intermediate tensor a
-    short name (graph inputs, outputs, initializers and node names are kept, so profiles and
-    weights still read by name). Returns the bytes saved."""
+def drop_default_attributes(proto: onnx.ModelProto) -> int:
+    """Remove node attributes that equal their operator schema's default (``allowzero=0`` on
+    every Reshape, ``axis=0`` on Gather, ...): the same graph in fewer bytes. Returns how many."""
+    opsets = {o.domain or "": o.version for o in proto.opset_import}
+    defaults: dict[tuple[str, str], dict] = {}
+    n_dropped = 0
+    for n in proto.graph.node:
+        key = (n.domain or "", n.op_type)
+        if key not in defaults:
+            try:
+                schema = onnx.defs.get_schema(n.op_type, opsets.get(key[0], 1), key[0])
+            except onnx.defs.SchemaError:
+                schema = None
+            defaults[key] = {} if schema is None else {
+                a.name: helper.get_attribute_value(a.default_value)
+                for a in schema.attributes.values()
+                if a.default_value.type != onnx.AttributeProto.UNDEFINED}
+        dflt = defaults[key]
+        keep = [a for a in n.attribute
+                if a.name not in dflt or helper.get_attribute_value(a) != dflt[a.name]]
+        if len(keep) < len(n.attribute):
+            n_dropped += len(n.attribute) - len(keep)
+            del n.attribute[:]
+            n.attribute.extend(keep)
+    return n_dropped
+
+
+def compact(proto: onnx.ModelProto, keep_names: bool = False,
+            renamed: dict[str, str] | None = None) -> int:
+    """Smaller bytes for a file that will only be run: drop ``value_info``, node doc strings and
+    attributes at their defaults (``drop_default_attributes``), keep one ``Constant`` node per
+    distinct small constant, and give every intermediate tensor a short name. Graph inputs and
+    outputs keep theirs.
+
+    Node and initializer names are shortened too (``n<k>``, ``w<k>``: unique, so ORT's profiles
+    and its own quantizer still work) unless ``keep_names`` (``edge-sr export --keep-names``, for
+    per-module profiles). ``renamed``, when given, receives old -> new for every node and
+    initializer renamed. Returns the bytes saved."""
     graph = proto.graph
     before = proto.ByteSize()
     del graph.value_info[:]
     for n in graph.node:
         n.doc_string = ""
+    drop_default_attributes(proto)
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
            for n in graph.node for a in n.attribute):
         # subgraphs (If, Loop) read outer names that the renaming below does not follow
@@ -265,13 +388,21 @@ def compact(proto: onnx.ModelProto) -> int:
         nodes.append(n)
     del graph.node[:]
     graph.node.extend(nodes)
-    keep = ({i.name for i in graph.input} | {o.name for o in graph.output}
-            | {t.name for t in graph.initializer})
+    io = {i.name for i in graph.input} | {o.name for o in graph.output}
+    inits = {t.name for t in graph.initializer}
     short: dict[str, str] = {}
+    renamed = {} if renamed is None else renamed
+    if not keep_names:
+        for t in graph.initializer:
+            if t.name not in io:
+                short[t.name] = renamed[t.name] = t.name = f"w{np.base_repr(len(short), 36)}"
+        for k, n in enumerate(graph.node):
+            renamed[n.name] = n.name = f"n{np.base_repr(k, 36)}"
+    n_inits = len(short)
     for n in graph.node:
         for i, name in enumerate(n.output):
-            if name and name not in keep:
-                short[name] = n.output[i] = f"t{np.base_repr(len(short), 36)}"
+            if name and name not in io and name not in inits:
+                short[name] = n.output[i] = f"t{np.base_repr(len(short) - n_inits, 36)}"
         for i, name in enumerate(n.input):
             if name in short:
                 n.input[i] = short[name]
@@ -284,10 +415,11 @@ def position_tables(model) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(t.numpy(), i.numpy()) for t, i in tables()] if tables is not None else []
 
 
-def tidy(proto: onnx.ModelProto, position_tables: list[tuple[np.ndarray, np.ndarray]] = ()
-         ) -> int:
+def tidy(proto: onnx.ModelProto, position_tables: list[tuple[np.ndarray, np.ndarray]] = (),
+         int_weights: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = ()) -> int:
     """``share_constants``, ``compress_masks``, ``gather_position_biases`` (with the model's
-    ``position_tables``, ``SRModel.position_bias_tables``) and ``store_fp16``; returns the bytes
-    saved."""
+    ``position_tables``, ``SRModel.position_bias_tables``), ``store_int_weights`` (with
+    ``int_weights``) and ``store_fp16``; returns the bytes saved."""
     return (share_constants(proto) + compress_masks(proto)
-            + gather_position_biases(proto, list(position_tables)) + store_fp16(proto))
+            + gather_position_biases(proto, list(position_tables))
+            + store_int_weights(proto, list(int_weights)) + store_fp16(proto))

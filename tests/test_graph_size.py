@@ -44,8 +44,9 @@ def test_fp32_export_keeps_position_tables_not_expanded_biases(tiny_swinir, tmp_
               for table, index in tables}
     raw = [t.raw_data for t in proto.graph.initializer]
     assert not biases & set(raw)  # no expanded (heads, 64, 64) bias left
-    assert sum(n.op_type == "Gather" and n.name.endswith("/position/Gather")
-               for n in proto.graph.node) == 4
+    shapes = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    assert sum(n.op_type == "Gather" and shapes.get(n.input[0]) == tables[0][0].shape
+               for n in proto.graph.node) == 4  # each block gathers from its own table
     assert not proto.graph.value_info  # compact: no shape annotations
     x = torch.rand(1, 3, *TILE, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -146,3 +147,47 @@ def test_compact_changes_no_output(tiny_swinir, tmp_path):
     before = _run(proto, x)
     assert compact(proto) > 0
     assert np.array_equal(_run(proto, x), before)
+
+
+@pytest.mark.parametrize("fp_weights,container", [("int8", TensorProto.INT8),
+                                                  ("int4", TensorProto.INT4)])
+def test_kept_weights_int_are_stored_as_codes_and_stay_exact(tiny_swinir, tmp_path, fp_weights,
+                                                             container):
+    """--fp-weights int8/int4: the convolutions kept out of WbAb become weight-only integer grids
+    in the student, and the file stores their codes; image layers stay FP16; ORT = student."""
+    from calibrate.prepare import image_layer, kept_weight_grids
+
+    tiny = tiny_swinir(2, embed_dim=16)  # not 12 = 3 * 2^2, the width of an image layer's output
+    calib = torch.rand(2, 3, *TILE, generator=torch.Generator().manual_seed(1))
+    st = prepare(tiny, QuantRecipe(bits=4, grid="ort", fp_weights=fp_weights))
+    convs = {n: m for n, m in st.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    inner = [n for n, m in convs.items() if not image_layer(m, 2)]
+    assert inner and len(inner) < len(convs)  # the RSTB convs and conv_after_body, not first/last
+    qmax = 127 if fp_weights == "int8" else 7
+    for n in inner:
+        m = convs[n]
+        assert int(m.kept_codes.abs().max()) <= qmax
+        w = m.kept_codes.float() * m.kept_scale.view(-1, 1, 1, 1)
+        assert torch.equal(m.weight, w), n
+        fp_w = tiny.get_submodule(n).weight.detach()
+        nearest = torch.clamp(torch.round(fp_w / m.kept_scale.view(-1, 1, 1, 1)), -qmax, qmax)
+        assert torch.equal(m.kept_codes.float(), nearest), n  # round to nearest on its grid
+        assert not torch.equal(m.weight, fp_w)
+    for n, m in convs.items():
+        if n not in inner:
+            assert getattr(m, "kept_codes", None) is None
+            assert torch.equal(m.weight, m.weight.half().float())
+    assert len(kept_weight_grids(st)) == len(inner)
+    init_bounds(st, calib)
+    path = export_qdq(st, ExportConfig(target="ort", tile=TILE), tmp_path / "q.onnx")
+    proto = onnx.load(str(path))
+    kinds = [t.data_type for t in proto.graph.initializer]
+    assert kinds.count(container) == len(inner)
+    half = prepare(tiny, QuantRecipe(bits=4, grid="ort", fp_weights="fp16"))
+    init_bounds(half, calib)
+    fp16 = export_qdq(half, ExportConfig(target="ort", tile=TILE), tmp_path / "h.onnx")
+    assert path.stat().st_size < fp16.stat().st_size
+    x = torch.rand(1, 3, *TILE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = st(x).numpy()
+    assert np.abs(_run(str(path), x) - ref).max() < 1e-4

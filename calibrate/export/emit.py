@@ -31,6 +31,7 @@ an FP Gemm (deploy notes §B1). Every Q, DQ and MatMul node carries ``metadata_p
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ from calibrate.export.trace import DOMAIN
 from calibrate.qmodules import QuantLinear
 from calibrate.quantizer import BoundFakeQuantizer
 from edge_sr.errors import EdgeSRError
+from edge_sr.onnx_tidy import int_initializer
 
 PASS_THROUGH = {"Transpose", "Reshape"}
 
@@ -67,26 +69,17 @@ class _Graph:
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
+        self.shared: dict[tuple, str] = {}  # content key -> the tensor made for it once
 
     def const(self, name: str, value, dtype=np.float32) -> str:
         self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
     def int_tensor(self, name: str, codes: np.ndarray, container: str) -> str:
-        codes = np.asarray(codes)
-        if container in ("int4", "uint4"):  # two codes per byte, low nibble first (ONNX's)
-            flat = (codes.astype(np.int64).reshape(-1) & 0x0F).astype(np.uint8)
-            if flat.size % 2:
-                flat = np.append(flat, np.uint8(0))
-            packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
-            kind = TensorProto.INT4 if container == "int4" else TensorProto.UINT4
-            self.inits.append(helper.make_tensor(name, kind, codes.shape, packed, raw=True))
-        else:
-            dtype = np.uint8 if container == "uint8" else np.int8
-            if codes.min(initial=0) < np.iinfo(dtype).min or codes.max(initial=0) > np.iinfo(
-                    dtype).max:  # pragma: no cover - encodings keep codes in range
-                raise AssertionError(f"{name}: codes do not fit {container}")
-            self.inits.append(numpy_helper.from_array(codes.astype(dtype), name))
+        try:
+            self.inits.append(int_initializer(name, codes, container))
+        except ValueError as e:  # pragma: no cover - encodings keep codes in range
+            raise AssertionError(str(e)) from None
         return name
 
     def add(self, op: str, inputs: list[str], outputs: list[str], name: str,
@@ -181,7 +174,9 @@ def _emit_fused(g: _Graph, c: _LinearGroup, opts: EmitOptions) -> str:
         g.int_tensor(p, codes, "uint8")
     n = codes.shape[1]
     scale = g.const(f"{p}_scale_c", c.scales if c.per_col else np.full(n, c.scales[0]))
-    zp = g.int_tensor(f"{p}_zero_point_c", c.offsets, "uint8")
+    # one zero point for all columns when they agree (symmetric weights: 2^(b-1) everywhere)
+    offsets = c.offsets if np.any(c.offsets != c.offsets[0]) else np.asarray(c.offsets[0])
+    zp = g.int_tensor(f"{p}_zero_point_c", offsets, "uint8")
     _meta(g.add("MatMulIntegerToFloat",
                 [c.act, p, f"{c.act_prefix}scale", scale, f"{c.act_prefix}zero_point", zp,
                  g.const(f"{c.site}/bias{c.j}", c.bias)], [c.out], f"{c.site}/MatMul{c.j}",
@@ -228,17 +223,25 @@ def _rotation(g: _Graph, name: str, m: np.ndarray, signs: bool) -> str:
     ``R = diag(±1) H / sqrt(K)`` has one magnitude, and ``S^-1`` scales its rows, so every row of
     ``S^-1 R`` holds one magnitude: with ``signs`` it is stored as INT4 codes ±1 and a float32
     (K, 1) scale, and ``Cast -> Mul`` rebuilds the float32 matrix exactly (±1 × scale), in 1/8 of
-    the bytes. Both inputs are constants, so ORT folds the two nodes at load and the rotation's
-    MatMul keeps a constant (prepacked) B; a ``DequantizeLinear`` would run on every call.
-    Otherwise (or for a matrix without that form) float32.
+    the bytes. The sign matrix depends only on K and the rotation seed, so the sites of one width
+    share one INT4 tensor and its Cast; each site keeps its own scale. Both inputs are constants,
+    so ORT folds the nodes at load and the rotation's MatMul keeps a constant (prepacked) B; a
+    ``DequantizeLinear`` would run on every call. Otherwise (or for a matrix without that form)
+    float32.
     """
     mag = np.abs(m)
     if not (signs and m.ndim == 2 and np.all(mag > 0) and np.array_equal(mag, np.repeat(
             mag[:, :1], m.shape[1], axis=1))):
         return g.const(name, m)
-    g.int_tensor(f"{name}_signs", np.sign(m).astype(np.int8), "int4")
-    g.add("Cast", [f"{name}_signs"], [f"{name}_pm1"], f"{name}/Cast", to=TensorProto.FLOAT)
-    g.add("Mul", [f"{name}_pm1", g.const(f"{name}_scale", mag[:, :1])], [name], f"{name}/Mul")
+    sign = np.sign(m).astype(np.int8)
+    key = ("rotation_signs", sign.shape, hashlib.sha1(sign.tobytes()).hexdigest())
+    pm1 = g.shared.get(key)
+    if pm1 is None:
+        base = f"rotation{sign.shape[0]}_{key[2][:8]}"
+        g.int_tensor(f"{base}_signs", sign, "int4")
+        g.add("Cast", [f"{base}_signs"], [f"{base}_pm1"], f"{base}/Cast", to=TensorProto.FLOAT)
+        pm1 = g.shared[key] = f"{base}_pm1"
+    g.add("Mul", [pm1, g.const(f"{name}_scale", mag[:, :1])], [name], f"{name}/Mul")
     return name
 
 
@@ -295,10 +298,11 @@ def _emit_linear(g: _Graph, node: onnx.NodeProto, site: str, lin: QuantLinear,
         records.append(dict(site=site, kind="linear", matmul=f"{site}/MatMul{j}", group=j,
                             weight=f"{site}/W{j}", weight_container=container, w_bits=bits,
                             a_bits=enc.bits, act=enc.meta(),
-                            weight_scale=c.scales.tolist() if c.per_col
-                            else float(c.scales[0]),
-                            weight_shift=c.shifts.tolist() if c.per_col
-                            else float(c.shifts[0]),
+                            # per-channel grids: the vectors are the graph's own initializers
+                            # (f"{weight}_scale" / ..._shift); the metadata only names the kind
+                            weight_per_channel=bool(c.per_col),
+                            **({} if c.per_col else dict(weight_scale=float(c.scales[0]),
+                                                         weight_shift=float(c.shifts[0]))),
                             in_features=int(c.codes.shape[0]),
                             out_features=int(c.codes.shape[1])))
     if len(plan) > 1:

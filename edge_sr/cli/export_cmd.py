@@ -26,12 +26,15 @@ from edge_sr.cli.options import logging_options
                    "ONNX Runtime fuses into integer MatMul kernels.")
 @click.option("--lowbit-plugin", is_flag=True,
               help="Replace quantized linears with edge_sr::LowBitLinear plugin nodes (TensorRT).")
+@click.option("--keep-names", is_flag=True,
+              help="Keep the traced node and initializer names (larger file; for per-module "
+                   "profiles and later --lowbit-plugin passes). Default: short names.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="The .onnx file to write (atomically).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @logging_options
 def export_cmd(calibration, target, tile, dynamic, batch, opset, weight_container, lowbit_plugin,
-               output, force) -> None:
+               keep_names, output, force) -> None:
     """Export CALIBRATION (a file from ``edge-sr calibrate``) as QDQ ONNX, exact to its grids."""
     from pathlib import Path
 
@@ -43,6 +46,6 @@ def export_cmd(calibration, target, tile, dynamic, batch, opset, weight_containe
         raise EdgeSRError(f"CALIBRATION: file {calibration} not found")
     cfg = ExportConfig(target=target, tile=parse_size(tile, "--tile"), batch=batch, opset=opset,
                        lowbit_plugin=lowbit_plugin, weight_container=weight_container,
-                       dynamic=dynamic)
+                       dynamic=dynamic, keep_names=keep_names)
     path = export_qdq(calibration, cfg, output, force=force)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")

@@ -119,9 +119,11 @@ def quant_options(method_default: str, budget_default: str, grid_default: str = 
                           "and p.v, the softmax output alone), or none [default: none for "
                           "calibrate; build: what measured faster on the backend]."),
         click.option("--fp-weights", type=click.Choice(FP_WEIGHTS), default=None,
-                     help="Beyond the paper: the weights that stay in floating point (convs, "
-                          "position-bias tables) as float32 (paper) or rounded to FP16 before "
-                          "calibration and stored so [default: the method's]."),
+                     help="Beyond the paper: the weights kept out of WbAb (convs, position-bias "
+                          "tables, unquantized linears) as float32 (paper) or rounded to FP16 "
+                          "before calibration and stored so; int8/int4 also make the convs and "
+                          "linears among them weight-only integer grids (per output channel; "
+                          "image layers stay FP16) [default: the method's]."),
         click.option("--avg-bits", type=float, default=None, metavar="BITS",
                      help="Beyond the paper: mixed precision; the linear inputs that measure "
                           "most sensitive (held-out data) go to 8 bits within this mean width."),
