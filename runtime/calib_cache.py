@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CALIB_CACHE_VERSION = 4  # 2: FP weights as FP16 (edge-sr); 3: ROTATION_MARGIN 0.5; 4: smoothing
+CALIB_CACHE_VERSION = 5  # 2: FP weights as FP16 (edge-sr); 3: ROTATION_MARGIN 0.5; 4: smoothing;
+# 5: kept weights as 4-bit grids at <= 4 bits (edge-sr)
 
 
 def cache_root(cfg: BuildConfig | None = None) -> Path:
