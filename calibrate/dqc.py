@@ -47,6 +47,9 @@ from edge_sr.metrics import psnr_y
 
 log = logging.getLogger(__name__)
 
+MIN_RANGE_FRACTION = 1e-3  # of a grid's range at the start of DQC, the least it keeps
+MIN_RANGE = 1e-8  # absolute floor (a grid that starts with no range)
+
 
 @dataclass(frozen=True)
 class DQCConfig:
@@ -245,6 +248,10 @@ class DQCStep:
         for p in self.params:
             p.requires_grad_(True)
         self.opt = torch.optim.Adam(param_groups(student, cfg), lr=cfg.lr, betas=cfg.betas)
+        # each grid keeps at least MIN_RANGE_FRACTION of its starting range: a step that would
+        # cross the bounds (upper <= lower, no grid at all) stops there instead
+        self.min_range = [(q, (MIN_RANGE_FRACTION * (q.upper - q.lower).detach().abs())
+                           .clamp_min(MIN_RANGE)) for _, q in quantizers(student)]
         self.names = student.feature_modules()
         self.tap_s = _FeatureTap(student, self.names)
         self.tap_t = _FeatureTap(teacher, self.names)
@@ -262,6 +269,9 @@ class DQCStep:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        with torch.no_grad():
+            for q, gap in self.min_range:
+                q.upper.copy_(torch.maximum(q.upper, q.lower + gap))
         self.tap_s.out.clear()
         self.tap_t.out.clear()
         return loss.detach()

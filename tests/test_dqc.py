@@ -190,3 +190,20 @@ def test_weight_lr_trains_weights_not_teacher(tiny_swinir, one_thread):
     assert not any(p.requires_grad for p in student.parameters())
     with pytest.raises(ValueError, match="weight_lr"):
         DQCConfig(weight_lr=-1.0)
+
+
+def test_bounds_never_cross_even_with_a_huge_step(tiny_swinir, one_thread):
+    """A step that would put upper at or below lower (no grid left) stops at a sliver of the
+    starting range, so the calibrated model still exports (the demo once hit upper < lower)."""
+    from calibrate.dqc import MIN_RANGE_FRACTION
+    from calibrate.export_qdq import ExportConfig, build_qdq
+    from calibrate.prepare import quantizers
+
+    fp, student, sample, val = _setup(tiny_swinir, bits=4)
+    start = {n: float((q.upper - q.lower).abs().min()) for n, q in quantizers(student)}
+    cfg = DQCConfig(iterations=4, batch=2, lr_patch=16, val_every=100, ckpt_every=100, lr=50.0)
+    run_dqc(student, fp, sample, val, cfg)
+    for n, q in quantizers(student):
+        gap = float((q.upper - q.lower).min())
+        assert gap >= MIN_RANGE_FRACTION * start[n] * 0.9, n  # (float32 rounding at |l| >> u - l)
+    build_qdq(student, ExportConfig(target="ort", tile=(16, 16)))  # no ValueError

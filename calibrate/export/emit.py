@@ -326,24 +326,34 @@ def replace_sites(proto: onnx.ModelProto, linears: dict[str, QuantLinear],
             g.nodes.append(node)
             continue
         site = helper.get_attribute_value(node.attribute[0]).decode()
-        if node.op_type == "QLinear":
-            records += _emit_linear(g, node, site, linears[site], opts)
-        elif node.op_type == "QAct":
-            enc = act_encoding(acts[site], opts.target)
-            if enc.shift == 0.0:  # 0 on the grid: the DQ output is the value itself
-                _emit_act(g, node.input[0], enc, f"{site}/", site, outputs=[node.output[0]])
-            else:
-                (dq,) = _emit_act(g, node.input[0], enc, f"{site}/", site)
-                g.add("Add", [dq, g.const(f"{site}/shift_back", enc.shift)], [node.output[0]],
-                      f"{site}/AddShift")
-                act_outputs[node.output[0]] = (dq, enc.shift)
-            records.append(dict(site=site, kind="act", q=f"{site}/QuantizeLinear", **enc.meta()))
-        else:  # pragma: no cover - trace.py emits only the two kinds
-            raise AssertionError(f"unknown placeholder {node.op_type}")
+        try:
+            _emit_site(g, node, site, linears, acts, opts, records, act_outputs)
+        except ValueError as e:  # a grid the engine cannot hold (e.g. upper <= lower)
+            raise EdgeSRError(f"export: {site}: {e}") from None
     del proto.graph.node[:]
     proto.graph.node.extend(g.nodes)
     proto.graph.initializer.extend(g.inits)
     return proto, records, act_outputs
+
+
+def _emit_site(g: _Graph, node: onnx.NodeProto, site: str, linears: dict[str, QuantLinear],
+               acts: dict[str, BoundFakeQuantizer], opts: EmitOptions, records: list[dict],
+               act_outputs: dict[str, tuple[str, float]]) -> None:
+    """One placeholder's Q/DQ subgraph (``replace_sites``)."""
+    if node.op_type == "QLinear":
+        records.extend(_emit_linear(g, node, site, linears[site], opts))
+    elif node.op_type == "QAct":
+        enc = act_encoding(acts[site], opts.target)
+        if enc.shift == 0.0:  # 0 on the grid: the DQ output is the value itself
+            _emit_act(g, node.input[0], enc, f"{site}/", site, outputs=[node.output[0]])
+        else:
+            (dq,) = _emit_act(g, node.input[0], enc, f"{site}/", site)
+            g.add("Add", [dq, g.const(f"{site}/shift_back", enc.shift)], [node.output[0]],
+                  f"{site}/AddShift")
+            act_outputs[node.output[0]] = (dq, enc.shift)
+        records.append(dict(site=site, kind="act", q=f"{site}/QuantizeLinear", **enc.meta()))
+    else:  # pragma: no cover - trace.py emits only the two kinds
+        raise AssertionError(f"unknown placeholder {node.op_type}")
 
 
 def fold_matmul_shifts(proto: onnx.ModelProto, act_outputs: dict[str, tuple[str, float]]
