@@ -90,6 +90,8 @@ def _region_labels(a: np.ndarray) -> np.ndarray | None:
     labels = zero.argmax(axis=2)  # the first token in the same region (itself at the latest)
     if not np.array_equal(labels[:, :, None] == labels[:, None, :], zero):
         return None
+    # only tokens of one window are compared: number its regions 0, 1, ... (a few, so 4 bits)
+    labels = np.stack([np.unique(row, return_inverse=True)[1].reshape(-1) for row in labels])
     return labels.reshape(a.shape[:-1]).astype(np.int32)
 
 

@@ -119,7 +119,7 @@ def test_w4_ort_file_stores_packed_codes_and_fp16_weights_exactly(tiny_swinir, t
     path = export_qdq(st, ExportConfig(target="ort", tile=TILE), tmp_path / "q.onnx")
     proto = onnx.load(str(path))
     kinds = [t.data_type for t in proto.graph.initializer]
-    assert kinds.count(TensorProto.UINT4) == 4 * 6  # every linear's codes, packed
+    assert kinds.count(TensorProto.UINT4) == 4 * 6 + 1  # every linear's codes, and mask labels
     assert TensorProto.FLOAT16 in kinds  # the convolutions and position tables
     assert not proto.graph.value_info
     inner = [o for n in proto.graph.node for o in n.output if o != "sr"]
