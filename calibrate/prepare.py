@@ -44,7 +44,7 @@ WIDE_BITS = 8  # bit width of the ``wide_inputs`` quantizers
 # ``quantize_kept_weights``); the layers that read or write image channels stay FP16.
 FP16_MIN_NUMEL = 256  # smaller tensors (biases, norms, scalars) stay float32 either way
 KEPT_WEIGHT_BITS = {"int8": 8, "int4": 4}
-KEPT_CLIP_RATIOS = tuple(np.linspace(0.5, 1.0, 26))  # per-channel clip search (MSE), as DOBI's
+KEPT_CLIP_RATIOS = tuple(np.linspace(0.5, 1.0, 26))  # per-channel clip candidates (least squares)
 
 
 def quantizer_grid(deploy: str, weight: bool, bits: int) -> str:
@@ -100,6 +100,8 @@ class QuantRecipe:
     * ``fp_weights``: ``"fp16"`` rounds every floating-point weight that is not quantized (of at
       least ``FP16_MIN_NUMEL`` elements and two axes) to FP16 before calibration; the exports
       then store it as FP16 (``edge_sr.onnx_tidy.store_fp16``), bit-exact to the student.
+      ``"int8"`` / ``"int4"`` also make the convolutions and linears among them weight-only
+      integer grids (``quantize_kept_weights``; image layers stay FP16), stored as codes.
     * ``smooth``: SmoothQuant's migration strength alpha in [0, 1]; every quantized linear's input
       is divided per channel by factors measured on calibration data
       (``calibrate.smoothing``), which ``prepare`` then takes as its ``smoothing`` argument.
@@ -259,9 +261,10 @@ def quantize_kept_weights(model: nn.Module, skip: set[str], bits: int) -> set[st
     Each weight ``w`` (``(out, in, ...)``) gets a symmetric per-output-channel grid
     ``s * c``, ``c`` an integer in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``, with ``s`` the clip of
     ``KEPT_CLIP_RATIOS`` x max|w| (rounded to an FP16 value) of least squared error per channel
-    (round to nearest). The weight becomes ``c.float() * s`` in float32, in place, and the module keeps ``kept_codes``
-    (int8, ``w``'s shape) and ``kept_scale`` (float32, ``(out,)``) so that export stores the
-    codes and rebuilds the same float32 values (``edge_sr.onnx_tidy.store_int_weights``).
+    (round to nearest). The weight becomes ``c.float() * s`` in float32, in place, and the
+    module keeps ``kept_codes`` (int8, ``w``'s shape) and ``kept_scale`` (float32, ``(out,)``)
+    so that export stores the codes and rebuilds the same float32 values
+    (``edge_sr.onnx_tidy.store_int_weights``). Measured on NGswin: docs/results/grids.md, "Size".
     Skipped: modules in ``skip`` (quantized linears), image layers (``image_layer``), weights of
     fewer than ``FP16_MIN_NUMEL`` elements. Returns the names of the modules quantized.
     """

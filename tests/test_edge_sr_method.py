@@ -142,5 +142,9 @@ def test_weight_lr_option_reaches_dqc_and_is_checked():
     cc = CalibrationConfig(model="m", bits=4, output="o", method="edge-sr", weight_lr=0.05)
     assert cc.dqc_config().weight_lr == 0.05
     assert CalibrationConfig(model="m", bits=4, output="o").dqc_config().weight_lr == 0.0
+    # edge-sr trains the weights too at <= 3 bits (measured at W2), not at 4 or 8
+    edge = {b: CalibrationConfig(model="m", bits=b, output="o", method="edge-sr").dqc_config()
+            for b in (2, 3, 4, 8)}
+    assert [edge[b].weight_lr for b in (2, 3, 4, 8)] == [0.03, 0.03, 0.0, 0.0]
     with pytest.raises(EdgeSRError, match="--weight-lr: expected a learning rate >= 0"):
         CalibrationConfig(model="m", bits=4, output="o", weight_lr=-1.0).validate()
