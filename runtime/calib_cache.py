@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CALIB_CACHE_VERSION = 6  # 2: FP weights as FP16 (edge-sr); 3: ROTATION_MARGIN 0.5; 4: smoothing;
-# 5: kept weights as 4-bit grids at <= 4 bits (edge-sr); 6: weight training at <= 3 bits (edge-sr)
+CALIB_CACHE_VERSION = 7  # 2: FP weights as FP16 (edge-sr); 3: ROTATION_MARGIN 0.5; 4: smoothing;
+# 5: kept weights as 4-bit grids at <= 4 bits (edge-sr); 6: weight training at <= 3 bits
+# (edge-sr); 7: kept weights as 8-bit grids at <= 4 bits (edge-sr)
 
 
 def cache_root(cfg: BuildConfig | None = None) -> Path:

@@ -258,5 +258,5 @@ def test_real_calibration_api(tmp_path, env):
     assert recipe["weight_grid"] == "channel" and isinstance(recipe["rotate"], list)
     assert recipe["smooth"] == 0.65
     # ONNX Runtime's measured defaults: attention products FP; at 4 bits the weights kept out of
-    # W4A4 are 4-bit weight-only grids
-    assert recipe["fp_sites"] == ["qk", "pv"] and recipe["fp_weights"] == "int4"
+    # W4A4 are 8-bit weight-only grids
+    assert recipe["fp_sites"] == ["qk", "pv"] and recipe["fp_weights"] == "int8"
