@@ -79,9 +79,9 @@ DQC_METHODS = ("2dquant", "edge-sr")  # then trained by DQC
 # bits and FP16 at 8 bits: INT8 cost 0.001-0.010 dB held-out on both models; INT4 (the file at
 # 1/4 of the FP32 one) was at parity on NGswin but cost 0.08 dB held-out on the SwinIR-light
 # reference, where it would lose to the faithful 2DQuant (docs/results/grids.md, "Size"), so
-# it is the option --fp-weights int4. DQC also trains the quantized linears' weights at <= 3 bits (NGswin x2 W2,
-# held-out best 28.71 -> 31.08 / 31.68 dB at weight_lr 0.01 / 0.03); at W4 it was measured
-# (+0.04 dB at 0.03, worse at 0.1) and stays off.
+# it is the option --fp-weights int4. DQC also trains the quantized linears' weights at <= 3
+# bits (NGswin x2 W2, held-out best 28.71 -> 31.08 / 31.68 dB at weight_lr 0.01 / 0.03); at W4
+# it was measured (+0.04 dB at 0.03, worse at 0.1) and stays off.
 EDGE_SR_WEIGHT_LR = 0.03
 EDGE_SR_OPTIONS = dict(rotate=("auto",), weight_grid="channel", rounding="gptq",
                        bound_lr="relative", fp_weights=lambda bits: "int8" if bits <= 4 else "fp16",
