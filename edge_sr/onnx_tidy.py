@@ -10,10 +10,13 @@ rebuilds it in the graph (``Where(Equal(label_i, label_j), 0, -100)``), exactly.
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+log = logging.getLogger(__name__)
 
 MIN_SHARED_BYTES = 1024
 INT4_MIN_OPSET = 21  # Cast and Q/DQ take (u)int4 from opset 21
@@ -173,18 +176,18 @@ def store_int_weights(proto: onnx.ModelProto,
     as is (a convolution's ``(out, in, kh, kw)``) or transposed (a linear's ``(in, out)`` MatMul
     operand). Returns the bytes saved; a weight that matches nothing stays float32.
     """
-    wanted: dict[bytes, tuple[np.ndarray, np.ndarray, int]] = {}
-    for w, codes, scale, bits in grids:
+    wanted: dict[bytes, tuple[np.ndarray, np.ndarray, int, int]] = {}
+    for i, (w, codes, scale, bits) in enumerate(grids):
         w = np.ascontiguousarray(w, np.float32)
         bshape = (-1,) + (1,) * (w.ndim - 1)
         wanted[hashlib.sha256(w.tobytes()).digest() + bytes(str(w.shape), "ascii")] = (
-            codes, np.asarray(scale, np.float32).reshape(bshape), bits)
+            codes, np.asarray(scale, np.float32).reshape(bshape), bits, i)
         if w.ndim == 2:  # a linear's weight traced as MatMul(x, W^T)
             wt = np.ascontiguousarray(w.T)
             wanted[hashlib.sha256(wt.tobytes()).digest() + bytes(str(wt.shape), "ascii")] = (
-                codes.T, np.asarray(scale, np.float32).reshape(1, -1), bits)
+                codes.T, np.asarray(scale, np.float32).reshape(1, -1), bits, i)
     graph = proto.graph
-    new_nodes, keep, saved = [], [], 0
+    new_nodes, keep, saved, found = [], [], 0, set()
     for t in graph.initializer:
         if t.data_type != onnx.TensorProto.FLOAT or not wanted:
             keep.append(t)
@@ -195,7 +198,8 @@ def store_int_weights(proto: onnx.ModelProto,
         if hit is None:
             keep.append(t)
             continue
-        codes, scale, bits = hit
+        codes, scale, bits, i = hit
+        found.add(i)
         if not np.array_equal(codes.astype(np.float32) * scale, a):  # pragma: no cover
             keep.append(t)
             continue
@@ -213,6 +217,9 @@ def store_int_weights(proto: onnx.ModelProto,
         new_nodes.append(helper.make_node("Mul", [f"{t.name}/float", sname], [t.name],
                                           name=f"{t.name}/MulScale"))
         saved += a.nbytes - (codes.size * bits + 7) // 8 - scale.nbytes
+    if len(found) < len(grids):  # e.g. a weight the trace folded into another constant
+        log.warning("%d of %d integer-grid weights were not found in the graph and stay float32",
+                    len(grids) - len(found), len(grids))
     if new_nodes:
         del graph.initializer[:]
         graph.initializer.extend(keep)
