@@ -8,7 +8,11 @@ forward, output + feature loss, backward, Adam; ``calibrate.dqc.DQCStep``), ``fp
 gradient taken w.r.t. the input), ``ratio`` = step / fp, ``peak_rss_mb`` of each (each runs in its
 own child process, so the peaks are separate), and ``lr_pixels_per_s`` of the DQC step. The two
 measurements alternate ``--rounds`` times (child processes A, B, A, B, ...), so drift in the
-machine's speed hits both. Benchmarks are not tests: results go to ``--json`` and docs/RESULTS.md.
+machine's speed hits both. Each child first runs ``--warmup`` untimed steps (3: the heap grows to
+a step's peak over the first two or three, page-faulting fresh memory in). ``--precision bf16``
+times DQC under autocast (the FP baseline stays plain float32); ``--fused off`` times the eager
+fake-quant ops instead of ``calibrate.fused_fq``'s kernels. Benchmarks are not tests: results go
+to ``--json`` and docs/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ def _peak_rss_mb() -> float:
 
 
 def _child(kind: str, args: dict, q) -> None:
+    import os
+
+    if args.get("fused", "on") == "off":
+        os.environ["EDGE_SR_FUSED_FQ"] = "0"
     import torch
 
     from edge_sr.allocator import keep_freed_memory
@@ -93,6 +101,8 @@ def _child(kind: str, args: dict, q) -> None:
         kw = dict(iterations=1, batch=args["batch"], lr_patch=max(8, args["lr_patch"]))
         if args["recompute"]:
             kw["recompute"] = True
+        if args.get("precision", "fp32") != "fp32":
+            kw["precision"] = args["precision"]
         trainer = DQCStep(student, lm.model, DQCConfig(**kw))
         for i in range(args["warmup"] + args["steps"]):
             sync()
@@ -165,6 +175,8 @@ def measure(args: dict) -> dict:
     return {
         "model": args["model"], "bits": args["bits"], "method": args["method"],
         "batch": args["batch"], "lr_patch": args["lr_patch"], "recompute": args["recompute"],
+        "precision": args.get("precision", "fp32"), "fused_fake_quant": args.get("fused", "on"),
+        "warmup": args["warmup"], "steps": args["steps"],
         "threads": args["threads"], "step_ms": step * 1e3, "fp_fwd_bwd_ms": fp * 1e3,
         "ratio": step / fp, "peak_rss_mb": peaks["dqc"], "fp_peak_rss_mb": peaks["fp"],
         "lr_pixels_per_s": px / step, "samples": {k: [t * 1e3 for t in v] for k, v in runs.items()},
@@ -183,10 +195,16 @@ def main(argv=None) -> None:
     ap.add_argument("--method", default="2dquant", choices=["2dquant", "edge-sr"])
     ap.add_argument("--recompute", action="store_true",
                     help="activation checkpointing per block (DQCConfig.recompute)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="DQCConfig.precision (bf16: autocast; the FP baseline stays fp32)")
+    ap.add_argument("--fused", default="on", choices=["on", "off"],
+                    help="off: EDGE_SR_FUSED_FQ=0, the eager fake-quant ops (the before)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (peaks are then GPU memory)")
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=3,
+                    help="untimed steps first: the heap grows to the step's peak in the first "
+                         "two or three, page-faulting fresh memory in")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
@@ -194,7 +212,8 @@ def main(argv=None) -> None:
         ap.error("--batch >= 1, --lr-patch >= 8 and --steps >= 1 expected")
     res = measure(vars(a) | {"lr_patch": a.lr_patch})
     line = (f"{a.model} {a.batch}x{a.lr_patch}^2 W{a.bits} {a.method}"
-            f"{' recompute' if a.recompute else ''}: step {res['step_ms']:.0f} ms, FP fwd+bwd "
+            f"{' recompute' if a.recompute else ''}{' ' + a.precision if a.precision != 'fp32' else ''}"
+            f"{' eager-fq' if a.fused == 'off' else ''}: step {res['step_ms']:.0f} ms, FP fwd+bwd "
             f"{res['fp_fwd_bwd_ms']:.0f} ms, ratio {res['ratio']:.2f}, peak RSS "
             f"{res['peak_rss_mb']:.0f} MB (FP {res['fp_peak_rss_mb']:.0f} MB), "
             f"{res['lr_pixels_per_s']:.0f} LR px/s [{res['cpu']}, {a.threads} threads"

@@ -43,10 +43,12 @@ from calibrate.smoothing import measure_smoothing
 from calibrate.vocab import (
     BUDGETS,
     DEPLOY_GRIDS,
+    DQC_PRECISIONS,
     METHODS,
     ROUNDINGS,
     WEIGHT_GRIDS,
     Budget,
+    DQCPrecision,
     FPWeights,
     Grid,
     Method,
@@ -86,7 +88,7 @@ EDGE_SR_WEIGHT_LR = 0.03
 EDGE_SR_OPTIONS = dict(rotate=("auto",), weight_grid="channel", rounding="gptq",
                        bound_lr="relative", fp_weights=lambda bits: "int8" if bits <= 4 else "fp16",
                        weight_lr=lambda bits: EDGE_SR_WEIGHT_LR if bits <= 3 else 0.0,
-                       smooth=SMOOTH_ALPHA)
+                       smooth=SMOOTH_ALPHA, dqc_precision="fp32")
 
 # DQC budgets, one per calibrate.vocab.BUDGETS name. "fast" was sized on the shared 2-core CPU
 # (see docs/results/accuracy.md); "cpu" is the budget that gained most within 15 minutes of
@@ -142,6 +144,7 @@ class CalibrationConfig:
     weight_lr: float | None = None  # DQC also trains the linears' weights (None: method's)
     smooth: float | Literal["none"] | None = None  # SmoothQuant alpha ("none": off; None: method's)
     recompute: bool = False  # DQC activation checkpointing per block (memory for time)
+    dqc_precision: DQCPrecision | None = None  # DQC GEMMs in fp32 or bf16 (None: method's)
     block_recon: int = 0  # BRECQ-style block reconstruction: Adam steps per block (0: off)
     time_limit: float | None = None  # minutes of calibration; DQC stops at the first step past it
 
@@ -167,6 +170,8 @@ class CalibrationConfig:
             raise EdgeSRError(f"--time-limit: expected minutes > 0, got {self.time_limit}")
         if self.budget not in BUDGETS:
             raise EdgeSRError(expected("--budget", BUDGETS, self.budget))
+        if self.option("dqc_precision") not in DQC_PRECISIONS:
+            raise EdgeSRError(expected("--dqc-precision", DQC_PRECISIONS, self.dqc_precision))
         if self.option("rounding") not in ROUNDINGS:
             raise EdgeSRError(expected("--rounding", ROUNDINGS, self.rounding))
         if self.avg_bits is not None and not self.bits <= self.avg_bits <= WIDE_BITS:
@@ -187,7 +192,7 @@ class CalibrationConfig:
             return v(self.bits) if callable(v) else v
         return {"rotate": (), "weight_grid": "tensor", "rounding": "nearest",
                 "bound_lr": "absolute", "fp_weights": "fp32", "weight_lr": 0.0,
-                "smooth": "none"}[name]
+                "smooth": "none", "dqc_precision": "fp32"}[name]
 
     def quant_recipe(self) -> QuantRecipe:
         """The recipe before per-site choices ("auto" rotation and ``avg_bits`` are resolved
@@ -213,7 +218,8 @@ class CalibrationConfig:
                        ("lr_patch", self.dqc_patch), ("val_every", self.val_every),
                        ("bound_lr", self.option("bound_lr")),
                        ("weight_lr", self.option("weight_lr")),
-                       ("recompute", self.recompute or None)):
+                       ("recompute", self.recompute or None),
+                       ("precision", self.option("dqc_precision"))):
             if v is not None:
                 kw[key] = v
         req = getattr(model, "size_requirements", None)

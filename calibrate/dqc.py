@@ -20,7 +20,9 @@ maths: ``recompute`` checkpoints every transformer block (memory for time), and
 ``bound_lr="relative"`` gives each quantizer an lr proportional to its range (``param_groups``),
 and ``weight_lr`` trains the weights of every quantized linear as well, at ``weight_lr`` times
 its mean weight-grid step (quantization-aware fine-tuning by distillation, as in the block
-reconstruction of BRECQ / EfficientQAT, but end to end).
+reconstruction of BRECQ / EfficientQAT, but end to end). ``precision="bf16"`` runs the teacher
+and the student under autocast (bfloat16 GEMMs, e.g. AVX-512 BF16 or AMX on a CPU); the fake
+quantizers, the losses, the bounds and Adam stay float32, and validation runs in float32.
 Each validation in the history records the seconds since this run (re)started.
 """
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -40,6 +43,7 @@ from tqdm import tqdm
 
 from calibrate.prepare import bound_parameters, quantizers
 from calibrate.qmodules import QuantLinear
+from calibrate.vocab import DQC_PRECISIONS, DQCPrecision
 from edge_sr.data.images import to_uint8
 from edge_sr.fileio import atomic_path
 from edge_sr.logutil import progress_disabled
@@ -70,8 +74,14 @@ class DQCConfig:
     # 0: only the bounds train (the paper). > 0: the quantized linears' weights and biases train
     # too, each linear at weight_lr x its mean weight-grid step (u - l) / (2^b - 1) (beyond it)
     weight_lr: float = 0.0
+    # "fp32": the paper. "bf16": teacher and student forward under CPU/CUDA autocast (GEMMs in
+    # bfloat16, fake quantizers and losses in float32); validation stays float32 (beyond it)
+    precision: DQCPrecision = "fp32"
 
     def __post_init__(self) -> None:
+        if self.precision not in DQC_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(DQC_PRECISIONS)}, got "
+                             f"{self.precision!r}")
         if not self.weight_lr >= 0:
             raise ValueError(f"weight_lr must be >= 0, got {self.weight_lr!r}")
         if self.bound_lr not in ("absolute", "relative"):
@@ -257,14 +267,20 @@ class DQCStep:
         self.tap_t = _FeatureTap(teacher, self.names)
         self.recompute = _Recompute(student, block_paths(student) if cfg.recompute else [])
 
+    def _autocast(self, lr: torch.Tensor):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(lr.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
     def step(self, lr: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast(lr):
             out_t = self.teacher(lr)
-        out_s = self.student(lr)
-        loss = output_loss(out_s, out_t, cfg.feature_loss)
-        feat = sum(feature_loss(self.tap_s.out[n], self.tap_t.out[n], cfg.feature_loss)
-                   for n in self.names)
+        with self._autocast(lr):
+            out_s = self.student(lr)
+        loss = output_loss(out_s.float(), out_t.float(), cfg.feature_loss)
+        feat = sum(feature_loss(self.tap_s.out[n].float(), self.tap_t.out[n].float(),
+                                cfg.feature_loss) for n in self.names)
         loss = loss + cfg.feature_weight * feat
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -32,6 +32,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from calibrate import fused_fq
+
 Search = Literal["two_sided", "one_sided"]
 Grid = Literal["real", "integer", "symmetric"]
 GRIDS: tuple[str, ...] = ("real", "integer", "symmetric")
@@ -85,7 +87,8 @@ class _FakeQuantSTE(torch.autograd.Function):
     + [x <= l]); du = sum g*((q-t)/N + [x >= u]). About half the memory passes of the composed
     autograd graph, which dominates DQC on a CPU. Only the input is kept for the backward (not
     also q - t): the backward recomputes q - t with the forward's own ops, bit for bit, which
-    saves one activation-sized float tensor per quantizer.
+    saves one activation-sized float tensor per quantizer. On a CPU, per-tensor grids run the
+    fused kernels of ``calibrate.fused_fq`` (one pass each way, the same outputs bit for bit).
     """
 
     @staticmethod
@@ -96,15 +99,26 @@ class _FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, n: int):
-        t, step = _FakeQuantSTE._residual(x, lower, upper, n)
         ctx.n = n
+        if fused_fq.usable(x, lower):
+            x = x.contiguous()  # one copy of a strided view beats the eager ops' passes
+            ctx.save_for_backward(x, lower, upper)
+            return fused_fq.forward(x, float(lower), float(upper), float((upper - lower) / n))
         ctx.save_for_backward(x, lower, upper)
+        t, step = _FakeQuantSTE._residual(x, lower, upper, n)
         return t.round_().mul_(step).add_(lower)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, lower, upper = ctx.saved_tensors
         n = ctx.n
+        if fused_fq.usable(x, lower):
+            gx, (sd, sb, sa) = fused_fq.backward(g, x, float(lower), float(upper),
+                                                 float((upper - lower) / n))
+            as_bound = lambda v: torch.tensor(v, dtype=lower.dtype).reshape(lower.shape)  # noqa: E731
+            gl = as_bound(sb - sd / n) if ctx.needs_input_grad[1] else None
+            gu = as_bound(sa + sd / n) if ctx.needs_input_grad[2] else None
+            return gx if ctx.needs_input_grad[0] else None, gl, gu, None
         t, _ = _FakeQuantSTE._residual(x, lower, upper, n)
         d = torch.round(t).sub_(t)  # q - t, as in the forward
         below, above = x <= lower, x >= upper
@@ -122,6 +136,8 @@ def fake_quant(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bits: 
     if not torch.is_grad_enabled() or not (x.requires_grad or lower.requires_grad
                                             or upper.requires_grad):
         step = (upper - lower) / n
+        if fused_fq.usable(x, lower):
+            return fused_fq.forward(x.contiguous(), float(lower), float(upper), float(step))
         # clip on the integer grid with scalar bounds: the same values as clamp(x, lower, upper)
         # first (both give 0 or n there), but a tensor-bound clamp is ~6x slower on a CPU
         return (x - lower).div_(step).clamp_(0, n).round_().mul_(step).add_(lower)
@@ -240,6 +256,8 @@ class BoundFakeQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
+        if x.dtype in (torch.bfloat16, torch.float16):  # under autocast: grid codes in float32
+            x = x.float()
         lo, up = self.grid_bounds()
         return fake_quant(x, lo, up, self.bits)
 

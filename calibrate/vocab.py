@@ -7,7 +7,7 @@ choices from here, and ``calibrate.api`` / ``calibrate.prepare`` check their inp
 * ``Budget``: how much DQC runs (iterations x batch x patch; ``calibrate.api.DQC_BUDGETS``). Not to
   be confused with ``calibrate.prepare.QuantRecipe``, *what* gets quantized and how.
 * ``Grid``: the grid quantizers learn, the paper's real-valued one or the one an engine runs.
-* ``WeightGrid``, ``Rounding``, ``FPWeights``: options beyond the paper.
+* ``WeightGrid``, ``Rounding``, ``FPWeights``, ``DQCPrecision``: options beyond the paper.
 * ``SITE_KINDS``: the kinds of quantization site ``--fp-sites`` can keep in floating point.
 * ``Target``, ``WeightContainer``: what a QDQ export is written for, and how it stores weights.
 """
@@ -22,6 +22,7 @@ Grid = Literal["real", "ort", "trt"]
 WeightGrid = Literal["tensor", "channel"]
 Rounding = Literal["nearest", "gptq"]
 FPWeights = Literal["fp32", "fp16", "int8", "int4"]  # int: weight-only (kept layers)
+DQCPrecision = Literal["fp32", "bf16"]  # the float type of DQC's GEMMs (bf16: autocast)
 Target = Literal["ort", "trt"]  # the engine a QDQ export is written for
 WeightContainer = Literal["auto", "int8", "int4"]  # how export stores weight codes
 
@@ -31,6 +32,7 @@ DEPLOY_GRIDS: tuple[str, ...] = get_args(Grid)
 WEIGHT_GRIDS: tuple[str, ...] = get_args(WeightGrid)
 ROUNDINGS: tuple[str, ...] = get_args(Rounding)
 FP_WEIGHTS: tuple[str, ...] = get_args(FPWeights)
+DQC_PRECISIONS: tuple[str, ...] = get_args(DQCPrecision)
 TARGET_NAMES: tuple[str, ...] = get_args(Target)
 WEIGHT_CONTAINERS: tuple[str, ...] = get_args(WeightContainer)
 # each kind with the quantization-point roles it covers: the four linears (input and weight), the

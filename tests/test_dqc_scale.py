@@ -10,7 +10,7 @@ from calibrate.dqc import DQCConfig, block_paths, run_dqc
 from calibrate.prepare import QuantRecipe, bound_parameters, prepare
 
 
-def _run(tiny_swinir, recompute: bool, recipe: QuantRecipe):
+def _run(tiny_swinir, recompute: bool, recipe: QuantRecipe, precision: str = "fp32"):
     fp = tiny_swinir(2)
     g = torch.Generator().manual_seed(0)
     student = prepare(fp, recipe)
@@ -21,7 +21,7 @@ def _run(tiny_swinir, recompute: bool, recipe: QuantRecipe):
         return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(1000 + it))
 
     cfg = DQCConfig(iterations=4, batch=2, lr_patch=16, val_every=2, ckpt_every=100,
-                    recompute=recompute)
+                    recompute=recompute, precision=precision)
     rep = run_dqc(student, fp, sample, val, cfg)
     return [p.detach().clone() for p in bound_parameters(student)], rep, student
 
@@ -60,3 +60,61 @@ def test_relative_bound_lr_scales_each_quantizer_by_its_range(tiny_swinir):
     assert "lr" not in absolute and len(absolute["params"]) == 2 * len(qs)
     with pytest.raises(ValueError, match="bound_lr"):
         DQCConfig(bound_lr="per-element")
+
+
+def test_fused_fake_quant_trains_the_same_bounds_as_the_eager_ops(tiny_swinir, one_thread,
+                                                                  monkeypatch):
+    from calibrate import fused_fq
+
+    if fused_fq.library() is None:
+        pytest.skip("no C compiler here: the eager ops run anyway")
+    recipe = QuantRecipe(bits=3)
+    fused, rep_a, _ = _run(tiny_swinir, False, recipe)
+    monkeypatch.setitem(fused_fq._state, "lib", None)
+    eager, rep_b, _ = _run(tiny_swinir, False, recipe)
+    # the forward is bit-identical; the bound gradients' sums differ in float rounding only
+    for a, b in zip(fused, eager):  # (Adam divides by |g|: tiny sums' differences grow a bit)
+        assert torch.allclose(a, b, rtol=0, atol=1e-4)
+    for ha, hb in zip(rep_a.history, rep_b.history):
+        assert ha["val_psnr"] == pytest.approx(hb["val_psnr"], abs=1e-3)
+
+
+def test_bf16_autocast_runs_the_gemms_in_bf16_and_validates_in_fp32(tiny_swinir, one_thread):
+    from calibrate.dqc import DQCStep
+
+    recipe = QuantRecipe(bits=4)
+    _, rep_a, _ = _run(tiny_swinir, False, recipe)
+    _, rep_b, student = _run(tiny_swinir, False, recipe, "bf16")
+    # validation is float32: the DOBI start scores the same; training lands close
+    assert rep_a.history[0]["val_psnr"] == rep_b.history[0]["val_psnr"]
+    assert abs(rep_a.best_val_psnr - rep_b.best_val_psnr) < 0.05
+    assert all(p.dtype == torch.float32 for p in bound_parameters(student))
+    # inside a bf16 step the linears run in bfloat16, the fake quantizers in float32
+    seen = {}
+    lin = next(m for m in student.modules() if type(m).__name__ == "QuantLinear")
+
+    def record(name):
+        def hook(mod, inp, out) -> None:
+            seen.setdefault(name, out.dtype)
+        return hook
+
+    hooks = [lin.register_forward_hook(record("linear")),
+             lin.act_quantizers[0].register_forward_hook(record("quantizer"))]
+    step = DQCStep(student, tiny_swinir(2), DQCConfig(iterations=1, batch=2, lr_patch=16,
+                                                      precision="bf16"))
+    loss = step.step(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5)))
+    step.close()
+    for h in hooks:
+        h.remove()
+    assert seen == {"linear": torch.bfloat16, "quantizer": torch.float32}
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_dqc_precision_is_checked():
+    from calibrate.api import CalibrationConfig
+    from edge_sr.errors import EdgeSRError
+
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
+        DQCConfig(precision="fp16")
+    with pytest.raises(EdgeSRError, match="--dqc-precision: expected one of fp32, bf16"):
+        CalibrationConfig(model="m", bits=4, output="o", dqc_precision="fp16").validate()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from calibrate.vocab import DQC_PRECISIONS
 from edge_sr.cli.options import logging_options, parse_list, parse_optional_list, quant_options
 
 
@@ -27,6 +28,9 @@ from edge_sr.cli.options import logging_options, parse_list, parse_optional_list
 @click.option("--recompute", is_flag=True,
               help="DQC: recompute each transformer block in the backward pass instead of "
                    "storing it (NGswin at batch 16 of 64x64: 12 -> 4.8 GB, ~15% slower).")
+@click.option("--dqc-precision", type=click.Choice(DQC_PRECISIONS), default=None,
+              help="DQC's forward passes: fp32 (the paper), or bf16 autocast (bfloat16 GEMMs; "
+                   "fake quantizers, losses and validation stay fp32). Default: the method's.")
 @click.option("--block-recon", type=click.IntRange(min=0), default=0, show_default=True,
               metavar="STEPS",
               help="Beyond the paper: before DQC, train the bounds block by block against the "
@@ -49,8 +53,8 @@ from edge_sr.cli.options import logging_options, parse_list, parse_optional_list
               help="Calibration file to write (atomically).")
 @logging_options
 def calibrate_cmd(model, bits, scale, budget, method, seed, shared_qkv_input, search_assignment,
-                  wide_inputs, rotate, weight_grid, grid, fp_sites, fp_weights, avg_bits, rounding, smooth, weight_lr, recompute, block_recon, iterations, time_limit,
-                  feature_loss,
+                  wide_inputs, rotate, weight_grid, grid, fp_sites, fp_weights, avg_bits, rounding, smooth, weight_lr, recompute, dqc_precision, block_recon, iterations,
+                  time_limit, feature_loss,
                   resume, pool, device, output) -> None:
     """Calibrate a low-bit fake-quant model; score it with 'edge-sr eval --calibration FILE'."""
     from calibrate.api import CalibrationConfig, calibrate
@@ -60,6 +64,7 @@ def calibrate_cmd(model, bits, scale, budget, method, seed, shared_qkv_input, se
         seed=seed, qkv_separation=not shared_qkv_input, search_assignment=search_assignment,
         wide_inputs=parse_list(wide_inputs), rotate=parse_optional_list(rotate),
         weight_grid=weight_grid, grid=grid, fp_sites=parse_optional_list(fp_sites) or (), fp_weights=fp_weights, avg_bits=avg_bits, rounding=rounding, smooth=smooth, weight_lr=weight_lr, recompute=recompute,
+        dqc_precision=dqc_precision,
         block_recon=block_recon, iterations=iterations, time_limit=time_limit,
         feature_loss=feature_loss, resume=resume, pool=pool, device=device))
     click.echo(f"wrote {path}")

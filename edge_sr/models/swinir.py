@@ -27,8 +27,10 @@ from edge_sr.models.base import (
 )
 from edge_sr.models.state_dict import unwrap_state_dict
 from edge_sr.models.windows import (
+    logits_in_place,
     relative_position_index,
     shift_attention_mask,
+    window_logits,
     window_partition,
     window_reverse,
 )
@@ -60,14 +62,16 @@ class WindowAttention(nn.Module):
         q = self.q_quant(qkv[0] * self.scale)
         k = self.k_quant(qkv[1])
         v = self.v_quant(qkv[2])
-        attn = q @ k.transpose(-2, -1)
+        ip = logits_in_place(self.relative_position_bias_table)
+        nw = None if mask is None else mask.shape[0]
+        attn = window_logits(q, k, nw, ip)  # (B, nW, nh, n, n) when in place with a mask
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        attn = attn + bias.view(n, n, nh).permute(2, 0, 1).unsqueeze(0)
+        bias = bias.view(n, n, nh).permute(2, 0, 1).unsqueeze(0)
+        attn = attn.add_(bias) if ip else attn + bias
         if mask is not None:
-            nw = mask.shape[0]
-            attn = attn.view(b_ // nw, nw, nh, n, n) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, nh, n, n)
-        attn = self.attn_probs_quant(attn.softmax(dim=-1))
+            m = mask.unsqueeze(1)  # (nW, 1, n, n)
+            attn = attn.add_(m) if ip else attn.view(b_ // nw, nw, nh, n, n) + m
+        attn = self.attn_probs_quant(attn.view(-1, nh, n, n).softmax(dim=-1))
         x = (attn @ v).transpose(1, 2).reshape(b_, n, c)
         return self.proj(x)
 

@@ -45,3 +45,32 @@ def shift_attention_mask(h, w, ws: int, shift: int) -> torch.Tensor:
     win = window_partition(img[None, :, :, None], ws)[..., 0]  # not squeeze: no ONNX If
     mask = win.unsqueeze(1) - win.unsqueeze(2)
     return torch.where(mask != 0, torch.tensor(-100.0), torch.tensor(0.0))
+
+
+def logits_in_place(*params: torch.Tensor) -> bool:
+    """Whether a window attention may scale and bias its logits (the fresh output of q @ k^T) in
+    place: bitwise the same result (the same operations in the same order) without allocating,
+    and page-faulting in, three more (windows x heads x n x n) tensors: ~100 MB each for a
+    batch of 16 64x64 patches, ~300 MB for a 512x384 image.
+
+    Not while tracing for export, and not where autograd must differentiate through ``params``
+    (the logit scale, the relative-position bias table). The logits themselves may require
+    grad (a DQC student, or the input gradient of a plain forward + backward): q @ k^T keeps its
+    inputs for the backward, not its output, and a multiply by a constant keeps the constant.
+    """
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    return not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+
+
+def window_logits(q: torch.Tensor, k: torch.Tensor, windows: int | None,
+                  in_place: bool) -> torch.Tensor:
+    """``q @ k^T`` of (B*nW, heads, n, d) queries and keys. With ``in_place`` (see
+    ``logits_in_place``) and a shifted-window mask over ``windows`` windows the logits come out as
+    (B, nW, heads, n, n), the same bmm, so that the mask is added in place to the tensor itself:
+    an in-place add on a *view* would make autograd copy the whole tensor back in the backward.
+    Otherwise (B*nW, heads, n, n)."""
+    if in_place and windows is not None:
+        b = q.shape[0] // windows
+        q, k = q.unflatten(0, (b, windows)), k.unflatten(0, (b, windows))
+    return q @ k.transpose(-2, -1)

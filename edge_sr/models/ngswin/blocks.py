@@ -26,7 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_sr.models.base import ActSlot, Mlp
-from edge_sr.models.windows import relative_position_index, window_partition, window_reverse
+from edge_sr.models.windows import (
+    logits_in_place,
+    relative_position_index,
+    window_logits,
+    window_partition,
+    window_reverse,
+)
 
 LOGIT_SCALE_MAX = math.log(1.0 / 0.01)
 
@@ -35,19 +41,6 @@ def dims(x: torch.Tensor) -> tuple[int, ...]:
     """The shape as Python ints: under ONNX tracing the sizes become constants (fixed-shape export),
     which keeps the graph free of Shape/Gather chains."""
     return tuple(int(d) for d in x.shape)
-
-
-def _may_write_in_place(*tensors: torch.Tensor) -> bool:
-    """Whether the attention logits may be updated in place: only where no autograd graph is being
-    recorded through them and nothing is being traced for export.
-
-    The logits are (windows x heads x 64 x 64): ~300 MB for a 512x384 input. Updating them in place
-    rather than allocating three fresh tensors makes CPU inference ~25% faster, with bitwise the
-    same result (same operations in the same order).
-    """
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def _slot(role: str, quantizable: bool) -> nn.Module:
@@ -85,18 +78,18 @@ class WindowAttention(nn.Module):
         q = self.q_quant(F.normalize(qkv[0], dim=-1))
         k = self.k_quant(F.normalize(qkv[1], dim=-1))
         v = self.v_quant(qkv[2])
-        attn = q @ k.transpose(-2, -1)
-        ip = _may_write_in_place(attn, self.logit_scale, self.relative_position_bias_table)
+        ip = logits_in_place(self.logit_scale, self.relative_position_bias_table)
+        nw = None if mask is None else int(mask.shape[0])
+        attn = window_logits(q, k, nw, ip)  # (B, nW, nh, n, n) when in place with a mask
         scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
         attn = attn.mul_(scale) if ip else attn * scale
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         bias = bias.view(n, n, nh).permute(2, 0, 1).unsqueeze(0)
         attn = attn.add_(bias) if ip else attn + bias
         if mask is not None:
-            nw = int(mask.shape[0])
-            by_window, m = attn.view(b_ // nw, nw, nh, n, n), mask.unsqueeze(1).unsqueeze(0)
-            attn = (by_window.add_(m) if ip else by_window + m).view(-1, nh, n, n)
-        attn = self.attn_probs_quant(attn.softmax(dim=-1))
+            m = mask.unsqueeze(1)  # (nW, 1, n, n)
+            attn = attn.add_(m) if ip else attn.view(b_ // nw, nw, nh, n, n) + m
+        attn = self.attn_probs_quant(attn.view(-1, nh, n, n).softmax(dim=-1))
         return self.proj((attn @ v).transpose(1, 2).reshape(b_, n, -1))
 
 

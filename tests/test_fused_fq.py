@@ -1,0 +1,98 @@
+"""The fused CPU fake-quant kernels (calibrate.fused_fq) against the eager ops they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from calibrate import fused_fq
+from calibrate.quantizer import BoundFakeQuantizer, fake_quant
+
+needs_kernels = pytest.mark.skipif(fused_fq.library() is None,
+                                   reason="no C compiler here: the eager ops run instead")
+
+
+def _inputs(shape=(3, 5, 64, 37), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 2
+    flat = x.view(-1)
+    flat[:4] = torch.tensor([-0.75, 1.5, -3.0, 9.0])  # on both bounds, and outside them
+    return x, torch.randn(shape, generator=g)
+
+
+def _run(x0, g, lower, upper, bits):
+    x = x0.clone().requires_grad_(True)
+    lo = torch.tensor(lower, requires_grad=True)
+    up = torch.tensor(upper, requires_grad=True)
+    y = fake_quant(x, lo, up, bits)
+    y.backward(g)
+    return y.detach(), x.grad, lo.grad, up.grad
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_fused_forward_is_bit_identical_and_gradients_match_eager(bits, monkeypatch):
+    x, g = _inputs()
+    # ties: inputs exactly half a step from a level round to even in both
+    step = (torch.tensor(1.5) - torch.tensor(-0.75)) / (2**bits - 1)
+    x.view(-1)[4:8] = -0.75 + step * torch.tensor([0.5, 1.5, 2.5, 0.5])
+    fused = _run(x, g, -0.75, 1.5, bits)
+    monkeypatch.setitem(fused_fq._state, "lib", None)  # the eager ops
+    eager = _run(x, g, -0.75, 1.5, bits)
+    assert torch.equal(fused[0], eager[0])
+    assert torch.equal(fused[1], eager[1])
+    # bound gradients: float64 block sums against float32 ones
+    for a, b in zip(fused[2:], eager[2:]):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-3)
+
+
+@needs_kernels
+def test_fused_takes_strided_views_and_no_grad_inputs(monkeypatch):
+    x, g = _inputs((4, 64, 3, 2, 10))
+    view = x.permute(2, 0, 3, 1, 4)[0]  # like the q of a qkv reshape: not contiguous
+    assert not view.is_contiguous()
+    lo, up = torch.tensor(-1.0), torch.tensor(2.0)
+    with torch.no_grad():
+        got = fake_quant(view, lo, up, 4)
+    want = fused_fq.forward(view.contiguous(), -1.0, 2.0, float((up - lo) / 15))
+    assert torch.equal(got, want)
+    fused = _run(view, g.permute(2, 0, 3, 1, 4)[0], -1.0, 2.0, 4)
+    monkeypatch.setitem(fused_fq._state, "lib", None)
+    eager = _run(view, g.permute(2, 0, 3, 1, 4)[0], -1.0, 2.0, 4)
+    assert torch.equal(fused[0], eager[0]) and torch.equal(fused[1], eager[1])
+
+
+@needs_kernels
+def test_thread_split_gives_the_same_sums(monkeypatch):
+    x, g = _inputs((1, 200_003))
+    one = fused_fq.backward(g, x, -0.5, 1.0, 0.1)
+    monkeypatch.setattr(fused_fq, "MIN_SPLIT", 1000)
+    old = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert len(fused_fq._ranges(x.numel())) == 3
+        split = fused_fq.backward(g, x, -0.5, 1.0, 0.1)
+        y = fused_fq.forward(x, -0.5, 1.0, 0.1)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one[0], split[0])
+    assert torch.equal(y, fused_fq.forward(x, -0.5, 1.0, 0.1))
+    for a, b in zip(one[1], split[1]):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-6)
+
+
+def test_without_a_compiler_the_eager_ops_run(monkeypatch, tmp_path):
+    monkeypatch.setattr(fused_fq, "_state", {})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert fused_fq.library() is None
+    q = BoundFakeQuantizer(2)
+    q.set_bounds(-1.0, 2.0)  # step 1: levels -1, 0, 1, 2; 1.5 is a tie and rounds to even
+    x = torch.tensor([-5.0, -0.6, 0.4, 1.5, 7.0])
+    assert torch.equal(q(x), torch.tensor([-1.0, -1.0, 0.0, 1.0, 2.0]))
+
+
+def test_switch_off_keeps_the_eager_ops(monkeypatch):
+    monkeypatch.setattr(fused_fq, "_state", {})
+    monkeypatch.setenv(fused_fq.ENV_SWITCH, "0")
+    assert fused_fq.library() is None
+    assert not fused_fq.usable(torch.zeros(3), torch.tensor(0.0))
