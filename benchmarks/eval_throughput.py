@@ -11,10 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -22,18 +20,9 @@ from edge_sr.allocator import keep_freed_memory
 from edge_sr.data import load_benchmark
 from edge_sr.evaluate import evaluate_pairs
 from edge_sr.fileio import versions, write_json
+from edge_sr.hardware import cpu_model
 from edge_sr.paths import REPO_ROOT
 from runtime.predictors import make_predictor
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv=None) -> dict:

@@ -32,6 +32,7 @@ from calibrate.export.ortcheck import fused_op_types, integer_coverage, make_ses
 from calibrate.export_qdq import ExportConfig, export_qdq
 from edge_sr.data.datasets import center_crop
 from edge_sr.fileio import atomic_path, versions, write_json
+from edge_sr.hardware import cpu_model
 from edge_sr.onnx_tidy import share_constants
 from edge_sr.paths import REPO_ROOT
 
@@ -134,7 +135,7 @@ def run_latency(args) -> dict:
 
     rows = []
     out = {"benchmark": "export_latency", "threads": args.threads, "runs": args.runs,
-           "load_average": os.getloadavg(), "cpu": _cpu(), "rows": rows, "versions": versions()}
+           "load_average": os.getloadavg(), "cpu": cpu_model(), "rows": rows, "versions": versions()}
     fp = fp_model(2)
     calib = calib_lr(2, n=args.calib)
     studs = students(2, args.bits, calib, fp)
@@ -211,13 +212,6 @@ def fidelity_table(paths: list[str]) -> str:
                 f"{r['delta_psnr']:+.5f} | {r['max_abs_delta_psnr_image']:.5f} | "
                 f"{r['max_abs_u8']} | {100 * r['frac_diff_u8']:.4f} % | {r['seconds']:.0f} |")
     return "\n".join(lines)
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def main(argv=None) -> dict:

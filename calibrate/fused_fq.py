@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from edge_sr.checkpoints import cache_dir
+from edge_sr.hardware import cpu_flags, cpu_model
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +50,10 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    import platform
-
-    return platform.machine() + platform.processor()
-
-
 def _build(cc: str) -> Path:
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src + " ".join(CFLAGS).encode() + cc.encode()
-                         + _cpu_flags().encode()).hexdigest()[:16]
+                         + " ".join(sorted(cpu_flags())).encode() + cpu_model().encode()).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"fake_quant-{key}.so"
     if out.exists():
         return out

@@ -148,3 +148,28 @@ def test_weight_lr_option_reaches_dqc_and_is_checked():
     assert [edge[b].weight_lr for b in (2, 3, 4, 8)] == [0.03, 0.03, 0.0, 0.0]
     with pytest.raises(EdgeSRError, match="--weight-lr: expected a learning rate >= 0"):
         CalibrationConfig(model="m", bits=4, output="o", weight_lr=-1.0).validate()
+
+
+def test_dqc_precision_default_follows_the_device(monkeypatch):
+    import calibrate.api as api
+
+    def cfg(**kw):
+        return CalibrationConfig(model="m", bits=4, output="o", **kw)
+
+    # the faithful method is float32 everywhere; edge-sr uses bfloat16 only where it is native
+    monkeypatch.setattr(api, "native_bf16", lambda device: True)
+    assert cfg().dqc_config().precision == "fp32"
+    assert cfg(method="edge-sr").dqc_config().precision == "bf16"
+    assert cfg(method="edge-sr", dqc_precision="fp32").dqc_config().precision == "fp32"
+    monkeypatch.setattr(api, "native_bf16", lambda device: False)
+    assert cfg(method="edge-sr").dqc_config().precision == "fp32"
+    assert cfg(dqc_precision="bf16").dqc_config().precision == "bf16"
+
+
+def test_native_bf16_reads_the_cpu_flags(monkeypatch):
+    from edge_sr import hardware
+
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    assert hardware.native_bf16("cpu")
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert not hardware.native_bf16("cpu")

@@ -9,10 +9,8 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from calibrate.dobi import apply_bounds, collect, search_bounds_multi
 from calibrate.dqc import run_dqc, val_psnr
 from calibrate.prepare import QuantRecipe, prepare, quantizers
 from edge_sr.fileio import sha256_file, versions, write_json
+from edge_sr.hardware import cpu_model
 from edge_sr.logutil import progress_disabled
 
 log = logging.getLogger("benchmarks.accuracy")
@@ -48,15 +47,6 @@ def device_name() -> str:
     if SETTINGS.device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(SETTINGS.device))
     return cpu_model()
-
-
-def cpu_model() -> str:
-    try:
-        cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        cpu = ""
-    return next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines()
-                 if ln.startswith("Model name")), platform.processor())
 
 
 class ScaleRun:
