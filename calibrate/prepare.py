@@ -245,12 +245,12 @@ def round_fp_weights(model: nn.Module, skip: set[str]) -> int:
     return n
 
 
-def image_layer(m: nn.Module, scale: int) -> bool:
-    """Whether a convolution or linear reads or writes image channels: 3 in, or 3 or 3*scale^2
-    out (the conv before a pixel shuffle). The paper keeps these first and last layers FP."""
-    n_in = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
-    n_out = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-    return n_in == 3 or n_out in (3, 3 * scale * scale)
+def image_layers(model: nn.Module) -> set[str]:
+    """Module paths of the layers that read or write image channels (kept FP16 by
+    ``quantize_kept_weights``): the model's own ``image_layers()`` (``SRModel``), which the
+    edge-sr models name by structure; for another module, ``SRModel``'s guess by width."""
+    named = getattr(model, "image_layers", None)
+    return set(named() if named is not None else SRModel.image_layers(model))
 
 
 @torch.no_grad()
@@ -265,14 +265,14 @@ def quantize_kept_weights(model: nn.Module, skip: set[str], bits: int) -> set[st
     module keeps ``kept_codes`` (int8, ``w``'s shape) and ``kept_scale`` (float32, ``(out,)``)
     so that export stores the codes and rebuilds the same float32 values
     (``edge_sr.onnx_tidy.store_int_weights``). Measured on NGswin: docs/results/grids.md, "Size".
-    Skipped: modules in ``skip`` (quantized linears), image layers (``image_layer``), weights of
+    Skipped: modules in ``skip`` (quantized linears), image layers (``image_layers``), weights of
     fewer than ``FP16_MIN_NUMEL`` elements. Returns the names of the modules quantized.
     """
     qmax = 2 ** (bits - 1) - 1
-    scale = int(getattr(model, "scale", 1))
+    skip = set(skip) | image_layers(model)
     done = set()
     for name, m in model.named_modules():
-        if (not isinstance(m, (nn.Conv2d, nn.Linear)) or name in skip or image_layer(m, scale)
+        if (not isinstance(m, (nn.Conv2d, nn.Linear)) or name in skip
                 or m.weight.numel() < FP16_MIN_NUMEL):
             continue
         w = m.weight.detach().float()

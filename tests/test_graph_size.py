@@ -155,13 +155,14 @@ def test_kept_weights_int_are_stored_as_codes_and_stay_exact(tiny_swinir, tmp_pa
                                                              container):
     """--fp-weights int8/int4: the convolutions kept out of WbAb become weight-only integer grids
     in the student, and the file stores their codes; image layers stay FP16; ORT = student."""
-    from calibrate.prepare import image_layer, kept_weight_grids
+    from calibrate.prepare import image_layers, kept_weight_grids
 
-    tiny = tiny_swinir(2, embed_dim=16)  # not 12 = 3 * 2^2, the width of an image layer's output
+    tiny = tiny_swinir(2, embed_dim=12)  # 12 = 3 * 2^2: image layers are named, not guessed
     calib = torch.rand(2, 3, *TILE, generator=torch.Generator().manual_seed(1))
     st = prepare(tiny, QuantRecipe(bits=4, grid="ort", fp_weights=fp_weights))
     convs = {n: m for n, m in st.named_modules() if isinstance(m, torch.nn.Conv2d)}
-    inner = [n for n, m in convs.items() if not image_layer(m, 2)]
+    assert image_layers(st) == {"conv_first", "upsample.0"}
+    inner = [n for n, m in convs.items() if n not in image_layers(st)]
     assert inner and len(inner) < len(convs)  # the RSTB convs and conv_after_body, not first/last
     qmax = 127 if fp_weights == "int8" else 7
     for n in inner:
@@ -191,3 +192,13 @@ def test_kept_weights_int_are_stored_as_codes_and_stay_exact(tiny_swinir, tmp_pa
     with torch.no_grad():
         ref = st(x).numpy()
     assert np.abs(_run(str(path), x) - ref).max() < 1e-4
+
+
+def test_image_layers_are_named_by_structure_not_by_width(tiny_swinir):
+    """A hidden width of 3 * scale^2 (12 at x2) would pass for an upsampler's output by width."""
+    from edge_sr.models.base import SRModel
+
+    tiny = tiny_swinir(2, embed_dim=12)
+    assert tiny.image_layers() == ["conv_first", "upsample.0"]
+    guessed = SRModel.image_layers(tiny)  # the width rule, for models that do not say
+    assert {"conv_first", "upsample.0"} < set(guessed) and "conv_after_body" in guessed

@@ -171,6 +171,20 @@ class SRModel(nn.Module):
         """Module paths whose outputs DQC's feature loss compares (teacher vs student)."""
         raise NotImplementedError
 
+    def image_layers(self) -> list[str]:
+        """Module paths of the convolutions and linears that read or write image channels: the
+        first layer and the upsampler's (the paper keeps them full precision). The models name
+        them by structure; this default guesses by width (3 in, or 3 or 3*scale^2 out), which
+        would also catch a hidden layer of that width."""
+        sq = 3 * int(getattr(self, "scale", 1)) ** 2
+        out = []
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Conv2d) and (m.in_channels == 3 or m.out_channels in (3, sq)):
+                out.append(name)
+            elif isinstance(m, nn.Linear) and (m.in_features == 3 or m.out_features in (3, sq)):
+                out.append(name)
+        return out
+
     def position_bias_tables(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(table, index)`` of every windowed attention: ``table`` ``((2w-1)^2, heads)`` and
         ``index`` ``(w*w, w*w)``, whose bias is ``table[index].permute(2, 0, 1)`` (Swin's

@@ -212,6 +212,11 @@ class SwinIRLight(SRModel):
         x = self.upsample(self.conv_after_body(self.forward_features(feat)) + feat) + self.mean
         return x[:, :, : h * self.scale, : w * self.scale]
 
+    def image_layers(self) -> list[str]:
+        """The first convolution and the upsampler's (``conv_first``, ``upsample.*``)."""
+        return ["conv_first"] + [f"upsample.{n}" for n, m in self.upsample.named_children()
+                                 if isinstance(m, nn.Conv2d)]
+
     def quant_points(self) -> list[QuantPoint]:
         return [point for r, layer in enumerate(self.layers)
                 for k in range(len(layer.residual_group.blocks))

@@ -247,6 +247,10 @@ class NGswin(SRModel):
         return [point for p in self.attention_blocks()
                 for point in window_attention_block_points(p, mlp="ffn")]
 
+    def image_layers(self) -> list[str]:
+        """The shallow extractor's convolution and the two around the pixel shuffle."""
+        return ["shallow_extract.conv1", "to_target.before_shuffle", "to_target.to_origin"]
+
     def feature_modules(self) -> list[str]:
         """The last NSTB of each encoder stage (the e1, e2, e3 the bottleneck reads) and the
         decoder output after its LayerNorm: four tensors, like SwinIR-light's four RSTBs."""
