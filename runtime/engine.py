@@ -3,7 +3,8 @@
 Layout::
 
     model.onnx        the deployable graph (QDQ for quantized engines)
-    model_fp32.onnx   the full-precision graph at the same tile, for ``profile --compare``
+    model_fp32.onnx   the full-precision graph at the same tile (or dynamic), for ``profile
+                      --compare``
     model.engine      the TensorRT plan (trt engines only)
     model_fp32.engine the TensorRT plan of the FP graph (trt engines only, for --compare)
     manifest.json     what was built, from what, how well it scored, how long it took
@@ -11,6 +12,11 @@ Layout::
 ``open_engine`` validates a directory before anything runs: a missing, corrupt or mismatched
 engine (the manifest says x3, the user asks for x2; a file whose checksum changed) is an
 ``EdgeSRError`` naming the file and what was wrong.
+
+A dynamic engine (``edge-sr build --dynamic``, ``Manifest.dynamic``) holds graphs with a symbolic
+height and width: its ``tile`` is only the shape the export traced at, and every image runs
+whole, in one call, padded to the model's ``size_requirements``. Manifests written before the
+field existed read as fixed-shape engines (same ``FORMAT_VERSION``).
 """
 
 from __future__ import annotations
@@ -42,9 +48,9 @@ class Manifest:
     scale: int
     bits: int | None  # None: a full-precision engine
     backend: str  # "onnxruntime" or "tensorrt"
-    tile: list[int]  # LR (height, width) of one tile
+    tile: list[int]  # LR (height, width) of one tile (dynamic engines: the export's trace shape)
     batch: int  # tiles per call the graph takes
-    overlap: int  # LR pixels neighbouring tiles share
+    overlap: int  # LR pixels neighbouring tiles share (0 and unused for dynamic engines)
     precision: str  # e.g. "w4a4-qdq", "fp32"
     files: dict[str, dict]  # role ("model", "fp32", "engine") -> {"path", "sha256", "bytes"}
     budget: str | None = None  # the DQC budget (calibrate.vocab.BUDGETS)
@@ -56,6 +62,11 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     format_version: int = FORMAT_VERSION
+    # True: the graphs take any LR height and width (one call per image, no tiles)
+    dynamic: bool = False
+    # the model's SizeRequirements, {"multiple": m, "minimum": n}: a dynamic engine pads each
+    # image's sides to at least n and a multiple of m (None in manifests that predate it)
+    size_requirements: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,6 +105,17 @@ class Manifest:
         if (not isinstance(self.tile, list | tuple) or len(self.tile) != 2
                 or not all(isinstance(t, int) and t > 0 for t in self.tile)):
             raise bad("tile as [height, width]", self.tile)
+        if not isinstance(self.dynamic, bool):
+            raise bad("dynamic as true or false", self.dynamic)
+        req = self.size_requirements
+        if req is not None and (not isinstance(req, dict) or not all(
+                isinstance(req.get(k), int) and req[k] > 0 for k in ("multiple", "minimum"))):
+            raise bad("size_requirements as {'multiple': m, 'minimum': n}", req)
+        if self.dynamic and req is None:
+            raise bad("size_requirements for a dynamic engine", req)
+        if self.dynamic and self.backend != "onnxruntime":
+            raise bad("a dynamic engine on onnxruntime (TensorRT plans have fixed shapes)",
+                      self.backend)
         if not isinstance(self.files, dict) or "model" not in self.files:
             raise bad("files with a 'model' entry", self.files)
         for role, f in self.files.items():
@@ -138,8 +160,14 @@ class Engine:
             return TensorRTBackend(self.file("fp32_engine" if fp32 else "engine"))
 
         role = "fp32" if fp32 else "model"
+        precision = "fp32" if fp32 else m.precision
+        if m.dynamic:  # any size: no tile, each image padded to the model's multiple
+            req = m.size_requirements
+            return OrtBackend(self.file(role), threads=threads, tile=None, max_batch=m.batch,
+                              precision=precision, scale=m.scale, pad_multiple=req["multiple"],
+                              min_side=req["minimum"])
         return OrtBackend(self.file(role), threads=threads, tile=tuple(m.tile),
-                          max_batch=m.batch, precision="fp32" if fp32 else m.precision)
+                          max_batch=m.batch, precision=precision)
 
 
 def read_manifest(engine_dir: str | os.PathLike) -> Manifest:

@@ -61,13 +61,15 @@ def static_settings() -> dict:
             "op_types_to_quantize": list(OP_TYPES)}
 
 
-def _graph_input(path: Path) -> tuple[str, int]:
-    """Input name and batch (1 where the batch dimension is symbolic) of an ONNX graph."""
+def _graph_input(path: Path) -> tuple[str, int, bool]:
+    """Input name, batch (1 where the batch dimension is symbolic) and whether the height and
+    width are symbolic (a dynamic engine's graph) of an ONNX graph."""
     import onnx
 
     inp = onnx.load(str(path), load_external_data=False).graph.input[0]
-    n = inp.type.tensor_type.shape.dim[0].dim_value
-    return inp.name, int(n) if n > 0 else 1
+    dims = inp.type.tensor_type.shape.dim
+    n = dims[0].dim_value
+    return inp.name, int(n) if n > 0 else 1, any(d.dim_value <= 0 for d in dims[2:])
 
 
 def calibration_tiles(tile: tuple[int, int], scale: int, n: int = CALIB_PATCHES,
@@ -136,7 +138,7 @@ def quantize_static_graph(fp32_path: Path, out_path: Path, tiles: np.ndarray,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    name, batch = _graph_input(fp32_path)
+    name, batch, dynamic = _graph_input(fp32_path)
     feeds = [tiles[i:i + batch] for i in range(0, len(tiles), batch)]
     feeds = [np.concatenate([f, np.repeat(f[-1:], batch - len(f), axis=0)])
              if len(f) < batch else f for f in feeds]
@@ -150,7 +152,9 @@ def quantize_static_graph(fp32_path: Path, out_path: Path, tiles: np.ndarray,
 
     with tempfile.TemporaryDirectory(prefix="edge-sr-ortq-") as tmp:
         pre, q = Path(tmp) / "pre.onnx", Path(tmp) / "q.onnx"
-        quant_pre_process(str(fp32_path), str(pre))
+        # ORT's symbolic shape inference cannot follow a dynamic graph's in-graph padding and
+        # window sizes; ONNX's own shape inference still runs
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=dynamic)
         quantize_static(str(pre), str(q), Reader(), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(OP_TYPES), per_channel=True,
                         reduce_range=False, activation_type=QuantType.QUInt8,
@@ -201,11 +205,14 @@ def ort_static_graph(eng, n_calib: int = CALIB_PATCHES, seed: int = 0) -> tuple[
 
 
 class EagerBackend(Backend):
-    """A torch SR module in eager FP32 on the CPU under ``torch.inference_mode``, as a fixed-tile
-    ``Backend`` (so it is tiled and blended exactly like the engine)."""
+    """A torch SR module in eager FP32 on the CPU under ``torch.inference_mode``, as a
+    ``Backend`` (so it is tiled and blended exactly like the engine; ``tile`` None: whole images,
+    like a dynamic engine)."""
 
-    def __init__(self, model, scale: int, tile: tuple[int, int], max_batch: int = 1) -> None:
-        self.model, self.scale, self.tile = model.eval(), int(scale), tuple(tile)
+    def __init__(self, model, scale: int, tile: tuple[int, int] | None,
+                 max_batch: int = 1) -> None:
+        self.model, self.scale = model.eval(), int(scale)
+        self.tile = None if tile is None else tuple(tile)
         self.max_batch = max(1, int(max_batch))
 
     def run(self, tiles: np.ndarray) -> np.ndarray:

@@ -4,7 +4,8 @@ image), an ONNX file or an engine (``BackendPredictor``).
 
 A backend runs one fixed tile shape; its predictor tiles any (1, 3, h, w) tensor through it with
 ``runtime.tiling.run_tiled``, so evaluation scores an ONNX file or an engine exactly like a torch
-model.
+model. A dynamic-shape backend (``tile`` None: a ``build --dynamic`` engine, or an ONNX file
+exported with ``--dynamic``) runs each image whole, in one padded call.
 """
 
 from __future__ import annotations
@@ -40,13 +41,17 @@ class TorchPredictor:
 
 
 class TorchBackend(Backend):
-    """A torch SR module as a fixed-tile ``Backend``: the fake-quant or FP reference run through
-    exactly the tiling an engine gets, so engine-vs-model differences are the export's alone."""
+    """A torch SR module as a ``Backend``: the fake-quant or FP reference run through exactly
+    the tiling (or, with ``tile`` None, the whole-image padding of a dynamic engine) an engine
+    gets, so engine-vs-model differences are the export's alone."""
 
-    def __init__(self, model: torch.nn.Module, scale: int, tile: tuple[int, int],
-                 max_batch: int = 1, precision: str = "torch") -> None:
-        self.model, self.scale, self.tile = model.eval(), int(scale), tuple(tile)
+    def __init__(self, model: torch.nn.Module, scale: int, tile: tuple[int, int] | None,
+                 max_batch: int = 1, precision: str = "torch", pad_multiple: int = 1,
+                 min_side: int = 1) -> None:
+        self.model, self.scale = model.eval(), int(scale)
+        self.tile = None if tile is None else tuple(tile)
         self.max_batch, self.precision = max_batch, precision
+        self.pad_multiple, self.min_side = pad_multiple, min_side
 
     @torch.no_grad()
     def run(self, tiles: np.ndarray) -> np.ndarray:
@@ -81,7 +86,8 @@ class BackendPredictor:
 
 def onnx_predictor(path: str | os.PathLike, threads: int | None = None,
                    overlap: int | None = None) -> BackendPredictor:
-    """An ONNX Runtime (CPU) predictor over a fixed-shape SR ONNX file."""
+    """An ONNX Runtime (CPU) predictor over an SR ONNX file: tiled at its fixed shape, or, for a
+    dynamic-shape file, one call per image (which must then be at least the model's window)."""
     backend = OrtBackend(path, threads=threads)
     info = backend.info()
     return BackendPredictor(backend, name=Path(path).name, overlap=overlap,

@@ -1,6 +1,7 @@
 """``edge-sr profile``: latency, throughput and memory of an engine on one frame size.
 
-A frame is the whole user-visible path: tiling, the backend calls, blending. After ``warmup``
+A frame is the whole user-visible path: tiling, the backend calls, blending (a dynamic engine:
+padding, one call, the crop; every baseline then runs the whole frame too). After ``warmup``
 frames, ``runs`` frames are timed; p50/p90/p99 and frames/s (1 / mean latency) are reported.
 With ``compare`` the engine's FP32 graph runs on the same backend, interleaved frame by frame with
 the quantized one so machine noise hits both alike, and the FP32/quantized latency ratio is given.
@@ -134,8 +135,11 @@ def profile(cfg: ProfileConfig) -> dict:
     m = eng.manifest
     h, w = cfg.input_size
     frame = np.random.default_rng(cfg.seed).random((1, 3, h, w), dtype=np.float32)
-    padded = pad_to_min(frame, *m.tile).shape[-2:]
-    n_tiles = len(TilePlan.make(*padded, tuple(m.tile), m.overlap))
+    if m.dynamic:  # the whole frame in one call
+        n_tiles = 1
+    else:
+        padded = pad_to_min(frame, *m.tile).shape[-2:]
+        n_tiles = len(TilePlan.make(*padded, tuple(m.tile), m.overlap))
     factories = {"quantized": lambda: eng.backend(threads=cfg.threads),
                  "fp32": lambda: eng.backend(threads=cfg.threads, fp32=True)}
     if not cfg.compare:
@@ -193,7 +197,7 @@ def profile(cfg: ProfileConfig) -> dict:
         "device": info.device, "scale": m.scale, "bits": m.bits,
         "input_size": {"width": w, "height": h},
         "output_size": {"width": w * m.scale, "height": h * m.scale},
-        "tile": list(m.tile), "overlap": m.overlap, "batch": m.batch,
+        "tile": list(m.tile), "overlap": m.overlap, "batch": m.batch, "dynamic": m.dynamic,
         "tiles_per_frame": n_tiles, "warmup": cfg.warmup, "max_seconds": cfg.max_seconds,
         "threads": threads["quantized"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -224,6 +228,8 @@ def _add_baselines(cfg: ProfileConfig, eng, factories: dict, baselines: dict,
 
     m = eng.manifest
     threads = cfg.threads or default_threads()
+    req = m.size_requirements or {}
+    pads = {"pad_multiple": req.get("multiple", 1), "min_side": req.get("minimum", 1)}
     try:
         path, baselines[STATIC_LABEL] = ort_static_graph(eng)
     except Exception as e:  # a baseline that cannot be made must not sink the profile
@@ -231,15 +237,20 @@ def _add_baselines(cfg: ProfileConfig, eng, factories: dict, baselines: dict,
         skipped[STATIC_LABEL] = f"{type(e).__name__}: {e}"
     else:
         factories[STATIC_LABEL] = lambda: OrtBackend(
-            path, threads=threads, tile=tuple(m.tile), max_batch=m.batch,
-            precision=STATIC_PRECISION)
+            path, threads=threads, tile=None if m.dynamic else tuple(m.tile), max_batch=m.batch,
+            precision=STATIC_PRECISION, **({"scale": m.scale, **pads} if m.dynamic else {}))
 
     def eager():
         model, baselines[EAGER_LABEL] = eager_model(m)
-        baselines[EAGER_LABEL]["input"] = (f"the engine's {m.tile[0]}x{m.tile[1]} tiles, "
-                                           f"{m.batch} per call, tiled and blended like it")
+        baselines[EAGER_LABEL]["input"] = (
+            "the whole frame in one call, padded like the dynamic engine" if m.dynamic else
+            f"the engine's {m.tile[0]}x{m.tile[1]} tiles, {m.batch} per call, tiled and "
+            "blended like it")
         baselines[EAGER_LABEL]["threads"] = threads
-        return EagerBackend(model, m.scale, tuple(m.tile), m.batch)
+        backend = EagerBackend(model, m.scale, None if m.dynamic else tuple(m.tile), m.batch)
+        if m.dynamic:
+            backend.pad_multiple, backend.min_side = pads["pad_multiple"], pads["min_side"]
+        return backend
 
     factories[EAGER_LABEL] = eager
     before = torch.get_num_threads()
@@ -283,8 +294,9 @@ def table(result: dict) -> str:
     speed = any("speed_vs_fp32_p50" in v for v in result["variants"].values())
     lines = [f"{result['engine_name']} on {result['backend']}, {result['device']}",
              f"frame {i['width']}x{i['height']} -> {o['width']}x{o['height']}, "
-             f"{result['tiles_per_frame']} tiles of {result['tile'][1]}x{result['tile'][0]} "
-             f"(overlap {result['overlap']}), {result['warmup']} warm-up",
+             + ("one call of the whole frame (dynamic engine)" if result.get("dynamic") else
+                f"{result['tiles_per_frame']} tiles of {result['tile'][1]}x{result['tile'][0]} "
+                f"(overlap {result['overlap']})") + f", {result['warmup']} warm-up",
              f"{'variant':<20} {'precision':<30} {'runs':>4} {'p50 ms':>9} {'p90 ms':>9} "
              f"{'p99 ms':>9} {'frames/s':>9} {'peak MiB':>9}" + (f" {'vs fp32':>8}" if speed
                                                                     else "")]

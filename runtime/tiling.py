@@ -1,4 +1,4 @@
-"""Run a fixed-shape SR graph on an image of any size: overlapping tiles, feathered blending.
+"""Run an SR graph on an image of any size: overlapping tiles, feathered blending.
 
 The maths (where tiles start, how they are weighted, how small images are padded) are pure
 functions with their own tests; ``run_tiled`` glues them to a ``Backend``. Neighbouring tiles
@@ -6,6 +6,12 @@ overlap by at least ``overlap`` LR pixels; inside an overlap each tile's weight 
 from ~0 at its edge to 1, so the seams vanish and the tile borders (which lack context) count
 least. Images smaller than a tile are padded bottom/right with mirrored copies, as the official
 SwinIR test script pads to a window multiple, and the output is cropped back.
+
+A dynamic-shape backend (``tile`` None, ``edge-sr build --dynamic``) gets no tiles: the whole
+image is padded the same way, only up to the model's multiple (``dynamic_shape``), run in one
+call and cropped back, with no overlap and no blending. One call holds the whole image's
+activations, so a very large image needs the memory of one big tile; a fixed-shape engine
+bounds it instead.
 """
 
 from __future__ import annotations
@@ -98,6 +104,27 @@ class TilePlan:
         return wy[:, None] * wx[None, :]
 
 
+def dynamic_shape(height: int, width: int, multiple: int = 1,
+                  minimum: int = 1) -> tuple[int, int]:
+    """The padded size a dynamic-shape graph runs an ``height`` x ``width`` image at: each side
+    raised to ``minimum`` and then to a multiple of ``multiple`` (``SizeRequirements.fit``)."""
+    def up(n: int) -> int:
+        n = max(n, minimum)
+        return n + (-n) % multiple
+    return up(height), up(width)
+
+
+def run_whole(backend, x: np.ndarray) -> np.ndarray:
+    """One call of a dynamic-shape ``backend`` on a (3, H, W) image, padded to its multiple and
+    cropped back: float32 (1, 3, H*s, W*s)."""
+    h, w = x.shape[1:]
+    ph, pw = dynamic_shape(h, w, getattr(backend, "pad_multiple", 1),
+                           getattr(backend, "min_side", 1))
+    sr = backend.run(np.ascontiguousarray(pad_to_min(x, ph, pw)[None]))
+    s = backend.scale
+    return np.ascontiguousarray(sr[:, :, : h * s, : w * s], dtype=np.float32)
+
+
 def default_overlap(tile: tuple[int, int]) -> int:
     """A quarter of the smaller tile side: 16 LR pixels for 64x64 tiles."""
     return max(0, min(tile) // 4)
@@ -107,8 +134,9 @@ def run_tiled(backend, lr: np.ndarray, overlap: int | None = None,
               progress: bool = False) -> np.ndarray:
     """Super-resolve one float32 (3, H, W) or (1, 3, H, W) image in [0, 1] through ``backend``.
 
-    ``backend`` is any ``runtime.backends.base.Backend`` (fixed ``tile``, ``scale``,
-    ``max_batch``). Returns float32 (1, 3, H*s, W*s), not clamped.
+    ``backend`` is any ``runtime.backends.base.Backend`` (``tile``, ``scale``, ``max_batch``);
+    one whose ``tile`` is None (dynamic shape) runs the whole image in one call (``run_whole``)
+    and ``overlap`` is unused. Returns float32 (1, 3, H*s, W*s), not clamped.
     """
     x = np.asarray(lr, dtype=np.float32)
     if x.ndim == 4:
@@ -117,6 +145,8 @@ def run_tiled(backend, lr: np.ndarray, overlap: int | None = None,
         x = x[0]
     if x.ndim != 3 or x.shape[0] != 3:
         raise ValueError(f"expected a (3, H, W) or (1, 3, H, W) image, got {tuple(lr.shape)}")
+    if backend.tile is None:
+        return run_whole(backend, x)
     h, w = x.shape[1:]
     th, tw = backend.tile
     s = backend.scale

@@ -1,5 +1,6 @@
 """Build's last check: the engine scored on held-out BSD200 crops (never the test sets), against
-HR and against the fake-quant model it was exported from, through the same tiles."""
+HR and against the fake-quant model it was exported from, through the same tiles (a dynamic
+engine: each crop whole, padded alike)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,11 @@ def validate_engine(student, lm, cfg: BuildConfig, backend_name: str, work: Path
     pairs = pool_pairs(pool_split().val[: cfg.val_images], cfg.scale)
     engine_pred = BackendPredictor(Engine(work, manifest).backend(threads=cfg.threads),
                                    manifest.name, overlap=manifest.overlap)
-    fq_pred = BackendPredictor(TorchBackend(student, cfg.scale, cfg.tile, cfg.batch),
-                               "fake-quant", overlap=manifest.overlap)
+    req = manifest.size_requirements or {}
+    fq_backend = TorchBackend(student, cfg.scale, None if manifest.dynamic else cfg.tile,
+                              cfg.batch, pad_multiple=req.get("multiple", 1),
+                              min_side=req.get("minimum", 1))
+    fq_pred = BackendPredictor(fq_backend, "fake-quant", overlap=manifest.overlap)
     rows = []
     s = cfg.scale
     for pair in tqdm(pairs, desc="validate", unit="img", leave=False,

@@ -128,3 +128,30 @@ def test_tiled_fp_graph_matches_whole_image_psnr(data_root, tmp_path):
         tiled = psnr_y(to_uint8(torch.from_numpy(run_tiled(be, x.numpy(), overlap=16))), p.hr, 2)
         assert abs(tiled - whole) < 0.05, (p.name, tiled, whole)
         assert whole > 25  # a real model, not a broken one
+
+
+def test_dynamic_backend_runs_each_image_whole(tiny_swinir, tmp_path, one_thread):
+    """A dynamic-shape graph (tile None): one call per image, padded only to the window (8),
+    cropped back, equal to the PyTorch model on the whole image; no tiles, no blending."""
+    import torch
+
+    from edge_sr.onnx_export import export_fp_onnx
+    from runtime.backends.onnxruntime import OrtBackend
+    from runtime.tiling import dynamic_shape
+
+    model = tiny_swinir(2, depths=(2,), num_heads=(2,))
+    path = export_fp_onnx(model, tmp_path / "dyn.onnx", tile=(16, 16), dynamic=True)
+    backend = OrtBackend(path, threads=1, pad_multiple=8, min_side=8)
+    assert backend.tile is None and backend.scale == 2  # scale found by a probe run
+    calls = []
+    run = backend.run
+    backend.run = lambda t: calls.append(t.shape) or run(t)
+    for hw in [(16, 24), (20, 36), (3, 4)]:
+        x = torch.rand(1, 3, *hw, generator=torch.Generator().manual_seed(hw[1]))
+        with torch.no_grad():
+            ref = model(x).numpy()
+        out = run_tiled(backend, x.numpy())
+        assert out.shape == ref.shape and np.abs(out - ref).max() < 1e-4, hw
+        assert calls[-1] == (1, 3, *dynamic_shape(*hw, 8, 8))
+    assert len(calls) == 3  # one call per image
+    assert dynamic_shape(20, 36, 8, 8) == (24, 40) and dynamic_shape(3, 4, 8, 8) == (8, 8)

@@ -16,15 +16,20 @@ class BackendInfo:
 
 
 class Backend(abc.ABC):
-    """Runs a fixed-shape SR artifact on batches of LR tiles.
+    """Runs an SR artifact on batches of LR tiles.
 
     ``run`` takes float32 NCHW tiles in [0, 1] of the artifact's input shape (batch may be smaller
-    than ``max_batch``) and returns float32 NCHW SR tiles, ``scale`` times larger.
+    than ``max_batch``) and returns float32 NCHW SR tiles, ``scale`` times larger. A backend whose
+    ``tile`` is None (a dynamic-shape graph) takes any size whose sides are multiples of
+    ``pad_multiple`` and at least ``min_side``: ``runtime.tiling.run_tiled`` pads a whole image to
+    that and runs it in one call.
     """
 
     scale: int
-    tile: tuple[int, int]  # (height, width) of one LR tile
+    tile: tuple[int, int] | None  # (height, width) of one LR tile; None: any size (dynamic)
     max_batch: int
+    pad_multiple: int = 1  # dynamic backends: LR sides are padded up to a multiple of this
+    min_side: int = 1  # dynamic backends: and to at least this
 
     @abc.abstractmethod
     def run(self, tiles: np.ndarray) -> np.ndarray: ...

@@ -2,7 +2,10 @@
 
 The graph has a fixed (N, 3, th, tw) input; a dynamic batch dimension is allowed (then
 ``max_batch`` sets how many tiles go in one call). A fixed batch larger than the tiles at hand is
-filled by repeating the last tile and the extra outputs are dropped.
+filled by repeating the last tile and the extra outputs are dropped. A graph with a symbolic
+height and width (``edge-sr build --dynamic``) runs either at one given ``tile`` or, with no
+``tile``, at any size (``tile`` is then None and ``runtime.tiling.run_tiled`` runs a whole image
+in one call, padded to ``pad_multiple``).
 """
 
 from __future__ import annotations
@@ -54,15 +57,19 @@ def graph_precision(path: str | os.PathLike) -> str:
 class OrtBackend(Backend):
     """Runs an SR ONNX graph with onnxruntime's CPU EP.
 
-    ``threads``: intra-op threads (None: the cores available to this process). ``tile`` is needed
-    only when the graph's spatial dimensions are symbolic. ``exact_low_bit`` asks ORT's
-    MatMulNBits kernels to keep float activations (accuracy level 0), so a low-bit graph matches
-    its fake-quant model rather than re-quantizing activations to int8 inside the kernel.
+    ``threads``: intra-op threads (None: the cores available to this process). ``tile`` fixes the
+    shape a graph with symbolic spatial dimensions runs at; without it such a graph runs any size
+    (``self.tile`` None), padded by the caller to ``pad_multiple`` and ``min_side`` (the model's
+    ``size_requirements``, from the engine's manifest). ``scale``, when known, saves the probe
+    run that finds it. ``exact_low_bit`` asks ORT's MatMulNBits kernels to keep float
+    activations (accuracy level 0), so a low-bit graph matches its fake-quant model rather than
+    re-quantizing activations to int8 inside the kernel.
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None,
                  tile: tuple[int, int] | None = None, max_batch: int = 4,
-                 precision: str | None = None, exact_low_bit: bool = True) -> None:
+                 precision: str | None = None, exact_low_bit: bool = True,
+                 scale: int | None = None, pad_multiple: int = 1, min_side: int = 1) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -91,18 +98,17 @@ class OrtBackend(Backend):
         n, c, h, w = self._shape(inp.shape, "input")
         if c not in (3, None):
             raise EdgeSRError(f"ONNX model {self.path}: expected 3 input channels, found {c}")
+        self.pad_multiple, self.min_side = max(1, int(pad_multiple)), max(1, int(min_side))
         if h is None or w is None:
-            if tile is None:
-                raise EdgeSRError(f"ONNX model {self.path}: input size is dynamic ({inp.shape}); "
-                                  "pass the tile size")
-            h, w = tile
+            self.tile = None if tile is None else tuple(tile)  # None: any size, one call each
         elif tile is not None and tuple(tile) != (h, w):
             raise EdgeSRError(f"ONNX model {self.path}: input is {h}x{w} but tile {tile[0]}x"
                               f"{tile[1]} was asked for")
-        self.tile = (h, w)
+        else:
+            self.tile = (h, w)
         self.fixed_batch = n
         self.max_batch = n if n is not None else max(1, max_batch)
-        self.scale = self._infer_scale(out.shape)
+        self.scale = int(scale) if scale is not None else self._infer_scale(out.shape)
         self.precision = precision or graph_precision(self.path)
 
     def _shape(self, shape: list, what: str) -> tuple[int | None, ...]:
@@ -112,18 +118,26 @@ class OrtBackend(Backend):
 
     def _infer_scale(self, out_shape: list) -> int:
         _, _, oh, ow = self._shape(out_shape, "output")
+        ih = self.tile[0] if self.tile is not None else None
         if oh is None:
-            probe = np.zeros((self.max_batch, 3, *self.tile), dtype=np.float32)
+            if ih is None:  # any size: probe at a small valid one
+                ih = max(16, self.min_side)
+                ih += (-ih) % self.pad_multiple
+            probe = np.zeros((1 if self.fixed_batch is None else self.max_batch, 3, ih, ih),
+                             dtype=np.float32)
             oh = self.run(probe).shape[2]
-        if oh % self.tile[0]:
+        if oh % ih:
             raise EdgeSRError(f"ONNX model {self.path}: output height {oh} is not a multiple of "
-                              f"the input height {self.tile[0]}")
-        return oh // self.tile[0]
+                              f"the input height {ih}")
+        return oh // ih
 
     def run(self, tiles: np.ndarray) -> np.ndarray:
         tiles = np.ascontiguousarray(tiles, dtype=np.float32)
         k = tiles.shape[0]
-        if tiles.shape[1:] != (3, *self.tile):
+        if self.tile is None:
+            if tiles.ndim != 4 or tiles.shape[1] != 3:
+                raise ValueError(f"expected tiles (N, 3, H, W), got {tiles.shape}")
+        elif tiles.shape[1:] != (3, *self.tile):
             raise ValueError(f"expected tiles (N, 3, {self.tile[0]}, {self.tile[1]}), "
                              f"got {tiles.shape}")
         if k > self.max_batch:
