@@ -5,6 +5,10 @@ when every stage succeeded, so an error or Ctrl-C never leaves a partial engine 
 engine is replaced only at that last rename, and only with ``--force``). Calibrations are cached
 (``runtime.calib_cache``), so rebuilding for another backend or tile skips the slow stage; the
 last stage scores the engine on held-out crops (``runtime.validation``).
+
+``dynamic`` (``--dynamic``) builds an engine whose graphs take any input height and width
+(ONNX Runtime only, models with ``SRModel.dynamic_export``): each image then runs whole, in one
+call padded to the model's multiple, with no tiles (``runtime.tiling.run_whole``).
 """
 
 from __future__ import annotations
@@ -57,6 +61,14 @@ log = logging.getLogger(__name__)
 # product saves); TensorRT has not been measured, so it keeps the paper's sites.
 DEFAULT_FP_SITES = {"onnxruntime": ("qk", "pv"), "tensorrt": ()}
 STAGES = ("checkpoint", "calibrate", "export", "build", "validate", "manifest")
+# the engine's LR shape when neither --tile nor --input-size is given: by measurement
+# (benchmarks.frame_graphs shapes, docs/results/grids.md "Engine shape"), the cost per pixel falls
+# or stays level as the shape grows, and a 320x180 frame takes 2 tiles of 192x192 against 28 of
+# 64x64
+DEFAULT_TILE = (192, 192)
+# the shape a --dynamic export traces at (fitted to the model's window): the graph takes any size,
+# so a small trace only makes the export quicker
+DYNAMIC_TRACE = (64, 64)
 
 
 @dataclass
@@ -69,13 +81,16 @@ class BuildConfig:
     backend: str = "auto"  # auto | ort | trt
     budget: str = "cpu"  # DQC budget (calibrate.vocab.BUDGETS)
     method: str = "edge-sr"  # calibrate.vocab.METHODS (docs/results/beyond.md for why)
-    # the engine's LR shape when --input-size is not given: by measurement (benchmarks.frame_graphs
-    # shapes, docs/results/grids.md "Engine shape"), the cost per pixel falls or stays level as
-    # the shape grows, and a 320x180 frame takes 2 tiles of 192x192 against 28 of 64x64
-    tile: tuple[int, int] = (192, 192)
+    # the engine's LR (height, width) tile; None: DEFAULT_TILE (a --dynamic build: the shape its
+    # export traces at, DYNAMIC_TRACE fitted to the model, set by the checkpoint stage)
+    tile: tuple[int, int] | None = None
     # a camera's LR frame (width, height): the engine is exported at it, padded up to the model's
     # multiple (and minimum), so a frame runs as one tile; replaces ``tile``
     input_size: tuple[int, int] | None = None
+    # one engine for any input size (symbolic height and width; ONNX Runtime; models with
+    # SRModel.dynamic_export): each image runs whole in one call, no tiles; excludes tile and
+    # input_size
+    dynamic: bool = False
     batch: int = 1
     overlap: int | None = None  # LR pixels shared by neighbouring tiles (default tile/4)
     out: str | Path | None = None  # default engines/<model>-w{b}a{b}
@@ -104,7 +119,14 @@ class BuildConfig:
     smooth: float | str | None = None  # CalibrationConfig.smooth (None: the method's)
 
     def __post_init__(self) -> None:
-        self.tile = tuple(int(t) for t in self.tile)
+        if self.dynamic and self.tile is not None:
+            raise EdgeSRError("--tile: a --dynamic engine takes any input size, so it has no "
+                              "tile; give one of --dynamic and --tile")
+        if self.dynamic and self.input_size is not None:
+            raise EdgeSRError("--input-size: a --dynamic engine takes any input size; give one "
+                              "of --dynamic and --input-size")
+        self.tile = tuple(int(t) for t in (self.tile or (DYNAMIC_TRACE if self.dynamic
+                                                         else DEFAULT_TILE)))
         if self.input_size is not None:
             self.input_size = tuple(int(v) for v in self.input_size)
             if len(self.input_size) != 2 or min(self.input_size) < 1:
@@ -126,6 +148,21 @@ class BuildConfig:
         if len(self.tile) != 2 or min(self.tile) < 1 or self.batch < 1:
             raise EdgeSRError(f"--tile/--batch: expected positive sizes, got {self.tile} and "
                               f"{self.batch}")
+        if self.dynamic and self.batch != 1:
+            raise EdgeSRError(f"--batch: a --dynamic engine runs one whole image per call; "
+                              f"expected 1, got {self.batch}")
+        if self.dynamic and resolve_backend(self.backend) == "tensorrt":
+            raise EdgeSRError(
+                "--dynamic: expected --backend ort; TensorRT plans are built at fixed shapes here"
+                + (" (--backend auto chose TensorRT on this machine)"
+                   if self.backend == "auto" else ""))
+        if (self.dynamic and self.resolved_grid() == "real"
+                and not {"qk", "pv"} <= set(self.resolved_fp_sites())):
+            # the real grid's exact corrections of an integer q.k^T or p.v need the head size
+            # as a constant (calibrate.export.emit); known before minutes of calibration
+            raise EdgeSRError("--dynamic: expected the attention products in floating point "
+                              "(--fp-sites qk,pv) or --grid ort; the real grid's exact "
+                              "corrections of quantized ones need fixed shapes")
         if self.val_images < 1 or self.val_crop < 8:
             raise EdgeSRError("validation needs at least one image and a crop of 8 pixels or more")
         self.calibration_config().validate()  # --bits, --wide-inputs, --rotate, ... before any work
@@ -187,6 +224,11 @@ def resolve_backend(choice: str) -> str:
 
 def stage_checkpoint(cfg: BuildConfig):
     lm = load_model(cfg.model_name, scale=cfg.scale)
+    if cfg.dynamic:
+        if not getattr(lm.model, "dynamic_export", False):
+            raise EdgeSRError(f"--dynamic: {lm.arch} has no dynamic-shape export (its padding or "
+                              "masks need fixed sizes); build it with --tile or --input-size")
+        cfg.tile = lm.model.size_requirements.fit(*DYNAMIC_TRACE)
     if cfg.input_size is not None:
         w, h = cfg.input_size
         cfg.tile = lm.model.size_requirements.fit(h, w)
@@ -200,9 +242,10 @@ def stage_checkpoint(cfg: BuildConfig):
 
 def stage_export(student, lm, cfg: BuildConfig, backend: str, work: Path) -> None:
     target = "trt" if backend == "tensorrt" else "ort"
-    export_qdq(student, ExportConfig(target=target, tile=cfg.tile, batch=cfg.batch),
-               work / MODEL_FILE)
-    export_fp_onnx(lm.model, work / FP32_FILE, tile=cfg.tile, batch=cfg.batch)
+    export_qdq(student, ExportConfig(target=target, tile=cfg.tile, batch=cfg.batch,
+                                     dynamic=cfg.dynamic), work / MODEL_FILE)
+    export_fp_onnx(lm.model, work / FP32_FILE, tile=cfg.tile, batch=cfg.batch,
+                   dynamic=cfg.dynamic)
 
 
 def stage_build(cfg: BuildConfig, backend: str, work: Path) -> None:
@@ -221,8 +264,9 @@ def stage_build(cfg: BuildConfig, backend: str, work: Path) -> None:
         build_engine(work / FP32_FILE, work / TRT_FP32_FILE, tile=cfg.tile, batch=cfg.batch)
         return
 
-    for name in (MODEL_FILE, FP32_FILE):
-        OrtBackend(work / name, threads=cfg.threads, max_batch=cfg.batch).close()
+    for name in (MODEL_FILE, FP32_FILE):  # a dynamic graph: loaded with its scale, not probed
+        OrtBackend(work / name, threads=cfg.threads, max_batch=cfg.batch,
+                   scale=cfg.scale if cfg.dynamic else None).close()
 
 
 # --- driver ------------------------------------------------------------------------------------
@@ -285,8 +329,9 @@ def build(cfg: BuildConfig) -> BuildResult:
         import torch
 
         torch.set_num_threads(cfg.threads)  # on a loaded CPU, fewer OpenMP threads can be faster
-    log.info("building %s: %s x%d W%dA%d, budget %s, backend %s, tile %dx%d", out,
-             cfg.model_name, cfg.scale, cfg.bits, cfg.bits, cfg.budget, backend, *cfg.tile)
+    log.info("building %s: %s x%d W%dA%d, budget %s, backend %s, %s", out,
+             cfg.model_name, cfg.scale, cfg.bits, cfg.bits, cfg.budget, backend,
+             "dynamic shape" if cfg.dynamic else f"tile {cfg.tile[0]}x{cfg.tile[1]}")
     times: dict[str, float] = {}
     bar = tqdm(total=len(STAGES), desc="build", unit="stage", disable=progress_disabled())
 
@@ -324,10 +369,13 @@ def build(cfg: BuildConfig) -> BuildResult:
                        "arch": lm.arch, "config": lm.model.config()},
                 scale=cfg.scale, bits=cfg.bits, backend=backend, tile=list(cfg.tile),
                 batch=cfg.batch,
-                overlap=default_overlap(cfg.tile) if cfg.overlap is None else cfg.overlap,
+                overlap=(0 if cfg.dynamic else default_overlap(cfg.tile) if cfg.overlap is None
+                         else cfg.overlap),
                 precision=f"w{cfg.bits}a{cfg.bits}-qdq", files=files, budget=cfg.budget,
                 method=cfg.method, calibration=calib_info, versions=versions(),
-                build_config=config_dict(cfg))
+                build_config=config_dict(cfg), dynamic=cfg.dynamic,
+                size_requirements={"multiple": lm.model.size_requirements.multiple,
+                                   "minimum": lm.model.size_requirements.minimum})
             with stage("validate"):
                 manifest.validation = validate_engine(student, lm, cfg, backend, work, manifest)
             with stage("manifest"):

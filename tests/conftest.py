@@ -98,17 +98,23 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def make_tiny_engine(d: Path) -> Path:
-    """A real ONNX Runtime engine in ``d``: a tiny random SwinIR-light exported at 16x16."""
+def make_tiny_engine(d: Path, dynamic: bool = False) -> Path:
+    """A real ONNX Runtime engine in ``d``: a tiny random SwinIR-light exported at 16x16
+    (``dynamic``: with a symbolic height and width, as ``build --dynamic`` makes it)."""
     from edge_sr.onnx_export import export_fp_onnx
     from runtime.engine import FP32_FILE, MODEL_FILE, Manifest, file_entry, write_manifest
 
     d.mkdir(parents=True, exist_ok=True)
     model = make_tiny_swinir(2)
-    export_fp_onnx(model, d / MODEL_FILE, tile=(16, 16))
-    export_fp_onnx(model, d / FP32_FILE, tile=(16, 16))
+    export_fp_onnx(model, d / MODEL_FILE, tile=(16, 16), dynamic=dynamic)
+    export_fp_onnx(model, d / FP32_FILE, tile=(16, 16), dynamic=dynamic)
+    req = model.size_requirements
     write_manifest(d, Manifest(name="tiny", model={"name": "tiny"}, scale=2, bits=None,
-                               backend="onnxruntime", tile=[16, 16], batch=1, overlap=4,
+                               backend="onnxruntime", tile=[16, 16], batch=1,
+                               overlap=0 if dynamic else 4,
                                precision="fp32", files={"model": file_entry(d, MODEL_FILE),
-                                                        "fp32": file_entry(d, FP32_FILE)}))
+                                                        "fp32": file_entry(d, FP32_FILE)},
+                               dynamic=dynamic,
+                               size_requirements={"multiple": req.multiple,
+                                                  "minimum": req.minimum}))
     return d

@@ -106,6 +106,102 @@ def test_w8a8_frame_engine_on_the_ort_grid(env):
     shutil.rmtree(res.path)
 
 
+def test_dynamic_engine_runs_any_size_whole(env, tmp_path):
+    """--dynamic: one engine (symbolic height and width) upscales any size in one padded call,
+    like its fake-quant model on the whole image; upscale and profile run it untiled."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from edge_sr.checkpoints import load_model
+    from runtime.engine import FP32_FILE
+    from runtime.predictors import engine_predictor
+    from runtime.profile import ProfileConfig, profile, table
+
+    n = len(env["calls"])
+    res = rb.build(env["cfg"](tile=None, dynamic=True, out=env["dir"] / "dyn"))
+    assert len(env["calls"]) == n  # the fixed-shape build's calibration, reused
+    m = res.manifest
+    assert m.dynamic and m.tile == [64, 64] and m.overlap == 0
+    assert m.size_requirements == {"multiple": 8, "minimum": 8}
+    assert json.loads((res.path / MANIFEST).read_text())["dynamic"] is True
+    for f in (MODEL_FILE, FP32_FILE):
+        shape = ort.InferenceSession(str(res.path / f)).get_inputs()[0].shape
+        assert shape[2:] == ["h", "w"], f
+    assert m.validation["fidelity_psnr_y_db"] > 60
+
+    lm = load_model(str(env["dir"] / "tiny_x2.pth"), scale=2)
+    student = rb.load_student(env["dir"] / "cache" / m.calibration["file"], lm)
+    pred = engine_predictor(res.path, threads=1)
+    assert pred.backend.tile is None
+    calls = []
+    run = pred.backend.run
+    pred.backend.run = lambda t: calls.append(t.shape) or run(t)
+    for hw in [(16, 24), (20, 36)]:
+        x = torch.rand(1, 3, *hw, generator=torch.Generator().manual_seed(hw[1]))
+        with torch.no_grad():
+            ref = student(x).numpy()
+        out = pred(x).numpy()
+        assert out.shape == ref.shape and np.abs(out - ref).max() < 1e-3, hw
+    assert calls == [(1, 3, 16, 24), (1, 3, 24, 40)]  # one call each, padded to the window only
+    pred.close()
+
+    r = profile(ProfileConfig(engine=res.path, input_size=(20, 36), runs=1, max_seconds=None,
+                              threads=1, json_path=tmp_path / "p.json"))
+    assert r["dynamic"] is True and r["tiles_per_frame"] == 1
+    assert "one call of the whole frame (dynamic engine)" in table(r)
+    shutil.rmtree(res.path)
+
+
+def test_dynamic_build_errors(env, monkeypatch):
+    from click.testing import CliRunner
+
+    from edge_sr.cli import main
+    from edge_sr.models.swinir import SwinIRLight
+
+    with pytest.raises(EdgeSRError, match="--tile: a --dynamic engine takes any input size"):
+        rb.BuildConfig(bits=4, scale=2, dynamic=True, tile=(64, 64))
+    with pytest.raises(EdgeSRError, match="--input-size: a --dynamic engine"):
+        rb.BuildConfig(bits=4, scale=2, dynamic=True, input_size=(320, 180))
+    with pytest.raises(EdgeSRError, match="--batch: a --dynamic engine runs one whole image"):
+        rb.BuildConfig(bits=4, scale=2, dynamic=True, batch=2)
+    with pytest.raises(EdgeSRError, match="--dynamic: expected --backend ort; TensorRT"):
+        rb.BuildConfig(bits=4, scale=2, dynamic=True, backend="trt")
+    with pytest.raises(EdgeSRError, match="--dynamic: expected the attention products in"):
+        rb.BuildConfig(bits=4, scale=2, dynamic=True, grid="real", fp_sites=())
+    assert rb.BuildConfig(bits=4, scale=2, dynamic=True, grid="real").dynamic  # qk, pv FP
+    # a model whose padding needs fixed sizes (as NGswin): refused before any calibration
+    n = len(env["calls"])
+    monkeypatch.setattr(SwinIRLight, "dynamic_export", False)
+    with pytest.raises(EdgeSRError, match="--dynamic: swinir-light has no dynamic-shape export"):
+        rb.build(env["cfg"](tile=None, dynamic=True, out=env["dir"] / "dyn_bad"))
+    assert len(env["calls"]) == n and not (env["dir"] / "dyn_bad").exists()
+    # the CLI: one line, exit 2
+    r = CliRunner().invoke(main, ["build", "--bits", "4", "--scale", "2", "--dynamic", "--tile",
+                                  "64", "--print-config"])
+    assert r.exit_code == 2 and "--tile: a --dynamic engine" in r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+    r = CliRunner().invoke(main, ["build", "--bits", "4", "--scale", "2", "--dynamic",
+                                  "--print-config"])
+    assert r.exit_code == 0 and json.loads(r.output)["dynamic"] is True
+
+
+def test_manifest_without_dynamic_field_still_opens(env, tmp_path):
+    """Manifests written before ``dynamic`` / ``size_requirements`` read as fixed-shape engines."""
+    old = tmp_path / "old"
+    shutil.copytree(env["dir"] / "eng", old)
+    d = json.loads((old / MANIFEST).read_text())
+    for k in ("dynamic", "size_requirements"):
+        d.pop(k, None)
+    (old / MANIFEST).write_text(json.dumps(d))
+    eng = open_engine(old)
+    assert eng.manifest.dynamic is False and eng.manifest.size_requirements is None
+    assert eng.backend(threads=1).tile == (32, 32)
+    d["dynamic"] = "yes"
+    (old / MANIFEST).write_text(json.dumps(d))
+    with pytest.raises(EdgeSRError, match="expected dynamic as true or false"):
+        open_engine(old)
+
+
 def test_calibration_is_cached(env):
     n = len(env["calls"])
     res = rb.build(env["cfg"](out=env["dir"] / "eng2", backend="ort"))

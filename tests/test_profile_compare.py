@@ -135,3 +135,24 @@ def test_time_budget_keeps_three_rounds(engine, tmp_path):
     res = profile(ProfileConfig(engine=engine, input_size=(24, 40), runs=4, warmup=0,
                                 max_seconds=None, json_path=tmp_path / "q.json"))
     assert all(v["runs"] == 4 for v in res["variants"].values())
+
+
+def test_compare_on_a_dynamic_engine(tmp_path, data_root):
+    """A dynamic engine (``build --dynamic``): every row runs the whole frame in one call, the
+    quantize_static baseline included (made from the dynamic FP32 graph)."""
+    from conftest import make_tiny_engine, make_tiny_swinir
+
+    from runtime.engine import read_manifest, write_manifest
+
+    d = make_tiny_engine(tmp_path / "dyn", dynamic=True)
+    ckpt = tmp_path / "tiny_x2.pth"
+    torch.save({"params": make_tiny_swinir(2).state_dict()}, ckpt)
+    m = read_manifest(d)
+    m.model = {"name": "tiny", "path": str(ckpt)}
+    write_manifest(d, m)
+    res = profile(ProfileConfig(engine=d, input_size=(20, 36), runs=1, warmup=1, compare=True,
+                                threads=1, json_path=tmp_path / "d.json"))
+    assert list(res["variants"]) == list(ROWS) and res["skipped"] == {}
+    assert res["dynamic"] is True and res["tiles_per_frame"] == 1
+    assert res["baselines"]["torch_eager_fp32"]["input"].startswith("the whole frame")
+    assert "one call of the whole frame (dynamic engine)" in table(res)

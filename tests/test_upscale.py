@@ -204,3 +204,24 @@ def test_profile_compare_json_plot(engine, tmp_path):
     png = js.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "p50 ms" in r.output and "FP32 / quantized" in r.output
+
+
+def test_dynamic_engine_upscales_two_sizes_whole(tmp_path):
+    """A dynamic engine (``build --dynamic``): images of two sizes, each in one call (padded to the
+    window, cropped back), equal to the model run on the whole image."""
+    import torch
+    from conftest import make_tiny_engine, make_tiny_swinir
+    from PIL import Image
+
+    eng = make_tiny_engine(tmp_path / "dyn", dynamic=True)
+    model = make_tiny_swinir(2)
+    for h, w in [(16, 24), (20, 36)]:
+        rgb = _png(tmp_path / f"in_{h}x{w}.png", h, w, seed=h)
+        upscale(UpscaleConfig(engine=eng, inputs=[str(tmp_path / f"in_{h}x{w}.png")],
+                              output=tmp_path / f"out_{h}x{w}.png", threads=1))
+        out = np.asarray(Image.open(tmp_path / f"out_{h}x{w}.png"))
+        with torch.no_grad():
+            x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
+            ref = (model(x).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255).round()
+        assert out.shape == (2 * h, 2 * w, 3)
+        assert np.abs(out.astype(np.int16) - ref.astype(np.int16)).max() <= 1

@@ -20,13 +20,17 @@ from runtime.vocab import BACKEND_CHOICES
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto",
               show_default=True, help="auto: TensorRT with a CUDA GPU, else ONNX Runtime (CPU).")
 @quant_options(method_default="edge-sr", budget_default="cpu", grid_default="auto")
-@click.option("--tile", default="192", show_default=True,
-              help="LR tile the engine runs: N or WxH (a multiple of the model's window); the "
-                   "default was chosen by measured cost per pixel and per frame "
-                   "(docs/results/grids.md).")
+@click.option("--tile", default=None, metavar="N|WxH",
+              help="LR tile the engine runs: N or WxH (a multiple of the model's window) "
+                   "[default: 192, chosen by measured cost per pixel and per frame, "
+                   "docs/results/grids.md].")
 @click.option("--input-size", default=None, metavar="WxH",
               help="A camera's LR frame: the engine is exported at this shape (padded to the "
                    "model's window), so each frame runs as one tile; replaces --tile.")
+@click.option("--dynamic", is_flag=True,
+              help="One engine for any input size (ONNX Runtime, SwinIR-light): each image runs "
+                   "whole in one call, padded to the model's window; no tiles. Replaces --tile "
+                   "and --input-size.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Tiles per engine call.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Engine directory [default: engines/<model>-w{bits}a{bits}].")
@@ -43,7 +47,8 @@ from runtime.vocab import BACKEND_CHOICES
                    "GEMM per block instead of three and a Concat.")
 @click.option("--print-config", is_flag=True, help="Print the build configuration and stop.")
 @logging_options
-def build_cmd(bits, scale, model, backend, budget, method, tile, input_size, batch, out, force, threads,
+def build_cmd(bits, scale, model, backend, budget, method, tile, input_size, dynamic, batch, out,
+              force, threads,
               wide_inputs, rotate, weight_grid, grid, fp_sites, fp_weights, avg_bits, rounding, smooth, weight_lr, shared_qkv_input,
               print_config) -> None:
     """Build a quantized SR engine: checkpoint -> calibrate -> export -> build -> validate."""
@@ -51,7 +56,8 @@ def build_cmd(bits, scale, model, backend, budget, method, tile, input_size, bat
     from runtime.build import BuildConfig, build, config_dict
 
     cfg = BuildConfig(bits=bits, scale=scale, model=model, backend=backend, budget=budget,
-                      method=method, tile=parse_size(tile, "--tile"), batch=batch, out=out,
+                      method=method, batch=batch, out=out, dynamic=dynamic,
+                      tile=None if tile is None else parse_size(tile, "--tile"),
                       input_size=(None if input_size is None else
                                   parse_size(input_size, "--input-size")[::-1]),
                       force=force, threads=threads,
