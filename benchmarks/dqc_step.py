@@ -40,11 +40,9 @@ def _child(kind: str, args: dict, q) -> None:
         os.environ["EDGE_SR_FUSED_FQ"] = "0"
     import torch
 
-    from edge_sr.allocator import keep_freed_memory, return_freed_memory
+    from edge_sr.allocator import keep_freed_memory
 
-    keep_freed_memory()
-    if kind == "dqc" and args["recompute"]:  # as calibrate_model does with recompute
-        return_freed_memory()
+    keep_freed_memory()  # EDGE_SR_MALLOC_TUNING=lean: return_freed_memory instead
     torch.set_num_threads(args["threads"])
     torch.manual_seed(0)
     from edge_sr.checkpoints import load_model

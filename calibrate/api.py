@@ -56,7 +56,6 @@ from calibrate.vocab import (
     WeightGrid,
     expected,
 )
-from edge_sr.allocator import return_freed_memory
 from edge_sr.checkpoints import load_model
 from edge_sr.data.images import is_image_name
 from edge_sr.data.pool import PatchSampler, pool_split
@@ -375,8 +374,6 @@ def calibrate_model(lm, data: PoolData, cfg: CalibrationConfig,
     stats["val_psnr_init"] = val_psnr(student, *data.val, scale)
     if cfg.method in DQC_METHODS:
         dqc_cfg = cfg.dqc_config(lm.model)
-        if dqc_cfg.recompute:  # memory-bound: give freed tensors back rather than keep them
-            return_freed_memory()
         deadline = None if cfg.time_limit is None else t0 + 60 * cfg.time_limit
         r = run_dqc(student, lm.model, dqc_sampler(data.sampler, cfg.seed), data.val, dqc_cfg,
                     state_path=state_path, resume=cfg.resume, deadline=deadline)

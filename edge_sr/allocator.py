@@ -8,7 +8,9 @@ results are bit for bit the same. Measured in docs/results/eval.md, "CPU inferen
 
 Process-wide, so only entry points call it: the CLI, the benchmarks and the test session. Set
 ``EDGE_SR_MALLOC_TUNING=0`` to keep glibc's defaults (e.g. when many processes share a small
-memory and each should hand memory back as soon as it can).
+memory and each should hand memory back as soon as it can), or ``EDGE_SR_MALLOC_TUNING=lean`` for
+the opposite trade (``return_freed_memory``: training in the least memory, at the price of page
+faults; with it, ``THP_MEM_ALLOC_ENABLE=1`` lets PyTorch back big tensors with huge pages).
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ def keep_freed_memory() -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    if os.environ.get("EDGE_SR_MALLOC_TUNING", "1") == "0":
+    mode = os.environ.get("EDGE_SR_MALLOC_TUNING", "1")
+    if mode == "0":
         log.debug("malloc tuning off (EDGE_SR_MALLOC_TUNING=0)")
+    elif mode == "lean":
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read by torch at its first allocation
+        return_freed_memory()
     elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         log.debug("malloc tuning skipped: not glibc")
     else:
@@ -60,12 +66,13 @@ def _libc():
 
 
 def return_freed_memory() -> bool:
-    """The opposite trade, for memory-bound training (DQC with ``recompute``): every block of
-    1 MB or more is its own ``mmap``, unmapped when freed, and glibc's dynamic threshold (which
-    otherwise climbs to 32 MB and leaves freed tensors fragmenting the heap) is off. Measured on
-    SwinIR-light x2 ref, a DQC step at batch 16 of 64x64 with ``recompute``: peak RSS 6.9 GB with
-    glibc's defaults, 1.4 GB with this (docs/results/beyond.md). Costs page faults, so time.
-    Process-wide; False where not glibc."""
+    """The opposite trade, for memory-bound training (``EDGE_SR_MALLOC_TUNING=lean``, with DQC's
+    ``recompute``): every block of 1 MB or more is its own ``mmap``, unmapped when freed, and
+    glibc's dynamic threshold (which otherwise climbs to 32 MB and leaves freed tensors
+    fragmenting the heap) is off. Measured on a DQC step at batch 16 of 64x64 with ``recompute``
+    (docs/results/beyond.md): SwinIR-light x2 ref peaks at 1.5 GB instead of 7.7, NGswin x2 at
+    1.4 GB instead of 4.8, but the steps take 2.2-2.5x as long (page faults; 1.8x with huge
+    pages). Process-wide; False where not glibc."""
     global _applied
     libc = _libc()
     if libc is None:

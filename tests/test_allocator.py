@@ -52,3 +52,26 @@ def test_return_freed_memory_unmaps_big_blocks():
     ok, grown, left = out.split()
     assert ok == "True" and int(grown) > 100
     assert int(left) < 20  # unmapped on free, not kept in the heap
+
+
+LEAN_PROBE = """
+import os
+from edge_sr import allocator
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+allocator.keep_freed_memory()  # EDGE_SR_MALLOC_TUNING=lean: return_freed_memory instead
+before = rss()
+blocks = [bytearray(8 << 20) for _ in range(16)]
+del blocks
+print(os.environ.get("THP_MEM_ALLOC_ENABLE"), round(rss() - before))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="glibc only")
+def test_lean_mode_returns_freed_memory_and_asks_for_huge_pages():
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", LEAN_PROBE], capture_output=True, text=True,
+                         check=True, env={**env, "EDGE_SR_MALLOC_TUNING": "lean"}).stdout
+    thp, left = out.split()
+    assert thp == "1" and int(left) < 20
