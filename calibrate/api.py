@@ -61,7 +61,6 @@ from edge_sr.data.images import is_image_name
 from edge_sr.data.pool import PatchSampler, pool_split
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import versions
-from edge_sr.hardware import native_bf16
 from edge_sr.paths import train_dir
 
 log = logging.getLogger(__name__)
@@ -84,18 +83,16 @@ DQC_METHODS = ("2dquant", "edge-sr")  # then trained by DQC
 # reference, where it would lose to the faithful 2DQuant (docs/results/grids.md, "Size"), so
 # it is the option --fp-weights int4. DQC also trains the quantized linears' weights at <= 3
 # bits (NGswin x2 W2, held-out best 28.71 -> 31.08 / 31.68 dB at weight_lr 0.01 / 0.03); at W4
-# it was measured (+0.04 dB at 0.03, worse at 0.1) and stays off. DQC's forward passes run under
-# bfloat16 autocast where the device has bfloat16 arithmetic (AVX-512 BF16 / AMX, a recent GPU):
-# a DQC step 14-26% faster, held-out -0.013 dB on NGswin x2 W4 (Set5/Set14 +0.05/+0.06);
-# float32 elsewhere, where bfloat16 would be emulated and slower.
-# A callable default is a function of the CalibrationConfig.
+# it was measured (+0.04 dB at 0.03, worse at 0.1) and stays off. DQC stays float32: bfloat16
+# autocast (--dqc-precision bf16) makes a DQC step 14-26% faster but cost 0.013 dB held-out on
+# NGswin x2 W4, and on the SwinIR-light reference x3 it fell 0.0001 dB below the faithful method
+# on Set14 (docs/results/beyond.md). A callable default is a function of the CalibrationConfig.
 EDGE_SR_WEIGHT_LR = 0.03
 EDGE_SR_OPTIONS = dict(rotate=("auto",), weight_grid="channel", rounding="gptq",
                        bound_lr="relative",
                        fp_weights=lambda c: "int8" if c.bits <= 4 else "fp16",
                        weight_lr=lambda c: EDGE_SR_WEIGHT_LR if c.bits <= 3 else 0.0,
-                       smooth=SMOOTH_ALPHA,
-                       dqc_precision=lambda c: "bf16" if native_bf16(c.device) else "fp32")
+                       smooth=SMOOTH_ALPHA, dqc_precision="fp32")
 
 # DQC budgets, one per calibrate.vocab.BUDGETS name. "fast" was sized on the shared 2-core CPU
 # (see docs/results/accuracy.md); "cpu" is the budget that gained most within 15 minutes of

@@ -46,6 +46,7 @@ from calibrate.qmodules import QuantLinear
 from calibrate.vocab import DQC_PRECISIONS, DQCPrecision
 from edge_sr.data.images import to_uint8
 from edge_sr.fileio import atomic_path
+from edge_sr.hardware import native_bf16
 from edge_sr.logutil import progress_disabled
 from edge_sr.metrics import psnr_y
 
@@ -266,11 +267,17 @@ class DQCStep:
         self.tap_s = _FeatureTap(student, self.names)
         self.tap_t = _FeatureTap(teacher, self.names)
         self.recompute = _Recompute(student, block_paths(student) if cfg.recompute else [])
+        self._check_precision(next(student.parameters()).device)
 
     def _autocast(self, lr: torch.Tensor):
         if self.cfg.precision == "bf16":
             return torch.autocast(lr.device.type, dtype=torch.bfloat16)
         return nullcontext()
+
+    def _check_precision(self, device: torch.device) -> None:
+        if self.cfg.precision == "bf16" and not native_bf16(str(device)):
+            log.warning("DQC in bf16 on a %s without bfloat16 arithmetic: it is emulated, and "
+                        "likely slower than fp32", "GPU" if device.type == "cuda" else "CPU")
 
     def step(self, lr: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -370,8 +377,8 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
     load_bounds(student, best[2])
     rep = DQCReport((stopped_at or cfg.iterations) - start, time.perf_counter() - t0, best[0],
                     best[1], history, stopped_at)
-    log.info("DQC: %d iterations in %.0f s; best validation %.3f dB at iteration %d",
-             rep.iterations, rep.seconds, rep.best_val_psnr, rep.best_iteration)
+    log.info("DQC (%s): %d iterations in %.0f s; best validation %.3f dB at iteration %d",
+             cfg.precision, rep.iterations, rep.seconds, rep.best_val_psnr, rep.best_iteration)
     return rep
 
 

@@ -37,6 +37,9 @@ def keep_freed_memory() -> bool:
         return _applied
     _applied = False
     mode = os.environ.get("EDGE_SR_MALLOC_TUNING", "1")
+    if mode not in ("0", "1", "lean"):
+        log.warning("EDGE_SR_MALLOC_TUNING=%s: expected 1 (keep freed memory, the default), 0 "
+                    "(glibc's defaults) or lean (return it); using 1", mode)
     if mode == "0":
         log.debug("malloc tuning off (EDGE_SR_MALLOC_TUNING=0)")
     elif mode == "lean":

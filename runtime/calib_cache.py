@@ -37,8 +37,6 @@ def cache_root(cfg: BuildConfig | None = None) -> Path:
 
 def calibration_key(model_sha256: str, cfg: BuildConfig) -> str:
     """Hash of every input that determines a calibration (not the tile, backend or output)."""
-    # the method's DQC precision, resolved on this machine (bf16 where the CPU has it natively)
-    precision = cfg.calibration_config().option("dqc_precision")
     blob = json.dumps({"v": CALIB_CACHE_VERSION, "model": model_sha256, "scale": cfg.scale,
                        "bits": cfg.bits, "budget": cfg.budget, "method": cfg.method,
                        "seed": cfg.seed, "iterations": cfg.calib_iterations}
@@ -53,10 +51,7 @@ def calibration_key(model_sha256: str, cfg: BuildConfig) -> str:
                                            ("avg_bits", cfg.avg_bits),
                                            ("rounding", cfg.rounding),
                                            ("weight_lr", cfg.weight_lr),
-                                           ("smooth", cfg.smooth),
-                                           ("dqc_precision",
-                                            None if precision == "fp32" else precision))
-                                          if v is not None},
+                                           ("smooth", cfg.smooth)) if v is not None},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 

@@ -150,20 +150,14 @@ def test_weight_lr_option_reaches_dqc_and_is_checked():
         CalibrationConfig(model="m", bits=4, output="o", weight_lr=-1.0).validate()
 
 
-def test_dqc_precision_default_follows_the_device(monkeypatch):
-    import calibrate.api as api
-
+def test_dqc_precision_is_fp32_unless_asked():
     def cfg(**kw):
         return CalibrationConfig(model="m", bits=4, output="o", **kw)
 
-    # the faithful method is float32 everywhere; edge-sr uses bfloat16 only where it is native
-    monkeypatch.setattr(api, "native_bf16", lambda device: True)
+    # bf16 lost 0.013 dB held-out on NGswin: neither method uses it by default
     assert cfg().dqc_config().precision == "fp32"
-    assert cfg(method="edge-sr").dqc_config().precision == "bf16"
-    assert cfg(method="edge-sr", dqc_precision="fp32").dqc_config().precision == "fp32"
-    monkeypatch.setattr(api, "native_bf16", lambda device: False)
     assert cfg(method="edge-sr").dqc_config().precision == "fp32"
-    assert cfg(dqc_precision="bf16").dqc_config().precision == "bf16"
+    assert cfg(method="edge-sr", dqc_precision="bf16").dqc_config().precision == "bf16"
 
 
 def test_native_bf16_reads_the_cpu_flags(monkeypatch):

@@ -29,8 +29,8 @@ from runtime.vocab import BACKEND_CHOICES
                    "model's window), so each frame runs as one tile; replaces --tile.")
 @click.option("--dynamic", is_flag=True,
               help="One engine for any input size (ONNX Runtime, SwinIR-light): each image runs "
-                   "whole in one call, padded to the model's window; no tiles. Replaces --tile "
-                   "and --input-size.")
+                   "whole in one call, padded to the model's window; no tiles. Not with --tile, "
+                   "--input-size or --batch.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Tiles per engine call.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Engine directory [default: engines/<model>-w{bits}a{bits}].")

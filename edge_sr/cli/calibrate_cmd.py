@@ -30,7 +30,8 @@ from edge_sr.cli.options import logging_options, parse_list, parse_optional_list
                    "storing it (NGswin at batch 16 of 64x64: 12 -> 4.8 GB, ~15% slower).")
 @click.option("--dqc-precision", type=click.Choice(DQC_PRECISIONS), default=None,
               help="DQC's forward passes: fp32 (the paper), or bf16 autocast (bfloat16 GEMMs; "
-                   "fake quantizers, losses and validation stay fp32). Default: the method's.")
+                   "fake quantizers, losses and validation stay fp32; ~15-25% faster where the "
+                   "CPU/GPU has bfloat16, -0.013 dB held-out on NGswin). Default: fp32.")
 @click.option("--block-recon", type=click.IntRange(min=0), default=0, show_default=True,
               metavar="STEPS",
               help="Beyond the paper: before DQC, train the bounds block by block against the "
