@@ -50,12 +50,14 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-def _build(cc: str) -> Path:
+def _build(cc: str, rebuild: bool = False) -> Path:
+    """The cached shared library for this source, flags, compiler and CPU (compiled into a
+    temporary file and renamed, so a cache never holds half a library)."""
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src + " ".join(CFLAGS).encode() + cc.encode()
                          + " ".join(sorted(cpu_flags())).encode() + cpu_model().encode()).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"fake_quant-{key}.so"
-    if out.exists():
+    if out.exists() and not rebuild:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
@@ -68,6 +70,16 @@ def _build(cc: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    f, d, p = ctypes.c_float, ctypes.c_void_p, ctypes.c_ssize_t
+    lib.fq_forward.argtypes = [d, d, p, f, f, f]
+    lib.fq_forward.restype = None
+    lib.fq_backward.argtypes = [d, d, d, p, f, f, f, d]
+    lib.fq_backward.restype = None
+    return lib
 
 
 def library() -> ctypes.CDLL | None:
@@ -86,13 +98,11 @@ def library() -> ctypes.CDLL | None:
             try:
                 if cc is None:
                     raise OSError("no C compiler (set $CC)")
-                lib = ctypes.CDLL(str(_build(cc)))
-                f, d, p = ctypes.c_float, ctypes.c_void_p, ctypes.c_ssize_t
-                lib.fq_forward.argtypes = [d, d, p, f, f, f]
-                lib.fq_forward.restype = None
-                lib.fq_backward.argtypes = [d, d, d, p, f, f, f, d]
-                lib.fq_backward.restype = None
-            except (OSError, subprocess.SubprocessError) as e:
+                try:
+                    lib = _load(_build(cc))
+                except (OSError, AttributeError):  # a damaged cached library: compile it again
+                    lib = _load(_build(cc, rebuild=True))
+            except (OSError, AttributeError, subprocess.SubprocessError) as e:
                 detail = getattr(e, "stderr", "") or e
                 log.info("fused fake-quant kernels unavailable (%s): DQC uses the slower eager "
                          "ops, with the same results", str(detail).strip().splitlines()[-1]

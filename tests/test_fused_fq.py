@@ -96,3 +96,17 @@ def test_switch_off_keeps_the_eager_ops(monkeypatch):
     monkeypatch.setenv(fused_fq.ENV_SWITCH, "0")
     assert fused_fq.library() is None
     assert not fused_fq.usable(torch.zeros(3), torch.tensor(0.0))
+
+
+@needs_kernels
+def test_a_damaged_cached_library_is_compiled_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("EDGE_SR_CACHE", str(tmp_path))
+    monkeypatch.setattr(fused_fq, "_state", {})
+    path = fused_fq._build(fused_fq.shutil.which("cc"))
+    path.write_bytes(b"not a shared library")  # e.g. a disk that filled up mid-copy
+    monkeypatch.setattr(fused_fq, "_state", {})
+    assert fused_fq.library() is not None
+    x = torch.linspace(-2, 2, 9)
+    lo, up, step = torch.tensor(-1.0), torch.tensor(1.0), torch.tensor(0.25)
+    eager = torch.round((torch.clamp(x, lo, up) - lo) / step) * step + lo
+    assert torch.equal(fused_fq.forward(x, -1.0, 1.0, 0.25), eager)

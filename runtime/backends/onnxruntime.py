@@ -10,7 +10,6 @@ in one call, padded to ``pad_multiple``).
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from pathlib import Path
@@ -18,23 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from edge_sr.errors import EdgeSRError
+from edge_sr.hardware import cpu_model  # noqa: F401  (runtime callers import it from here)
 from runtime.backends.base import Backend, BackendInfo
 
 log = logging.getLogger(__name__)
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else ``platform.processor()``."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def default_threads() -> int:
