@@ -242,3 +242,26 @@ def test_psnr_on_set5_crop(data_root: Path, scale: int) -> None:
     with torch.no_grad():
         sr = to_uint8(model(to_tensor(lr)))
     assert psnr_y(sr, hr, crop=scale) == pytest.approx(want, abs=0.01)
+
+
+def test_logits_updated_in_place_under_autograd_are_bitwise_the_same(monkeypatch):
+    """NGswin scales, biases and masks its attention logits in place unless autograd needs the
+    logit scale or the bias table: the same outputs and input gradients, bit for bit."""
+    import edge_sr.models.ngswin.blocks as blocks
+
+    model = make_tiny_ngswin().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.rand(1, 3, 20, 28, generator=torch.Generator().manual_seed(3))
+
+    def run():
+        xi = x.clone().requires_grad_(True)
+        y = model(xi)
+        y.pow(2).sum().backward()
+        return y.detach(), xi.grad
+
+    in_place = run()
+    monkeypatch.setattr(blocks, "logits_in_place", lambda *params: False)
+    out_of_place = run()
+    assert torch.equal(in_place[0], out_of_place[0])
+    assert torch.equal(in_place[1], out_of_place[1])
