@@ -13,15 +13,17 @@ the PyTorch module path such as ``layers.0.residual_group.blocks.1.attn.qkv``:
   (int8 or int4 codes), its ``P/W{j}_scale``/``P/W{j}_zero_point``/``P/W{j}/DequantizeLinear``,
   ``P/MatMul{j}`` and the correction/bias nodes ``P/ReduceSum{j}``, ``P/MulShift{j}``,
   ``P/AddBias{j}``, ``P/Add{j}``; ``P/Concat`` when there are several groups;
-* every Q, DQ and quantized MatMul node has ``metadata_props`` ``edge_sr.site``, ``edge_sr.kind``
+* in ``build_qdq``'s proto every Q, DQ and quantized MatMul node has ``metadata_props``
+  ``edge_sr.site``, ``edge_sr.kind``
   (act, weight, linear), ``edge_sr.bits`` (the true bit width, whatever the container),
   ``edge_sr.qmin``/``edge_sr.qmax``; the model's ``metadata_props["edge_sr.qdq"]`` is a JSON list of
   every site with its encoding: the activation's scale, shift, zero point and container, and a
   per-tensor weight's scale and shift; a per-channel weight (``weight_per_channel``) keeps its
   vectors only in the graph (``P/W{j}_scale``, ``P/W{j}_shift``).
 * these names hold in ``build_qdq``'s proto. The file ``export_qdq`` writes is compacted
-  (``edge_sr.onnx_tidy.compact``): node, tensor and initializer names are shortened, and the
-  records' node names follow (``keep_names`` keeps them all).
+  (``edge_sr.onnx_tidy.compact``): node, tensor and initializer names are shortened, the
+  records' node names follow, and the nodes' own ``metadata_props`` are dropped (the model's
+  ``edge_sr.qdq`` record names each site's nodes); ``keep_names`` keeps them all.
 """
 
 from __future__ import annotations

@@ -368,9 +368,11 @@ def compact(proto: onnx.ModelProto, keep_names: bool = False,
     outputs keep theirs.
 
     Node and initializer names are shortened too (``n<k>``, ``w<k>``: unique, so ORT's profiles
-    and its own quantizer still work) unless ``keep_names`` (``edge-sr export --keep-names``, for
-    per-module profiles). ``renamed``, when given, receives old -> new for every node and
-    initializer renamed. Returns the bytes saved."""
+    and its own quantizer still work), and nodes lose their ``metadata_props`` (descriptions
+    for readers, which no runtime reads; an exporter that needs them keeps its own copy in the
+    model's ``metadata_props``), unless ``keep_names`` (``edge-sr export --keep-names``, for
+    per-module profiles and reading). ``renamed``, when given, receives old -> new for every
+    node and initializer renamed. Returns the bytes saved."""
     graph = proto.graph
     before = proto.ByteSize()
     del graph.value_info[:]
@@ -407,6 +409,7 @@ def compact(proto: onnx.ModelProto, keep_names: bool = False,
                 short[t.name] = renamed[t.name] = t.name = f"w{np.base_repr(len(short), 36)}"
         for k, n in enumerate(graph.node):
             renamed[n.name] = n.name = f"n{np.base_repr(k, 36)}"
+            del n.metadata_props[:]
     n_inits = len(short)
     for n in graph.node:
         for i, name in enumerate(n.output):

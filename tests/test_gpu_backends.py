@@ -92,9 +92,10 @@ def test_lowbit_plugin_graph(trt_export, tmp_path):
 
     st, path = trt_export
     proto = onnx.load(str(path))
-    n_groups = sum(1 for n in proto.graph.node if n.op_type == "MatMul"
-                   and any(p.key == "edge_sr.kind" and p.value == "linear"
-                           for p in n.metadata_props))
+    from calibrate.export_qdq import read_qdq_meta
+
+    linear = {r["matmul"] for r in read_qdq_meta(proto)["sites"] if r["kind"] == "linear"}
+    n_groups = sum(1 for n in proto.graph.node if n.op_type == "MatMul" and n.name in linear)
     plug = apply_lowbit_plugins(onnx.load(str(path)))
     onnx.checker.check_model(plug)
     nodes = [n for n in plug.graph.node if n.op_type == OP_TYPE]
@@ -104,8 +105,7 @@ def test_lowbit_plugin_graph(trt_export, tmp_path):
     assert n.domain == "edge_sr" and {"plugin_version", "plugin_namespace", "act_bits", "w_bits",
                                       "act_lower", "w_scale"} <= attrs
     assert any(o.domain == "edge_sr" for o in plug.opset_import)
-    assert not [m for m in plug.graph.node if m.op_type == "MatMul"
-                and any(p.value == "linear" for p in m.metadata_props)]
+    assert not [m for m in plug.graph.node if m.op_type == "MatMul" and m.name in linear]
     x = np.random.default_rng(1).random((1, 3, 8, 8), dtype=np.float32)
     qdq = _ort(str(path), x)
     dec = _ort(decompose_lowbit_plugins(plug), x)

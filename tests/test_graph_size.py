@@ -16,7 +16,7 @@ from onnx import TensorProto, numpy_helper
 
 from calibrate.dobi import init_bounds
 from calibrate.export.ortcheck import fused_op_types, integer_coverage
-from calibrate.export_qdq import ExportConfig, export_qdq
+from calibrate.export_qdq import ExportConfig, export_qdq, read_qdq_meta
 from calibrate.prepare import QuantRecipe, prepare
 from calibrate.qmodules import QuantLinear
 from edge_sr.onnx_export import export_fp_onnx
@@ -124,6 +124,14 @@ def test_w4_ort_file_stores_packed_codes_and_fp16_weights_exactly(tiny_swinir, t
     assert not proto.graph.value_info
     inner = [o for n in proto.graph.node for o in n.output if o != "sr"]
     assert max(map(len, inner)) <= 4  # compact tensor names
+    # the sites' descriptions live once, in the model's record, not on every node
+    assert not [n.name for n in proto.graph.node if n.metadata_props]
+    sites = read_qdq_meta(proto)["sites"]
+    names = {n.name for n in proto.graph.node}
+    assert sites and all(r[k] in names for r in sites for k in ("q", "act_q", "matmul") if k in r)
+    kept = export_qdq(st, ExportConfig(target="ort", tile=TILE, keep_names=True),
+                      tmp_path / "k.onnx")
+    assert sum(bool(n.metadata_props) for n in onnx.load(str(kept)).graph.node) >= 3 * 4 * 6
     cov = integer_coverage(fused_op_types(proto))  # ORT folds the Casts and still fuses
     assert cov["float_total"] == 0
     x = torch.rand(1, 3, *TILE, generator=torch.Generator().manual_seed(2))
