@@ -139,10 +139,15 @@ def test_api_and_cli_write_loadable_files(tiny_ckpt, tmp_path, one_thread):
     from edge_sr.cli import main
 
     big_pool = _pool(tmp_path / "pool64", 2)  # the CLI uses 32 patches of 64x64
-    r = CliRunner().invoke(main, ["calibrate", "--model", str(tiny_ckpt), "--bits", "4",
-                                  "--method", "percentile", "--pool", str(big_pool),
-                                  "-o", str(tmp_path / "p.pt")])
-    assert r.exit_code == 0, r.output
+    threads = torch.get_num_threads()
+    try:
+        r = CliRunner().invoke(main, ["calibrate", "--model", str(tiny_ckpt), "--bits", "4",
+                                      "--method", "percentile", "--pool", str(big_pool),
+                                      "--threads", "1", "-o", str(tmp_path / "p.pt")])
+        assert r.exit_code == 0, r.output
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     meta = read_calibration(tmp_path / "p.pt")[1]
     assert meta.bits == 4 and meta.stats["percentile"] in ("p99.9", "p99.99", "p99.999")
     r = CliRunner().invoke(main, ["calibrate", "--model", str(tiny_ckpt), "--bits", "9",

@@ -50,15 +50,23 @@ from edge_sr.cli.options import logging_options, parse_list, parse_optional_list
               help="Folder of training images (default: data/train/BSD200).")
 @click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]",
               help="Where DOBI's forward pass and DQC run; the bounds are searched on the CPU.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="PyTorch intra-op threads [default: all cores]; the result does not depend "
+                   "on it beyond float rounding.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Calibration file to write (atomically).")
 @logging_options
 def calibrate_cmd(model, bits, scale, budget, method, seed, shared_qkv_input, search_assignment,
                   wide_inputs, rotate, weight_grid, grid, fp_sites, fp_weights, avg_bits, rounding, smooth, weight_lr, recompute, dqc_precision, block_recon, iterations,
                   time_limit, feature_loss,
-                  resume, pool, device, output) -> None:
+                  resume, pool, device, threads, output) -> None:
     """Calibrate a low-bit fake-quant model; score it with 'edge-sr eval --calibration FILE'."""
     from calibrate.api import CalibrationConfig, calibrate
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
     path = calibrate(CalibrationConfig(
         model=model, bits=bits, output=output, scale=scale, method=method, budget=budget,
