@@ -38,7 +38,7 @@ from calibrate.gptq import apply_gptq
 from calibrate.prepare import WIDE_BITS, QuantRecipe, prepare
 from calibrate.quantizer import check_bits
 from calibrate.recon import ReconConfig, run_block_recon
-from calibrate.site_choice import choose_rotations, choose_wide_inputs
+from calibrate.site_choice import choose_kept_int4, choose_rotations, choose_wide_inputs
 from calibrate.smoothing import measure_smoothing
 from calibrate.vocab import (
     BUDGETS,
@@ -77,11 +77,13 @@ DQC_METHODS = ("2dquant", "edge-sr")  # then trained by DQC
 # smoothing of the linear inputs (SMOOTH_ALPHA), Hadamard rotation of them where it measures
 # better, per-channel weight grids, GPTQ rounding of the weights, and a bound learning rate
 # relative to each grid's range. Each was measured against the faithful 2DQuant on held-out data
-# (docs/results/beyond.md). The weights kept out of WbAb are 8-bit weight-only grids at <= 4
-# bits and FP16 at 8 bits: INT8 cost 0.001-0.010 dB held-out on both models; INT4 (the file at
-# 1/4 of the FP32 one) was at parity on NGswin but cost 0.08 dB held-out on the SwinIR-light
-# reference, where it would lose to the faithful 2DQuant (docs/results/grids.md, "Size"), so
-# it is the option --fp-weights int4. DQC also trains the quantized linears' weights at <= 3
+# (docs/results/beyond.md). The weights kept out of WbAb are weight-only grids at <= 4 bits and
+# FP16 at 8 bits: INT8 cost 0.001-0.010 dB held-out on both models; INT4 for all of them (the
+# file at 1/4 of the FP32 one) was at parity on NGswin but cost 0.08 dB held-out on the
+# SwinIR-light reference, where it would lose to the faithful 2DQuant (docs/results/grids.md,
+# "Size"). So "auto" measures each kept layer on held-out patches and holds it at INT4 only
+# where that costs no more than the measurement's noise (``KEPT_INT4_MAX_DROP``), else INT8:
+# 77 of NGswin's 86 kept layers, none of SwinIR-light's 5 convs. DQC also trains the quantized linears' weights at <= 3
 # bits (NGswin x2 W2, held-out best 28.71 -> 31.08 / 31.68 dB at weight_lr 0.01 / 0.03); at W4
 # it was measured (+0.04 dB at 0.03, worse at 0.1) and stays off. DQC stays float32: bfloat16
 # autocast (--dqc-precision bf16) makes a DQC step 14-26% faster but cost 0.013 dB held-out on
@@ -90,7 +92,7 @@ DQC_METHODS = ("2dquant", "edge-sr")  # then trained by DQC
 EDGE_SR_WEIGHT_LR = 0.03
 EDGE_SR_OPTIONS = dict(rotate=("auto",), weight_grid="channel", rounding="gptq",
                        bound_lr="relative",
-                       fp_weights=lambda c: "int8" if c.bits <= 4 else "fp16",
+                       fp_weights=lambda c: "auto" if c.bits <= 4 else "fp16",
                        weight_lr=lambda c: EDGE_SR_WEIGHT_LR if c.bits <= 3 else 0.0,
                        smooth=SMOOTH_ALPHA, dqc_precision="fp32")
 
@@ -306,7 +308,7 @@ def pick_percentile(student: nn.Module, per_p: dict[str, dict], data: PoolData,
 def resolve_recipe(cfg: CalibrationConfig, fp_model: nn.Module, data: PoolData,
                    stats: dict) -> tuple[QuantRecipe, dict[str, torch.Tensor] | None]:
     """The recipe with every measured per-site choice made (smoothing factors, rotation "auto",
-    ``avg_bits``); returns (recipe, smoothing factors or None)."""
+    ``fp_weights`` "auto", ``avg_bits``); returns (recipe, smoothing factors or None)."""
     recipe = cfg.quant_recipe()
     smoothing = None
     if recipe.smooth is not None:
@@ -317,6 +319,11 @@ def resolve_recipe(cfg: CalibrationConfig, fp_model: nn.Module, data: PoolData,
         sites, report = choose_rotations(fp_model, replace(recipe, rotate=()), data.calib_lr)
         recipe = replace(recipe, rotate=fixed + tuple(s for s in sites if s not in fixed))
         stats["rotation_choice"] = report
+    if recipe.fp_weights == "auto":
+        # which kept layers hold 4-bit weights: measured on held-out patches, never a test set
+        layers, report = choose_kept_int4(fp_model, recipe, *data.val)
+        recipe = replace(recipe, kept_int4=layers)
+        stats["kept_int4_choice"] = report
     if cfg.avg_bits is not None:
         # the per-site bits are chosen on held-out patches, never on the test sets
         sites, report = choose_wide_inputs(fp_model, recipe, data.val[0], cfg.avg_bits,

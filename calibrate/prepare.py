@@ -8,7 +8,7 @@ changes state on its first forward.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -41,9 +41,11 @@ WIDE_BITS = 8  # bit width of the ``wide_inputs`` quantizers
 # unquantized linears) are held: float32 (the paper), or rounded to FP16 values in the student so
 # that the engine stores them in half the bytes and still runs exactly what was calibrated.
 # "int8" / "int4" go further for the convolutions and linears among them (weight-only, see
-# ``quantize_kept_weights``); the layers that read or write image channels stay FP16.
+# ``quantize_kept_weights``); the layers that read or write image channels stay FP16. "auto"
+# holds each of those layers at INT4 or INT8 by its measured held-out sensitivity
+# (``calibrate.site_choice.choose_kept_int4``; the recipe's ``kept_int4``).
 FP16_MIN_NUMEL = 256  # smaller tensors (biases, norms, scalars) stay float32 either way
-KEPT_WEIGHT_BITS = {"int8": 8, "int4": 4}
+KEPT_WEIGHT_BITS = {"int8": 8, "int4": 4, "auto": 8}  # auto: INT4 for recipe.kept_int4
 KEPT_CLIP_RATIOS = tuple(np.linspace(0.5, 1.0, 26))  # per-channel clip candidates (least squares)
 
 
@@ -102,6 +104,8 @@ class QuantRecipe:
       then store it as FP16 (``edge_sr.onnx_tidy.store_fp16``), bit-exact to the student.
       ``"int8"`` / ``"int4"`` also make the convolutions and linears among them weight-only
       integer grids (``quantize_kept_weights``; image layers stay FP16), stored as codes.
+      ``"auto"``: the layers in ``kept_int4`` at INT4, the rest INT8 (``kept_int4`` is filled
+      on held-out data by ``calibrate.site_choice.choose_kept_int4``; empty: all INT8).
     * ``smooth``: SmoothQuant's migration strength alpha in [0, 1]; every quantized linear's input
       is divided per channel by factors measured on calibration data
       (``calibrate.smoothing``), which ``prepare`` then takes as its ``smoothing`` argument.
@@ -118,6 +122,7 @@ class QuantRecipe:
     fp_weights: FPWeights = "fp32"
     fp_sites: tuple[str, ...] = ()
     smooth: float | None = None
+    kept_int4: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         try:
@@ -127,6 +132,7 @@ class QuantRecipe:
         object.__setattr__(self, "wide_inputs", tuple(self.wide_inputs))
         object.__setattr__(self, "rotate", tuple(self.rotate))
         object.__setattr__(self, "fp_sites", tuple(self.fp_sites))
+        object.__setattr__(self, "kept_int4", tuple(self.kept_int4))
         if bad := sorted(set(self.fp_sites) - set(SITE_KINDS)):
             raise ValueError(f"--fp-sites: unknown site kinds {bad}; expected some of "
                              f"{', '.join(SITE_KINDS)}")
@@ -142,6 +148,9 @@ class QuantRecipe:
             raise ValueError(expected("--grid", DEPLOY_GRIDS, self.grid))
         if self.fp_weights not in FP_WEIGHTS:
             raise ValueError(expected("--fp-weights", FP_WEIGHTS, self.fp_weights))
+        if self.kept_int4 and self.fp_weights != "auto":
+            raise ValueError("kept_int4 names INT4 kept layers, which only --fp-weights auto "
+                             f"uses (got --fp-weights {self.fp_weights})")
         if self.smooth is not None and not 0.0 <= self.smooth <= 1.0:
             raise ValueError(f"--smooth: expected a migration strength from 0 to 1 (or none), "
                              f"got {self.smooth}")
@@ -176,6 +185,7 @@ class QuantRecipe:
         d["wide_inputs"] = list(self.wide_inputs)
         d["rotate"] = list(self.rotate)
         d["fp_sites"] = list(self.fp_sites)
+        d["kept_int4"] = list(self.kept_int4)
         return d
 
 
@@ -202,7 +212,8 @@ def prepare(model: SRModel, recipe: QuantRecipe,
     if recipe.fp_weights != "fp32":
         quantized = {p.name for p in model.quant_points()
                      if p.kind == "linear" and recipe.quantized(p)}
-        kept = (quantize_kept_weights(student, quantized, KEPT_WEIGHT_BITS[recipe.fp_weights])
+        kept = (quantize_kept_weights(student, quantized, KEPT_WEIGHT_BITS[recipe.fp_weights],
+                                      int4=recipe.kept_int4)
                 if recipe.fp_weights in KEPT_WEIGHT_BITS else set())
         round_fp_weights(student, {f"{n}.weight" for n in quantized | kept})
     for point in model.quant_points():
@@ -253,8 +264,18 @@ def image_layers(model: nn.Module) -> set[str]:
     return set(named() if named is not None else SRModel.image_layers(model))
 
 
+def kept_layers(model: nn.Module, skip: set[str]) -> list[str]:
+    """Module paths of the convolutions and linears ``quantize_kept_weights`` would quantize:
+    not in ``skip``, not image layers, at least ``FP16_MIN_NUMEL`` weights; in module order."""
+    skip = set(skip) | image_layers(model)
+    return [name for name, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in skip
+            and m.weight.numel() >= FP16_MIN_NUMEL]
+
+
 @torch.no_grad()
-def quantize_kept_weights(model: nn.Module, skip: set[str], bits: int) -> set[str]:
+def quantize_kept_weights(model: nn.Module, skip: set[str], bits: int,
+                          int4: Collection[str] = ()) -> set[str]:
     """Weight-only quantization of the convolutions and linears that calibration keeps out of
     W_b A_b (beyond the paper: a smaller engine file). Their inputs stay floating point.
 
@@ -266,15 +287,15 @@ def quantize_kept_weights(model: nn.Module, skip: set[str], bits: int) -> set[st
     so that export stores the codes and rebuilds the same float32 values
     (``edge_sr.onnx_tidy.store_int_weights``). Measured on NGswin: docs/results/grids.md, "Size".
     Skipped: modules in ``skip`` (quantized linears), image layers (``image_layers``), weights of
-    fewer than ``FP16_MIN_NUMEL`` elements. Returns the names of the modules quantized.
+    fewer than ``FP16_MIN_NUMEL`` elements (``kept_layers``). The modules named in ``int4`` get
+    4 bits whatever ``bits`` is. Returns the names of the modules quantized.
     """
-    qmax = 2 ** (bits - 1) - 1
-    skip = set(skip) | image_layers(model)
+    int4 = set(int4)
     done = set()
-    for name, m in model.named_modules():
-        if (not isinstance(m, (nn.Conv2d, nn.Linear)) or name in skip
-                or m.weight.numel() < FP16_MIN_NUMEL):
-            continue
+    for name in kept_layers(model, skip):
+        m = model.get_submodule(name)
+        layer_bits = 4 if name in int4 else bits
+        qmax = 2 ** (layer_bits - 1) - 1
         w = m.weight.detach().float()
         flat = w.reshape(w.shape[0], -1)
         amax = flat.abs().amax(1).clamp_min(1e-12)
@@ -289,7 +310,7 @@ def quantize_kept_weights(model: nn.Module, skip: set[str], bits: int) -> set[st
         codes = torch.clamp(torch.round(flat / best_s[:, None]), -qmax, qmax)
         m.kept_codes = codes.to(torch.int8).reshape(w.shape)
         m.kept_scale = best_s.float()
-        m.kept_bits = bits
+        m.kept_bits = layer_bits
         m.weight.copy_((codes * best_s[:, None]).reshape(w.shape).to(m.weight.dtype))
         done.add(name)
     return done

@@ -1,4 +1,5 @@
-"""Per-site choices by measurement: which linear inputs to rotate, which to keep at 8 bits.
+"""Per-site choices by measurement: which linear inputs to rotate, which to keep at 8 bits, which
+kept weights to hold at 4 bits.
 
 Both choices read one FP pass over calibration patches (``calibrate.dobi.collect``) and score
 each linear input by the relative error its best DOBI grid causes at the linear's output,
@@ -12,18 +13,24 @@ each linear input by the relative error its best DOBI grid causes at the linear'
   promoted to ``WIDE_BITS`` greedily, largest error reduction per extra bit first (the error
   cost is the site's element count, so the budget is in bits per activation element).
   This generalises ``QuantRecipe.wide_inputs`` from roles to sites.
+* ``choose_kept_int4``: for ``--fp-weights auto``, the weights 2DQuant keeps out of W_b A_b
+  (convolutions, unquantized linears) go to 4-bit weight-only grids one layer at a time, and a
+  layer stays INT4 when that alone costs the FP model at most ``KEPT_INT4_MAX_DROP`` dB on
+  held-out patches (never a test set); the others stay INT8.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 
 import torch
 from torch import nn
 
 from calibrate.dobi import collect, search_bounds_multi
-from calibrate.prepare import WIDE_BITS, QuantRecipe, prepare
+from calibrate.prepare import (WIDE_BITS, QuantRecipe, kept_layers, prepare,
+                               quantize_kept_weights)
 from calibrate.qmodules import QuantLinear
 from calibrate.quantizer import fake_quant_nograd
 from calibrate.rotation import has_hadamard, random_hadamard
@@ -36,6 +43,14 @@ log = logging.getLogger(__name__)
 # against 32.25 dB at 0.9, 27.44 without) with 36 rotated inputs instead of 64, and rotates 29
 # instead of 87 on the reference SwinIR-light, where they gain nothing.
 ROTATION_MARGIN = 0.5
+
+# A kept layer goes to INT4 when that alone costs the FP model at most this much held-out PSNR:
+# no more than the measurement's own noise. Measured one layer at a time on held-out BSD200
+# patches (2026-12-01, docs/results/grids.md "Size"): most of NGswin's 86 kept layers cost
+# -0.002..+0.002 dB; SwinIR-light ref's convs cost 0.003-0.21 dB. A first threshold of 0.01 dB
+# put 3 of SwinIR-light's 5 convs at INT4 and lost 0.009 dB held-out after calibration (30.678
+# against 30.687 with INT8, below the faithful 2DQuant's 30.686), so it is 0.002.
+KEPT_INT4_MAX_DROP = 0.002
 
 
 def output_error(x: torch.Tensor, weight: torch.Tensor, bits: int,
@@ -151,3 +166,41 @@ def choose_wide_inputs(fp_model: nn.Module, recipe: QuantRecipe, calib_lr: torch
     for s in report:
         report[s]["wide_chosen"] = s in chosen
     return tuple(chosen), report
+
+
+@torch.no_grad()
+def choose_kept_int4(fp_model: nn.Module, recipe: QuantRecipe, val_lr: torch.Tensor,
+                     val_hr: torch.Tensor, max_drop: float = KEPT_INT4_MAX_DROP
+                     ) -> tuple[tuple[str, ...], dict[str, dict]]:
+    """Kept layers (``calibrate.prepare.kept_layers``) that may hold 4-bit weights; returns
+    (layer paths, {layer: {"drop_db", "weights", "int4"}}).
+
+    Each layer in turn gets the INT4 weight-only grid of ``quantize_kept_weights`` in the FP
+    model (everything else FP); ``drop_db`` is the mean held-out Y-PSNR (``val_lr``, ``val_hr``:
+    (N, 3, h, w) and (N, 3, s*h, s*w) in [0, 1]) it loses. A layer is chosen when
+    ``drop_db <= max_drop`` (dB). Cost: one forward of the held-out patches per layer.
+    """
+    from calibrate.dqc import val_psnr
+
+    scale = int(fp_model.scale)
+    quantized = {p.name for p in fp_model.quant_points()
+                 if p.kind == "linear" and recipe.quantized(p)}
+    layers = kept_layers(fp_model, quantized)
+    base = val_psnr(fp_model, val_lr, val_hr, scale)
+    report: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    for name in layers:
+        w = fp_model.get_submodule(name).weight
+        keep = w.detach().clone()
+        quantize_kept_weights(fp_model, set(layers) - {name} | quantized, 4)
+        drop = base - val_psnr(fp_model, val_lr, val_hr, scale)
+        w.copy_(keep)
+        for attr in ("kept_codes", "kept_scale", "kept_bits"):
+            delattr(fp_model.get_submodule(name), attr)
+        report[name] = {"drop_db": drop, "weights": w.numel(), "int4": drop <= max_drop}
+    chosen = tuple(n for n, r in report.items() if r["int4"])
+    log.info("kept weights: %d of %d layers at 4 bits (%.0f%% of their weights), the rest at 8 "
+             "(measured in %.0f s)", len(chosen), len(layers),
+             100 * sum(report[n]["weights"] for n in chosen)
+             / max(1, sum(r["weights"] for r in report.values())), time.perf_counter() - t0)
+    return chosen, report

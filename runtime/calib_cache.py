@@ -23,9 +23,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CALIB_CACHE_VERSION = 7  # 2: FP weights as FP16 (edge-sr); 3: ROTATION_MARGIN 0.5; 4: smoothing;
+CALIB_CACHE_VERSION = 8  # 2: FP weights as FP16 (edge-sr); 3: ROTATION_MARGIN 0.5; 4: smoothing;
 # 5: kept weights as 4-bit grids at <= 4 bits (edge-sr); 6: weight training at <= 3 bits
-# (edge-sr); 7: kept weights as 8-bit grids at <= 4 bits (edge-sr)
+# (edge-sr); 7: kept weights as 8-bit grids at <= 4 bits (edge-sr); 8: kept weights INT4 or
+# INT8 per layer by held-out measurement (edge-sr, --fp-weights auto)
 
 
 def cache_root(cfg: BuildConfig | None = None) -> Path:

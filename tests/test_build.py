@@ -354,5 +354,6 @@ def test_real_calibration_api(tmp_path, env):
     assert recipe["weight_grid"] == "channel" and isinstance(recipe["rotate"], list)
     assert recipe["smooth"] == 0.65
     # ONNX Runtime's measured defaults: attention products FP; at 4 bits the weights kept out of
-    # W4A4 are 8-bit weight-only grids
-    assert recipe["fp_sites"] == ["qk", "pv"] and recipe["fp_weights"] == "int8"
+    # W4A4 are weight-only grids, INT4 where held-out data says it costs nothing, else INT8
+    assert recipe["fp_sites"] == ["qk", "pv"] and recipe["fp_weights"] == "auto"
+    assert isinstance(recipe["kept_int4"], list)

@@ -65,7 +65,7 @@ def test_mixed_precision_keeps_to_the_budget_and_promotes_the_worst_site(tiny_sw
 def test_edge_sr_method_defaults_and_explicit_options():
     cc = CalibrationConfig(model="m", bits=4, output="o", method="edge-sr")
     assert cc.option("rotate") == ("auto",) and cc.quant_recipe().weight_grid == "channel"
-    assert cc.quant_recipe().fp_weights == "int8"  # kept weights: 8-bit grids at <= 4 bits
+    assert cc.quant_recipe().fp_weights == "auto"  # kept weights: INT4/INT8 by measurement
     assert CalibrationConfig(model="m", bits=8, output="o",
                              method="edge-sr").quant_recipe().fp_weights == "fp16"
     faithful = CalibrationConfig(model="m", bits=4, output="o")

@@ -7,6 +7,8 @@ names, no shape annotations): each is exact, so ORT still reproduces PyTorch.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -210,3 +212,41 @@ def test_image_layers_are_named_by_structure_not_by_width(tiny_swinir):
     assert tiny.image_layers() == ["conv_first", "upsample.0"]
     guessed = SRModel.image_layers(tiny)  # the width rule, for models that do not say
     assert {"conv_first", "upsample.0"} < set(guessed) and "conv_after_body" in guessed
+
+
+def test_fp_weights_auto_measures_each_kept_layer_and_mixes_int4_with_int8(tiny_swinir,
+                                                                          tmp_path):
+    """--fp-weights auto: one held-out measurement per kept layer, the FP model left bitwise as
+    it was, the chosen layers INT4 and the rest INT8 in the student and in the file."""
+    from calibrate.prepare import kept_layers, kept_weight_grids
+    from calibrate.site_choice import choose_kept_int4
+
+    tiny = tiny_swinir(2, embed_dim=12)
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    lr = torch.rand(2, 3, *TILE, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        hr = tiny(lr).clamp(0, 1)  # the FP model scores highest on its own outputs
+    recipe = QuantRecipe(bits=4, grid="ort", fp_weights="auto")
+    layers = kept_layers(tiny, {p.name for p in tiny.quant_points() if p.kind == "linear"})
+    chosen, report = choose_kept_int4(tiny, recipe, lr, hr)
+    assert list(report) == layers and set(chosen) <= set(layers)
+    assert all(r["drop_db"] > 0 for r in report.values())  # INT4 moves the FP outputs
+    assert all(r["int4"] == (r["drop_db"] <= 0.002) for r in report.values())
+    assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
+    assert not any(hasattr(m, "kept_codes") for m in tiny.modules())
+    everything, _ = choose_kept_int4(tiny, recipe, lr, hr, max_drop=float("inf"))
+    nothing, _ = choose_kept_int4(tiny, recipe, lr, hr, max_drop=-1.0)
+    assert everything == tuple(layers) and nothing == ()
+
+    int4 = layers[:1]
+    st = prepare(tiny, replace(recipe, kept_int4=tuple(int4)))
+    bits = {n: int(m.kept_bits) for n, m in st.named_modules() if hasattr(m, "kept_bits")}
+    assert bits == {n: 4 if n in int4 else 8 for n in layers}
+    assert [g[3] for g in kept_weight_grids(st)] == [bits[n] for n in layers]
+    init_bounds(st, lr)
+    proto = onnx.load(str(export_qdq(st, ExportConfig(target="ort", tile=TILE),
+                                     tmp_path / "a.onnx")))
+    kinds = [t.data_type for t in proto.graph.initializer]
+    assert kinds.count(TensorProto.INT4) == 1 and kinds.count(TensorProto.INT8) == len(layers) - 1
+    with pytest.raises(ValueError, match="--fp-weights auto"):
+        QuantRecipe(fp_weights="int8", kept_int4=("conv_after_body",))

@@ -123,7 +123,9 @@ def quant_options(method_default: str, budget_default: str, grid_default: str = 
                           "tables, unquantized linears) as float32 (paper) or rounded to FP16 "
                           "before calibration and stored so; int8/int4 also make the convs and "
                           "linears among them weight-only integer grids (per output channel; "
-                          "image layers stay FP16) [default: the method's]."),
+                          "image layers stay FP16); auto holds each such layer at INT4 where "
+                          "that alone costs <= 0.002 dB held-out, else INT8 "
+                          "[default: the method's]."),
         click.option("--avg-bits", type=float, default=None, metavar="BITS",
                      help="Beyond the paper: mixed precision; the linear inputs that measure "
                           "most sensitive (held-out data) go to 8 bits within this mean width."),
