@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 from calibrate.dobi import collect, search_bounds_multi
-from calibrate.prepare import (WIDE_BITS, QuantRecipe, kept_layers, prepare,
-                               quantize_kept_weights)
+from calibrate.prepare import WIDE_BITS, QuantRecipe, kept_layers, prepare, quantize_kept_weights
 from calibrate.qmodules import QuantLinear
 from calibrate.quantizer import fake_quant_nograd
 from calibrate.rotation import has_hadamard, random_hadamard
