@@ -1,7 +1,7 @@
 """Per-site choices by measurement: which linear inputs to rotate, which to keep at 8 bits, which
 kept weights to hold at 4 bits.
 
-Both choices read one FP pass over calibration patches (``calibrate.dobi.collect``) and score
+The first two read one FP pass over calibration patches (``calibrate.dobi.collect``) and score
 each linear input by the relative error its best DOBI grid causes at the linear's output,
 ``||(Q(x) - x) W^T||^2 / ||x W^T||^2`` (``output_error``):
 
@@ -189,14 +189,17 @@ def choose_kept_int4(fp_model: nn.Module, recipe: QuantRecipe, val_lr: torch.Ten
     report: dict[str, dict] = {}
     t0 = time.perf_counter()
     for name in layers:
-        w = fp_model.get_submodule(name).weight
-        keep = w.detach().clone()
-        quantize_kept_weights(fp_model, set(layers) - {name} | quantized, 4)
-        drop = base - val_psnr(fp_model, val_lr, val_hr, scale)
-        w.copy_(keep)
-        for attr in ("kept_codes", "kept_scale", "kept_bits"):
-            delattr(fp_model.get_submodule(name), attr)
-        report[name] = {"drop_db": drop, "weights": w.numel(), "int4": drop <= max_drop}
+        m = fp_model.get_submodule(name)
+        keep = m.weight.detach().clone()
+        try:  # the caller's FP model: changed for one forward, then restored bit for bit
+            quantize_kept_weights(fp_model, set(layers) - {name} | quantized, 4)
+            drop = base - val_psnr(fp_model, val_lr, val_hr, scale)
+        finally:
+            m.weight.copy_(keep)
+            for attr in ("kept_codes", "kept_scale", "kept_bits"):
+                if hasattr(m, attr):
+                    delattr(m, attr)
+        report[name] = {"drop_db": drop, "weights": keep.numel(), "int4": drop <= max_drop}
     chosen = tuple(n for n, r in report.items() if r["int4"])
     log.info("kept weights: %d of %d layers at 4 bits (%.0f%% of their weights), the rest at 8 "
              "(measured in %.0f s)", len(chosen), len(layers),
