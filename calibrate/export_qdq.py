@@ -198,9 +198,12 @@ def export_qdq(calibrated, cfg: ExportConfig, output: str | os.PathLike,
         _rename_meta(proto, renamed)
     with atomic_path(output) as tmp:
         onnx.save(proto, str(tmp))
-    n_lin = sum(r["kind"] == "linear" for r in records)
-    log.info("exported %s: %d quantized linears, %d activation sites, target %s, opset %d",
-             output, n_lin, len(records) - n_lin, cfg.target, cfg.opset)
+    n_groups = sum(r["kind"] == "linear" for r in records)
+    n_lin = len({r["site"] for r in records if r["kind"] == "linear"})
+    log.info("exported %s: %d quantized linears (%d weight groups: q, k and v of each qkv are "
+             "one each), %d standalone activation sites (attention products, softmax), target "
+             "%s, opset %d", output, n_lin, n_groups, len(records) - n_groups, cfg.target,
+             cfg.opset)
     return output
 
 

@@ -201,8 +201,13 @@ def choose_kept_int4(fp_model: nn.Module, recipe: QuantRecipe, val_lr: torch.Ten
                     delattr(m, attr)
         report[name] = {"drop_db": drop, "weights": keep.numel(), "int4": drop <= max_drop}
     chosen = tuple(n for n, r in report.items() if r["int4"])
-    log.info("kept weights: %d of %d layers at 4 bits (%.0f%% of their weights), the rest at 8 "
-             "(measured in %.0f s)", len(chosen), len(layers),
-             100 * sum(report[n]["weights"] for n in chosen)
-             / max(1, sum(r["weights"] for r in report.values())), time.perf_counter() - t0)
+    log.info("--fp-weights auto: of the %d convolutions/linears kept out of W%dA%d, %d hold INT4 "
+             "weights (%.0f%% of their weights; each costs <= %g dB held-out), the rest INT8; "
+             "image layers stay FP16 (measured in %.0f s)", len(layers), recipe.bits,
+             recipe.bits, len(chosen), 100 * sum(report[n]["weights"] for n in chosen)
+             / max(1, sum(r["weights"] for r in report.values())), max_drop,
+             time.perf_counter() - t0)
+    for n, r in report.items():
+        (log.debug if r["int4"] else log.info)("  %s: INT4 costs %.4f dB held-out -> %s", n,
+                                               r["drop_db"], "INT4" if r["int4"] else "INT8")
     return chosen, report

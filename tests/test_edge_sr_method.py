@@ -134,8 +134,12 @@ def test_vocabularies_are_defined_once_and_the_cli_offers_them():
         line = next(ln for ln in r.output.splitlines() if ln.strip().startswith(option))
         assert "[" + "|".join(vocabulary) in line, (option, line)
     r = CliRunner().invoke(main, ["calibrate", "--model", "m", "--bits", "4", "--budget", "slow",
-                                  "-o", "x.pt"])
+                                  "-o", "x.pt"], prog_name="edge-sr")
     assert r.exit_code == 2 and "'slow' is not one of 'cpu', 'fast', 'paper'" in r.output
+    # a bad option value is one line naming the option, like every other input error
+    assert r.output.strip().splitlines() == [
+        "edge-sr calibrate: error: Invalid value for '--budget': 'slow' is not one of 'cpu', "
+        "'fast', 'paper'. (see 'edge-sr calibrate --help')"]
 
 
 def test_weight_lr_option_reaches_dqc_and_is_checked():

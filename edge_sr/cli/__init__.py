@@ -41,6 +41,10 @@ class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:  # a bad option or value: one line, as for EdgeSRError
+            sub = e.ctx.command_path if e.ctx is not None else "edge-sr"
+            click.echo(f"{sub}: error: {e.format_message()} (see '{sub} --help')", err=True)
+            ctx.exit(e.exit_code)
         except EdgeSRError as e:
             if ctx.obj and ctx.obj.get("verbose"):
                 logging.getLogger("edge_sr").exception("error")

@@ -27,7 +27,7 @@ from edge_sr.cli.options import logging_options
 @click.option("--lowbit-plugin", is_flag=True,
               help="Replace quantized linears with edge_sr::LowBitLinear plugin nodes (TensorRT).")
 @click.option("--keep-names", is_flag=True,
-              help="Keep the traced node and initializer names and each Q/DQ/MatMul node's "
+              help="Keep the traced node and initializer names and each quantized node's "
                    "edge_sr.* metadata (larger file; for per-module profiles, reading, and "
                    "later --lowbit-plugin passes). Default: short names, and the sites "
                    "described once, in the model's edge_sr.qdq metadata.")

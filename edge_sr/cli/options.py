@@ -125,7 +125,7 @@ def quant_options(method_default: str, budget_default: str, grid_default: str = 
                           "linears among them weight-only integer grids (per output channel; "
                           "image layers stay FP16); auto holds each such layer at INT4 where "
                           "that alone costs <= 0.002 dB held-out, else INT8 "
-                          "[default: the method's]."),
+                          "[default: edge-sr auto at <= 4 bits, fp16 at 8; the others fp32]."),
         click.option("--avg-bits", type=float, default=None, metavar="BITS",
                      help="Beyond the paper: mixed precision; the linear inputs that measure "
                           "most sensitive (held-out data) go to 8 bits within this mean width."),
