@@ -30,6 +30,28 @@ def perturb_parameters(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module
     return model.eval()
 
 
+def assert_logits_in_place_change_nothing(model: torch.nn.Module, x: torch.Tensor, module,
+                                          monkeypatch) -> None:
+    """``model``'s output and input gradient with its attention logits updated in place (the
+    default wherever autograd does not need the bias table) are bitwise those with
+    ``module.logits_in_place`` forced off (out-of-place ops). Parameters are frozen first."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def run():
+        xi = x.clone().requires_grad_(True)
+        y = model(xi)
+        y.pow(2).sum().backward()
+        return y.detach(), xi.grad
+
+    in_place = run()
+    monkeypatch.setattr(module, "logits_in_place", lambda *params: False)
+    out_of_place = run()
+    assert torch.equal(in_place[0], out_of_place[0])
+    assert torch.equal(in_place[1], out_of_place[1])
+
+
 def make_tiny_swinir(scale: int = 2, seed: int = 0, embed_dim: int = 12,
                      depths: tuple[int, ...] = (2, 2), num_heads: tuple[int, ...] = (2, 2),
                      window_size: int = 8, mlp_ratio: float = 2.0) -> SwinIRLight:

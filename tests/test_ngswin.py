@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import perturb_parameters
+from conftest import assert_logits_in_place_change_nothing, perturb_parameters
 from torch import nn
 
 from edge_sr.data.images import load_image, mod_crop, to_tensor, to_uint8
@@ -249,19 +249,5 @@ def test_logits_updated_in_place_under_autograd_are_bitwise_the_same(monkeypatch
     logit scale or the bias table: the same outputs and input gradients, bit for bit."""
     import edge_sr.models.ngswin.blocks as blocks
 
-    model = make_tiny_ngswin().eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     x = torch.rand(1, 3, 20, 28, generator=torch.Generator().manual_seed(3))
-
-    def run():
-        xi = x.clone().requires_grad_(True)
-        y = model(xi)
-        y.pow(2).sum().backward()
-        return y.detach(), xi.grad
-
-    in_place = run()
-    monkeypatch.setattr(blocks, "logits_in_place", lambda *params: False)
-    out_of_place = run()
-    assert torch.equal(in_place[0], out_of_place[0])
-    assert torch.equal(in_place[1], out_of_place[1])
+    assert_logits_in_place_change_nothing(make_tiny_ngswin(), x, blocks, monkeypatch)

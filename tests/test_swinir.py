@@ -159,21 +159,9 @@ def test_logits_updated_in_place_under_autograd_are_bitwise_the_same(tiny_swinir
     """The attention logits are scaled, biased and masked in place whenever autograd does not
     need the bias table (a DQC student, the FP input-gradient backward): same outputs and
     gradients as the out-of-place ops, bit for bit."""
+    from conftest import assert_logits_in_place_change_nothing
+
     import edge_sr.models.swinir as swinir_mod
 
-    model = tiny_swinir(2).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     x = torch.rand(2, 3, 24, 16, generator=torch.Generator().manual_seed(3))
-
-    def run():
-        xi = x.clone().requires_grad_(True)
-        y = model(xi)
-        y.pow(2).sum().backward()
-        return y.detach(), xi.grad
-
-    in_place = run()
-    monkeypatch.setattr(swinir_mod, "logits_in_place", lambda *params: False)
-    out_of_place = run()
-    assert torch.equal(in_place[0], out_of_place[0])
-    assert torch.equal(in_place[1], out_of_place[1])
+    assert_logits_in_place_change_nothing(tiny_swinir(2), x, swinir_mod, monkeypatch)
