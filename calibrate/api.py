@@ -60,7 +60,7 @@ from edge_sr.checkpoints import load_model
 from edge_sr.data.images import is_image_name
 from edge_sr.data.pool import PatchSampler, pool_split
 from edge_sr.errors import EdgeSRError
-from edge_sr.fileio import versions
+from edge_sr.fileio import atomic_path, versions
 from edge_sr.paths import train_dir
 
 log = logging.getLogger(__name__)
@@ -334,6 +334,42 @@ def resolve_recipe(cfg: CalibrationConfig, fp_model: nn.Module, data: PoolData,
     return recipe, smoothing
 
 
+CHOICE_STATS = ("rotation_choice", "kept_int4_choice", "wide_choice")
+
+
+def recipe_state_path(state_path: str | Path) -> Path:
+    """Where a resumable calibration keeps its resolved recipe, beside the DQC state."""
+    return Path(str(state_path) + ".recipe.pt")
+
+
+def _resolved_recipe(cfg: CalibrationConfig, fp_model: nn.Module, data: PoolData, stats: dict,
+                     state_path: str | Path | None
+                     ) -> tuple[QuantRecipe, dict[str, torch.Tensor] | None]:
+    """``resolve_recipe``, kept beside the DQC state: ``--resume`` reuses the interrupted run's
+    measured choices (rotated sites, INT4 kept layers, per-site bits, smoothing factors) instead
+    of measuring them again, so a resumed run trains exactly the student it saved (a choice at
+    its threshold could flip under another thread count)."""
+    if state_path is None or cfg.method not in DQC_METHODS:
+        return resolve_recipe(cfg, fp_model, data, stats)
+    path = recipe_state_path(state_path)
+    requested = cfg.quant_recipe().to_dict()
+    if cfg.resume and path.exists():
+        st = torch.load(path, map_location="cpu", weights_only=False)
+        if st["requested"] != requested:
+            raise EdgeSRError(f"--resume: {path} was written for recipe {st['requested']}, but "
+                              f"this run asks for {requested}")
+        stats.update(st["choices"])
+        log.info("resuming with the interrupted run's measured per-site choices (%s)", path)
+        return QuantRecipe(**st["recipe"]), st["smoothing"]
+    recipe, smoothing = resolve_recipe(cfg, fp_model, data, stats)
+    st = {"requested": requested, "recipe": recipe.to_dict(), "smoothing": smoothing,
+          "choices": {k: stats[k] for k in CHOICE_STATS if k in stats}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(st, tmp)
+    return recipe, smoothing
+
+
 def calibrate_model(lm, data: PoolData, cfg: CalibrationConfig,
                     state_path: str | Path | None = None) -> CalibratedModel:
     """Calibrate a loaded FP model in memory: the Python API under ``calibrate``.
@@ -348,7 +384,7 @@ def calibrate_model(lm, data: PoolData, cfg: CalibrationConfig,
     scale = lm.scale
     stats: dict = {"val_patches": list(data.val[0].shape)}
     t0 = time.perf_counter()
-    recipe, smoothing = resolve_recipe(cfg, lm.model, data, stats)
+    recipe, smoothing = _resolved_recipe(cfg, lm.model, data, stats, state_path)
     student = prepare(lm.model, recipe, smoothing)
     if cfg.method in DOBI_METHODS:
         bounds, rep = dobi_bounds(student, data.calib_lr, [cfg.bits])
@@ -414,6 +450,7 @@ def calibrate(cfg: CalibrationConfig, lm=None) -> Path:
     cal = calibrate_model(lm, data, cfg, state_path=state)
     out = save_calibration(cfg.output, cal.model, cal.meta)
     state.unlink(missing_ok=True)
+    recipe_state_path(state).unlink(missing_ok=True)
     log.info("wrote %s (%s, W%dA%d, x%d, held-out %.3f dB)", out, cfg.method, cfg.bits,
              cfg.bits, lm.scale, cal.meta.stats["val_psnr"])
     return out

@@ -13,10 +13,18 @@ around them, and they are most of what a DQC step adds to the model's own forwar
   agree to float32 rounding, not bit for bit).
 
 The C source is compiled once per machine with the system C compiler (``$CC``, else ``cc``),
-``-O3 -march=native``, into ``$EDGE_SR_CACHE/kernels`` and loaded with ``ctypes``, which releases
-the GIL, so a tensor is split into ``torch.get_num_threads()`` ranges run on threads. Without a
-compiler, or with ``EDGE_SR_FUSED_FQ=0``, ``library()`` is None and callers keep the eager ops
-(same results). Only float32 CPU tensors with per-tensor bounds take this path.
+``-O3 -march=native -fopenmp``, into ``$EDGE_SR_CACHE/kernels`` and loaded with ``ctypes``. Its
+OpenMP runtime is the ``libgomp.so.1`` PyTorch has already loaded, so a kernel splits a tensor
+over ``torch.get_num_threads()`` of PyTorch's own intra-op threads (no second pool competing for
+the cores). Where ``-fopenmp`` does not build, it is compiled without and runs on one thread.
+Without a compiler, or with ``EDGE_SR_FUSED_FQ=0``, ``library()`` is None and callers keep the
+eager ops (same results). Only float32 and bfloat16 CPU tensors with per-tensor bounds take this
+path.
+
+A bfloat16 tensor (a DQC under bf16 autocast, ``DQCConfig.precision``) is widened to float32
+exactly, quantized with the same float32 maths, and rounded once to bfloat16 (nearest even): the
+float32 result cast to bfloat16, bit for bit. The eager ops would round after every op instead,
+a coarser answer, and make a float32 copy of the tensor for each mixed-dtype op.
 """
 
 from __future__ import annotations
@@ -29,7 +37,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -40,21 +47,21 @@ from edge_sr.hardware import cpu_flags, cpu_model
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "fake_quant.c"
-CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd",
-          "-shared", "-fPIC")
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
+# OpenMP threads where the compiler has it, else one thread (the simd pragmas only)
+THREAD_FLAGS = (("-fopenmp",), ("-fopenmp-simd",))
 ENV_SWITCH = "EDGE_SR_FUSED_FQ"  # "0" keeps the eager ops
-MIN_SPLIT = 1 << 16  # elements: smaller tensors run on the calling thread only
-_ALIGN = 64  # each thread's range starts on a 64-element boundary
 
 _lock = threading.Lock()
 _state: dict = {}
 
 
-def _build(cc: str, rebuild: bool = False) -> Path:
+def _build(cc: str, rebuild: bool = False, threads: tuple[str, ...] = THREAD_FLAGS[0]) -> Path:
     """The cached shared library for this source, flags, compiler and CPU (compiled into a
     temporary file and renamed, so a cache never holds half a library)."""
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join(CFLAGS).encode() + cc.encode()
+    flags = (*CFLAGS, *threads)
+    key = hashlib.sha256(src + " ".join(flags).encode() + cc.encode()
                          + " ".join(sorted(cpu_flags())).encode() + cpu_model().encode()).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"fake_quant-{key}.so"
     if out.exists() and not rebuild:
@@ -63,7 +70,7 @@ def _build(cc: str, rebuild: bool = False) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True,
+        subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], check=True,
                        capture_output=True, text=True, timeout=120)
         os.replace(tmp, out)
     finally:
@@ -74,12 +81,28 @@ def _build(cc: str, rebuild: bool = False) -> Path:
 
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    f, d, p = ctypes.c_float, ctypes.c_void_p, ctypes.c_ssize_t
-    lib.fq_forward.argtypes = [d, d, p, f, f, f]
-    lib.fq_forward.restype = None
-    lib.fq_backward.argtypes = [d, d, d, p, f, f, f, d]
-    lib.fq_backward.restype = None
+    f, d, p, i = ctypes.c_float, ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int
+    for fwd, bwd in _KERNELS.values():
+        getattr(lib, fwd).argtypes, getattr(lib, fwd).restype = [d, d, p, f, f, f, i], None
+        getattr(lib, bwd).argtypes, getattr(lib, bwd).restype = [d, d, d, p, f, f, f, i, d], i
+    lib.fq_openmp.argtypes, lib.fq_openmp.restype = [], i
     return lib
+
+
+def _compile_and_load(cc: str) -> ctypes.CDLL:
+    """With OpenMP if it builds, else without; a damaged cached library is compiled again."""
+    for n, threads in enumerate(THREAD_FLAGS):
+        try:
+            try:
+                return _load(_build(cc, threads=threads))
+            except (OSError, AttributeError):
+                return _load(_build(cc, rebuild=True, threads=threads))
+        except (OSError, AttributeError, subprocess.SubprocessError):
+            if n == len(THREAD_FLAGS) - 1:
+                raise
+            log.debug("fused fake-quant: %s does not build here; trying %s", threads,
+                      THREAD_FLAGS[n + 1])
+    raise AssertionError("unreachable")
 
 
 def library() -> ctypes.CDLL | None:
@@ -98,10 +121,7 @@ def library() -> ctypes.CDLL | None:
             try:
                 if cc is None:
                     raise OSError("no C compiler (set $CC)")
-                try:
-                    lib = _load(_build(cc))
-                except (OSError, AttributeError):  # a damaged cached library: compile it again
-                    lib = _load(_build(cc, rebuild=True))
+                lib = _compile_and_load(cc)
             except (OSError, AttributeError, subprocess.SubprocessError) as e:
                 detail = getattr(e, "stderr", "") or e
                 log.info("fused fake-quant kernels unavailable (%s): DQC uses the slower eager "
@@ -113,65 +133,56 @@ def library() -> ctypes.CDLL | None:
 
 
 def usable(x: torch.Tensor, lower: torch.Tensor) -> bool:
-    """True when ``x`` (float32 on the CPU; ``forward`` and ``backward`` want it contiguous)
-    and per-tensor bounds can take the fused path."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and lower.numel() == 1
+    """True when ``x`` (float32 or bfloat16 on the CPU; ``forward`` and ``backward`` want it
+    contiguous) and per-tensor bounds can take the fused path."""
+    return (x.device.type == "cpu" and x.dtype in _IN_DTYPES and lower.numel() == 1
             and library() is not None)
 
 
-def _ranges(n: int) -> list[tuple[int, int]]:
-    k = max(1, min(torch.get_num_threads(), n // MIN_SPLIT))
-    size = -(-n // k)
-    size = -(-size // _ALIGN) * _ALIGN
-    return [(a, min(n, a + size)) for a in range(0, n, size)]
+_BF16, _F32 = torch.bfloat16, torch.float32
+_IN_DTYPES = (_F32, _BF16)
+# (x dtype, y dtype) -> the forward and backward kernels' names
+_KERNELS = {(_F32, _F32): ("fq_forward", "fq_backward"),
+            (_BF16, _BF16): ("fq_forward_bf16", "fq_backward_bf16"),
+            (_F32, _BF16): ("fq_forward_f32_bf16", "fq_backward_f32_bf16")}
 
 
-def _pool(k: int) -> ThreadPoolExecutor:
-    pool = _state.get("pool")
-    if pool is None or pool._max_workers < k:
-        pool = _state["pool"] = ThreadPoolExecutor(k, thread_name_prefix="edge-sr-fq")
-    return pool
+def _kernel(x_dtype: torch.dtype, y_dtype: torch.dtype, which: int):
+    key = (x_dtype, y_dtype)
+    if key not in _KERNELS:
+        raise ValueError(f"fused_fq: no kernel from {x_dtype} to {y_dtype}")
+    return getattr(library(), _KERNELS[key][which])
 
 
-def _run(fn, ranges: list[tuple[int, int]]) -> list:
-    if len(ranges) == 1:
-        return [fn(*ranges[0])]
-    futs = [_pool(len(ranges) - 1).submit(fn, a, b) for a, b in ranges[1:]]
-    first = fn(*ranges[0])
-    return [first] + [f.result() for f in futs]
-
-
-def forward(x: torch.Tensor, lower: float, upper: float, step: float) -> torch.Tensor:
-    """``rint((clamp(x, lower, upper) - lower) / step) * step + lower``, float32, bit-identical
-    to the eager ops. ``x``: contiguous float32 CPU tensor (``usable``)."""
+def forward(x: torch.Tensor, lower: float, upper: float, step: float,
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``rint((clamp(x, lower, upper) - lower) / step) * step + lower``, computed in float32 and
+    returned in ``out_dtype`` (default ``x``'s): float32 is bit-identical to the eager ops,
+    bfloat16 is the float32 result rounded once (nearest even). ``x``: contiguous float32 or
+    bfloat16 CPU tensor (``usable``); a bfloat16 ``x`` gives a bfloat16 output."""
     if not x.is_contiguous():
         raise ValueError("fused_fq.forward needs a contiguous tensor")
-    lib = library()
-    y = torch.empty_like(x)
-    xp, yp = x.data_ptr(), y.data_ptr()
-
-    def part(a: int, b: int) -> None:
-        lib.fq_forward(xp + 4 * a, yp + 4 * a, b - a, lower, upper, step)
-
-    _run(part, _ranges(x.numel()))
+    out_dtype = out_dtype or x.dtype
+    kernel = _kernel(x.dtype, out_dtype, 0)
+    y = torch.empty_like(x, dtype=out_dtype)
+    kernel(x.data_ptr(), y.data_ptr(), x.numel(), lower, upper, step, torch.get_num_threads())
     return y
 
 
 def backward(g: torch.Tensor, x: torch.Tensor, lower: float, upper: float, step: float
              ) -> tuple[torch.Tensor, tuple[float, float, float]]:
     """(gx, (sum g·(q − t), sum g·[x ≤ lower], sum g·[x ≥ upper])) of the fake quantizer's
-    straight-through backward; ``gx`` is ``g`` on [lower, upper] and 0 outside."""
+    straight-through backward; ``gx`` is ``g`` on [lower, upper] and 0 outside, in ``x``'s
+    dtype. ``g`` is the output's gradient: float32, or bfloat16 where the output was."""
     if not x.is_contiguous():
         raise ValueError("fused_fq.backward needs a contiguous tensor")
-    lib = library()
+    if x.dtype == _BF16 or g.dtype != _BF16:
+        g = g.to(x.dtype)
+    kernel = _kernel(x.dtype, g.dtype, 1)
     g = g.contiguous()
     gx = torch.empty_like(x)
-    gp, xp, op = g.data_ptr(), x.data_ptr(), gx.data_ptr()
-
-    def part(a: int, b: int) -> tuple[float, float, float]:
-        sums = (ctypes.c_double * 3)()
-        lib.fq_backward(gp + 4 * a, xp + 4 * a, op + 4 * a, b - a, lower, upper, step, sums)
-        return sums[0], sums[1], sums[2]
-
-    parts = _run(part, _ranges(x.numel()))
-    return gx, tuple(sum(p[i] for p in parts) for i in range(3))
+    sums = (ctypes.c_double * 3)()
+    if kernel(g.data_ptr(), x.data_ptr(), gx.data_ptr(), x.numel(), lower, upper, step,
+              torch.get_num_threads(), sums):
+        raise MemoryError("fused_fq.backward: out of memory for the per-block sums")
+    return gx, (sums[0], sums[1], sums[2])

@@ -98,12 +98,14 @@ class _FakeQuantSTE(torch.autograd.Function):
         return t, step
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, n: int):
+    def forward(ctx, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, n: int,
+                out_dtype: torch.dtype | None = None):
         ctx.n = n
         if fused_fq.usable(x, lower):
             x = x.contiguous()  # one copy of a strided view beats the eager ops' passes
             ctx.save_for_backward(x, lower, upper)
-            return fused_fq.forward(x, float(lower), float(upper), float((upper - lower) / n))
+            return fused_fq.forward(x, float(lower), float(upper), float((upper - lower) / n),
+                                    out_dtype)
         ctx.save_for_backward(x, lower, upper)
         t, step = _FakeQuantSTE._residual(x, lower, upper, n)
         return t.round_().mul_(step).add_(lower)
@@ -118,7 +120,7 @@ class _FakeQuantSTE(torch.autograd.Function):
             as_bound = lambda v: torch.tensor(v, dtype=lower.dtype).reshape(lower.shape)  # noqa: E731
             gl = as_bound(sb - sd / n) if ctx.needs_input_grad[1] else None
             gu = as_bound(sa + sd / n) if ctx.needs_input_grad[2] else None
-            return gx if ctx.needs_input_grad[0] else None, gl, gu, None
+            return gx if ctx.needs_input_grad[0] else None, gl, gu, None, None
         t, _ = _FakeQuantSTE._residual(x, lower, upper, n)
         d = torch.round(t).sub_(t)  # q - t, as in the forward
         below, above = x <= lower, x >= upper
@@ -127,21 +129,29 @@ class _FakeQuantSTE(torch.autograd.Function):
         gd = (g * d).sum_to_size(shape) / n
         gl = (g * below).sum_to_size(shape) - gd if ctx.needs_input_grad[1] else None
         gu = (g * above).sum_to_size(shape) + gd if ctx.needs_input_grad[2] else None
-        return gx, gl, gu, None
+        return gx, gl, gu, None, None
 
 
-def fake_quant(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bits: int) -> torch.Tensor:
-    """Quantize-dequantize ``x`` on the asymmetric grid [lower, upper] with 2^bits levels."""
+def fake_quant(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bits: int,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Quantize-dequantize ``x`` on the asymmetric grid [lower, upper] with 2^bits levels.
+
+    ``out_dtype`` (bfloat16, for a float32 ``x`` on the fused CPU path only; see
+    ``fused_fq.forward``) returns the result rounded once to it; elsewhere it is ignored."""
     n = 2**bits - 1
+    fused = fused_fq.usable(x, lower)
+    if not fused:
+        out_dtype = None
     if not torch.is_grad_enabled() or not (x.requires_grad or lower.requires_grad
                                             or upper.requires_grad):
         step = (upper - lower) / n
-        if fused_fq.usable(x, lower):
-            return fused_fq.forward(x.contiguous(), float(lower), float(upper), float(step))
+        if fused:
+            return fused_fq.forward(x.contiguous(), float(lower), float(upper), float(step),
+                                    out_dtype)
         # clip on the integer grid with scalar bounds: the same values as clamp(x, lower, upper)
         # first (both give 0 or n there), but a tensor-bound clamp is ~6x slower on a CPU
         return (x - lower).div_(step).clamp_(0, n).round_().mul_(step).add_(lower)
-    return _FakeQuantSTE.apply(x, lower, upper, n)
+    return _FakeQuantSTE.apply(x, lower, upper, n, out_dtype)
 
 
 def grid_bounds(lower, upper, bits: int, grid: Grid = "real"):
@@ -256,10 +266,19 @@ class BoundFakeQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        if x.dtype in (torch.bfloat16, torch.float16):  # under autocast: grid codes in float32
-            x = x.float()
         lo, up = self.grid_bounds()
-        return fake_quant(x, lo, up, self.bits)
+        # Under autocast the grid codes are computed in float32. The fused CPU kernels do that
+        # themselves and, under CPU bf16 autocast, round the output once to bfloat16: what the
+        # GEMM that consumes every quantizer's output (a linear, q @ k^T or p @ v) would do
+        # anyway, without a float32 copy in or out
+        out_dtype = None
+        if fused_fq.usable(x, lo):
+            if torch.is_autocast_enabled("cpu") and \
+                    torch.get_autocast_dtype("cpu") == torch.bfloat16:
+                out_dtype = torch.bfloat16
+        elif x.dtype in (torch.bfloat16, torch.float16):
+            x = x.float()
+        return fake_quant(x, lo, up, self.bits, out_dtype)
 
     @property
     def per_channel(self) -> bool:

@@ -207,3 +207,37 @@ def test_bounds_never_cross_even_with_a_huge_step(tiny_swinir, one_thread):
         gap = float((q.upper - q.lower).min())
         assert gap >= MIN_RANGE_FRACTION * start[n] * 0.9, n  # (float32 rounding at |l| >> u - l)
     build_qdq(student, ExportConfig(target="ort", tile=(16, 16)))  # no ValueError
+
+
+def test_resume_reuses_the_interrupted_runs_measured_choices(tmp_path, monkeypatch):
+    """The per-site choices (rotation, INT4 kept layers, per-site bits) are measured once and
+    kept beside the DQC state: ``--resume`` trains the student it saved, not a re-measured one."""
+    from dataclasses import replace
+
+    import calibrate.api as api
+    from edge_sr.errors import EdgeSRError
+
+    cfg = api.CalibrationConfig(model="m", bits=4, output=tmp_path / "c.pt", method="edge-sr")
+    state = tmp_path / "c.pt.dqc-state.pt"
+    measured = replace(cfg.quant_recipe(), kept_int4=("body.0",))
+
+    def measure(cfg_, fp_model, data, stats):
+        stats["kept_int4_choice"] = {"body.0": 0.001}
+        return measured, None
+
+    monkeypatch.setattr(api, "resolve_recipe", measure)
+    stats: dict = {}
+    assert api._resolved_recipe(cfg, None, None, stats, state) == (measured, None)
+    assert api.recipe_state_path(state).exists()
+
+    def must_not_measure(*a):
+        raise AssertionError("a resumed run measured its choices again")
+
+    monkeypatch.setattr(api, "resolve_recipe", must_not_measure)
+    again: dict = {}
+    recipe, smoothing = api._resolved_recipe(replace(cfg, resume=True), None, None, again, state)
+    assert recipe == measured and smoothing is None
+    assert again == {"kept_int4_choice": {"body.0": 0.001}}
+    other = replace(cfg, resume=True, bits=3)
+    with pytest.raises(EdgeSRError, match="--resume: .*recipe.pt was written for recipe"):
+        api._resolved_recipe(other, None, None, {}, state)

@@ -63,22 +63,56 @@ def test_fused_takes_strided_views_and_no_grad_inputs(monkeypatch):
 
 
 @needs_kernels
-def test_thread_split_gives_the_same_sums(monkeypatch):
-    x, g = _inputs((1, 200_003))
-    one = fused_fq.backward(g, x, -0.5, 1.0, 0.1)
-    monkeypatch.setattr(fused_fq, "MIN_SPLIT", 1000)
+def test_any_thread_count_gives_the_same_outputs_and_sums():
+    x, g = _inputs((1, 200_003))  # over the 65,536 elements a kernel needs to split
     old = torch.get_num_threads()
-    torch.set_num_threads(3)
     try:
-        assert len(fused_fq._ranges(x.numel())) == 3
-        split = fused_fq.backward(g, x, -0.5, 1.0, 0.1)
-        y = fused_fq.forward(x, -0.5, 1.0, 0.1)
+        runs = []
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            runs.append((fused_fq.forward(x, -0.5, 1.0, 0.1),
+                         *fused_fq.backward(g, x, -0.5, 1.0, 0.1)))
     finally:
         torch.set_num_threads(old)
-    assert torch.equal(one[0], split[0])
-    assert torch.equal(y, fused_fq.forward(x, -0.5, 1.0, 0.1))
-    for a, b in zip(one[1], split[1]):
-        assert a == pytest.approx(b, rel=1e-6, abs=1e-6)
+    (y1, gx1, s1), (y3, gx3, s3) = runs
+    assert torch.equal(y1, y3) and torch.equal(gx1, gx3)
+    assert s1 == s3  # per-block sums added in block order: bit for bit, not just close
+
+
+@needs_kernels
+def test_bfloat16_is_the_float32_result_rounded_once():
+    """bf16 in -> bf16 out and f32 in -> bf16 out: the float32 fake quant cast to bfloat16,
+    bit for bit; the backward's gx is g (or 0) exactly, and its sums match float32 ones of the
+    same values."""
+    x32, g32 = _inputs((3, 70_001))
+    xb, gb = x32.bfloat16(), g32.bfloat16()
+    lo, up, step = -0.7, 1.1, 1.8 / 15
+    want = fused_fq.forward(xb.float(), lo, up, step).bfloat16()
+    assert torch.equal(fused_fq.forward(xb, lo, up, step).view(torch.int16),
+                       want.view(torch.int16))
+    mixed = fused_fq.forward(x32, lo, up, step, out_dtype=torch.bfloat16)
+    assert mixed.dtype == torch.bfloat16
+    assert torch.equal(mixed.view(torch.int16),
+                       fused_fq.forward(x32, lo, up, step).bfloat16().view(torch.int16))
+    gx, sums = fused_fq.backward(gb, xb, lo, up, step)
+    ref_gx, ref_sums = fused_fq.backward(gb.float(), xb.float(), lo, up, step)
+    assert gx.dtype == torch.bfloat16 and torch.equal(gx.float(), ref_gx)
+    assert sums == pytest.approx(ref_sums, rel=1e-5, abs=1e-3)
+    gx, sums = fused_fq.backward(gb, x32, lo, up, step)  # f32 input, bf16 output gradient
+    ref_gx, ref_sums = fused_fq.backward(gb.float(), x32, lo, up, step)
+    assert gx.dtype == torch.float32 and torch.equal(gx, ref_gx)
+    assert sums == pytest.approx(ref_sums, rel=1e-5, abs=1e-3)
+
+
+@needs_kernels
+def test_a_quantizer_under_bf16_autocast_hands_its_gemm_bfloat16():
+    q = BoundFakeQuantizer(4)
+    q.set_bounds(-1.0, 2.0)
+    x = torch.randn(4, 64, 60)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = q(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y.float(), q(x).bfloat16().float())  # the cast F.linear would make
 
 
 def test_without_a_compiler_the_eager_ops_run(monkeypatch, tmp_path):

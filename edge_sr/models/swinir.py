@@ -66,10 +66,12 @@ class WindowAttention(nn.Module):
         nw = None if mask is None else mask.shape[0]
         attn = window_logits(q, k, nw, ip)  # (B, nW, nh, n, n) when in place with a mask
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        bias = bias.view(n, n, nh).permute(2, 0, 1).unsqueeze(0)
+        # in the logits' dtype: under bf16 autocast a float32 operand would make the in-place
+        # add write through a float32 copy of the whole (windows x heads x n x n) tensor
+        bias = bias.view(n, n, nh).permute(2, 0, 1).contiguous().unsqueeze(0).to(attn.dtype)
         attn = attn.add_(bias) if ip else attn + bias
         if mask is not None:
-            m = mask.unsqueeze(1)  # (nW, 1, n, n)
+            m = mask.unsqueeze(1).to(attn.dtype)  # (nW, 1, n, n)
             attn = attn.add_(m) if ip else attn.view(b_ // nw, nw, nh, n, n) + m
         attn = self.attn_probs_quant(attn.view(-1, nh, n, n).softmax(dim=-1))
         x = (attn @ v).transpose(1, 2).reshape(b_, n, c)

@@ -81,13 +81,15 @@ class WindowAttention(nn.Module):
         ip = logits_in_place(self.logit_scale, self.relative_position_bias_table)
         nw = None if mask is None else int(mask.shape[0])
         attn = window_logits(q, k, nw, ip)  # (B, nW, nh, n, n) when in place with a mask
-        scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
+        # scale, bias and mask in the logits' dtype: under bf16 autocast a float32 operand would
+        # make each in-place op write through a float32 copy of the whole logits tensor
+        scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp().to(attn.dtype)
         attn = attn.mul_(scale) if ip else attn * scale
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        bias = bias.view(n, n, nh).permute(2, 0, 1).unsqueeze(0)
+        bias = bias.view(n, n, nh).permute(2, 0, 1).contiguous().unsqueeze(0).to(attn.dtype)
         attn = attn.add_(bias) if ip else attn + bias
         if mask is not None:
-            m = mask.unsqueeze(1)  # (nW, 1, n, n)
+            m = mask.unsqueeze(1).to(attn.dtype)  # (nW, 1, n, n)
             attn = attn.add_(m) if ip else attn.view(b_ // nw, nw, nh, n, n) + m
         attn = self.attn_probs_quant(attn.view(-1, nh, n, n).softmax(dim=-1))
         return self.proj((attn @ v).transpose(1, 2).reshape(b_, n, -1))
