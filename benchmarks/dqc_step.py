@@ -202,7 +202,7 @@ def main(argv=None) -> None:
     res = measure(vars(a) | {"lr_patch": a.lr_patch})
     line = (f"{a.model} {a.batch}x{a.lr_patch}^2 W{a.bits} {a.method}"
             f"{' recompute' if a.recompute else ''}{' ' + a.precision if a.precision != 'fp32' else ''}"
-            f"{' eager-fq' if a.fused == 'off' else ''}: step {res['step_ms']:.0f} ms, FP fwd+bwd "
+            f"{' eager-fq' if a.fused == 'off' else ''}: step {res['step_ms']:.0f} ms, FP32 eager fwd+bwd "
             f"{res['fp_fwd_bwd_ms']:.0f} ms, ratio {res['ratio']:.2f}, peak RSS "
             f"{res['peak_rss_mb']:.0f} MB (FP {res['fp_peak_rss_mb']:.0f} MB), "
             f"{res['lr_pixels_per_s']:.0f} LR px/s [{res['cpu']}, {a.threads} threads"

@@ -355,12 +355,18 @@ def _resolved_recipe(cfg: CalibrationConfig, fp_model: nn.Module, data: PoolData
     requested = cfg.quant_recipe().to_dict()
     if cfg.resume and path.exists():
         st = torch.load(path, map_location="cpu", weights_only=False)
-        if st["requested"] != requested:
-            raise EdgeSRError(f"--resume: {path} was written for recipe {st['requested']}, but "
-                              f"this run asks for {requested}")
+        differ = {k: (st["requested"].get(k), v) for k, v in requested.items()
+                  if st["requested"].get(k) != v}
+        if differ:
+            raise EdgeSRError(f"--resume: the interrupted run ({path}) used another recipe: "
+                              + "; ".join(f"{k} {old!r} there, {new!r} here"
+                                          for k, (old, new) in differ.items()))
         stats.update(st["choices"])
         log.info("resuming with the interrupted run's measured per-site choices (%s)", path)
         return QuantRecipe(**st["recipe"]), st["smoothing"]
+    if cfg.resume:
+        log.warning("--resume: no interrupted run's state at %s: calibrating from the start",
+                    path)
     recipe, smoothing = resolve_recipe(cfg, fp_model, data, stats)
     st = {"requested": requested, "recipe": recipe.to_dict(), "smoothing": smoothing,
           "choices": {k: stats[k] for k in CHOICE_STATS if k in stats}}
@@ -449,8 +455,13 @@ def calibrate(cfg: CalibrationConfig, lm=None) -> Path:
     state = Path(str(cfg.output) + ".dqc-state.pt")
     cal = calibrate_model(lm, data, cfg, state_path=state)
     out = save_calibration(cfg.output, cal.model, cal.meta)
-    state.unlink(missing_ok=True)
-    recipe_state_path(state).unlink(missing_ok=True)
+    stopped = cal.meta.stats.get("dqc_stopped_at")
+    if stopped is not None:  # --time-limit: the DQC state stays, so --resume can continue it
+        log.warning("%s holds a partial DQC (stopped at iteration %d by --time-limit); the same "
+                    "command with --resume continues it", out, stopped)
+    else:
+        state.unlink(missing_ok=True)
+        recipe_state_path(state).unlink(missing_ok=True)
     log.info("wrote %s (%s, W%dA%d, x%d, held-out %.3f dB)", out, cfg.method, cfg.bits,
              cfg.bits, lm.scale, cal.meta.stats["val_psnr"])
     return out

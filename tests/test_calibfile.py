@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -120,6 +122,30 @@ def test_api_rejects_empty_and_too_small_pools(tiny_ckpt, tmp_path):
     with pytest.raises(EdgeSRError, match="smaller than the patch size 64"):
         calibrate(CalibrationConfig(model=str(tiny_ckpt), bits=4, output=tmp_path / "c.pt",
                                     method="minmax", pool=small))
+
+
+def test_a_time_limited_calibration_keeps_its_state_and_resume_finishes_it(tiny_ckpt, tmp_path,
+                                                                           one_thread, caplog):
+    from calibrate.api import recipe_state_path
+
+    pool = _pool(tmp_path / "pool", 4, size=(72, 72))
+    cfg = CalibrationConfig(model=str(tiny_ckpt), bits=3, output=tmp_path / "c.pt",
+                            method="2dquant", pool=pool, iterations=3, calib_patches=4,
+                            calib_patch=32, time_limit=1e-6)  # stops after DQC's first step
+    state = tmp_path / "c.pt.dqc-state.pt"
+    with caplog.at_level("WARNING"):
+        out = calibrate(cfg)
+    assert read_calibration(out)[1].stats["dqc_stopped_at"] == 1
+    assert state.exists() and recipe_state_path(state).exists()
+    assert "--resume continues it" in caplog.text
+    out = calibrate(replace(cfg, time_limit=None, resume=True))
+    stats = read_calibration(out)[1].stats
+    assert stats["dqc_stopped_at"] is None and stats["dqc_iterations"] == 2  # 2 more of 3
+    assert not state.exists() and not recipe_state_path(state).exists()
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # nothing left to resume: said, then a full run
+        calibrate(replace(cfg, time_limit=None, resume=True))
+    assert "no interrupted run's state" in caplog.text
 
 
 def test_api_and_cli_write_loadable_files(tiny_ckpt, tmp_path, one_thread):

@@ -239,5 +239,6 @@ def test_resume_reuses_the_interrupted_runs_measured_choices(tmp_path, monkeypat
     assert recipe == measured and smoothing is None
     assert again == {"kept_int4_choice": {"body.0": 0.001}}
     other = replace(cfg, resume=True, bits=3)
-    with pytest.raises(EdgeSRError, match="--resume: .*recipe.pt was written for recipe"):
+    with pytest.raises(EdgeSRError, match=r"--resume: the interrupted run .*recipe.pt\) used "
+                                          r"another recipe: bits 4 there, 3 here$"):
         api._resolved_recipe(other, None, None, {}, state)

@@ -30,8 +30,9 @@ from edge_sr.cli.options import logging_options, parse_list, parse_optional_list
                    "storing it (NGswin at batch 16 of 64x64: 12 -> 4.8 GB, ~15% slower).")
 @click.option("--dqc-precision", type=click.Choice(DQC_PRECISIONS), default=None,
               help="DQC's forward passes: fp32 (the paper), or bf16 autocast (bfloat16 GEMMs; "
-                   "fake quantizers, losses and validation stay fp32; ~15-25% faster where the "
-                   "CPU/GPU has bfloat16, -0.013 dB held-out on NGswin). Default: fp32.")
+                   "fake quantizers compute in fp32; losses and validation stay fp32; a step "
+                   "1.4-2.1x faster where the CPU/GPU has bfloat16, -0.013 dB held-out on "
+                   "NGswin). Default: fp32.")
 @click.option("--block-recon", type=click.IntRange(min=0), default=0, show_default=True,
               metavar="STEPS",
               help="Beyond the paper: before DQC, train the bounds block by block against the "
@@ -40,12 +41,14 @@ from edge_sr.cli.options import logging_options, parse_list, parse_optional_list
 @click.option("--iterations", type=click.IntRange(min=0), default=None, metavar="N",
               help="DQC iterations instead of the budget's (0: no DQC).")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
-              metavar="MIN", help="Stop DQC at the first step after this many minutes of "
-                                  "calibration, keeping its best-validated bounds (--resume "
-                                  "continues it).")
+              metavar="MIN", help="Stop DQC at the first step after this many minutes, "
+                                  "counted from the start of calibration (DOBI included), and "
+                                  "write the best-validated bounds so far; the DQC state is kept "
+                                  "so that --resume continues it.")
 @click.option("--feature-loss", type=click.Choice(["fixed", "released"]), default="fixed",
               show_default=True, help="DQC feature loss: intended, or the released code's bugs.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted DQC run for the same -o.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted or time-limited DQC run "
+                                             "for the same -o (its DQC state beside -o).")
 @click.option("--pool", type=click.Path(file_okay=False), default=None,
               help="Folder of training images (default: data/train/BSD200).")
 @click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]",
