@@ -28,7 +28,8 @@
 #include <string.h>
 
 #define BLOCK 4096
-/* tensors under 65536 elements run on the calling thread (the pragmas' "if(n >= 65536)") */
+/* tensors under 65536 elements run on the calling thread ("if(parallel: ...)": a plain "if"
+ * would also switch off the simd construct, and the vectorisation with it) */
 
 static inline float bf16_to_float(uint16_t h)
 {
@@ -60,7 +61,7 @@ static inline uint16_t float_to_bf16(float f) /* c10::BFloat16's round_to_neares
     void NAME(const TYPE_##X *restrict x, TYPE_##Y *restrict y, ptrdiff_t n, float l, float u, \
               float s, int threads)                                                          \
     {                                                                                         \
-        _Pragma("omp parallel for simd schedule(static) num_threads(threads) if(n >= 65536)") \
+        _Pragma("omp parallel for simd schedule(static) num_threads(threads) if(parallel: n >= 65536)") \
         for (ptrdiff_t i = 0; i < n; i++) {                                                   \
             float xi = LOAD_##X(x[i]);                                                        \
             float c = xi < l ? l : xi;                                                        \
@@ -106,7 +107,7 @@ static inline uint16_t float_to_bf16(float f) /* c10::BFloat16's round_to_neares
         float *part = malloc(3 * (size_t)(blocks > 0 ? blocks : 1) * sizeof(float));          \
         if (part == NULL)                                                                     \
             return -1;                                                                        \
-        _Pragma("omp parallel for schedule(static) num_threads(threads) if(n >= 65536)")     \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if(parallel: n >= 65536)") \
         for (ptrdiff_t b = 0; b < blocks; b++) {                                              \
             ptrdiff_t a = b * BLOCK;                                                          \
             NAME##_block(g + a, x + a, gx + a, a + BLOCK < n ? BLOCK : n - a, l, u, s,        \
