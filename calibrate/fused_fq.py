@@ -176,7 +176,7 @@ def backward(g: torch.Tensor, x: torch.Tensor, lower: float, upper: float, step:
     dtype. ``g`` is the output's gradient: float32, or bfloat16 where the output was."""
     if not x.is_contiguous():
         raise ValueError("fused_fq.backward needs a contiguous tensor")
-    if x.dtype == _BF16 or g.dtype != _BF16:
+    if x.dtype == _BF16 or g.dtype != _BF16:  # the kernels: (f32, f32), (bf16, bf16), (f32, bf16)
         g = g.to(x.dtype)
     kernel = _kernel(x.dtype, g.dtype, 1)
     g = g.contiguous()

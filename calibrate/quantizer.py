@@ -136,12 +136,17 @@ def fake_quant(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bits: 
                out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Quantize-dequantize ``x`` on the asymmetric grid [lower, upper] with 2^bits levels.
 
-    ``out_dtype`` (bfloat16, for a float32 ``x`` on the fused CPU path only; see
-    ``fused_fq.forward``) returns the result rounded once to it; elsewhere it is ignored."""
+    The grid codes are always computed in float32: a bfloat16 or float16 ``x`` (autocast) is
+    widened by the fused CPU kernel itself (output in ``x``'s dtype) or, elsewhere, cast to
+    float32 first (float32 output). ``out_dtype`` (bfloat16, fused CPU path only; see
+    ``fused_fq.forward``) returns a float32 ``x``'s result rounded once to it; elsewhere it is
+    ignored."""
     n = 2**bits - 1
     fused = fused_fq.usable(x, lower)
     if not fused:
         out_dtype = None
+        if x.dtype in (torch.bfloat16, torch.float16):
+            x = x.float()
     if not torch.is_grad_enabled() or not (x.requires_grad or lower.requires_grad
                                             or upper.requires_grad):
         step = (upper - lower) / n
@@ -267,18 +272,12 @@ class BoundFakeQuantizer(nn.Module):
         if not self.enabled:
             return x
         lo, up = self.grid_bounds()
-        # Under autocast the grid codes are computed in float32. The fused CPU kernels do that
-        # themselves and, under CPU bf16 autocast, round the output once to bfloat16: what the
-        # GEMM that consumes every quantizer's output (a linear, q @ k^T or p @ v) would do
-        # anyway, without a float32 copy in or out
-        out_dtype = None
-        if fused_fq.usable(x, lo):
-            if torch.is_autocast_enabled("cpu") and \
-                    torch.get_autocast_dtype("cpu") == torch.bfloat16:
-                out_dtype = torch.bfloat16
-        elif x.dtype in (torch.bfloat16, torch.float16):
-            x = x.float()
-        return fake_quant(x, lo, up, self.bits, out_dtype)
+        # Under CPU bf16 autocast the output is bfloat16 (rounded once from float32): what the
+        # GEMM that consumes every quantizer's output (a linear, q @ k^T or p @ v) would cast it
+        # to anyway, without a float32 copy in between
+        bf16 = (torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return fake_quant(x, lo, up, self.bits, torch.bfloat16 if bf16 else None)
 
     @property
     def per_channel(self) -> bool:
