@@ -25,7 +25,7 @@ demo: setup
 	$(BIN)/edge-sr eval --model swinir-light-x2-ref --datasets Set5
 	$(BIN)/edge-sr build --bits 4 --scale 2 --budget fast --out engines/swinir-light-x2-w4a4 --force
 	$(BIN)/edge-sr upscale --engine engines/swinir-light-x2-w4a4 $(EDGE_SR_DATA)/benchmark/Set5/LR_bicubic/X2/butterflyx2.png -o results/demo --force
-	$(BIN)/edge-sr profile --engine engines/swinir-light-x2-w4a4 --input-size 320x180 --runs 10 --compare
+	$(BIN)/edge-sr profile --engine engines/swinir-light-x2-w4a4 --input-size 320x180 --runs 10 --compare --baselines none
 
 test: setup
 	$(BIN)/python -m pytest -q

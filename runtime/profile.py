@@ -6,9 +6,10 @@ frames, ``runs`` frames are timed; p50/p90/p99 and frames/s (1 / mean latency) a
 With ``compare`` the engine's FP32 graph runs on the same backend, interleaved frame by frame with
 the quantized one so machine noise hits both alike, and the FP32/quantized latency ratio is given.
 For an ONNX Runtime engine ``compare`` also times, in the same loop, on the same frame and thread
-count, what a user would run instead (``runtime.ort_baseline``): the graph ORT's own
-``quantize_static`` makes of the FP32 graph (INT8 QDQ, cached in the engine directory) and the
-FP checkpoint in PyTorch eager FP32. Each row gets ``speed_vs_fp32_p50`` (FP32 p50 / its p50); a
+count, what a user would run instead (``runtime.ort_baseline``; ``baselines`` picks them): the
+graph ORT's own ``quantize_static`` makes of the FP32 graph (INT8 QDQ, cached in the engine
+directory; making it takes about a minute for SwinIR-light at 320x180) and the FP checkpoint in
+PyTorch eager FP32. Each row gets ``speed_vs_fp32_p50`` (FP32 p50 / its p50); a
 baseline that cannot be made here (no checkpoint, no pool data) is skipped with a warning and
 listed under ``skipped``.
 
@@ -49,6 +50,9 @@ from runtime.tiling import TilePlan, pad_to_min
 
 log = logging.getLogger(__name__)
 MIN_RUNS = 3  # timed rounds kept even when the time budget is spent
+# what ``compare`` may add beside the FP32 graph (ONNX Runtime engines), and their rows' labels
+BASELINES: tuple[str, ...] = ("quantize_static", "eager")
+_LABELS = {"quantize_static": STATIC_LABEL, "eager": EAGER_LABEL}
 
 
 @dataclass
@@ -61,6 +65,8 @@ class ProfileConfig:
     # rounds), so a default run stays under a minute; None times all ``runs``
     max_seconds: float | None = 30.0
     compare: bool = False
+    # which of BASELINES ``compare`` adds for an ONNX Runtime engine (the FP32 graph always)
+    baselines: tuple[str, ...] = BASELINES
     threads: int | None = None
     scale: int | None = None
     json_path: str | Path | None = None  # default results/profile/<engine>_<W>x<H>.json
@@ -73,6 +79,10 @@ class ProfileConfig:
         if self.runs < 1 or self.warmup < 0:
             raise EdgeSRError(f"--runs/--warmup: expected runs >= 1 and warmup >= 0, got "
                               f"{self.runs} and {self.warmup}")
+        bad = [b for b in self.baselines if b not in BASELINES]
+        if bad:
+            raise EdgeSRError(f"--baselines: expected some of {', '.join(BASELINES)} (or all, "
+                              f"none), got {', '.join(bad)}")
         if min(self.input_size) < 1:
             raise EdgeSRError(f"--input-size: expected a positive size, got {self.input_size}")
         if self.threads is not None and self.threads < 1:
@@ -147,11 +157,11 @@ def profile(cfg: ProfileConfig) -> dict:
     baselines: dict[str, dict] = {}
     skipped: dict[str, str] = {}
     torch_threads = None
-    if cfg.compare:
+    if cfg.compare and cfg.baselines:
         if m.backend == "onnxruntime":
             torch_threads = _add_baselines(cfg, eng, factories, baselines, skipped)
         else:
-            for k in (STATIC_LABEL, EAGER_LABEL):
+            for k in (_LABELS[b] for b in cfg.baselines):
                 skipped[k] = (f"the engine runs on {m.backend}; the ORT quantize_static and "
                               "PyTorch CPU baselines are timed for onnxruntime engines only")
     preds, memory, infos, threads = {}, {}, {}, {}
@@ -230,12 +240,14 @@ def _add_baselines(cfg: ProfileConfig, eng, factories: dict, baselines: dict,
     threads = cfg.threads or default_threads()
     req = m.size_requirements or {}
     pads = {"pad_multiple": req.get("multiple", 1), "min_side": req.get("minimum", 1)}
+    path = None
     try:
-        path, baselines[STATIC_LABEL] = ort_static_graph(eng)
+        if "quantize_static" in cfg.baselines:
+            path, baselines[STATIC_LABEL] = ort_static_graph(eng)
     except Exception as e:  # a baseline that cannot be made must not sink the profile
         log.warning("profile --compare: skipping %s: %s", STATIC_LABEL, e)
         skipped[STATIC_LABEL] = f"{type(e).__name__}: {e}"
-    else:
+    if path is not None:
         factories[STATIC_LABEL] = lambda: OrtBackend(
             path, threads=threads, tile=None if m.dynamic else tuple(m.tile), max_batch=m.batch,
             precision=STATIC_PRECISION, **({"scale": m.scale, **pads} if m.dynamic else {}))
@@ -252,7 +264,8 @@ def _add_baselines(cfg: ProfileConfig, eng, factories: dict, baselines: dict,
             backend.pad_multiple, backend.min_side = pads["pad_multiple"], pads["min_side"]
         return backend
 
-    factories[EAGER_LABEL] = eager
+    if "eager" in cfg.baselines:
+        factories[EAGER_LABEL] = eager
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     return before

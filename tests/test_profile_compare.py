@@ -156,3 +156,46 @@ def test_compare_on_a_dynamic_engine(tmp_path, data_root):
     assert res["dynamic"] is True and res["tiles_per_frame"] == 1
     assert res["baselines"]["torch_eager_fp32"]["input"].startswith("the whole frame")
     assert "one call of the whole frame (dynamic engine)" in table(res)
+
+
+def test_baselines_none_times_the_fp32_graph_only(engine, tmp_path, count_quantize):
+    """``--baselines none`` (make demo): the engine against its FP32 graph, and no
+    quantize_static graph is made."""
+    cfg = _cfg(engine, tmp_path, "none")
+    cfg.baselines = ()
+    res = profile(cfg)
+    assert list(res["variants"]) == ["quantized", "fp32"]
+    assert res["baselines"] == {} and res["skipped"] == {} and count_quantize == []
+    assert res["variants"]["quantized"]["speed_vs_fp32_p50"] > 0
+
+
+def test_baselines_pick_one(engine, tmp_path, count_quantize):
+    cfg = _cfg(engine, tmp_path, "eager")
+    cfg.baselines = ("eager",)
+    res = profile(cfg)
+    assert list(res["variants"]) == ["quantized", "fp32", "torch_eager_fp32"]
+    assert count_quantize == []
+
+
+def test_an_unknown_baseline_is_one_clear_error(engine):
+    from edge_sr.errors import EdgeSRError
+
+    with pytest.raises(EdgeSRError, match="--baselines: expected some of quantize_static, eager"):
+        ProfileConfig(engine=engine, baselines=("static",))
+
+
+def test_cli_baselines_option(engine, tmp_path, count_quantize):
+    from click.testing import CliRunner
+
+    from edge_sr.cli import main
+
+    out = tmp_path / "cli.json"
+    r = CliRunner().invoke(main, ["profile", "--engine", str(engine), "--input-size", "40x24",
+                                  "--runs", "1", "--compare", "--baselines", "none",
+                                  "--threads", "1", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert set(json.loads(out.read_text())["variants"]) == {"quantized", "fp32"}
+    r = CliRunner().invoke(main, ["profile", "--engine", str(engine), "--compare",
+                                  "--baselines", "static,eager"])
+    assert r.exit_code != 0 and "--baselines: expected some of" in r.output
+    assert "Traceback" not in r.output

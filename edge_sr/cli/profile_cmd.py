@@ -20,20 +20,29 @@ from edge_sr.cli.options import logging_options
               help="Also time, interleaved on the same frame and threads: the FP32 graph, ORT's "
                    "quantize_static INT8 graph of it (made once, cached in the engine "
                    "directory) and the FP model in PyTorch eager FP32.")
+@click.option("--baselines", default="all", show_default=True, metavar="LIST|all|none",
+              help="What --compare times beside the FP32 graph (ONNX Runtime engines): some of "
+                   "quantize_static, eager (comma-separated), all or none. 'none' skips making "
+                   "the quantize_static graph (about a minute for SwinIR-light at 320x180).")
 @click.option("--threads", type=int, default=None, help="Inference threads [default: all cores].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="JSON output [default: results/profile/<engine>_<W>x<H>.json].")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="PNG plot [default: the JSON path with .png].")
 @logging_options
-def profile_cmd(engine, input_size, runs, warmup, max_seconds, compare, threads, json_path, plot_path) -> None:
+def profile_cmd(engine, input_size, runs, warmup, max_seconds, compare, baselines, threads,
+                json_path, plot_path) -> None:
     """Profile an engine: p50/p90/p99 latency, frames/s and peak memory after warm-up."""
     from edge_sr.cli.options import parse_size
-    from runtime.profile import ProfileConfig, profile, table
+    from runtime.profile import BASELINES, ProfileConfig, profile, table
+
+    chosen = {"all": BASELINES, "none": ()}.get(baselines.strip().lower())
+    if chosen is None:
+        chosen = tuple(b.strip() for b in baselines.split(",") if b.strip())
 
     res = profile(ProfileConfig(engine=engine, input_size=parse_size(input_size, "--input-size"),
                                 runs=runs, warmup=warmup, max_seconds=max_seconds or None,
-                                compare=compare, threads=threads,
+                                compare=compare, baselines=chosen, threads=threads,
                                 json_path=json_path, plot_path=plot_path))
     click.echo(table(res))
     click.echo(f"wrote {res['json']} and {res['plot']}")
