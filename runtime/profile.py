@@ -55,6 +55,24 @@ BASELINES: tuple[str, ...] = ("quantize_static", "eager")
 _LABELS = {"quantize_static": STATIC_LABEL, "eager": EAGER_LABEL}
 
 
+def parse_baselines(text: str) -> tuple[str, ...]:
+    """``--baselines``: ``all``, ``none`` or a comma-separated list of ``BASELINES`` (any case).
+
+    Raises ``EdgeSRError`` (one line) on an empty list, an unknown name, or ``all``/``none``
+    combined with names."""
+    names = [t.strip().lower() for t in text.split(",")]
+    expected = f"expected all, none, or some of {', '.join(BASELINES)} (comma-separated)"
+    if not any(names) or "" in names:
+        raise EdgeSRError(f"--baselines: {expected}, got {text!r}")
+    if len(names) == 1 and names[0] in ("all", "none"):
+        return BASELINES if names[0] == "all" else ()
+    bad = [n for n in names if n not in BASELINES]
+    if bad:
+        raise EdgeSRError(f"--baselines: {expected}; 'all' and 'none' stand alone; got "
+                          f"{', '.join(bad)}")
+    return tuple(dict.fromkeys(names))
+
+
 @dataclass
 class ProfileConfig:
     engine: str | Path
@@ -303,12 +321,13 @@ def plot(result: dict, path: str | Path) -> Path:
 
 def table(result: dict) -> str:
     """The printed profile: one row per variant (and the FP32/quantized ratio)."""
-    i, o = result["input_size"], result["output_size"]
+    i, o, n_tiles = result["input_size"], result["output_size"], result["tiles_per_frame"]
     speed = any("speed_vs_fp32_p50" in v for v in result["variants"].values())
     lines = [f"{result['engine_name']} on {result['backend']}, {result['device']}",
              f"frame {i['width']}x{i['height']} -> {o['width']}x{o['height']}, "
              + ("one call of the whole frame (dynamic engine)" if result.get("dynamic") else
-                f"{result['tiles_per_frame']} tiles of {result['tile'][1]}x{result['tile'][0]} "
+                f"{n_tiles} tile{'s' if n_tiles != 1 else ''} of "
+                f"{result['tile'][1]}x{result['tile'][0]} "
                 f"(overlap {result['overlap']})") + f", {result['warmup']} warm-up",
              f"{'variant':<20} {'precision':<30} {'runs':>4} {'p50 ms':>9} {'p90 ms':>9} "
              f"{'p99 ms':>9} {'frames/s':>9} {'peak MiB':>9}" + (f" {'vs fp32':>8}" if speed

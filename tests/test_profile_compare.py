@@ -195,7 +195,20 @@ def test_cli_baselines_option(engine, tmp_path, count_quantize):
                                   "--threads", "1", "--json", str(out)])
     assert r.exit_code == 0, r.output
     assert set(json.loads(out.read_text())["variants"]) == {"quantized", "fp32"}
-    r = CliRunner().invoke(main, ["profile", "--engine", str(engine), "--compare",
-                                  "--baselines", "static,eager"])
-    assert r.exit_code != 0 and "--baselines: expected some of" in r.output
-    assert "Traceback" not in r.output
+    for args in (["--compare", "--baselines", "static,eager"], ["--baselines", "none"],
+                 ["--compare", "--baselines", ","], ["--compare", "--baselines", "none,eager"]):
+        r = CliRunner().invoke(main, ["profile", "--engine", str(engine), *args])
+        assert r.exit_code == 2, (args, r.output)
+        assert "--baselines:" in r.output and "Traceback" not in r.output
+
+
+def test_parse_baselines():
+    from edge_sr.errors import EdgeSRError
+    from runtime.profile import BASELINES, parse_baselines
+
+    assert parse_baselines("ALL") == BASELINES and parse_baselines(" none ") == ()
+    assert parse_baselines("Eager, eager") == ("eager",)
+    assert parse_baselines("eager,quantize_static") == ("eager", "quantize_static")
+    for bad in ("", ",", "eager,", "all,eager", "foo"):
+        with pytest.raises(EdgeSRError, match="--baselines: expected all, none"):
+            parse_baselines(bad)

@@ -20,10 +20,11 @@ from edge_sr.cli.options import logging_options
               help="Also time, interleaved on the same frame and threads: the FP32 graph, ORT's "
                    "quantize_static INT8 graph of it (made once, cached in the engine "
                    "directory) and the FP model in PyTorch eager FP32.")
-@click.option("--baselines", default="all", show_default=True, metavar="LIST|all|none",
-              help="What --compare times beside the FP32 graph (ONNX Runtime engines): some of "
-                   "quantize_static, eager (comma-separated), all or none. 'none' skips making "
-                   "the quantize_static graph (about a minute for SwinIR-light at 320x180).")
+@click.option("--baselines", default=None, metavar="LIST|all|none",
+              help="With --compare: what it times beside the FP32 graph (ONNX Runtime engines): "
+                   "some of quantize_static, eager (comma-separated), all or none. 'none' skips "
+                   "making the quantize_static graph (about a minute for SwinIR-light at "
+                   "320x180). [default: all]")
 @click.option("--threads", type=int, default=None, help="Inference threads [default: all cores].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="JSON output [default: results/profile/<engine>_<W>x<H>.json].")
@@ -34,11 +35,12 @@ def profile_cmd(engine, input_size, runs, warmup, max_seconds, compare, baseline
                 json_path, plot_path) -> None:
     """Profile an engine: p50/p90/p99 latency, frames/s and peak memory after warm-up."""
     from edge_sr.cli.options import parse_size
-    from runtime.profile import BASELINES, ProfileConfig, profile, table
+    from edge_sr.errors import EdgeSRError
+    from runtime.profile import BASELINES, ProfileConfig, parse_baselines, profile, table
 
-    chosen = {"all": BASELINES, "none": ()}.get(baselines.strip().lower())
-    if chosen is None:
-        chosen = tuple(b.strip() for b in baselines.split(",") if b.strip())
+    if baselines is not None and not compare:
+        raise EdgeSRError("--baselines: only with --compare (it picks what --compare times)")
+    chosen = BASELINES if baselines is None else parse_baselines(baselines)
 
     res = profile(ProfileConfig(engine=engine, input_size=parse_size(input_size, "--input-size"),
                                 runs=runs, warmup=warmup, max_seconds=max_seconds or None,
