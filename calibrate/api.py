@@ -87,10 +87,10 @@ DQC_METHODS = ("2dquant", "edge-sr")  # then trained by DQC
 # against 33.67 all INT8). DQC also trains the quantized linears' weights at <= 3
 # bits (NGswin x2 W2, held-out best 28.71 -> 31.08 / 31.68 dB at weight_lr 0.01 / 0.03); at W4
 # it was measured (+0.04 dB at 0.03, worse at 0.1) and stays off. DQC stays float32: bfloat16
-# autocast (--dqc-precision bf16) makes a DQC step 1.4-2.1x faster but costs 0.071 dB held-out on
-# NGswin x2 W4 with this method's defaults (0.013 before --fp-weights auto), and on the
-# SwinIR-light reference x3 it fell 0.0001 dB below the faithful method on Set14
-# (docs/results/beyond.md). A callable default is a function of the CalibrationConfig.
+# autocast (--dqc-precision bf16) makes a DQC step 1.4-2.1x faster at batch 16 of 32x32 (1.18x on
+# the cpu budget) but costs 0.071 dB held-out on NGswin x2 W4 with this method's defaults (0.013
+# before --fp-weights auto), and on the SwinIR-light reference x3 it fell 0.0001 dB below the
+# faithful method on Set14 (docs/results/beyond.md). A callable default is a function of the CalibrationConfig.
 EDGE_SR_WEIGHT_LR = 0.03
 EDGE_SR_OPTIONS = dict(rotate=("auto",), weight_grid="channel", rounding="gptq",
                        bound_lr="relative",
