@@ -343,6 +343,75 @@ def recipe_state_path(state_path: str | Path) -> Path:
     return Path(str(state_path) + ".recipe.pt")
 
 
+def init_state_path(state_path: str | Path) -> Path:
+    """Where a resumable calibration keeps its student as DQC starts (after DOBI, GPTQ and block
+    reconstruction), beside the DQC state."""
+    return Path(str(state_path) + ".init.pt")
+
+
+INIT_STATS = ("dobi_seconds", "stats_seconds", "percentile", "percentile_val_psnr", "gptq",
+              "block_recon", "val_psnr_init")
+
+
+def _initialise(cfg: CalibrationConfig, student: nn.Module, lm, data: PoolData,
+                stats: dict) -> None:
+    scale = lm.scale
+    if cfg.method in DOBI_METHODS:
+        bounds, rep = dobi_bounds(student, data.calib_lr, [cfg.bits])
+        apply_bounds(student, bounds[cfg.bits])
+        stats["dobi_seconds"] = rep.seconds
+    else:
+        per, rep = baseline_bounds(student, data.calib_lr)
+        if cfg.method == "minmax":
+            apply_bounds(student, per["minmax"])
+        elif cfg.percentile is not None:
+            key = f"p{cfg.percentile}"
+            if key not in per:
+                raise EdgeSRError(f"--percentile: expected one of {PERCENTILES}, got "
+                                  f"{cfg.percentile}")
+            apply_bounds(student, per[key])
+        else:
+            key, scores = pick_percentile(student, per, data, scale)
+            apply_bounds(student, per[key])
+            stats |= {"percentile": key, "percentile_val_psnr": scores}
+        stats["stats_seconds"] = rep.seconds
+    if cfg.option("rounding") == "gptq":
+        stats["gptq"] = apply_gptq(student, data.calib_lr)
+    if cfg.block_recon:
+        r = run_block_recon(student, lm.model, data.calib_lr, data.val,
+                            ReconConfig(iterations=cfg.block_recon, seed=cfg.seed))
+        stats["block_recon"] = asdict(r)
+    stats["val_psnr_init"] = val_psnr(student, *data.val, scale)
+
+
+def _initialised(cfg: CalibrationConfig, student: nn.Module, lm, data: PoolData, stats: dict,
+                 state_path: str | Path | None) -> None:
+    """Set ``student``'s starting point: bounds (DOBI or a baseline), GPTQ rounding and block
+    reconstruction where the recipe asks. A resumable DQC run keeps that starting point beside
+    its state, and ``--resume`` loads it instead of searching again (the same student: the
+    resolved recipe is reused too)."""
+    path = None if state_path is None or cfg.method not in DQC_METHODS else \
+        init_state_path(state_path)
+    # everything but what only steers the DQC loop decides the starting point
+    key = {k: v for k, v in cfg.to_dict().items()
+           if k not in ("resume", "time_limit", "iterations", "output", "device")}
+    if cfg.resume and path is not None and path.exists():
+        st = torch.load(path, map_location="cpu", weights_only=False)
+        if st.get("config") == key:
+            student.load_state_dict(st["student"])
+            stats.update(st["stats"])
+            log.info("resuming from the interrupted run's DOBI / GPTQ starting point (%s)",
+                     path)
+            return
+        log.info("--resume: %s was made with other settings: searching the bounds again", path)
+    _initialise(cfg, student, lm, data, stats)
+    if path is not None:
+        st = {"config": key, "student": student.state_dict(),
+              "stats": {k: stats[k] for k in INIT_STATS if k in stats}}
+        with atomic_path(path) as tmp:
+            torch.save(st, tmp)
+
+
 def _resolved_recipe(cfg: CalibrationConfig, fp_model: nn.Module, data: PoolData, stats: dict,
                      state_path: str | Path | None
                      ) -> tuple[QuantRecipe, dict[str, torch.Tensor] | None]:
@@ -393,33 +462,8 @@ def calibrate_model(lm, data: PoolData, cfg: CalibrationConfig,
     t0 = time.perf_counter()
     recipe, smoothing = _resolved_recipe(cfg, lm.model, data, stats, state_path)
     student = prepare(lm.model, recipe, smoothing)
-    if cfg.method in DOBI_METHODS:
-        bounds, rep = dobi_bounds(student, data.calib_lr, [cfg.bits])
-        apply_bounds(student, bounds[cfg.bits])
-        stats["dobi_seconds"] = rep.seconds
-    else:
-        per, rep = baseline_bounds(student, data.calib_lr)
-        if cfg.method == "minmax":
-            apply_bounds(student, per["minmax"])
-        elif cfg.percentile is not None:
-            key = f"p{cfg.percentile}"
-            if key not in per:
-                raise EdgeSRError(f"--percentile: expected one of {PERCENTILES}, got "
-                                  f"{cfg.percentile}")
-            apply_bounds(student, per[key])
-        else:
-            key, scores = pick_percentile(student, per, data, scale)
-            apply_bounds(student, per[key])
-            stats |= {"percentile": key, "percentile_val_psnr": scores}
-        stats["stats_seconds"] = rep.seconds
+    _initialised(cfg, student, lm, data, stats, state_path)
     rounding = cfg.option("rounding")
-    if rounding == "gptq":
-        stats["gptq"] = apply_gptq(student, data.calib_lr)
-    if cfg.block_recon:
-        r = run_block_recon(student, lm.model, data.calib_lr, data.val,
-                            ReconConfig(iterations=cfg.block_recon, seed=cfg.seed))
-        stats["block_recon"] = asdict(r)
-    stats["val_psnr_init"] = val_psnr(student, *data.val, scale)
     if cfg.method in DQC_METHODS:
         dqc_cfg = cfg.dqc_config(lm.model)
         deadline = None if cfg.time_limit is None else t0 + 60 * cfg.time_limit
@@ -461,8 +505,8 @@ def calibrate(cfg: CalibrationConfig, lm=None) -> Path:
         log.warning("%s holds a partial DQC (stopped at iteration %d by --time-limit); the same "
                     "command with --resume continues it", out, stopped)
     else:
-        state.unlink(missing_ok=True)
-        recipe_state_path(state).unlink(missing_ok=True)
+        for p in (state, recipe_state_path(state), init_state_path(state)):
+            p.unlink(missing_ok=True)
     log.info("wrote %s (%s, W%dA%d, x%d, held-out %.3f dB)", out, cfg.method, cfg.bits,
              cfg.bits, lm.scale, cal.meta.stats["val_psnr"])
     return out

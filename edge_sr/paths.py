@@ -13,7 +13,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def data_root(required: bool = True) -> Path | None:
     env = os.environ.get("EDGE_SR_DATA")
     candidates = [Path(env)] if env else []
-    candidates += [REPO_ROOT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    for c in (REPO_ROOT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
+        if c not in candidates:  # run from the checkout itself, both are the same folder
+            candidates.append(c)
     for c in candidates:
         if c.is_dir():
             return c.resolve()

@@ -125,8 +125,10 @@ def test_api_rejects_empty_and_too_small_pools(tiny_ckpt, tmp_path):
 
 
 def test_a_time_limited_calibration_keeps_its_state_and_resume_finishes_it(tiny_ckpt, tmp_path,
-                                                                           one_thread, caplog):
-    from calibrate.api import recipe_state_path
+                                                                           one_thread, caplog,
+                                                                           monkeypatch):
+    import calibrate.api as api
+    from calibrate.api import init_state_path, recipe_state_path
 
     pool = _pool(tmp_path / "pool", 4, size=(72, 72))
     cfg = CalibrationConfig(model=str(tiny_ckpt), bits=3, output=tmp_path / "c.pt",
@@ -136,12 +138,27 @@ def test_a_time_limited_calibration_keeps_its_state_and_resume_finishes_it(tiny_
     with caplog.at_level("WARNING"):
         out = calibrate(cfg)
     assert read_calibration(out)[1].stats["dqc_stopped_at"] == 1
-    assert state.exists() and recipe_state_path(state).exists()
+    assert state.exists() and recipe_state_path(state).exists() and init_state_path(state).exists()
     assert "--resume continues it" in caplog.text
-    out = calibrate(replace(cfg, time_limit=None, resume=True))
+    first = read_calibration(out)[1].stats
+
+    def must_not_search(*a, **k):
+        raise AssertionError("a resumed run searched its bounds again")
+
+    with monkeypatch.context() as m:  # the DOBI starting point comes from the saved state
+        m.setattr(api, "_initialise", must_not_search)
+        out = calibrate(replace(cfg, time_limit=None, resume=True))
+    whole = calibrate(replace(cfg, time_limit=None, output=tmp_path / "whole.pt"))
+    # the same trajectory as if never interrupted (the stop added a validation at iteration 1)
+    last = [{k: h[-1][k] for k in ("iteration", "loss", "val_psnr")}
+            for h in (read_calibration(f)[1].stats["dqc_history"] for f in (out, whole))]
+    assert last[0] == last[1] and last[0]["iteration"] == 3
     stats = read_calibration(out)[1].stats
     assert stats["dqc_stopped_at"] is None and stats["dqc_iterations"] == 2  # 2 more of 3
-    assert not state.exists() and not recipe_state_path(state).exists()
+    assert stats["val_psnr_init"] == first["val_psnr_init"]
+    assert stats["dobi_seconds"] == first["dobi_seconds"]
+    for p in (state, recipe_state_path(state), init_state_path(state)):
+        assert not p.exists()
     caplog.clear()
     with caplog.at_level("WARNING"):  # nothing left to resume: said, then a full run
         calibrate(replace(cfg, time_limit=None, resume=True))

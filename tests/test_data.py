@@ -201,3 +201,19 @@ def test_patch_sampler(tmp_path):
         assert inner.max() <= 1
     with pytest.raises(EdgeSRError, match="patch"):
         _ = PatchSampler(64, 2, images=imgs).sample(1)
+
+
+def test_a_missing_data_folder_names_each_place_tried_once(tmp_path, monkeypatch):
+    import edge_sr.paths as paths
+
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    monkeypatch.delenv("EDGE_SR_DATA", raising=False)
+    monkeypatch.setattr(paths, "REPO_ROOT", repo)
+    monkeypatch.chdir(repo)  # run from the checkout: both fallbacks are ../shared/data
+    assert paths.data_root(required=False) is None
+    with pytest.raises(EdgeSRError) as e:
+        paths.data_root()
+    msg = str(e.value)
+    assert "set EDGE_SR_DATA" in msg
+    assert msg.count(str(tmp_path / "shared" / "data")) == 1

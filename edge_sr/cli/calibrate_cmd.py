@@ -72,7 +72,7 @@ def calibrate_cmd(model, bits, scale, budget, method, seed, shared_qkv_input, se
 
         torch.set_num_threads(threads)
 
-    path = calibrate(CalibrationConfig(
+    calibrate(CalibrationConfig(  # logs "wrote FILE (method, WbAb, xS, held-out dB)"
         model=model, bits=bits, output=output, scale=scale, method=method, budget=budget,
         seed=seed, qkv_separation=not shared_qkv_input, search_assignment=search_assignment,
         wide_inputs=parse_list(wide_inputs), rotate=parse_optional_list(rotate),
@@ -80,4 +80,3 @@ def calibrate_cmd(model, bits, scale, budget, method, seed, shared_qkv_input, se
         dqc_precision=dqc_precision,
         block_recon=block_recon, iterations=iterations, time_limit=time_limit,
         feature_loss=feature_loss, resume=resume, pool=pool, device=device))
-    click.echo(f"wrote {path}")
