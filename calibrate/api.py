@@ -88,9 +88,10 @@ DQC_METHODS = ("2dquant", "edge-sr")  # then trained by DQC
 # bits (NGswin x2 W2, held-out best 28.71 -> 31.08 / 31.68 dB at weight_lr 0.01 / 0.03); at W4
 # it was measured (+0.04 dB at 0.03, worse at 0.1) and stays off. DQC stays float32: bfloat16
 # autocast (--dqc-precision bf16) makes a DQC step 1.4-2.1x faster at batch 16 of 32x32 (1.18x on
-# the cpu budget) but costs 0.071 dB held-out on NGswin x2 W4 with this method's defaults (0.013
-# before --fp-weights auto), and on the SwinIR-light reference x3 it fell 0.0001 dB below the
-# faithful method on Set14 (docs/results/beyond.md). A callable default is a function of the CalibrationConfig.
+# the cpu budget) at -0.031 dB held-out on NGswin x2 W4 with this method's defaults (mean of 3
+# seeds, -0.010 to -0.049; one draw gave -0.071), and on the SwinIR-light reference x3 it fell
+# 0.0001 dB below the faithful method on Set14 (docs/results/beyond.md); a default that depends
+# on the CPU's bfloat16 support would make one command calibrate differently by machine. A callable default is a function of the CalibrationConfig.
 EDGE_SR_WEIGHT_LR = 0.03
 EDGE_SR_OPTIONS = dict(rotate=("auto",), weight_grid="channel", rounding="gptq",
                        bound_lr="relative",

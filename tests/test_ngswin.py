@@ -251,3 +251,29 @@ def test_logits_updated_in_place_under_autograd_are_bitwise_the_same(monkeypatch
 
     x = torch.rand(1, 3, 20, 28, generator=torch.Generator().manual_seed(3))
     assert_logits_in_place_change_nothing(make_tiny_ngswin(), x, blocks, monkeypatch)
+
+
+def test_unit_rows_is_f_normalize_and_close_to_it_in_bfloat16() -> None:
+    import torch.nn.functional as F
+
+    from edge_sr.models.ngswin.blocks import unit_rows
+
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(8, 16, 3, 2, 10, generator=g).permute(2, 0, 3, 1, 4)  # strided, as in use
+    x = qkv[0].clone()
+    x[0, 0, 0] = 0.0  # a zero row stays zero (norm below eps)
+    for dt in (torch.float32, torch.float16):
+        assert torch.equal(unit_rows(qkv[0].to(dt)), F.normalize(qkv[0].to(dt), dim=-1))
+    ref = x.clone().requires_grad_(True)
+    F.normalize(ref, dim=-1).mul(torch.arange(10.0)).sum().backward()
+    h = x.bfloat16().requires_grad_(True)
+    y = unit_rows(h)
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    assert torch.all(y[0, 0, 0] == 0)
+    # within bfloat16's rounding (~2^-8) of a unit-norm row, as F.normalize in bfloat16 is
+    bf = F.normalize(x.bfloat16(), dim=-1).float()
+    err = (y.float() - F.normalize(x, dim=-1)).abs().max()
+    assert err < 8e-3 and err <= 2 * (bf - F.normalize(x, dim=-1)).abs().max()
+    y.float().mul(torch.arange(10.0)).sum().backward()
+    gh, gr = h.grad.float()[1:], ref.grad[1:]  # the zero row's gradient is 1/eps-sized
+    assert (gh - gr).abs().max() < 0.05 * gr.abs().max()

@@ -30,12 +30,17 @@ from benchmarks.accuracy.plan import (
     parts_dir,
 )
 from benchmarks.accuracy.report import write_table
-from calibrate.api import CalibrationConfig, dqc_sampler, pick_percentile, pool_data
+from calibrate.api import (
+    DQC_BUDGETS,
+    CalibrationConfig,
+    calibrate_model,
+    init_state_path,
+    pool_data,
+    recipe_state_path,
+)
 from calibrate.baselines import baseline_rule
-from calibrate.calibfile import CalibrationMeta, load_calibrated, save_calibration, state_checksum
-from calibrate.dobi import apply_bounds, collect, search_bounds_multi
-from calibrate.dqc import run_dqc, val_psnr
-from calibrate.prepare import QuantRecipe, prepare, quantizers
+from calibrate.calibfile import load_calibrated, save_calibration
+from calibrate.dobi import collect, search_bounds_multi
 from edge_sr.fileio import sha256_file, versions, write_json
 from edge_sr.hardware import cpu_model
 from edge_sr.logutil import progress_disabled
@@ -57,7 +62,8 @@ class ScaleRun:
 
         self.scale, self.bits_list = scale, bits_list
         self.lm = load_model(SETTINGS.family.checkpoint.format(scale=scale), device=SETTINGS.device)
-        self._data = self._stats = self._paper_data = None
+        self._data = self._stats = None
+        self._budget_data: dict = {}
 
     @property
     def data(self):
@@ -65,14 +71,15 @@ class ScaleRun:
             self._data = pool_data(self.scale, "fast", seed=0)
         return self._data
 
-    def budget_data(self, budget: str):
-        """The DQC budget's pool data: the same 32 DOBI patches, its own DQC and validation
-        patches."""
-        if budget == "fast":
+    def budget_data(self, budget: str, lr_patch: int | None = None):
+        """The DQC budget's pool data (DQC patches of ``lr_patch``, else the budget's): the same
+        32 DOBI patches, its own DQC and validation patches."""
+        if budget == "fast" and lr_patch in (None, DQC_BUDGETS["fast"]["dqc"].lr_patch):
             return self.data
-        if self._paper_data is None:
-            self._paper_data = pool_data(self.scale, budget, seed=0)
-        return self._paper_data
+        if (budget, lr_patch) not in self._budget_data:
+            self._budget_data[budget, lr_patch] = pool_data(self.scale, budget, seed=0,
+                                                            lr_patch=lr_patch)
+        return self._budget_data[budget, lr_patch]
 
     def stats(self, student):
         """One FP pass: DOBI for every bit width + MinMax/Percentile bounds, per quantizer."""
@@ -119,58 +126,22 @@ class ScaleRun:
         if method == PAPER_CUT:
             raise SystemExit(f"{path}: {PAPER_CUT} cells score a file that "
                              "scripts/calib_from_dqc_state.py makes; it is not there")
-        recipe = QuantRecipe(bits, qkv_separation=method != SHARED,
-                             wide_inputs=("fc1",) if method == WIDE else ())
-        student = prepare(self.lm.model, recipe)
-        res, rep = self.stats(student if recipe == QuantRecipe(bits)
-                              else prepare(self.lm.model, QuantRecipe(bits)))
-        info: dict = {"stats_pass_seconds": rep.seconds, "device": device_name(),
-                      "device_type": torch.device(SETTINGS.device).type}
-        dqc_budget = "paper" if method == PAPER_RECIPE else "fast"
-        data = self.budget_data(dqc_budget)
-        if method in ("dobi", *DQC_METHODS):
-            # a shared qkv input quantizer is named like the separated q-input one (index 0)
-            names = [n for n, _ in quantizers(student)]
-            bounds = {n: res[n]["dobi"][bits] for n in names}
-            apply_bounds(student, bounds | own_width_dobi(student, self.data.calib_lr))
-        elif method == "minmax":
-            apply_bounds(student, {n: r["minmax"] for n, r in res.items()})
-        else:
-            keys = [k for k in next(iter(res.values())) if k.startswith("p")]
-            per = {k: {n: r[k] for n, r in res.items()} for k in keys}
-            key, scores = pick_percentile(student, per, self.data, self.scale)
-            apply_bounds(student, per[key])
-            info |= {"percentile": key, "percentile_val_psnr": scores}
-        info["val_psnr_init"] = val_psnr(student, *data.val, self.scale)
         cfg = CalibrationConfig(model=self.lm.name, bits=bits, output=str(path),
                                 method="2dquant" if method in DQC_METHODS else method,
-                                budget=dqc_budget, qkv_separation=recipe.qkv_separation,
-                                wide_inputs=recipe.wide_inputs, device=SETTINGS.device)
-        if method in DQC_METHODS:
-            dqc_cfg = cfg.dqc_config()
-            r = run_dqc(student, self.lm.model, dqc_sampler(data.sampler, 0), data.val,
-                        dqc_cfg, state_path=Path(str(path) + ".dqc-state.pt"), resume=True)
-            info |= {"dqc_seconds": r.seconds, "dqc_iterations": r.iterations,
-                     "dqc_best_iteration": r.best_iteration, "val_psnr": r.best_val_psnr,
-                     "dqc_history": r.history}
-            Path(str(path) + ".dqc-state.pt").unlink(missing_ok=True)
-        meta = CalibrationMeta(bits=bits, scale=self.scale, method=cfg.method,
-                               recipe=recipe.to_dict(), checkpoint_name=self.lm.name,
-                               checkpoint_sha256=self.lm.sha256,
-                               state_sha256=state_checksum(self.lm.model), arch=self.lm.arch,
-                               config=cfg.to_dict(), stats=info, versions=versions())
-        save_calibration(path, student, meta)
-
-
-def own_width_dobi(student, calib_lr: torch.Tensor) -> dict[str, tuple[float, float]]:
-    """DOBI at their own width for the quantizers wider than the recipe's bits (the cached
-    statistics hold only the recipe widths); one FP pass that searches those quantizers only."""
-    qs = dict(quantizers(student))
-    wide = {n for n, q in qs.items() if q.bits != student.quant_recipe.bits}
-    width = {qs[n].bits for n in wide}
-    res, _ = collect(student, calib_lr, lambda x, s: search_bounds_multi(x, sorted(width), s),
-                     names=wide)
-    return {n: r[qs[n].bits] for n, r in res.items()}
+                                budget="paper" if method == PAPER_RECIPE else "fast",
+                                qkv_separation=method != SHARED,
+                                wide_inputs=("fc1",) if method == WIDE else (),
+                                device=SETTINGS.device)
+        # the same API as `edge-sr calibrate`; an interrupted DQC resumes from its state
+        state = Path(str(path) + ".dqc-state.pt")
+        cfg = dataclasses.replace(cfg, resume=state.exists())
+        data = self.budget_data(cfg.budget, cfg.dqc_config(self.lm.model).lr_patch)
+        cal = calibrate_model(self.lm, data, cfg, state_path=state)
+        meta = dataclasses.replace(cal.meta, stats=cal.meta.stats | {
+            "device": device_name(), "device_type": torch.device(SETTINGS.device).type})
+        save_calibration(path, cal.model, meta)
+        for p in (state, recipe_state_path(state), init_state_path(state)):
+            p.unlink(missing_ok=True)
 
 
 def model_key(run: ScaleRun, bits: int, method: str) -> str:

@@ -32,8 +32,8 @@ from edge_sr.cli.options import logging_options, parse_list, parse_optional_list
               help="DQC's forward passes: fp32 (the paper), or bf16 autocast (bfloat16 GEMMs; "
                    "fake quantizers compute in fp32; losses and validation stay fp32; a step "
                    "1.4-2.1x faster at batch 16 of 32x32, 1.2x on the cpu budget, where the CPU/GPU "
-                   "has bfloat16; -0.07 dB held-out on "
-                   "NGswin x2 W4 with edge-sr). Default: fp32.")
+                   "has bfloat16; -0.03 dB held-out on "
+                   "NGswin x2 W4 with edge-sr, mean of 3 seeds). Default: fp32.")
 @click.option("--block-recon", type=click.IntRange(min=0), default=0, show_default=True,
               metavar="STEPS",
               help="Beyond the paper: before DQC, train the bounds block by block against the "
