@@ -91,7 +91,8 @@ DQC_METHODS = ("2dquant", "edge-sr")  # then trained by DQC
 # the cpu budget) at -0.031 dB held-out on NGswin x2 W4 with this method's defaults (mean of 3
 # seeds, -0.010 to -0.049; one draw gave -0.071), and on the SwinIR-light reference x3 it fell
 # 0.0001 dB below the faithful method on Set14 (docs/results/beyond.md); a default that depends
-# on the CPU's bfloat16 support would make one command calibrate differently by machine. A callable default is a function of the CalibrationConfig.
+# on the CPU's bfloat16 support would make one command calibrate differently by machine.
+# A callable default is a function of the CalibrationConfig.
 EDGE_SR_WEIGHT_LR = 0.03
 EDGE_SR_OPTIONS = dict(rotate=("auto",), weight_grid="channel", rounding="gptq",
                        bound_lr="relative",
@@ -356,6 +357,8 @@ INIT_STATS = ("dobi_seconds", "stats_seconds", "percentile", "percentile_val_psn
 
 def _initialise(cfg: CalibrationConfig, student: nn.Module, lm, data: PoolData,
                 stats: dict) -> None:
+    """DQC's starting point, searched: the method's bounds, then GPTQ and block reconstruction
+    where the recipe asks; the stages' figures go to ``stats``."""
     scale = lm.scale
     if cfg.method in DOBI_METHODS:
         bounds, rep = dobi_bounds(student, data.calib_lr, [cfg.bits])
