@@ -33,7 +33,7 @@ from calibrate.calibfile import (
     state_checksum,
 )
 from calibrate.dobi import apply_bounds, dobi_bounds
-from calibrate.dqc import DQCConfig, run_dqc, val_psnr
+from calibrate.dqc import DQCConfig, check_resumable, differences, run_dqc, val_psnr
 from calibrate.gptq import apply_gptq
 from calibrate.prepare import WIDE_BITS, QuantRecipe, prepare
 from calibrate.quantizer import check_bits
@@ -401,13 +401,14 @@ def _initialised(cfg: CalibrationConfig, student: nn.Module, lm, data: PoolData,
            if k not in ("resume", "time_limit", "iterations", "output", "device")}
     if cfg.resume and path is not None and path.exists():
         st = torch.load(path, map_location="cpu", weights_only=False)
-        if st.get("config") == key:
-            student.load_state_dict(st["student"])
-            stats.update(st["stats"])
-            log.info("resuming from the interrupted run's DOBI / GPTQ starting point (%s)",
-                     path)
-            return
-        log.info("--resume: %s was made with other settings: searching the bounds again", path)
+        diff = differences(st.get("config", {}), key)
+        if diff:  # never replaced by another run's: the interrupted run can still resume
+            raise EdgeSRError(f"--resume: the interrupted run ({path}) started from other "
+                              f"settings: {diff}")
+        student.load_state_dict(st["student"])
+        stats.update(st["stats"])
+        log.info("resuming from the interrupted run's DOBI / GPTQ starting point (%s)", path)
+        return
     _initialise(cfg, student, lm, data, stats)
     if path is not None:
         st = {"config": key, "student": student.state_dict(),
@@ -429,12 +430,10 @@ def _resolved_recipe(cfg: CalibrationConfig, fp_model: nn.Module, data: PoolData
     requested = cfg.quant_recipe().to_dict()
     if cfg.resume and path.exists():
         st = torch.load(path, map_location="cpu", weights_only=False)
-        differ = {k: (st["requested"].get(k), v) for k, v in requested.items()
-                  if st["requested"].get(k) != v}
-        if differ:
+        diff = differences({k: st["requested"].get(k) for k in requested}, requested)
+        if diff:
             raise EdgeSRError(f"--resume: the interrupted run ({path}) used another recipe: "
-                              + "; ".join(f"{k} {old!r} there, {new!r} here"
-                                          for k, (old, new) in differ.items()))
+                              + diff)
         stats.update(st["choices"])
         log.info("resuming with the interrupted run's measured per-site choices (%s)", path)
         return QuantRecipe(**st["recipe"]), st["smoothing"]
@@ -464,6 +463,9 @@ def calibrate_model(lm, data: PoolData, cfg: CalibrationConfig,
     scale = lm.scale
     stats: dict = {"val_patches": list(data.val[0].shape)}
     t0 = time.perf_counter()
+    if (cfg.resume and cfg.method in DQC_METHODS and state_path is not None
+            and Path(state_path).exists()):  # refused before any work, nothing overwritten
+        check_resumable(state_path, cfg.dqc_config(lm.model))
     recipe, smoothing = _resolved_recipe(cfg, lm.model, data, stats, state_path)
     student = prepare(lm.model, recipe, smoothing)
     _initialised(cfg, student, lm, data, stats, state_path)
@@ -507,7 +509,8 @@ def calibrate(cfg: CalibrationConfig, lm=None) -> Path:
     stopped = cal.meta.stats.get("dqc_stopped_at")
     if stopped is not None:  # --time-limit: the DQC state stays, so --resume can continue it
         log.warning("%s holds a partial DQC (stopped at iteration %d by --time-limit); the same "
-                    "command with --resume continues it", out, stopped)
+                    "command with --resume continues it (with a later or no --time-limit: it "
+                    "counts from the start of the command)", out, stopped)
     else:
         for p in (state, recipe_state_path(state), init_state_path(state)):
             p.unlink(missing_ok=True)

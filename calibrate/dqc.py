@@ -334,11 +334,7 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
     try:
         if resume and state_path is not None and state_path.exists():
             st = torch.load(state_path, map_location="cpu", weights_only=False)
-            if st["config"] != asdict(cfg):
-                from edge_sr.errors import EdgeSRError
-
-                raise EdgeSRError(f"--resume: state file {state_path} was written for DQC "
-                                  f"config {st['config']}, but this run asks for {asdict(cfg)}")
+            check_resumable(state_path, cfg, st)
             load_bounds(student, st["bounds"])
             opt.load_state_dict(st["optimizer"])
             start, history = st["iteration"], st["history"]
@@ -377,9 +373,28 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
     load_bounds(student, best[2])
     rep = DQCReport((stopped_at or cfg.iterations) - start, time.perf_counter() - t0, best[0],
                     best[1], history, stopped_at)
-    log.info("DQC (%s): %d iterations in %.0f s; best validation %.3f dB at iteration %d",
-             cfg.precision, rep.iterations, rep.seconds, rep.best_val_psnr, rep.best_iteration)
+    log.info("DQC (%s): %d iteration%s in %.0f s; best validation %.3f dB at iteration %d",
+             cfg.precision, rep.iterations, "" if rep.iterations == 1 else "s", rep.seconds, rep.best_val_psnr, rep.best_iteration)
     return rep
+
+
+def differences(stored: dict, asked: dict) -> str:
+    """``"k a there, b here; ..."`` for the keys whose values differ ("" if none)."""
+    keys = [k for k in {**stored, **asked} if stored.get(k) != asked.get(k)]
+    return "; ".join(f"{k} {stored.get(k)!r} there, {asked.get(k)!r} here" for k in keys)
+
+
+def check_resumable(state_path: str | Path, cfg: DQCConfig, st: dict | None = None) -> None:
+    """``EdgeSRError`` naming each setting that differs when the DQC state at ``state_path`` was
+    written for another ``DQCConfig`` (``st``: the state, if already loaded)."""
+    if st is None:
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+    diff = differences(st["config"], asdict(cfg))
+    if diff:
+        from edge_sr.errors import EdgeSRError
+
+        raise EdgeSRError(f"--resume: the interrupted run's DQC ({state_path}) used other "
+                          f"settings: {diff}")
 
 
 def _save_state(path: Path, cfg: DQCConfig, iteration: int, student: nn.Module,

@@ -155,9 +155,13 @@ def download(entry: CheckpointEntry, dest: Path, timeout: float = 60.0) -> Path:
 def _missing_message(entry: CheckpointEntry, why: str) -> str:
     where = ", ".join(str(p) for p in candidate_paths(entry))
     fetch = f"download {entry.url} and put" if entry.url else "put"
+    shared = ""
+    if entry.shared_relpath and data_root(required=False) is None:
+        shared = (f"; it ships in the shared data folder as {entry.shared_relpath}, which was "
+                  "not found: set EDGE_SR_DATA")
     return (f"checkpoint {entry.name} ({entry.filename}) was not found and {why}: {fetch} "
             f"{entry.filename} in $EDGE_SR_MODELS or {cache_dir()}, or pass its path "
-            f"(searched: {where})")
+            f"(searched: {where}){shared}")
 
 
 def resolve_entry(entry: CheckpointEntry) -> Path:

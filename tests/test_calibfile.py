@@ -141,6 +141,12 @@ def test_a_time_limited_calibration_keeps_its_state_and_resume_finishes_it(tiny_
     assert state.exists() and recipe_state_path(state).exists() and init_state_path(state).exists()
     assert "--resume continues it" in caplog.text
     first = read_calibration(out)[1].stats
+    saved = {p: p.read_bytes() for p in (state, recipe_state_path(state), init_state_path(state))}
+    for other, says in (({"seed": 1}, "seed 0 there, 1 here"),  # refused before any work
+                        ({"calib_patches": 3}, "calib_patches 4 there, 3 here")):
+        with pytest.raises(EdgeSRError, match=f"--resume: the interrupted run.*{says}$"):
+            calibrate(replace(cfg, time_limit=None, resume=True, **other))
+        assert {p: p.read_bytes() for p in saved} == saved  # and nothing overwritten
 
     def must_not_search(*a, **k):
         raise AssertionError("a resumed run searched its bounds again")

@@ -219,3 +219,13 @@ def test_models_command_lists_registry(data_root):
     lines = {line.split()[0]: line for line in result.output.splitlines()}
     assert re.search(r"swinir-light\s+x2\s+\S+swinir_light_x2_ref\.pth", lines["swinir-light-x2-ref"])
     assert lines["swinir-light-x4"].endswith("not available")
+
+
+def test_a_shared_checkpoint_without_the_data_folder_says_to_set_edge_sr_data(monkeypatch):
+    entry = CheckpointEntry(name="shared-x2", arch="swinir-light", scale=2,
+                            filename="shared.pth", url=None, shared_relpath="models/shared.pth")
+    monkeypatch.setattr(ck, "CHECKPOINTS", ck.CHECKPOINTS + [entry])
+    monkeypatch.setattr(ck, "data_root", lambda required=True: None)
+    with pytest.raises(EdgeSRError, match="shared-x2 .* not found .*models/shared.pth, which was "
+                                          "not found: set EDGE_SR_DATA$"):
+        resolve_checkpoint("shared-x2")

@@ -121,7 +121,8 @@ def test_resume_with_another_config_is_an_error(tiny_swinir, one_thread, tmp_pat
     state = tmp_path / "state.pt"
     run_dqc(student, fp, sample, val, DQCConfig(iterations=2, batch=1, lr_patch=16, val_every=2,
                                                 ckpt_every=2), state_path=state)
-    with pytest.raises(EdgeSRError, match="--resume: state file .* was written for DQC config"):
+    with pytest.raises(EdgeSRError, match=r"--resume: the interrupted run's DQC \(.*\) used "
+                                          r"other settings: iterations 2 there, 4 here; "):
         run_dqc(student, fp, sample, val, DQCConfig(iterations=4, batch=1, lr_patch=16),
                 state_path=state, resume=True)
 
