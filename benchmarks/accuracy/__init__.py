@@ -1,15 +1,15 @@
 """Accuracy bench: FP / MinMax / Percentile / DOBI / 2DQuant-fast, drop from FP beside the
-published drops (spec §6, docs/anchors.md).
+published drops (2DQuant's Table 3, docs/anchors.md).
 
-Two model families: ``--family swinir`` (issue 3: the reference SwinIR-light checkpoints, x2/x3/x4,
-results/accuracy/, docs/results/accuracy.md) and ``--family ngswin`` (issue 7: the official NGswin
+Two model families: ``--family swinir`` (the reference SwinIR-light checkpoints, x2/x3/x4,
+results/accuracy/, docs/results/accuracy.md) and ``--family ngswin`` (the official NGswin
 checkpoints, x2/x3, results/accuracy_ngswin/, docs/results/ngswin_accuracy.md).
 
 Resumable: each (scale, bits, method, set) cell is one JSON and is skipped when present;
 calibration files are cached under calib/. A cell scores image by image into ``<cell>.parts/``,
 so an interrupted cell resumes at its next image, and a worker with nothing of its own left helps
-score the images of cells that other workers are running. Per scale, one FP pass over the 32
-calibration patches gives DOBI bounds for every bit width and the MinMax/Percentile statistics.
+score the images of cells that other workers are running. Each cell is calibrated by
+``calibrate.api.calibrate_model``, the API under ``edge-sr calibrate`` (same data, same options).
 Order: scales as given, Set5 before Set14; the wide rows (B100, Urban100 at 4 and 2 bits) last.
 ``--table`` only rewrites the table.
 

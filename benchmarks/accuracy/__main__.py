@@ -19,14 +19,15 @@ from edge_sr.allocator import keep_freed_memory
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=DOC)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=DOC,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=sorted(FAMILIES), default="swinir")
     ap.add_argument("--scales", default=None, help="default: the family's (2,4,3 / 2,3)")
-    ap.add_argument("--bits", default="4,2,3")
+    ap.add_argument("--bits", default="4,2,3", help="weight and activation widths (WbAb)")
     ap.add_argument("--datasets", default=",".join(SETS), help="restrict the plan to these sets")
     ap.add_argument("--methods", default=",".join(METHODS),
                     help=f"some of {', '.join(ORDER[1:])} (FP always runs)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="PyTorch threads of this worker")
     ap.add_argument("--device", default="cpu",
                     help="cpu or cuda[:N]; several workers may share one results folder")
     ap.add_argument("--out", default=None,
