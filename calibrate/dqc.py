@@ -374,7 +374,8 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
     rep = DQCReport((stopped_at or cfg.iterations) - start, time.perf_counter() - t0, best[0],
                     best[1], history, stopped_at)
     log.info("DQC (%s): %d iteration%s in %.0f s; best validation %.3f dB at iteration %d",
-             cfg.precision, rep.iterations, "" if rep.iterations == 1 else "s", rep.seconds, rep.best_val_psnr, rep.best_iteration)
+             cfg.precision, rep.iterations, "" if rep.iterations == 1 else "s", rep.seconds,
+             rep.best_val_psnr, rep.best_iteration)
     return rep
 
 
