@@ -277,3 +277,20 @@ def test_unit_rows_is_f_normalize_and_close_to_it_in_bfloat16() -> None:
     y.float().mul(torch.arange(10.0)).sum().backward()
     gh, gr = h.grad.float()[1:], ref.grad[1:]  # the zero row's gradient is 1/eps-sized
     assert (gh - gr).abs().max() < 0.05 * gr.abs().max()
+
+
+def test_unigrams_run_in_float32_under_cpu_autocast() -> None:
+    from edge_sr.models.ngswin.blocks import NGramContext
+
+    torch.manual_seed(0)
+    ctx = NGramContext(dim=8, window_size=4, ngram=2, num_heads=2).requires_grad_(False)
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    plain = ctx.unigram_embed(x)
+    assert torch.equal(ctx.unigrams(x), plain)  # float32: the module call itself
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u = ctx.unigrams(x)
+        out = ctx(x)
+    assert u.dtype == torch.float32 and torch.equal(u, plain)  # not rounded to bfloat16
+    assert out.shape == (2, 8, 4, 4)
+    out.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
