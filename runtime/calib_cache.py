@@ -9,14 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from calibrate.api import calibrate
 from calibrate.calibfile import load_calibrated
 from edge_sr.checkpoints import cache_dir
-from edge_sr.fileio import atomic_path, sha256_file
+from edge_sr.fileio import sha256_file
 
 if TYPE_CHECKING:
     from runtime.build import BuildConfig
@@ -71,10 +70,9 @@ def cached_calibration(lm, cfg: BuildConfig) -> tuple[Path, dict]:
         log.info("calibration: reusing cached %s", path)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path, suffix=".tmp.pt") as tmp:
-            written = run_calibration(lm, cfg, tmp)
-            if Path(written) != tmp:
-                shutil.copyfile(written, tmp)
+        # the calibration file is written atomically (calibrate.calibfile.save_calibration), so
+        # the cache never holds a partial one, and the log names the file the build will use
+        run_calibration(lm, cfg, path)
     return path, {"key": key, "sha256": sha256_file(path), "cached": cached, "file": path.name}
 
 

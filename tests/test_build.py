@@ -8,6 +8,7 @@ runs the real ``calibrate.api`` when it is available.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -333,13 +334,14 @@ def test_cli_print_config_and_errors(env):
 
 
 @pytest.mark.slow
-def test_real_calibration_api(tmp_path, env):
+def test_real_calibration_api(tmp_path, env, caplog):
     """With the real calibrate.api: DOBI + 2 DQC iterations on the tiny model (an ImportError
     in calibrate is a failure here, not a skip)."""
     import calibrate.api  # noqa: F401
     import calibrate.calibfile  # noqa: F401
 
     env["mp"].undo()
+    caplog.set_level(logging.INFO, logger="calibrate.api")
     try:
         res = rb.build(env["cfg"](out=tmp_path / "eng_real", cache_dir=tmp_path / "cache",
                                   calib_iterations=2))
@@ -357,3 +359,9 @@ def test_real_calibration_api(tmp_path, env):
     # W4A4 are weight-only grids, INT4 where held-out data says it costs nothing, else INT8
     assert recipe["fp_sites"] == ["qk", "pv"] and recipe["fp_weights"] == "auto"
     assert isinstance(recipe["kept_int4"], list)
+    # the calibration wrote straight to its cache file (atomically), and its log names that
+    # file, not a temporary one; nothing else is left beside it
+    cached = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert len(cached) == 1 and cached[0].suffix == ".pt", cached
+    wrote = [r.getMessage() for r in caplog.records if r.getMessage().startswith("wrote ")]
+    assert len(wrote) == 1 and wrote[0].startswith(f"wrote {cached[0]} "), wrote
