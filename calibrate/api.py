@@ -476,7 +476,7 @@ def calibrate_model(lm, data: PoolData, cfg: CalibrationConfig,
         r = run_dqc(student, lm.model, dqc_sampler(data.sampler, cfg.seed), data.val, dqc_cfg,
                     state_path=state_path, resume=cfg.resume, deadline=deadline)
         stats |= {"dqc_stopped_at": r.stopped_at, "dqc_seconds": r.seconds,
-                  "dqc_iterations": r.iterations,
+                  "dqc_iterations": r.iterations, "dqc_resumed_at": r.resumed_at,
                   "dqc_best_iteration": r.best_iteration, "val_psnr": r.best_val_psnr,
                   "dqc_history": r.history, "dqc_config": asdict(dqc_cfg)}
     else:

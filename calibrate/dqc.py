@@ -96,12 +96,13 @@ class DQCConfig:
 
 @dataclass
 class DQCReport:
-    iterations: int
-    seconds: float
+    iterations: int  # the iterations the bounds have trained for, a resumed run's earlier ones too
+    seconds: float  # this run's own DQC time
     best_iteration: int
     best_val_psnr: float
     history: list[dict] = field(default_factory=list)
     stopped_at: int | None = None  # the iteration a deadline stopped the run at (None: ran out)
+    resumed_at: int = 0  # the iteration a --resume continued from (0: a run from the start)
 
 
 def output_loss(out_s: torch.Tensor, out_t: torch.Tensor, variant: str) -> torch.Tensor:
@@ -371,10 +372,12 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
     finally:
         trainer.close()
     load_bounds(student, best[2])
-    rep = DQCReport((stopped_at or cfg.iterations) - start, time.perf_counter() - t0, best[0],
-                    best[1], history, stopped_at)
-    log.info("DQC (%s): %d iteration%s in %.0f s; best validation %.3f dB at iteration %d",
-             cfg.precision, rep.iterations, "" if rep.iterations == 1 else "s", rep.seconds,
+    rep = DQCReport(stopped_at or cfg.iterations, time.perf_counter() - t0, best[0], best[1],
+                    history, stopped_at, start)
+    ran = rep.iterations - start
+    log.info("DQC (%s): %d iteration%s in %.0f s%s; best validation %.3f dB at iteration %d",
+             cfg.precision, ran, "" if ran == 1 else "s", rep.seconds,
+             f" (resumed at {start}, now at {rep.iterations})" if start else "",
              rep.best_val_psnr, rep.best_iteration)
     return rep
 

@@ -160,7 +160,9 @@ def test_a_time_limited_calibration_keeps_its_state_and_resume_finishes_it(tiny_
             for h in (read_calibration(f)[1].stats["dqc_history"] for f in (out, whole))]
     assert last[0] == last[1] and last[0]["iteration"] == 3
     stats = read_calibration(out)[1].stats
-    assert stats["dqc_stopped_at"] is None and stats["dqc_iterations"] == 2  # 2 more of 3
+    # all 3 iterations trained, 2 of them by the resumed run
+    assert stats["dqc_stopped_at"] is None and stats["dqc_iterations"] == 3
+    assert stats["dqc_resumed_at"] == 1
     assert stats["val_psnr_init"] == first["val_psnr_init"]
     assert stats["dobi_seconds"] == first["dobi_seconds"]
     for p in (state, recipe_state_path(state), init_state_path(state)):
