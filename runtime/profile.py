@@ -11,7 +11,8 @@ graph ORT's own ``quantize_static`` makes of the FP32 graph (INT8 QDQ, cached in
 directory; making it takes about a minute for SwinIR-light at 320x180) and the FP checkpoint in
 PyTorch eager FP32. Each row gets ``speed_vs_fp32_p50`` (FP32 p50 / its p50); a
 baseline that cannot be made here (no checkpoint, no pool data) is skipped with a warning and
-listed under ``skipped``.
+listed under ``skipped``, unless ``require_baselines`` (baselines the user named): then it is an
+``EdgeSRError`` before anything is timed.
 
 Peak memory is the peak resident set size (Linux ``VmHWM``, reset through
 ``/proc/self/clear_refs``) during session creation and warm-up, minus the RSS just before: it
@@ -85,6 +86,9 @@ class ProfileConfig:
     compare: bool = False
     # which of BASELINES ``compare`` adds for an ONNX Runtime engine (the FP32 graph always)
     baselines: tuple[str, ...] = BASELINES
+    # the user named ``baselines`` (``--baselines LIST``): one that cannot be made here is an
+    # error, not a skip with a warning (the default, for ``all``)
+    require_baselines: bool = False
     threads: int | None = None
     scale: int | None = None
     json_path: str | Path | None = None  # default results/profile/<engine>_<W>x<H>.json
@@ -180,8 +184,8 @@ def profile(cfg: ProfileConfig) -> dict:
             torch_threads = _add_baselines(cfg, eng, factories, baselines, skipped)
         else:
             for k in (_LABELS[b] for b in cfg.baselines):
-                skipped[k] = (f"the engine runs on {m.backend}; the ORT quantize_static and "
-                              "PyTorch CPU baselines are timed for onnxruntime engines only")
+                _skip(cfg, skipped, k, f"the engine runs on {m.backend}; the ORT quantize_static "
+                      "and PyTorch CPU baselines are timed for onnxruntime engines only")
     preds, memory, infos, threads = {}, {}, {}, {}
     try:
         for label, make in factories.items():
@@ -194,8 +198,7 @@ def profile(cfg: ProfileConfig) -> dict:
                     for _ in range(cfg.warmup):
                         preds[label].run_numpy(frame)
             except BaselineUnavailable as e:
-                log.warning("profile --compare: skipping %s: %s", label, e)
-                skipped[label] = str(e)
+                _skip(cfg, skipped, label, str(e))
                 baselines.pop(label, None)
                 continue
             memory[label] = {"peak_rss_increase_mib": round(mem.delta_mib, 1),
@@ -247,6 +250,15 @@ def profile(cfg: ProfileConfig) -> dict:
     return result
 
 
+def _skip(cfg: ProfileConfig, skipped: dict, label: str, why: str) -> None:
+    """Note a baseline that cannot be made here: a warning and ``skipped[label]``, or, when the
+    user named the baselines (``require_baselines``), an ``EdgeSRError``."""
+    if cfg.require_baselines:
+        raise EdgeSRError(f"--baselines: {label} cannot be timed here: {why}")
+    log.warning("profile --compare: skipping %s: %s", label, why)
+    skipped[label] = why
+
+
 def _add_baselines(cfg: ProfileConfig, eng, factories: dict, baselines: dict,
                    skipped: dict) -> int:
     """Add the ORT ``quantize_static`` and PyTorch eager rows to ``factories`` (or note why not in
@@ -263,8 +275,7 @@ def _add_baselines(cfg: ProfileConfig, eng, factories: dict, baselines: dict,
         if "quantize_static" in cfg.baselines:
             path, baselines[STATIC_LABEL] = ort_static_graph(eng)
     except Exception as e:  # a baseline that cannot be made must not sink the profile
-        log.warning("profile --compare: skipping %s: %s", STATIC_LABEL, e)
-        skipped[STATIC_LABEL] = f"{type(e).__name__}: {e}"
+        _skip(cfg, skipped, STATIC_LABEL, f"{type(e).__name__}: {e}")
     if path is not None:
         factories[STATIC_LABEL] = lambda: OrtBackend(
             path, threads=threads, tile=None if m.dynamic else tuple(m.tile), max_batch=m.batch,

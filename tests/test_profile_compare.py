@@ -110,6 +110,14 @@ def test_missing_checkpoint_skips_eager_row(tmp_path, data_root, caplog):
     assert "skipping torch_eager_fp32" in caplog.text
     assert set(res["variants"]) == {"quantized", "fp32", "ort_quantize_static"}
     assert "skipped torch_eager_fp32" in table(res)
+    # named explicitly (--baselines eager), the missing baseline is an error before any timing
+    from edge_sr.errors import EdgeSRError
+
+    strict = _cfg(eng, tmp_path, "strict")
+    strict.baselines, strict.require_baselines = ("eager",), True
+    with pytest.raises(EdgeSRError, match="--baselines: torch_eager_fp32 cannot be timed here: "
+                                          ".*checkpoint"):
+        profile(strict)
 
 
 def test_stale_or_corrupt_cache_is_rebuilt(tmp_path, data_root, count_quantize):

@@ -24,7 +24,8 @@ from edge_sr.cli.options import logging_options
               help="With --compare: what it times beside the FP32 graph (ONNX Runtime engines): "
                    "some of quantize_static, eager (comma-separated), all or none. 'none' skips "
                    "making the quantize_static graph (about a minute for SwinIR-light at "
-                   "320x180). [default: all]")
+                   "320x180). A baseline named here that cannot be timed is an error; with all it is "
+                   "skipped with a warning. [default: all]")
 @click.option("--threads", type=int, default=None, help="Inference threads [default: all cores].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="JSON output [default: results/profile/<engine>_<W>x<H>.json].")
@@ -45,6 +46,8 @@ def profile_cmd(engine, input_size, runs, warmup, max_seconds, compare, baseline
     res = profile(ProfileConfig(engine=engine, input_size=parse_size(input_size, "--input-size"),
                                 runs=runs, warmup=warmup, max_seconds=max_seconds or None,
                                 compare=compare, baselines=chosen, threads=threads,
+                                require_baselines=baselines is not None
+                                and baselines.strip().lower() != "all",
                                 json_path=json_path, plot_path=plot_path))
     click.echo(table(res))
     click.echo(f"wrote {res['json']} and {res['plot']}")
