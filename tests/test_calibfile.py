@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,3 +205,31 @@ def test_api_and_cli_write_loadable_files(tiny_ckpt, tmp_path, one_thread):
     r = CliRunner().invoke(main, ["calibrate", "--model", str(tiny_ckpt), "--bits", "9",
                                   "-o", str(tmp_path / "q.pt")])
     assert r.exit_code == 2 and "--bits: expected an integer from 2 to 8, got 9" in r.output
+
+
+def test_sigterm_is_an_interrupt_with_a_resume_hint(tmp_path, monkeypatch):
+    """``kill`` (SIGTERM) mid-calibration: one line, exit 143, and where DQC saved state, how to
+    continue it."""
+    import signal
+
+    import calibrate.api as api
+    from edge_sr.cli import main
+
+    def killed(cfg, lm=None):
+        Path(str(cfg.output) + ".dqc-state.pt").write_bytes(b"state")
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            raise AssertionError("no SIGTERM handler: kill would end edge-sr without a word")
+        signal.raise_signal(signal.SIGTERM)  # as `kill PID` would, mid-run
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(api, "calibrate", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        r = CliRunner().invoke(main, ["-q", "calibrate", "--model", "x", "--bits", "4",
+                                      "-o", str(tmp_path / "c.pt")])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert r.exit_code == 143, r.output
+    assert r.stderr.strip() == ("edge-sr: terminated (SIGTERM); nothing half-written was kept; "
+                                "the same command with --resume continues the DQC from its "
+                                "last save")

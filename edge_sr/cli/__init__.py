@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 import click
 
@@ -25,6 +27,22 @@ COMMANDS = {
     "profile": "edge_sr.cli.profile_cmd:profile_cmd",
     "models": "edge_sr.cli.models_cmd:models_cmd",
 }
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler, a container stopping), handled as Ctrl-C is: temporary
+    files are removed, resumable state is kept, and one line says so."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def interrupted_message(e: KeyboardInterrupt) -> str:
+    """The one line printed when a command is interrupted (Ctrl-C or SIGTERM)."""
+    how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+    hint = getattr(e, "hint", "")
+    return f"edge-sr: {how}; nothing half-written was kept" + (f"; {hint}" if hint else "")
 
 
 class LazyGroup(click.Group):
@@ -50,9 +68,9 @@ class LazyGroup(click.Group):
                 logging.getLogger("edge_sr").exception("error")
             click.echo(f"edge-sr: error: {e}", err=True)
             ctx.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("edge-sr: interrupted; nothing half-written was kept", err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt as e:
+            click.echo(interrupted_message(e), err=True)
+            ctx.exit(143 if isinstance(e, Terminated) else 130)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,6 +84,8 @@ def main(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     ctx.obj["verbose"] = verbose
     setup_logging(quiet=quiet, verbose=verbose)
     keep_freed_memory()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m edge_sr`

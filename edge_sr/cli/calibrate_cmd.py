@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from calibrate.vocab import DQC_PRECISIONS
@@ -72,11 +74,16 @@ def calibrate_cmd(model, bits, scale, budget, method, seed, shared_qkv_input, se
 
         torch.set_num_threads(threads)
 
-    calibrate(CalibrationConfig(  # logs "wrote FILE (method, WbAb, xS, held-out dB)"
-        model=model, bits=bits, output=output, scale=scale, method=method, budget=budget,
-        seed=seed, qkv_separation=not shared_qkv_input, search_assignment=search_assignment,
-        wide_inputs=parse_list(wide_inputs), rotate=parse_optional_list(rotate),
-        weight_grid=weight_grid, grid=grid, fp_sites=parse_optional_list(fp_sites) or (), fp_weights=fp_weights, avg_bits=avg_bits, rounding=rounding, smooth=smooth, weight_lr=weight_lr, recompute=recompute,
-        dqc_precision=dqc_precision,
-        block_recon=block_recon, iterations=iterations, time_limit=time_limit,
-        feature_loss=feature_loss, resume=resume, pool=pool, device=device))
+    try:
+        calibrate(CalibrationConfig(  # logs "wrote FILE (method, WbAb, xS, held-out dB)"
+            model=model, bits=bits, output=output, scale=scale, method=method, budget=budget,
+            seed=seed, qkv_separation=not shared_qkv_input, search_assignment=search_assignment,
+            wide_inputs=parse_list(wide_inputs), rotate=parse_optional_list(rotate),
+            weight_grid=weight_grid, grid=grid, fp_sites=parse_optional_list(fp_sites) or (), fp_weights=fp_weights, avg_bits=avg_bits, rounding=rounding, smooth=smooth, weight_lr=weight_lr, recompute=recompute,
+            dqc_precision=dqc_precision,
+            block_recon=block_recon, iterations=iterations, time_limit=time_limit,
+            feature_loss=feature_loss, resume=resume, pool=pool, device=device))
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: say how to continue, if DQC saved
+        if Path(str(output) + ".dqc-state.pt").exists():
+            e.hint = "the same command with --resume continues the DQC from its last save"
+        raise
