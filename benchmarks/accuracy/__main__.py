@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -48,6 +50,12 @@ def main() -> None:
     methods = tuple(m for m in args.methods.split(",") if m)
     if unknown := set(methods) - set(ORDER[1:]):
         ap.error(f"--methods: unknown {sorted(unknown)}; expected some of {', '.join(ORDER[1:])}")
+    cells = plan(scales, bits_list, datasets, methods)
+    flags = [a for a in sys.argv[1:] if a != "--table"]  # the command that makes the cells
+    if not any(a == "--family" or a.startswith("--family=") for a in flags):
+        flags = ["--family", args.family, *flags]
+    SETTINGS.cells = cells
+    SETTINGS.command = shlex.join(["python", "-m", "benchmarks.accuracy", *flags])
     if not args.table:
         from calibrate.api import check_device
 
@@ -58,7 +66,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         keep_freed_memory()
         exit_on_sigterm()
-        work(plan(scales, bits_list, datasets, methods), bits_list)
+        work(cells, bits_list)
     write_table()
 
 
