@@ -18,9 +18,7 @@ import datetime as _dt
 import logging
 import os
 import shutil
-import signal
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +29,7 @@ from calibrate.api import CalibrationConfig
 from calibrate.export_qdq import ExportConfig, export_qdq
 from calibrate.vocab import BUDGETS, METHODS, expected
 from edge_sr.checkpoints import load_model
-from edge_sr.errors import EdgeSRError, MissingDependencyError
+from edge_sr.errors import EdgeSRError, MissingDependencyError, sigterm_as_interrupt
 from edge_sr.fileio import versions
 from edge_sr.logutil import progress_disabled
 from edge_sr.onnx_export import export_fp_onnx
@@ -293,23 +291,6 @@ def staging_dir(out: Path, force: bool):
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Treat SIGTERM like Ctrl-C, so ``kill`` also unwinds the staging directory."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 @dataclass

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import importlib
 import logging
-import signal
 import sys
-import threading
 
 import click
 
 from edge_sr.allocator import keep_freed_memory
-from edge_sr.errors import EdgeSRError
+from edge_sr.errors import EdgeSRError, Terminated, sigterm_as_interrupt
 from edge_sr.logutil import setup_logging
 
 COMMANDS = {
@@ -27,15 +25,6 @@ COMMANDS = {
     "profile": "edge_sr.cli.profile_cmd:profile_cmd",
     "models": "edge_sr.cli.models_cmd:models_cmd",
 }
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, a job scheduler, a container stopping), handled as Ctrl-C is: temporary
-    files are removed, resumable state is kept, and one line says so."""
-
-
-def _terminate(signum, frame) -> None:
-    raise Terminated()
 
 
 def interrupted_message(e: KeyboardInterrupt) -> str:
@@ -58,7 +47,8 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with sigterm_as_interrupt():
+                return super().invoke(ctx)
         except click.UsageError as e:  # a bad option or value: one line, as for EdgeSRError
             sub = e.ctx.command_path if e.ctx is not None else "edge-sr"
             click.echo(f"{sub}: error: {e.format_message()} (see '{sub} --help')", err=True)
@@ -70,7 +60,7 @@ class LazyGroup(click.Group):
             ctx.exit(e.exit_code)
         except KeyboardInterrupt as e:
             click.echo(interrupted_message(e), err=True)
-            ctx.exit(143 if isinstance(e, Terminated) else 130)
+            ctx.exit(getattr(e, "exit_code", 130))
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -84,8 +74,6 @@ def main(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     ctx.obj["verbose"] = verbose
     setup_logging(quiet=quiet, verbose=verbose)
     keep_freed_memory()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m edge_sr`
