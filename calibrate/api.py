@@ -491,6 +491,12 @@ def calibrate_model(lm, data: PoolData, cfg: CalibrationConfig,
     return CalibratedModel(student.eval(), meta)
 
 
+def dqc_state_path(output: str | Path) -> Path:
+    """Where a calibration writing ``output`` keeps its resumable DQC state:
+    ``<output>.dqc-state.pt`` (with ``.recipe.pt`` and ``.init.pt`` beside it)."""
+    return Path(str(output) + ".dqc-state.pt")
+
+
 def calibrate(cfg: CalibrationConfig, lm=None) -> Path:
     """Calibrate ``cfg.model`` at ``cfg.bits`` with ``cfg.method`` and write ``cfg.output``.
 
@@ -503,7 +509,7 @@ def calibrate(cfg: CalibrationConfig, lm=None) -> Path:
     data = pool_data(lm.scale, cfg.budget, cfg.seed, cfg.pool,
                      lr_patch=cfg.dqc_config(lm.model).lr_patch,
                      calib_patches=cfg.calib_patches, calib_patch=cfg.calib_patch)
-    state = Path(str(cfg.output) + ".dqc-state.pt")
+    state = dqc_state_path(cfg.output)
     cal = calibrate_model(lm, data, cfg, state_path=state)
     out = save_calibration(cfg.output, cal.model, cal.meta)
     stopped = cal.meta.stats.get("dqc_stopped_at")

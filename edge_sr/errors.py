@@ -35,8 +35,9 @@ class Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises ``Terminated`` in the main thread (elsewhere, and where
-    signals cannot be set, the block runs unchanged); the previous handler comes back after."""
+    """Within the block, SIGTERM raises ``Terminated`` (in the main thread only: elsewhere Python
+    cannot set a signal handler, and the block runs unchanged); the previous handler comes back
+    after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -34,6 +34,7 @@ from calibrate.api import (
     DQC_BUDGETS,
     CalibrationConfig,
     calibrate_model,
+    dqc_state_path,
     init_state_path,
     pool_data,
     recipe_state_path,
@@ -133,7 +134,7 @@ class ScaleRun:
                                 wide_inputs=("fc1",) if method == WIDE else (),
                                 device=SETTINGS.device)
         # the same API as `edge-sr calibrate`; an interrupted DQC resumes from its state
-        state = Path(str(path) + ".dqc-state.pt")
+        state = dqc_state_path(path)
         cfg = dataclasses.replace(cfg, resume=state.exists())
         data = self.budget_data(cfg.budget, cfg.dqc_config(self.lm.model).lr_patch)
         cal = calibrate_model(self.lm, data, cfg, state_path=state)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from calibrate.vocab import DQC_PRECISIONS
@@ -67,7 +65,7 @@ def calibrate_cmd(model, bits, scale, budget, method, seed, shared_qkv_input, se
                   time_limit, feature_loss,
                   resume, pool, device, threads, output) -> None:
     """Calibrate a low-bit fake-quant model; score it with 'edge-sr eval --calibration FILE'."""
-    from calibrate.api import CalibrationConfig, calibrate
+    from calibrate.api import CalibrationConfig, calibrate, dqc_state_path
 
     if threads is not None:
         import torch
@@ -84,6 +82,6 @@ def calibrate_cmd(model, bits, scale, budget, method, seed, shared_qkv_input, se
             block_recon=block_recon, iterations=iterations, time_limit=time_limit,
             feature_loss=feature_loss, resume=resume, pool=pool, device=device))
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: say how to continue, if DQC saved
-        if Path(str(output) + ".dqc-state.pt").exists():
+        if dqc_state_path(output).exists():
             e.hint = "the same command with --resume continues the DQC from its last save"
         raise
