@@ -46,7 +46,7 @@ from runtime.engine import (
 )
 from runtime.tiling import default_overlap
 from runtime.validation import validate_engine
-from runtime.vocab import BACKEND_CHOICES
+from runtime.vocab import BACKEND_CHOICES, ENGINE_BITS
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,10 @@ class BuildConfig:
     smooth: float | str | None = None  # CalibrationConfig.smooth (None: the method's)
 
     def __post_init__(self) -> None:
+        if self.bits not in ENGINE_BITS:
+            raise EdgeSRError(f"--bits: expected {', '.join(map(str, ENGINE_BITS[:-1]))} or "
+                              f"{ENGINE_BITS[-1]} for an engine, got {self.bits!r} (edge-sr "
+                              "calibrate takes any width from 2 to 8)")
         if self.dynamic and self.tile is not None:
             raise EdgeSRError("--tile: a --dynamic engine takes any input size, so it has no "
                               "tile; give one of --dynamic and --tile")

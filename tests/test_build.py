@@ -153,6 +153,13 @@ def test_dynamic_engine_runs_any_size_whole(env, tmp_path):
     shutil.rmtree(res.path)
 
 
+@pytest.mark.parametrize("bits", [1, 5, 6, 7, 9])
+def test_engine_widths_are_2_3_4_or_8(bits):
+    with pytest.raises(EdgeSRError, match=f"--bits: expected 2, 3, 4 or 8 for an engine, got "
+                                          f"{bits} "):
+        rb.BuildConfig(bits=bits, scale=2)
+
+
 def test_dynamic_build_errors(env, monkeypatch):
     from click.testing import CliRunner
 

@@ -7,13 +7,13 @@ import json
 import click
 
 from edge_sr.cli.options import logging_options, quant_options
-from runtime.vocab import BACKEND_CHOICES
+from runtime.vocab import BACKEND_CHOICES, ENGINE_BITS
 
 
 @click.command("build")
 @click.option("--bits", type=int, required=True,
-              help="Weight and activation bit width: 2, 3, 4 or 8 (W8A8: the safest first "
-                   "deployment).")
+              help=f"Weight and activation bit width: {', '.join(map(str, ENGINE_BITS[:-1]))} "
+                   f"or {ENGINE_BITS[-1]} (W8A8: the safest first deployment).")
 @click.option("--scale", type=int, required=True, help="Upscaling factor (2, 3, 4).")
 @click.option("--model", metavar="NAME|PATH", default=None,
               help="Checkpoint name or .pth path [default: swinir-light-x{scale}-ref].")
