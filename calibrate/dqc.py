@@ -97,7 +97,7 @@ class DQCConfig:
 @dataclass
 class DQCReport:
     iterations: int  # the iterations the bounds have trained for, a resumed run's earlier ones too
-    seconds: float  # this run's own DQC time
+    seconds: float  # DQC time, a resumed run's earlier part (up to its last save) included
     best_iteration: int
     best_val_psnr: float
     history: list[dict] = field(default_factory=list)
@@ -331,6 +331,7 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
     opt = trainer.opt
     state_path = Path(state_path) if state_path else None
     t0 = time.perf_counter()
+    before = 0.0  # a resumed run's DQC seconds up to its last save
     stopped_at = None
     try:
         if resume and state_path is not None and state_path.exists():
@@ -339,6 +340,7 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
             load_bounds(student, st["bounds"])
             opt.load_state_dict(st["optimizer"])
             start, history = st["iteration"], st["history"]
+            before = st.get("seconds", history[-1].get("seconds", 0.0))
             best = (st["best_iteration"], st["best_val_psnr"], st["best_bounds"])
             torch.set_rng_state(st["torch_rng"])
             log.info("resuming DQC at iteration %d from %s", start, state_path)
@@ -355,7 +357,7 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
             if validate:
                 v = val_psnr(student, *val, scale)
                 history.append({"iteration": done, "loss": loss.item(), "val_psnr": v,
-                                "seconds": time.perf_counter() - t0})
+                                "seconds": before + time.perf_counter() - t0})
                 if v > best[1]:
                     best = (done, v, bounds_state(student, cfg.weight_lr > 0))
                 post["val"] = f"{v:.2f}"
@@ -363,7 +365,8 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
             bar.set_postfix(post, refresh=False)
             if state_path is not None and (done % cfg.ckpt_every == 0 or done == cfg.iterations
                                            or late):
-                _save_state(state_path, cfg, done, student, opt, history, best)
+                _save_state(state_path, cfg, done, student, opt, history, best,
+                            before + time.perf_counter() - t0)
             if late and done < cfg.iterations:
                 stopped_at = done
                 log.info("DQC: time limit reached at iteration %d of %d", done, cfg.iterations)
@@ -372,11 +375,12 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
     finally:
         trainer.close()
     load_bounds(student, best[2])
-    rep = DQCReport(stopped_at or cfg.iterations, time.perf_counter() - t0, best[0], best[1],
-                    history, stopped_at, start)
+    own = time.perf_counter() - t0
+    rep = DQCReport(stopped_at or cfg.iterations, before + own, best[0], best[1], history,
+                    stopped_at, start)
     ran = rep.iterations - start
     log.info("DQC (%s): %d iteration%s in %.0f s%s; best validation %.3f dB at iteration %d",
-             cfg.precision, ran, "" if ran == 1 else "s", rep.seconds,
+             cfg.precision, ran, "" if ran == 1 else "s", own,
              f" (resumed at {start}, now at {rep.iterations})" if start else "",
              rep.best_val_psnr, rep.best_iteration)
     return rep
@@ -402,8 +406,9 @@ def check_resumable(state_path: str | Path, cfg: DQCConfig, st: dict | None = No
 
 
 def _save_state(path: Path, cfg: DQCConfig, iteration: int, student: nn.Module,
-                opt: torch.optim.Optimizer, history: list, best: tuple) -> None:
-    st = {"config": asdict(cfg), "iteration": iteration, "bounds": bounds_state(student, cfg.weight_lr > 0),
+                opt: torch.optim.Optimizer, history: list, best: tuple, seconds: float) -> None:
+    st = {"config": asdict(cfg), "iteration": iteration, "seconds": seconds,
+          "bounds": bounds_state(student, cfg.weight_lr > 0),
           "optimizer": opt.state_dict(), "history": history, "best_iteration": best[0],
           "best_val_psnr": best[1], "best_bounds": best[2], "torch_rng": torch.get_rng_state()}
     with atomic_path(path) as tmp:

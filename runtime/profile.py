@@ -12,7 +12,7 @@ directory; making it takes about a minute for SwinIR-light at 320x180) and the F
 PyTorch eager FP32. Each row gets ``speed_vs_fp32_p50`` (FP32 p50 / its p50); a
 baseline that cannot be made here (no checkpoint, no pool data) is skipped with a warning and
 listed under ``skipped``, unless ``require_baselines`` (baselines the user named): then it is an
-``EdgeSRError`` before anything is timed.
+``EdgeSRError`` before the timed runs.
 
 Peak memory is the peak resident set size (Linux ``VmHWM``, reset through
 ``/proc/self/clear_refs``) during session creation and warm-up, minus the RSS just before: it
@@ -254,7 +254,8 @@ def _skip(cfg: ProfileConfig, skipped: dict, label: str, why: str) -> None:
     """Note a baseline that cannot be made here: a warning and ``skipped[label]``, or, when the
     user named the baselines (``require_baselines``), an ``EdgeSRError``."""
     if cfg.require_baselines:
-        raise EdgeSRError(f"--baselines: {label} cannot be timed here: {why}")
+        named = {v: k for k, v in _LABELS.items()}.get(label, label)  # the name the user typed
+        raise EdgeSRError(f"--baselines: {named} ({label}) cannot be timed here: {why}")
     log.warning("profile --compare: skipping %s: %s", label, why)
     skipped[label] = why
 

@@ -165,6 +165,10 @@ def test_deadline_stops_validates_saves_and_resumes(tiny_swinir, one_thread, tmp
     # the report counts every iteration the bounds trained for, the resumed part apart
     assert rep2.stopped_at is None and (rep2.iterations, rep2.resumed_at) == (6, 1)
     assert [h["iteration"] for h in rep2.history] == [0, 1, 5, 6]
+    # the clock carries over: history and report count the interrupted run's seconds too
+    secs = [h["seconds"] for h in rep2.history[1:]]
+    assert secs == sorted(secs) and secs[0] == rep.history[-1]["seconds"]
+    assert rep2.seconds >= rep.seconds > 0
 
 
 def test_weight_lr_trains_weights_not_teacher(tiny_swinir, one_thread):

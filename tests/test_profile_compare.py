@@ -115,8 +115,8 @@ def test_missing_checkpoint_skips_eager_row(tmp_path, data_root, caplog):
 
     strict = _cfg(eng, tmp_path, "strict")
     strict.baselines, strict.require_baselines = ("eager",), True
-    with pytest.raises(EdgeSRError, match="--baselines: torch_eager_fp32 cannot be timed here: "
-                                          ".*checkpoint"):
+    with pytest.raises(EdgeSRError, match=r"--baselines: eager \(torch_eager_fp32\) cannot be "
+                                          "timed here: .*checkpoint"):
         profile(strict)
 
 
