@@ -80,8 +80,10 @@ def export_fp_onnx(model: nn.Module, path: str | os.PathLike, tile: tuple[int, i
                 _check(tmp)
     finally:
         model.train(was_training)
-    log.info("exported %s (%dx%dx%sx%s, opset %d)", path, batch, 3, "h" if dynamic else h,
-             "w" if dynamic else w, opset)
+    # the file's name only: callers export into temporary or staging folders (build renames
+    # its folder at the end) and name the final place themselves
+    log.info("exported %s (%dx%dx%sx%s, opset %d)", Path(path).name, batch, 3,
+             "h" if dynamic else h, "w" if dynamic else w, opset)
     return path
 
 
