@@ -13,6 +13,12 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
         os.environ["EDGE_SR_QUIET"] = "1"
 
 
-def progress_disabled() -> bool:
-    """tqdm bars are hidden under ``--quiet``."""
-    return os.environ.get("EDGE_SR_QUIET") == "1"
+def progress_disabled() -> bool | None:
+    """tqdm's ``disable``: True under ``--quiet``; otherwise None, with which tqdm shows its bars
+    only when stderr is a terminal, so a log file gets the log lines instead of carriage-return
+    updates and cursor-movement escapes. ``EDGE_SR_PROGRESS=1`` shows the bars anyway."""
+    if os.environ.get("EDGE_SR_QUIET") == "1":
+        return True
+    if os.environ.get("EDGE_SR_PROGRESS") == "1":
+        return False
+    return None
