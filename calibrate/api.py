@@ -88,9 +88,10 @@ DQC_METHODS = ("2dquant", "edge-sr")  # then trained by DQC
 # bits (NGswin x2 W2, held-out best 28.71 -> 31.08 / 31.68 dB at weight_lr 0.01 / 0.03); at W4
 # it was measured (+0.04 dB at 0.03, worse at 0.1) and stays off. DQC stays float32: bfloat16
 # autocast (--dqc-precision bf16) makes a DQC step 1.4-2.1x faster at batch 16 of 32x32 (1.18x on
-# the cpu budget) at -0.031 dB held-out on NGswin x2 W4 with this method's defaults (mean of 3
-# seeds, -0.010 to -0.049; one draw gave -0.071), and on the SwinIR-light reference x3 it fell
-# 0.0001 dB below the faithful method on Set14 (docs/results/beyond.md); a default that depends
+# the cpu budget) at -0.031 dB held-out on NGswin x2 W4 with this method's defaults (mean of 9
+# calibrations, seeds 0-2 with three versions of the bf16 code, -0.071 to +0.005), and on the
+# SwinIR-light reference x3 it fell 0.0001 dB below the faithful method on Set14
+# (docs/results/beyond.md); a default that depends
 # on the CPU's bfloat16 support would make one command calibrate differently by machine.
 # A callable default is a function of the CalibrationConfig.
 EDGE_SR_WEIGHT_LR = 0.03
@@ -497,6 +498,13 @@ def dqc_state_path(output: str | Path) -> Path:
     return Path(str(output) + ".dqc-state.pt")
 
 
+def clear_dqc_state(state: Path) -> None:
+    """Remove a finished calibration's resumable state: the DQC state at ``state`` and the
+    recipe and starting point kept beside it."""
+    for p in (state, recipe_state_path(state), init_state_path(state)):
+        p.unlink(missing_ok=True)
+
+
 def calibrate(cfg: CalibrationConfig, lm=None) -> Path:
     """Calibrate ``cfg.model`` at ``cfg.bits`` with ``cfg.method`` and write ``cfg.output``.
 
@@ -518,8 +526,7 @@ def calibrate(cfg: CalibrationConfig, lm=None) -> Path:
                     "command with --resume continues it (with a later or no --time-limit: it "
                     "counts from the start of the command)", out, stopped)
     else:
-        for p in (state, recipe_state_path(state), init_state_path(state)):
-            p.unlink(missing_ok=True)
+        clear_dqc_state(state)
     log.info("wrote %s (%s, W%dA%d, x%d, held-out %.3f dB)", out, cfg.method, cfg.bits,
              cfg.bits, lm.scale, cal.meta.stats["val_psnr"])
     return out

@@ -45,6 +45,7 @@ from calibrate.prepare import bound_parameters, quantizers
 from calibrate.qmodules import QuantLinear
 from calibrate.vocab import DQC_PRECISIONS, DQCPrecision
 from edge_sr.data.images import to_uint8
+from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import atomic_path
 from edge_sr.hardware import native_bf16
 from edge_sr.logutil import progress_disabled
@@ -399,8 +400,6 @@ def check_resumable(state_path: str | Path, cfg: DQCConfig, st: dict | None = No
         st = torch.load(state_path, map_location="cpu", weights_only=False)
     diff = differences(st["config"], asdict(cfg))
     if diff:
-        from edge_sr.errors import EdgeSRError
-
         raise EdgeSRError(f"--resume: the interrupted run's DQC ({state_path}) used other "
                           f"settings: {diff}")
 

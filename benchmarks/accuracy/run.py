@@ -34,10 +34,9 @@ from calibrate.api import (
     DQC_BUDGETS,
     CalibrationConfig,
     calibrate_model,
+    clear_dqc_state,
     dqc_state_path,
-    init_state_path,
     pool_data,
-    recipe_state_path,
 )
 from calibrate.baselines import baseline_rule
 from calibrate.calibfile import load_calibrated, save_calibration
@@ -141,8 +140,7 @@ class ScaleRun:
         meta = dataclasses.replace(cal.meta, stats=cal.meta.stats | {
             "device": device_name(), "device_type": torch.device(SETTINGS.device).type})
         save_calibration(path, cal.model, meta)
-        for p in (state, recipe_state_path(state), init_state_path(state)):
-            p.unlink(missing_ok=True)
+        clear_dqc_state(state)
 
 
 def model_key(run: ScaleRun, bits: int, method: str) -> str:
