@@ -33,7 +33,14 @@ from calibrate.calibfile import (
     state_checksum,
 )
 from calibrate.dobi import apply_bounds, dobi_bounds
-from calibrate.dqc import DQCConfig, check_resumable, differences, run_dqc, val_psnr
+from calibrate.dqc import (
+    DQCConfig,
+    check_resumable,
+    differences,
+    read_resume_state,
+    run_dqc,
+    val_psnr,
+)
 from calibrate.gptq import apply_gptq
 from calibrate.prepare import WIDE_BITS, QuantRecipe, prepare
 from calibrate.quantizer import check_bits
@@ -401,7 +408,7 @@ def _initialised(cfg: CalibrationConfig, student: nn.Module, lm, data: PoolData,
     key = {k: v for k, v in cfg.to_dict().items()
            if k not in ("resume", "time_limit", "iterations", "output", "device")}
     if cfg.resume and path is not None and path.exists():
-        st = torch.load(path, map_location="cpu", weights_only=False)
+        st = read_resume_state(path)
         diff = differences(st.get("config", {}), key)
         if diff:  # never replaced by another run's: the interrupted run can still resume
             raise EdgeSRError(f"--resume: the interrupted run ({path}) started from other "
@@ -430,7 +437,7 @@ def _resolved_recipe(cfg: CalibrationConfig, fp_model: nn.Module, data: PoolData
     path = recipe_state_path(state_path)
     requested = cfg.quant_recipe().to_dict()
     if cfg.resume and path.exists():
-        st = torch.load(path, map_location="cpu", weights_only=False)
+        st = read_resume_state(path)
         diff = differences({k: st["requested"].get(k) for k in requested}, requested)
         if diff:
             raise EdgeSRError(f"--resume: the interrupted run ({path}) used another recipe: "

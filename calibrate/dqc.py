@@ -336,7 +336,7 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
     stopped_at = None
     try:
         if resume and state_path is not None and state_path.exists():
-            st = torch.load(state_path, map_location="cpu", weights_only=False)
+            st = read_resume_state(state_path)
             check_resumable(state_path, cfg, st)
             load_bounds(student, st["bounds"])
             opt.load_state_dict(st["optimizer"])
@@ -387,6 +387,22 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
     return rep
 
 
+def read_resume_state(path: str | Path) -> dict:
+    """A resumable calibration's saved state (DQC state, resolved recipe or starting point);
+    ``EdgeSRError`` naming the file when it cannot be read (a damaged or foreign file)."""
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # pickle/zip errors of every kind: the file is not ours or damaged
+        raise EdgeSRError(f"--resume: {path}: expected the state an interrupted edge-sr "
+                          f"calibrate saved, could not read it ({type(e).__name__}); delete it "
+                          "to calibrate from the start") from e
+    if not isinstance(st, dict) or ("config" not in st and "requested" not in st):
+        raise EdgeSRError(f"--resume: {path}: expected the state an interrupted edge-sr "
+                          "calibrate saved, found another file; delete it to calibrate from "
+                          "the start")
+    return st
+
+
 def differences(stored: dict, asked: dict) -> str:
     """``"k a there, b here; ..."`` for the keys whose values differ ("" if none)."""
     keys = [k for k in {**stored, **asked} if stored.get(k) != asked.get(k)]
@@ -397,7 +413,7 @@ def check_resumable(state_path: str | Path, cfg: DQCConfig, st: dict | None = No
     """``EdgeSRError`` naming each setting that differs when the DQC state at ``state_path`` was
     written for another ``DQCConfig`` (``st``: the state, if already loaded)."""
     if st is None:
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        st = read_resume_state(state_path)
     diff = differences(st["config"], asdict(cfg))
     if diff:
         raise EdgeSRError(f"--resume: the interrupted run's DQC ({state_path}) used other "

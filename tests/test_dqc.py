@@ -248,3 +248,18 @@ def test_resume_reuses_the_interrupted_runs_measured_choices(tmp_path, monkeypat
     with pytest.raises(EdgeSRError, match=r"--resume: the interrupted run .*recipe.pt\) used "
                                           r"another recipe: bits 4 there, 3 here$"):
         api._resolved_recipe(other, None, None, {}, state)
+
+
+def test_a_damaged_or_foreign_state_file_is_one_clear_error(tmp_path):
+    from calibrate.dqc import check_resumable, read_resume_state
+    from edge_sr.errors import EdgeSRError
+
+    bad = tmp_path / "c.pt.dqc-state.pt"
+    bad.write_text("garbage")
+    with pytest.raises(EdgeSRError, match=r"--resume: .*c\.pt\.dqc-state\.pt: expected the state "
+                                          r"an interrupted edge-sr calibrate saved, could not "
+                                          r"read it \(\w+\); delete it"):
+        check_resumable(bad, DQCConfig())
+    torch.save({"weights": 1}, bad)  # a readable file, but not ours
+    with pytest.raises(EdgeSRError, match="found another file; delete it"):
+        read_resume_state(bad)
