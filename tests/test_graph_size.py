@@ -121,7 +121,8 @@ def test_w4_ort_file_stores_packed_codes_and_fp16_weights_exactly(tiny_swinir, t
     path = export_qdq(st, ExportConfig(target="ort", tile=TILE), tmp_path / "q.onnx")
     proto = onnx.load(str(path))
     kinds = [t.data_type for t in proto.graph.initializer]
-    assert kinds.count(TensorProto.UINT4) == 4 * 6 + 1  # every linear's codes, and mask labels
+    # every linear's codes, signed (ORT's u8 x s8 kernel is exact at W4), and the mask labels
+    assert kinds.count(TensorProto.INT4) == 4 * 6 and kinds.count(TensorProto.UINT4) == 1
     assert TensorProto.FLOAT16 in kinds  # the convolutions and position tables
     assert not proto.graph.value_info
     inner = [o for n in proto.graph.node for o in n.output if o != "sr"]
@@ -193,7 +194,8 @@ def test_kept_weights_int_are_stored_as_codes_and_stay_exact(tiny_swinir, tmp_pa
     init_bounds(st, calib)
     path = export_qdq(st, ExportConfig(target="ort", tile=TILE), tmp_path / "q.onnx")
     proto = onnx.load(str(path))
-    kinds = [t.data_type for t in proto.graph.initializer]
+    # the convolutions' codes: 4-D (the linears' own codes are 2-D, their zero points scalars)
+    kinds = [t.data_type for t in proto.graph.initializer if len(t.dims) == 4]
     assert kinds.count(container) == len(inner)
     half = prepare(tiny, QuantRecipe(bits=4, grid="ort", fp_weights="fp16"))
     init_bounds(half, calib)
@@ -247,7 +249,7 @@ def test_fp_weights_auto_measures_each_kept_layer_and_mixes_int4_with_int8(tiny_
     init_bounds(st, lr)
     proto = onnx.load(str(export_qdq(st, ExportConfig(target="ort", tile=TILE),
                                      tmp_path / "a.onnx")))
-    kinds = [t.data_type for t in proto.graph.initializer]
+    kinds = [t.data_type for t in proto.graph.initializer if len(t.dims) == 4]  # convolutions
     assert kinds.count(TensorProto.INT4) == 1 and kinds.count(TensorProto.INT8) == len(layers) - 1
     with pytest.raises(ValueError, match="--fp-weights auto"):
         QuantRecipe(fp_weights="int8", kept_int4=("conv_after_body",))

@@ -190,3 +190,55 @@ def test_dynamic_qdq_export_runs_any_size_exactly(tiny_swinir, one_thread):
     st.dynamic_export = False
     with pytest.raises(EdgeSRError, match="--dynamic: swinir-light has no dynamic-shape export"):
         build_qdq(st, ExportConfig(target="ort", tile=TILE, dynamic=True))
+
+
+def test_signed_weight_codes_only_where_ort_u8s8_cannot_saturate():
+    """2 (2^a - 1) 2^(w-1) <= 32767: the int16 pair sum of x86's u8 x s8 kernel without VNNI."""
+    from calibrate.export.grid import fused_weight_container, u8s8_is_exact
+
+    assert u8s8_is_exact(8, 4) and u8s8_is_exact(8, 7) and u8s8_is_exact(7, 8)  # 32,512
+    assert not u8s8_is_exact(8, 8)  # 2 x 255 x 128 = 65,280
+    assert fused_weight_container("ort", 4, 4) == "int8"
+    assert fused_weight_container("ort", 8, 8) == "uint8"
+    assert fused_weight_container("trt", 8, 8) == "int8"  # TensorRT: int8 weights always
+
+
+@pytest.mark.parametrize("bits,dtype", [(4, "int8"), (8, "uint8")])
+def test_ort_fused_linears_take_int8_codes_where_exact_and_stay_exact_at_the_extremes(bits, dtype):
+    """The worst case of the rule, in ORT itself: every activation code 255 against the most
+    negative weight code (-8 at W4) gives the exact integer product (no int16 saturation)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from calibrate.export.emit import EmitOptions, _emit_fused, _Graph, _LinearGroup
+    from calibrate.export.grid import ActEncoding
+
+    k_in, n_out = 64, 8
+    lo = -(2 ** (bits - 1))
+    codes = np.full((k_in, n_out), lo, np.int64)
+    codes[:, 1] = 2 ** (bits - 1) - 1
+    enc = ActEncoding(bits=8, lower=0.0, upper=255.0, scale=1.0, shift=0.0, container="uint8",
+                      zero_point=0, clip_lo=0.0, clip_hi=255.0, qmin=0, qmax=255)
+    g = _Graph()
+    g.const("a/scale", 1.0)
+    g.int_tensor("a/zero_point", np.asarray(0), "uint8")
+    c = _LinearGroup(site="s", j=0, act="a", act_sum=None, act_prefix="a/", enc=enc, codes=codes,
+                     scales=np.ones(n_out, np.float32), shifts=np.zeros(n_out, np.float32),
+                     bias=np.zeros(n_out, np.float32), bits=bits, per_col=False,
+                     offsets=np.full(n_out, 2 ** (bits - 1)), out="y", meta={})
+    container = _emit_fused(g, c, EmitOptions(target="ort", weight_container="auto"))
+    assert container == dtype
+    graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("a", TensorProto.UINT8,
+                                                                          [4, k_in])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, n_out])],
+                              g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    w = {t.name: t for t in g.inits}
+    stored = [t for n, t in w.items() if n.startswith("s/W0") and len(t.dims) == 2][0]
+    assert stored.data_type == (TensorProto.INT4 if bits == 4 else TensorProto.UINT8)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a = np.full((4, k_in), 255, np.uint8)
+    out = sess.run(None, {"a": a})[0]
+    assert np.array_equal(out, (a.astype(np.int64) @ codes).astype(np.float32))
+    assert numpy_helper.to_array(w["s/W0_zero_point_c"]).dtype == np.dtype(dtype)

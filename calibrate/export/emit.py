@@ -16,7 +16,8 @@ whose inputs are quantized separately)::
     P/Smooth: Mul(x, 1/s)                                    a smoothed linear that is not rotated
     P/act{i}/{Sub,Clip,QuantizeLinear,DequantizeLinear}      the input, as above (shift m_x)
     P/W{j} (int8/int4 initializer) -> P/W{j}/DequantizeLinear (zp 0)
-    (ORT's fused linear: P/W{j} uint8 codes, stored as P/W{j}_u4 -> P/W{j}/CastUInt8 at <= 4 bits)
+    (ORT's fused linear: P/W{j} int8 codes, or uint8 for W8A8, stored as P/W{j}_4bit ->
+    P/W{j}/Cast8bit at <= 4 bits)
     P/MatMul{j}(a, W) + [P/ReduceSum{j}(a)·m_w + (b + m_x·Σ_k ŵ)]   (bias kept out of the MatMul)
     P/Concat (groups > 1)
 
@@ -39,7 +40,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from calibrate.export.grid import TARGETS, ActEncoding, Target, act_encoding, weight_encoding
+from calibrate.export.grid import (
+    TARGETS,
+    ActEncoding,
+    Target,
+    act_encoding,
+    fused_weight_container,
+    weight_encoding,
+)
 from calibrate.export.trace import DOMAIN
 from calibrate.qmodules import QuantLinear
 from calibrate.quantizer import BoundFakeQuantizer
@@ -161,27 +169,34 @@ def _weight_tensor(g: _Graph, c: _LinearGroup, container: str) -> tuple[str, str
 
 
 def _emit_fused(g: _Graph, c: _LinearGroup, opts: EmitOptions) -> str:
-    """ORT: ``com.microsoft.MatMulIntegerToFloat`` (uint8 activation codes x uint8 weight codes,
+    """ORT: ``com.microsoft.MatMulIntegerToFloat`` (uint8 activation codes x 8-bit weight codes,
     scales, zero points, bias) written directly: a constant bias Add after a DQ'd MatMul would be
-    folded into an FP32 Gemm before ORT's QDQ fusion (deploy notes B1). At <= 4 bits the codes
-    are stored packed (UINT4) and widened by a Cast that ORT folds at load."""
+    folded into an FP32 Gemm before ORT's QDQ fusion (deploy notes B1). The weight codes are int8
+    (zero point 0) where ORT's u8 x s8 kernel is exact on every CPU, else uint8 with zero point
+    2^(b-1) (``grid.fused_weight_container``). At <= 4 bits the codes are stored packed (INT4 or
+    UINT4) and widened by a Cast that ORT folds at load."""
     p = f"{c.site}/W{c.j}"
-    codes = c.codes.astype(np.int64) + c.offsets[None, :]
+    container = fused_weight_container(opts.target, c.enc.bits, c.bits)
+    signed = container == "int8"
+    codes = c.codes.astype(np.int64) + (0 if signed else c.offsets[None, :])
     if c.bits <= 4 and opts.weight_container == "auto":
-        g.int_tensor(f"{p}_u4", codes, "uint4")
-        g.add("Cast", [f"{p}_u4"], [p], f"{p}/CastUInt8", to=TensorProto.UINT8)
+        g.int_tensor(f"{p}_4bit", codes, "int4" if signed else "uint4")
+        g.add("Cast", [f"{p}_4bit"], [p], f"{p}/Cast8bit",
+              to=TensorProto.INT8 if signed else TensorProto.UINT8)
     else:
-        g.int_tensor(p, codes, "uint8")
+        g.int_tensor(p, codes, container)
     n = codes.shape[1]
     scale = g.const(f"{p}_scale_c", c.scales if c.per_col else np.full(n, c.scales[0]))
-    # one zero point for all columns when they agree (symmetric weights: 2^(b-1) everywhere)
-    offsets = c.offsets if np.any(c.offsets != c.offsets[0]) else np.asarray(c.offsets[0])
-    zp = g.int_tensor(f"{p}_zero_point_c", offsets, "uint8")
+    # one zero point for all columns when they agree (uint8: 2^(b-1) everywhere but in a qkv
+    # whose groups differ in bits)
+    offsets = np.zeros(1, np.int64) if signed else c.offsets
+    offsets = offsets if np.any(offsets != offsets[0]) else np.asarray(offsets[0])
+    zp = g.int_tensor(f"{p}_zero_point_c", offsets, container)
     _meta(g.add("MatMulIntegerToFloat",
                 [c.act, p, f"{c.act_prefix}scale", scale, f"{c.act_prefix}zero_point", zp,
                  g.const(f"{c.site}/bias{c.j}", c.bias)], [c.out], f"{c.site}/MatMul{c.j}",
                 domain="com.microsoft"), **c.meta, weight=p)
-    return "uint8"
+    return container
 
 
 def _emit_qdq(g: _Graph, c: _LinearGroup, opts: EmitOptions) -> str:

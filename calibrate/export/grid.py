@@ -55,12 +55,40 @@ class TargetRules:
 
 
 TARGETS: dict[str, TargetRules] = {
-    # ORT 1.32 CPU: u8 x s8 saturates without VNNI, so weights are u8 with zero point 2^(b-1)
+    # ORT 1.32 CPU: u8 x s8 can saturate without VNNI, so 8-bit-container weights are u8 with zero
+    # point 2^(b-1); the fused linear takes int8 weights wherever that is exact anyway
+    # (``fused_weight_container``)
     "ort": TargetRules(act_container="uint8", weight_container="uint8", fused_linear=True,
                        sign_rotation=True),
     # TensorRT: symmetric int8 only (zero point 0)
     "trt": TargetRules(act_container="int8", weight_container="int8", fused_linear=False),
 }
+
+
+# MLAS's u8 x s8 kernel without VNNI (AVX2, AVX-512 BW: ``vpmaddubsw``) adds two adjacent
+# products into a saturating int16 before widening; with VNNI or AMX it accumulates in int32.
+INT16_MAX = 32767
+
+
+def u8s8_is_exact(act_bits: int, weight_bits: int) -> bool:
+    """Whether ONNX Runtime's u8 x s8 integer GEMM is exact on every CPU for uint8 activation codes
+    in ``[0, 2^a - 1]`` times signed weight codes in ``[-2^(w-1), 2^(w-1) - 1]``: the sum of two
+    products must fit int16 (``2 (2^a - 1) 2^(w-1) <= 32767``), the bound of the x86 kernels
+    without VNNI (ORT's quantization docs: the saturation of ``vpmaddubsw``). True for every
+    engine with weights of <= 7 bits, and for W8 with activations of <= 7; False for W8A8 (65,280)."""
+    return 2 * (2**act_bits - 1) * 2 ** (weight_bits - 1) <= INT16_MAX
+
+
+def fused_weight_container(target: Target, act_bits: int, weight_bits: int) -> str:
+    """The 8-bit container of a fused linear's weight codes: ``int8`` (zero point 0, the signed
+    codes as they are) where the target's u8 x s8 kernel is exact on every CPU for these widths,
+    else the target's ``weight_container`` (ORT: ``uint8`` with zero point 2^(b-1), the u8 x u8
+    kernel). Both hold the same values. ORT's u8 x s8 kernel is the faster one (VNNI's
+    ``vpdpbusd``; 1.2-2.9x on the GEMMs of the 320x180 frame, docs/results/grids.md)."""
+    rules = TARGETS[target]
+    if rules.weight_container == "uint8" and u8s8_is_exact(act_bits, weight_bits):
+        return "int8"
+    return rules.weight_container
 
 
 def _step(q: BoundFakeQuantizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, QParams]:
