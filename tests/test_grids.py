@@ -242,3 +242,31 @@ def test_ort_fused_linears_take_int8_codes_where_exact_and_stay_exact_at_the_ext
     out = sess.run(None, {"a": a})[0]
     assert np.array_equal(out, (a.astype(np.int64) @ codes).astype(np.float32))
     assert numpy_helper.to_array(w["s/W0_zero_point_c"]).dtype == np.dtype(dtype)
+
+
+@pytest.mark.parametrize("target,bits", [("ort", 4), ("trt", 8)])
+def test_qkv_groups_feed_their_heads_directly_and_nothing_changes(tiny_swinir, monkeypatch,
+                                                                  target, bits):
+    """Three qkv input quantizers: no Concat -> Reshape -> Transpose -> Split left, and the
+    outputs are bit for bit those of the graph that keeps it."""
+    import calibrate.export_qdq as eq
+
+    tiny = tiny_swinir(2, depths=(2,), num_heads=(2,))
+    calib = torch.rand(2, 3, *TILE, generator=torch.Generator().manual_seed(1))
+    st = prepare(tiny, QuantRecipe(bits=bits, grid=target))
+    init_bounds(st, calib)
+    split, _ = build_qdq(st, ExportConfig(target=target, tile=TILE))
+    with monkeypatch.context() as m:
+        m.setattr(eq, "split_qkv_concats", lambda proto: 0)
+        joined, _ = build_qdq(st, ExportConfig(target=target, tile=TILE))
+    concats = [n.name for n in joined.graph.node if n.name.endswith("qkv/Concat")]
+    assert len(concats) == 2  # one per block's qkv
+    assert not [n.name for n in split.graph.node if n.name.endswith("qkv/Concat")]
+    assert sum(n.name.endswith("/Transpose") and "/head" in n.name for n in split.graph.node) == 6
+    x = torch.rand(1, 3, *TILE, generator=torch.Generator().manual_seed(2)).numpy()
+    level = "basic" if target == "trt" else "all"
+    a = make_session(split, threads=1, level=level).run(None, {"lr": x})[0]
+    b = make_session(joined, threads=1, level=level).run(None, {"lr": x})[0]
+    assert np.array_equal(a, b)
+    with torch.no_grad():
+        assert np.abs(a - st(torch.from_numpy(x)).numpy()).max() < 1e-4
