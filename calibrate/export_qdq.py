@@ -13,8 +13,8 @@ the PyTorch module path such as ``layers.0.residual_group.blocks.1.attn.qkv``:
   (int8 or int4 codes), its ``P/W{j}_scale``/``P/W{j}_zero_point``/``P/W{j}/DequantizeLinear``,
   ``P/MatMul{j}`` and the correction/bias nodes ``P/ReduceSum{j}``, ``P/MulShift{j}``,
   ``P/AddBias{j}``, ``P/Add{j}``; ``P/Concat`` when there are several groups, unless the
-  attention takes q, k and v apart right after it (``export/qkv.py``: each group then feeds
-  its heads directly);
+  attention takes q, k and v apart right after it (``edge_sr.onnx_tidy.split_qkv``: each group
+  then feeds its heads directly);
 * in ``build_qdq``'s proto every Q, DQ and quantized MatMul node has ``metadata_props``
   ``edge_sr.site``, ``edge_sr.kind``
   (act, weight, linear), ``edge_sr.bits`` (the true bit width, whatever the container),
@@ -44,14 +44,13 @@ from torch import nn
 from calibrate.calibfile import load_calibrated
 from calibrate.export.emit import EmitOptions, fold_matmul_shifts, replace_sites
 from calibrate.export.grid import TARGETS
-from calibrate.export.qkv import split_qkv_concats
 from calibrate.export.trace import TRACE_OPSET, quant_sites, trace_with_sites
 from calibrate.export_plugin import apply_lowbit_plugins
 from calibrate.prepare import kept_weight_grids, quantizers
 from calibrate.vocab import WEIGHT_CONTAINERS, Target, WeightContainer, expected
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import atomic_path
-from edge_sr.onnx_tidy import compact, position_tables, tidy
+from edge_sr.onnx_tidy import compact, position_tables, split_qkv, tidy
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +147,7 @@ def build_qdq(model: nn.Module, cfg: ExportConfig) -> tuple[onnx.ModelProto, lis
         proto.opset_import.extend([onnx.helper.make_opsetid(ORT_DOMAIN, 1)])
     proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     fold_matmul_shifts(proto, act_outputs)
-    split = split_qkv_concats(proto)  # q, k, v straight from their own GEMMs
+    split = split_qkv(proto)  # q, k, v straight from their own GEMMs
     log.debug("qkv: %d Concat -> Split chains replaced by per-head reshapes", split)
     saved = tidy(proto, position_tables(model), kept_weight_grids(model))
     log.debug("ONNX tidy (shared constants, masks, position tables, FP16): %.1f MB saved", saved / 1e6)

@@ -88,17 +88,18 @@ def export_fp_onnx(model: nn.Module, path: str | os.PathLike, tile: tuple[int, i
 
 
 def _tidy(path: Path, model: nn.Module) -> None:
-    """Share identical constants, store attention masks as labels and position biases as their
-    tables (``edge_sr.onnx_tidy``)."""
+    """Split each attention's qkv product into q, k and v, share identical constants, store
+    attention masks as labels and position biases as their tables (``edge_sr.onnx_tidy``)."""
     import onnx
 
-    from edge_sr.onnx_tidy import compact, position_tables, tidy
+    from edge_sr.onnx_tidy import compact, position_tables, split_qkv, tidy
 
     proto = onnx.load(str(path))
+    split = split_qkv(proto)  # q, k and v each from its own GEMM: no Split of the qkv tensor
     saved = tidy(proto, position_tables(model)) + compact(proto)
-    if saved:
+    if saved or split:
         onnx.save(proto, str(path))
-        log.debug("ONNX tidy: %.1f MB saved", saved / 1e6)
+        log.debug("ONNX tidy: %.1f MB saved, %d qkv products split", saved / 1e6, split)
 
 
 def _check(path: Path) -> None:

@@ -421,6 +421,163 @@ def compact(proto: onnx.ModelProto, keep_names: bool = False,
     return before - proto.ByteSize()
 
 
+HEADS_FIRST = [2, 0, 3, 1, 4]  # (b, n, 3, h, d) -> (3, b, h, n, d): a window attention's q, k, v
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Initializers and ``Constant`` node outputs by name, as arrays."""
+    out = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
+            out[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return out
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _widths(graph: onnx.GraphProto) -> dict[str, int]:
+    """The last dimension of every tensor whose shape inference gave one, and of every fused
+    integer linear's output (ONNX's shape inference does not know ORT's contrib ops): the
+    columns of its weight, an initializer or the Cast of one."""
+    out = {}
+    for v in list(graph.value_info) + list(graph.input) + list(graph.output):
+        dims = v.type.tensor_type.shape.dim
+        if dims and dims[-1].HasField("dim_value"):
+            out[v.name] = dims[-1].dim_value
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    cast = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Cast"}
+    for n in graph.node:
+        if n.op_type == "MatMulIntegerToFloat" and n.output[0] not in out:
+            w = dims.get(n.input[1]) or dims.get(cast.get(n.input[1], ""))
+            if w and len(w) == 2:
+                out[n.output[0]] = w[1]
+    return out
+
+
+def split_qkv(proto: onnx.ModelProto) -> int:
+    """Give a window attention's q, k and v each its own product, feeding its heads directly.
+
+    The traced attention computes ``(b, n, 3 C)`` and takes it apart again::
+
+        S -> Reshape(b, n, 3, h, d) -> Transpose(2, 0, 3, 1, 4) -> Gather(0 | 1 | 2, axis=0)
+
+    (ONNX Runtime: one Split), where ``S`` is the FP graph's ``Add(MatMul(x, W), b)`` with
+    constant ``W`` (K, 3C) and ``b`` (3C,), or the QDQ export's ``Concat`` of the three integer
+    products of separately quantized q, k and v inputs. Each such chain becomes, for j = q, k,
+    v, ``Add(MatMul(x, W_j), b_j)`` (the column block of ``W`` and ``b``) or the Concat's input
+    j, then ``Reshape(b, n, h, d) -> Transpose(0, 2, 1, 3)``: the same (b, h, n, d) tensors,
+    bit for bit in ONNX Runtime, without the Concat or the Split, two passes over the whole qkv
+    tensor (docs/results/grids.md). A chain that differs in any way (another consumer, another
+    permutation, a shape that is not a constant, as in a dynamic-shape export) is left as it is.
+    Run it before ``tidy`` (it adds float32 weight blocks). Returns how many chains it rewrote.
+    """
+    graph = proto.graph
+    consts, width_of = _constants(graph), _widths(graph)
+    inits = {t.name for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+
+    def only_user(name: str, op: str) -> onnx.NodeProto | None:
+        us = users.get(name, [])
+        return us[0] if len(us) == 1 and us[0].op_type == op and name not in outputs else None
+
+    def weight(name: str) -> np.ndarray | None:
+        while name not in inits and name in producer and producer[name].op_type == "Identity":
+            name = producer[name].input[0]
+        return consts.get(name) if name in inits else None
+
+    removed: set[int] = set()
+    inserted: dict[int, list[onnx.NodeProto]] = {}
+    done = 0
+    for rs in graph.node:
+        if rs.op_type != "Reshape" or rs.input[1] not in consts:
+            continue
+        shape = [int(v) for v in consts[rs.input[1]].reshape(-1)]
+        src = producer.get(rs.input[0])
+        ts = only_user(rs.output[0], "Transpose")
+        if (len(shape) != 5 or shape[2] != 3 or shape[3] <= 0 or src is None or ts is None
+                or list(_attr(ts, "perm", [])) != HEADS_FIRST or ts.output[0] in outputs
+                or 0 in shape[:2] or min(shape[:2]) < -1 or not only_user(rs.input[0], "Reshape")):
+            continue
+        gathers = users.get(ts.output[0], [])
+        index = [consts.get(g.input[1]) if g.op_type == "Gather" and _attr(g, "axis", 0) == 0
+                 else None for g in gathers]
+        if sorted(int(i) if i is not None and i.ndim == 0 else -1 for i in index) != [0, 1, 2]:
+            continue
+        base = src.name or src.output[0]
+        new: list[onnx.NodeProto] = []
+        gone = [src]
+        if src.op_type == "Concat" and len(src.input) == 3 and _attr(src, "axis") in (-1, 2):
+            widths = {width_of.get(i) for i in src.input}
+            parts = list(src.input)
+        elif src.op_type == "Add":
+            mm = next((producer.get(i) for i in src.input if i not in consts), None)
+            b = next((consts[i] for i in src.input if i in consts), None)
+            w = weight(mm.input[1]) if mm is not None and mm.op_type == "MatMul" else None
+            if (w is None or b is None or w.ndim != 2 or b.shape != (w.shape[1],)
+                    or w.shape[1] % 3 or not only_user(mm.output[0], "Add")):
+                continue
+            c = w.shape[1] // 3
+            widths, parts = {c}, []
+            for j in range(3):
+                p = f"{base}/qkv{j}"
+                graph.initializer.extend([
+                    numpy_helper.from_array(np.ascontiguousarray(w[:, j * c:(j + 1) * c]),
+                                            f"{p}_W"),
+                    numpy_helper.from_array(np.ascontiguousarray(b[j * c:(j + 1) * c]),
+                                            f"{p}_b")])
+                new += [helper.make_node("MatMul", [mm.input[0], f"{p}_W"], [f"{p}_mm"],
+                                         name=f"{p}/MatMul"),
+                        helper.make_node("Add", [f"{p}_mm", f"{p}_b"], [f"{p}_out"],
+                                         name=f"{p}/Add")]
+                parts.append(f"{p}_out")
+            gone.append(mm)
+        else:
+            continue
+        if len(widths) != 1 or None in widths:
+            continue
+        (width,) = widths
+        if shape[4] == -1 and width % shape[3] == 0:
+            shape[4] = width // shape[3]
+        if shape[3] * shape[4] != width:
+            continue
+        sh = f"{base}/head_shape"
+        graph.initializer.append(numpy_helper.from_array(
+            np.array([shape[0], shape[1], shape[3], shape[4]], np.int64), sh))
+        for g, j in zip(gathers, (int(i) for i in index)):
+            p = f"{base}/head{j}"
+            new += [helper.make_node("Reshape", [parts[j], sh], [f"{p}_split"],
+                                     name=f"{p}/Reshape"),
+                    helper.make_node("Transpose", [f"{p}_split"], [g.output[0]],
+                                     name=f"{p}/Transpose", perm=[0, 2, 1, 3])]
+        removed |= {id(n) for n in (*gone, rs, ts, *gathers)}
+        inserted[id(gone[-1])] = new  # where the first removed node stood: inputs are ready
+        done += 1
+    if done:
+        nodes = []
+        for n in graph.node:
+            nodes.extend(inserted.get(id(n), []))
+            if id(n) not in removed:
+                nodes.append(n)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        drop_unused_initializers(proto)
+        kept = {o for n in graph.node for o in n.output}  # the removed tensors' shapes go too
+        vi = [v for v in graph.value_info if v.name in kept]
+        del graph.value_info[:]
+        graph.value_info.extend(vi)
+    return done
+
+
 def position_tables(model) -> list[tuple[np.ndarray, np.ndarray]]:
     """``model.position_bias_tables()`` as arrays (none for a model without the method)."""
     tables = getattr(model, "position_bias_tables", None)

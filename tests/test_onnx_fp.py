@@ -40,6 +40,24 @@ def test_tiny_model_matches_pytorch(tiny_swinir, tmp_path, tile):
     assert not model.training
 
 
+def test_qkv_is_three_products_feeding_their_heads_bit_for_bit(tiny_swinir, tmp_path,
+                                                               monkeypatch):
+    """``split_qkv``: one MatMul per q, k and v, no Split or Gather of the qkv tensor, and the
+    same outputs in ONNX Runtime as the graph torch traced."""
+    import edge_sr.onnx_tidy as tidy_mod
+
+    model = tiny_swinir(2, depths=(2, 2), num_heads=(2, 2), seed=3)
+    split = export_fp_onnx(model, tmp_path / "split.onnx", tile=(16, 16))
+    monkeypatch.setattr(tidy_mod, "split_qkv", lambda proto: 0)
+    traced = export_fp_onnx(model, tmp_path / "traced.onnx", tile=(16, 16))
+    ops = [n.op_type for n in onnx.load(str(split)).graph.node]
+    before = [n.op_type for n in onnx.load(str(traced)).graph.node]
+    assert ops.count("MatMul") == before.count("MatMul") + 2 * 4  # 4 blocks: 1 qkv GEMM -> 3
+    assert before.count("Gather") >= 3 * 4 and ops.count("Gather") == before.count("Gather") - 12
+    x = torch.rand(1, 3, 16, 16)
+    assert np.array_equal(_ort_run(split, x), _ort_run(traced, x))
+
+
 def test_export_leaves_no_partial_file(tiny_swinir, tmp_path):
     with pytest.raises(EdgeSRError, match="opset 13"):
         export_fp_onnx(tiny_swinir(2), tmp_path / "m.onnx", tile=(16, 16), opset=13)

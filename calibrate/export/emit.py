@@ -19,7 +19,7 @@ whose inputs are quantized separately)::
     (ORT's fused linear: P/W{j} int8 codes, or uint8 for W8A8, stored as P/W{j}_4bit ->
     P/W{j}/Cast8bit at <= 4 bits)
     P/MatMul{j}(a, W) + [P/ReduceSum{j}(a)·m_w + (b + m_x·Σ_k ŵ)]   (bias kept out of the MatMul)
-    P/Concat (groups > 1; ``qkv.split_qkv_concats`` then feeds each group to its heads directly)
+    P/Concat (groups > 1; ``edge_sr.onnx_tidy.split_qkv`` then feeds each group to its heads)
 
 Each product is written by one of two handlers, chosen from ``LINEAR_EMITTERS`` by the target's
 ``TargetRules.fused_linear`` (``grid.TARGETS``): ``_emit_fused`` (ORT, when every grid holds 0:
