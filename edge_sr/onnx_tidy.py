@@ -29,6 +29,19 @@ def drop_unused_initializers(proto: onnx.ModelProto) -> None:
     proto.graph.initializer.extend(keep)
 
 
+def drop_dead_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` without those whose outputs nothing reads (the graph's ``outputs`` aside), until
+    none is left: e.g. the ``Identity`` of a weight whose only MatMul a rewrite replaced, which
+    ONNX Runtime would otherwise prune itself, warning once per initializer."""
+    nodes = list(nodes)
+    while True:
+        used = {i for n in nodes for i in n.input} | outputs
+        live = [n for n in nodes if any(o in used for o in n.output)]
+        if len(live) == len(nodes):
+            return nodes
+        nodes = live
+
+
 def _key(t: onnx.TensorProto) -> str | None:
     if not t.raw_data or len(t.raw_data) < MIN_SHARED_BYTES:
         return None
@@ -569,7 +582,7 @@ def split_qkv(proto: onnx.ModelProto) -> int:
             if id(n) not in removed:
                 nodes.append(n)
         del graph.node[:]
-        graph.node.extend(nodes)
+        graph.node.extend(drop_dead_nodes(nodes, {o.name for o in graph.output}))
         drop_unused_initializers(proto)
         kept = {o for n in graph.node for o in n.output}  # the removed tensors' shapes go too
         vi = [v for v in graph.value_info if v.name in kept]

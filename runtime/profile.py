@@ -91,7 +91,7 @@ class ProfileConfig:
     require_baselines: bool = False
     threads: int | None = None
     scale: int | None = None
-    json_path: str | Path | None = None  # default results/profile/<engine>_<W>x<H>.json
+    json_path: str | Path | None = None  # default results/profile/<engine folder>_<W>x<H>.json
     plot_path: str | Path | None = None  # default: the JSON path with .png
     seed: int = 0
 
@@ -243,7 +243,9 @@ def profile(cfg: ProfileConfig) -> dict:
             "speed_vs_fp32_p50"]
         result["baselines"] = baselines
         result["skipped"] = skipped
-    js, png = default_paths(cfg, m.name)
+    # the folder's name, as the user sees it: a copied or renamed engine keeps its manifest's
+    # name, and two such engines would write one default file
+    js, png = default_paths(cfg, Path(eng.path).resolve().name)
     write_json(js, result)
     plot(result, png)
     result["json"], result["plot"] = str(js), str(png)

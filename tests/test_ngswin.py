@@ -217,6 +217,13 @@ def test_onnx_export_matches_torch(tmp_path: Path) -> None:
         ref = model(x).numpy()
     assert y.shape == (1, 3, 120, 108)
     assert np.abs(y - ref).max() <= 1e-4
+    import onnx
+
+    graph = onnx.load(str(path)).graph  # each qkv split in three (split_qkv), nothing left dead
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    assert not [n.name for n in graph.node if not any(o in used for o in n.output)]
+    perms = [list(a.ints) for n in graph.node if n.op_type == "Transpose" for a in n.attribute]
+    assert [0, 2, 1, 3] in perms and [2, 0, 3, 1, 4] not in perms
 
 
 # -- accuracy on crops of Set5 (pinned to this implementation's full-model measurements) -----

@@ -4,6 +4,7 @@ engine whose FP checkpoint is on disk (``conftest.make_tiny_engine`` plus a save
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,3 +221,17 @@ def test_parse_baselines():
     for bad in ("", ",", "eager,", "all,eager", "foo"):
         with pytest.raises(EdgeSRError, match="--baselines: expected all, none"):
             parse_baselines(bad)
+
+
+def test_default_json_is_named_after_the_engine_folder(engine, tmp_path, monkeypatch):
+    """A copied engine keeps its manifest's name; its default JSON follows the folder, so two
+    copies do not write one file."""
+    import shutil
+
+    copy = tmp_path / "camera_copy"
+    shutil.copytree(engine, copy)
+    monkeypatch.chdir(tmp_path)
+    res = profile(ProfileConfig(engine=copy, input_size=(24, 40), runs=1, warmup=0))
+    assert res["json"] == str(Path("results/profile") / "camera_copy_40x24.json")
+    assert (tmp_path / res["json"]).is_file() and (tmp_path / res["plot"]).is_file()
+    assert res["engine_name"] == "tiny"  # the manifest's name, still in the record

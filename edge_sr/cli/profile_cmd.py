@@ -28,7 +28,7 @@ from edge_sr.cli.options import logging_options
                    "skipped with a warning. [default: all]")
 @click.option("--threads", type=int, default=None, help="Inference threads [default: all cores].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="JSON output [default: results/profile/<engine>_<W>x<H>.json].")
+              help="JSON output [default: results/profile/<engine folder>_<W>x<H>.json].")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="PNG plot [default: the JSON path with .png].")
 @logging_options
