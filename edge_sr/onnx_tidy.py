@@ -483,9 +483,10 @@ def split_qkv(proto: onnx.ModelProto) -> int:
     constant ``W`` (K, 3C) and ``b`` (3C,), or the QDQ export's ``Concat`` of the three integer
     products of separately quantized q, k and v inputs. Each such chain becomes, for j = q, k,
     v, ``Add(MatMul(x, W_j), b_j)`` (the column block of ``W`` and ``b``) or the Concat's input
-    j, then ``Reshape(b, n, h, d) -> Transpose(0, 2, 1, 3)``: the same (b, h, n, d) tensors,
-    bit for bit in ONNX Runtime, without the Concat or the Split, two passes over the whole qkv
-    tensor (docs/results/grids.md). A chain that differs in any way (another consumer, another
+    j, then ``Reshape(b, n, h, d) -> Transpose(0, 2, 1, 3)``: the same (b, h, n, d) tensors
+    without the Concat or the Split, two passes over the whole qkv tensor (docs/results/
+    grids.md). The QDQ rewrite moves data only; the FP one computes the same dot products (bit
+    for bit in ONNX Runtime on the development CPU). A chain that differs in any way (another consumer, another
     permutation, a shape that is not a constant, as in a dynamic-shape export) is left as it is.
     Run it before ``tidy`` (it adds float32 weight blocks). Returns how many chains it rewrote.
     """

@@ -43,7 +43,7 @@ def test_tiny_model_matches_pytorch(tiny_swinir, tmp_path, tile):
 def test_qkv_is_three_products_feeding_their_heads_bit_for_bit(tiny_swinir, tmp_path,
                                                                monkeypatch):
     """``split_qkv``: one MatMul per q, k and v, no Split or Gather of the qkv tensor, and the
-    same outputs in ONNX Runtime as the graph torch traced."""
+    outputs of the graph torch traced in ONNX Runtime."""
     import edge_sr.onnx_tidy as tidy_mod
 
     model = tiny_swinir(2, depths=(2, 2), num_heads=(2, 2), seed=3)
@@ -55,7 +55,9 @@ def test_qkv_is_three_products_feeding_their_heads_bit_for_bit(tiny_swinir, tmp_
     assert ops.count("MatMul") == before.count("MatMul") + 2 * 4  # 4 blocks: 1 qkv GEMM -> 3
     assert before.count("Gather") >= 3 * 4 and ops.count("Gather") == before.count("Gather") - 12
     x = torch.rand(1, 3, 16, 16)
-    assert np.array_equal(_ort_run(split, x), _ort_run(traced, x))
+    # the same dot products (bit for bit on the development CPU; another CPU's GEMM kernel may
+    # block three narrow products differently from one wide one)
+    assert np.abs(_ort_run(split, x) - _ort_run(traced, x)).max() <= 1e-6
 
 
 def test_export_leaves_no_partial_file(tiny_swinir, tmp_path):
