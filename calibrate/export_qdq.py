@@ -50,7 +50,7 @@ from calibrate.prepare import kept_weight_grids, quantizers
 from calibrate.vocab import WEIGHT_CONTAINERS, Target, WeightContainer, expected
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import atomic_path
-from edge_sr.onnx_tidy import compact, position_tables, split_qkv, tidy
+from edge_sr.onnx_tidy import compact, drop_shape_expands, position_tables, split_qkv, tidy
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,9 @@ def build_qdq(model: nn.Module, cfg: ExportConfig) -> tuple[onnx.ModelProto, lis
     proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     fold_matmul_shifts(proto, act_outputs)
     split = split_qkv(proto)  # q, k, v straight from their own GEMMs
-    log.debug("qkv: %d Concat -> Split chains replaced by per-head reshapes", split)
+    expands = drop_shape_expands(proto)  # F.normalize's Expand before its Div
+    log.debug("qkv: %d Concat -> Split chains replaced by per-head reshapes; %d Expands dropped",
+              split, expands)
     saved = tidy(proto, position_tables(model), kept_weight_grids(model))
     log.debug("ONNX tidy (shared constants, masks, position tables, FP16): %.1f MB saved", saved / 1e6)
     del proto.graph.value_info[:]

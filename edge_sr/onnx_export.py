@@ -92,14 +92,16 @@ def _tidy(path: Path, model: nn.Module) -> None:
     attention masks as labels and position biases as their tables (``edge_sr.onnx_tidy``)."""
     import onnx
 
-    from edge_sr.onnx_tidy import compact, position_tables, split_qkv, tidy
+    from edge_sr.onnx_tidy import compact, drop_shape_expands, position_tables, split_qkv, tidy
 
     proto = onnx.load(str(path))
     split = split_qkv(proto)  # q, k and v each from its own GEMM: no Split of the qkv tensor
+    expands = drop_shape_expands(proto)  # F.normalize's Expand before its Div
     saved = tidy(proto, position_tables(model)) + compact(proto)
-    if saved or split:
+    if saved or split or expands:
         onnx.save(proto, str(path))
-        log.debug("ONNX tidy: %.1f MB saved, %d qkv products split", saved / 1e6, split)
+        log.debug("ONNX tidy: %.1f MB saved, %d qkv products split, %d Expands dropped",
+                  saved / 1e6, split, expands)
 
 
 def _check(path: Path) -> None:

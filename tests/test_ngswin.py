@@ -224,6 +224,7 @@ def test_onnx_export_matches_torch(tmp_path: Path) -> None:
     assert not [n.name for n in graph.node if not any(o in used for o in n.output)]
     perms = [list(a.ints) for n in graph.node if n.op_type == "Transpose" for a in n.attribute]
     assert [0, 2, 1, 3] in perms and [2, 0, 3, 1, 4] not in perms
+    assert "Expand" not in {n.op_type for n in graph.node}  # F.normalize's (drop_shape_expands)
 
 
 # -- accuracy on crops of Set5 (pinned to this implementation's full-model measurements) -----

@@ -60,6 +60,35 @@ def test_qkv_is_three_products_feeding_their_heads_bit_for_bit(tiny_swinir, tmp_
     assert np.abs(_ort_run(split, x) - _ort_run(traced, x)).max() <= 1e-6
 
 
+def test_shape_expands_before_a_broadcasting_op_are_dropped_exactly():
+    """``Div(x, Expand(n, Shape(x)))`` (F.normalize's export) becomes ``Div(x, n)``; an Expand
+    whose reader's other operand is another tensor stays (its shape could differ)."""
+    from onnx import TensorProto, helper
+
+    from edge_sr.onnx_tidy import drop_shape_expands
+
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("ReduceL2", ["x"], ["n"], keepdims=1, axes=[-1]),
+             helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Expand", ["n", "s"], ["ne"]),
+             helper.make_node("Div", ["x", "ne"], ["y"]),
+             helper.make_node("Expand", ["n", "s"], ["ne2"]),
+             helper.make_node("Mul", ["z", "ne2"], ["w"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f, [2, 3, 4]),
+                                           helper.make_tensor_value_info("z", f, [1, 3, 1])],
+                              [helper.make_tensor_value_info("y", f, None),
+                               helper.make_tensor_value_info("w", f, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = model.SerializeToString()
+    assert drop_shape_expands(model) == 1
+    assert [n.op_type for n in model.graph.node].count("Expand") == 1
+    x = np.random.default_rng(0).random((2, 3, 4), dtype=np.float32) + 0.1
+    z = np.random.default_rng(1).random((1, 3, 1), dtype=np.float32)
+    run = [ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, {"x": x, "z": z})
+           for m in (before, model.SerializeToString())]
+    assert all(np.array_equal(a, b) for a, b in zip(*run))
+
+
 def test_export_leaves_no_partial_file(tiny_swinir, tmp_path):
     with pytest.raises(EdgeSRError, match="opset 13"):
         export_fp_onnx(tiny_swinir(2), tmp_path / "m.onnx", tile=(16, 16), opset=13)
