@@ -147,7 +147,9 @@ def build_qdq(model: nn.Module, cfg: ExportConfig) -> tuple[onnx.ModelProto, lis
         proto.opset_import.extend([onnx.helper.make_opsetid(ORT_DOMAIN, 1)])
     proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     fold_matmul_shifts(proto, act_outputs)
-    split = split_qkv(proto)  # q, k, v straight from their own GEMMs
+    # q, k, v straight from their own integer GEMMs (the FP qkv products keep their bytes, by
+    # which tidy finds the kept weights' integer grids)
+    split = split_qkv(proto, fp_products=False)
     expands = drop_shape_expands(proto)  # F.normalize's Expand before its Div
     log.debug("qkv: %d Concat -> Split chains replaced by per-head reshapes; %d Expands dropped",
               split, expands)

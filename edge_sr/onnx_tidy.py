@@ -472,7 +472,7 @@ def _widths(graph: onnx.GraphProto) -> dict[str, int]:
     return out
 
 
-def split_qkv(proto: onnx.ModelProto) -> int:
+def split_qkv(proto: onnx.ModelProto, fp_products: bool = True) -> int:
     """Give a window attention's q, k and v each its own product, feeding its heads directly.
 
     The traced attention computes ``(b, n, 3 C)`` and takes it apart again::
@@ -488,7 +488,10 @@ def split_qkv(proto: onnx.ModelProto) -> int:
     grids.md). The QDQ rewrite moves data only; the FP one computes the same dot products (bit
     for bit in ONNX Runtime on the development CPU). A chain that differs in any way (another consumer, another
     permutation, a shape that is not a constant, as in a dynamic-shape export) is left as it is.
-    Run it before ``tidy`` (it adds float32 weight blocks). Returns how many chains it rewrote.
+    Run it before ``tidy`` (it adds float32 weight blocks). A weight that several MatMuls share
+    (NGswin's) is split once. ``fp_products=False`` leaves the floating-point qkv products
+    alone: the QDQ export's kept weights are found by their bytes (``store_int_weights``), which
+    a column block no longer matches. Returns how many chains it rewrote.
     """
     graph = proto.graph
     consts, width_of = _constants(graph), _widths(graph)
@@ -504,10 +507,12 @@ def split_qkv(proto: onnx.ModelProto) -> int:
         us = users.get(name, [])
         return us[0] if len(us) == 1 and us[0].op_type == op and name not in outputs else None
 
-    def weight(name: str) -> np.ndarray | None:
+    def weight(name: str) -> str | None:
         while name not in inits and name in producer and producer[name].op_type == "Identity":
             name = producer[name].input[0]
-        return consts.get(name) if name in inits else None
+        return name if name in inits else None
+
+    blocks: dict[tuple[str, str], list[str]] = {}  # (weight, bias) -> its q, k, v blocks' names
 
     removed: set[int] = set()
     inserted: dict[int, list[onnx.NodeProto]] = {}
@@ -533,25 +538,31 @@ def split_qkv(proto: onnx.ModelProto) -> int:
         if src.op_type == "Concat" and len(src.input) == 3 and _attr(src, "axis") in (-1, 2):
             widths = {width_of.get(i) for i in src.input}
             parts = list(src.input)
-        elif src.op_type == "Add":
+        elif src.op_type == "Add" and fp_products:
             mm = next((producer.get(i) for i in src.input if i not in consts), None)
-            b = next((consts[i] for i in src.input if i in consts), None)
-            w = weight(mm.input[1]) if mm is not None and mm.op_type == "MatMul" else None
-            if (w is None or b is None or w.ndim != 2 or b.shape != (w.shape[1],)
-                    or w.shape[1] % 3 or not only_user(mm.output[0], "Add")):
+            bname = next((i for i in src.input if i in consts), None)
+            wname = weight(mm.input[1]) if mm is not None and mm.op_type == "MatMul" else None
+            if wname is None or bname is None:
+                continue
+            w, b = consts[wname], consts[bname]
+            if (w.ndim != 2 or b.shape != (w.shape[1],) or w.shape[1] % 3
+                    or not only_user(mm.output[0], "Add")):
                 continue
             c = w.shape[1] // 3
+            if (wname, bname) not in blocks:
+                blocks[(wname, bname)] = [f"{base}/qkv{j}" for j in range(3)]
+                for j, p in enumerate(blocks[(wname, bname)]):
+                    graph.initializer.extend([
+                        numpy_helper.from_array(np.ascontiguousarray(w[:, j * c:(j + 1) * c]),
+                                                f"{p}_W"),
+                        numpy_helper.from_array(np.ascontiguousarray(b[j * c:(j + 1) * c]),
+                                                f"{p}_b")])
             widths, parts = {c}, []
-            for j in range(3):
+            for j, blk in enumerate(blocks[(wname, bname)]):
                 p = f"{base}/qkv{j}"
-                graph.initializer.extend([
-                    numpy_helper.from_array(np.ascontiguousarray(w[:, j * c:(j + 1) * c]),
-                                            f"{p}_W"),
-                    numpy_helper.from_array(np.ascontiguousarray(b[j * c:(j + 1) * c]),
-                                            f"{p}_b")])
-                new += [helper.make_node("MatMul", [mm.input[0], f"{p}_W"], [f"{p}_mm"],
+                new += [helper.make_node("MatMul", [mm.input[0], f"{blk}_W"], [f"{p}_mm"],
                                          name=f"{p}/MatMul"),
-                        helper.make_node("Add", [f"{p}_mm", f"{p}_b"], [f"{p}_out"],
+                        helper.make_node("Add", [f"{p}_mm", f"{blk}_b"], [f"{p}_out"],
                                          name=f"{p}/Add")]
                 parts.append(f"{p}_out")
             gone.append(mm)

@@ -112,3 +112,26 @@ def test_ngswin_8bit_codes_of_first_block(model):
         # attn_probs may inherit a flipped q/k code through the logit scale; all else is 1 level
         assert diff.max() <= (4 if key.endswith("attn_probs_quant") else 1), key
         assert (diff > 0).mean() < 1e-3, key
+
+
+def test_kept_weights_stay_integer_codes_with_the_qkv_split(model, caplog):
+    """``--fp-weights int8``: every weight kept out of WbAb (the N-gram context's qkv among them)
+    is still found by its bytes and stored as codes, although the quantized qkv products are
+    split (``split_qkv(fp_products=False)`` leaves the floating-point ones whole)."""
+    import logging
+
+    from calibrate.dobi import init_bounds
+    from calibrate.prepare import QuantRecipe, kept_weight_grids, prepare
+
+    calib, _ = _inputs()
+    student = prepare(model, QuantRecipe(bits=4, grid="ort", fp_weights="int8"))
+    init_bounds(student, calib)
+    with caplog.at_level(logging.WARNING, logger="edge_sr.onnx_tidy"):
+        proto, _ = build_qdq(student, ExportConfig(target="ort", tile=TILE))
+    assert not [r for r in caplog.records if "not found" in r.getMessage()]
+    grids = kept_weight_grids(student)
+    assert grids
+    codes = [t for t in proto.graph.initializer if t.name.endswith("/codes")]
+    assert len(codes) == len(grids)
+    assert sum(n.name.endswith("/head0/Transpose") for n in proto.graph.node) == \
+        len(model.attention_blocks())  # every quantized qkv feeds its heads directly

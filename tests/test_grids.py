@@ -257,7 +257,7 @@ def test_qkv_groups_feed_their_heads_directly_and_nothing_changes(tiny_swinir, m
     init_bounds(st, calib)
     split, _ = build_qdq(st, ExportConfig(target=target, tile=TILE))
     with monkeypatch.context() as m:
-        m.setattr(eq, "split_qkv", lambda proto: 0)
+        m.setattr(eq, "split_qkv", lambda proto, **kw: 0)
         joined, _ = build_qdq(st, ExportConfig(target=target, tile=TILE))
     concats = [n.name for n in joined.graph.node if n.name.endswith("qkv/Concat")]
     assert len(concats) == 2  # one per block's qkv

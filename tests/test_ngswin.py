@@ -227,6 +227,25 @@ def test_onnx_export_matches_torch(tmp_path: Path) -> None:
     assert "Expand" not in {n.op_type for n in graph.node}  # F.normalize's (drop_shape_expands)
 
 
+def test_onnx_split_qkv_splits_shared_weights_once(tmp_path: Path, monkeypatch) -> None:
+    """NGswin's traced graph shares weights between MatMuls (``Identity``): split once, the file
+    holds exactly as many float32 weight bytes as without the split."""
+    import onnx
+
+    import edge_sr.onnx_tidy as tidy_mod
+    from edge_sr.onnx_export import export_fp_onnx
+
+    def float_bytes(path):
+        return sum(len(t.raw_data) for t in onnx.load(str(path)).graph.initializer
+                   if t.data_type == onnx.TensorProto.FLOAT)
+
+    model = make_tiny_ngswin(scale=2)
+    split = export_fp_onnx(model, tmp_path / "split.onnx", tile=(48, 48))
+    monkeypatch.setattr(tidy_mod, "split_qkv", lambda proto: 0)
+    whole = export_fp_onnx(model, tmp_path / "whole.onnx", tile=(48, 48))
+    assert float_bytes(split) == float_bytes(whole)
+
+
 # -- accuracy on crops of Set5 (pinned to this implementation's full-model measurements) -----
 
 # (image, LR crop top, left, size, Y-PSNR): measured 2026-11-27 with the official weights and this
