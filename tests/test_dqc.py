@@ -160,7 +160,8 @@ def test_deadline_stops_validates_saves_and_resumes(tiny_swinir, one_thread, tmp
                   deadline=_time.perf_counter())
     assert (rep.stopped_at, rep.iterations, clock["n"]) == (1, 1, 1)
     assert [h["iteration"] for h in rep.history] == [0, 1]
-    assert torch.load(state, weights_only=False)["iteration"] == 1
+    saved = torch.load(state, weights_only=False)
+    assert saved["iteration"] == 1
     rep2 = run_dqc(student, fp, sample, val, cfg, state_path=state, resume=True)
     # the report counts every iteration the bounds trained for, the resumed part apart
     assert rep2.stopped_at is None and (rep2.iterations, rep2.resumed_at) == (6, 1)
@@ -168,7 +169,9 @@ def test_deadline_stops_validates_saves_and_resumes(tiny_swinir, one_thread, tmp
     # the clock carries over: history and report count the interrupted run's seconds too
     secs = [h["seconds"] for h in rep2.history[1:]]
     assert secs == sorted(secs) and secs[0] == rep.history[-1]["seconds"]
-    assert rep2.seconds >= rep.seconds > 0
+    # the saved clock, not the first report's: that one also counts the save itself and what
+    # followed it, which a resumed run cannot know (flaky on a loaded CI machine when compared)
+    assert rep2.seconds > saved["seconds"] > 0 and rep.seconds >= saved["seconds"]
 
 
 def test_weight_lr_trains_weights_not_teacher(tiny_swinir, one_thread):
