@@ -453,6 +453,17 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
+def _wiring(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto],
+                                             dict[str, list[onnx.NodeProto]], set[str]]:
+    """Each tensor's producing node, each tensor's reading nodes, and the graph's output names."""
+    producer = {o: n for n in graph.node for o in n.output}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    return producer, users, {o.name for o in graph.output}
+
+
 def _widths(graph: onnx.GraphProto) -> dict[str, int]:
     """The last dimension of every tensor whose shape inference gave one, and of every fused
     integer linear's output (ONNX's shape inference does not know ORT's contrib ops): the
@@ -496,12 +507,7 @@ def split_qkv(proto: onnx.ModelProto, fp_products: bool = True) -> int:
     graph = proto.graph
     consts, width_of = _constants(graph), _widths(graph)
     inits = {t.name for t in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
-    outputs = {o.name for o in graph.output}
+    producer, users, outputs = _wiring(graph)
 
     def only_user(name: str, op: str) -> onnx.NodeProto | None:
         us = users.get(name, [])
@@ -600,6 +606,8 @@ def split_qkv(proto: onnx.ModelProto, fp_products: bool = True) -> int:
         vi = [v for v in graph.value_info if v.name in kept]
         del graph.value_info[:]
         graph.value_info.extend(vi)
+    elif blocks:  # weight blocks made for a chain that failed a later check
+        drop_unused_initializers(proto)
     return done
 
 
@@ -615,12 +623,7 @@ def drop_shape_expands(proto: onnx.ModelProto) -> int:
     a 320x180 frame, ~8% of the frame in ONNX Runtime (docs/results/grids.md). Returns how many
     were removed."""
     graph = proto.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
-    outputs = {o.name for o in graph.output}
+    producer, users, outputs = _wiring(graph)
     done = 0
     for ex in graph.node:
         shape = producer.get(ex.input[1]) if ex.op_type == "Expand" else None
