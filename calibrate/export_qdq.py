@@ -50,7 +50,15 @@ from calibrate.prepare import kept_weight_grids, quantizers
 from calibrate.vocab import WEIGHT_CONTAINERS, Target, WeightContainer, expected
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import atomic_path
-from edge_sr.onnx_tidy import compact, drop_shape_expands, position_tables, split_qkv, tidy
+from edge_sr.onnx_tidy import (
+    clip_codes,
+    compact,
+    drop_shape_expands,
+    position_tables,
+    quantize_before_layout,
+    split_qkv,
+    tidy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +161,13 @@ def build_qdq(model: nn.Module, cfg: ExportConfig) -> tuple[onnx.ModelProto, lis
     expands = drop_shape_expands(proto)  # F.normalize's Expand before its Div
     log.debug("qkv: %d Concat -> Split chains replaced by per-head reshapes; %d Expands dropped",
               split, expands)
+    if cfg.target == "ort" and not cfg.lowbit_plugin:  # (TensorRT places its own Q/DQ; the
+        # low-bit plugin pass reads each linear's float input at its P/Clip)
+        # the window partition / shift / heads merge move uint8 codes, and a < 8-bit grid is
+        # clipped on its codes: bit for bit the same outputs
+        moved, clips = quantize_before_layout(proto), clip_codes(proto)
+        log.debug("%d layout regions now after their quantizer; %d float Clips moved onto the "
+                  "codes or dropped", moved, clips)
     saved = tidy(proto, position_tables(model), kept_weight_grids(model))
     log.debug("ONNX tidy (shared constants, masks, position tables, FP16): %.1f MB saved", saved / 1e6)
     del proto.graph.value_info[:]

@@ -660,3 +660,251 @@ def tidy(proto: onnx.ModelProto, position_tables: list[tuple[np.ndarray, np.ndar
     return (share_constants(proto) + compress_masks(proto)
             + gather_position_biases(proto, list(position_tables))
             + store_int_weights(proto, list(int_weights)) + store_fp16(proto))
+
+
+LAYOUT_OPS = {"Reshape", "Transpose", "Slice", "Concat", "Squeeze", "Unsqueeze"}  # move, not compute
+RESHAPES = {"Reshape", "Squeeze", "Unsqueeze"}
+CODE_RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
+ELEMENTWISE_CONST = {"Mul", "Div", "Add", "Sub", "MatMul", "Clip"}  # x op constant(s)
+
+
+def _derived_constants(graph: onnx.GraphProto) -> set[str]:
+    """Names of initializers, ``Constant`` outputs, and outputs of nodes that read only those
+    (e.g. a Cast of INT4 codes and its scale Mul): values ONNX Runtime folds at load."""
+    out = {t.name for t in graph.initializer}
+    for n in graph.node:  # nodes are topologically sorted
+        if n.op_type == "Constant" or (n.input and all(i == "" or i in out for i in n.input)):
+            out.update(n.output)
+    return out
+
+
+def _shapes(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Every tensor's shape as ONNX shape inference gives it (None for an unknown dimension).
+    ONNX does not know ORT's ``MatMulIntegerToFloat``; it is read as ``MatMulInteger`` (the same
+    output shape) for the inference only."""
+    p = onnx.ModelProto()
+    p.CopyFrom(proto)
+    nodes = []
+    for n in p.graph.node:
+        if n.op_type == "MatMulIntegerToFloat":
+            nodes += [helper.make_node("MatMulInteger", list(n.input[:2]), [n.output[0] + "/i32"]),
+                      helper.make_node("Cast", [n.output[0] + "/i32"], [n.output[0]],
+                                       to=onnx.TensorProto.FLOAT)]
+        else:
+            nodes.append(n)
+    del p.graph.node[:]
+    p.graph.node.extend(nodes)
+    del p.graph.value_info[:]
+    p = onnx.shape_inference.infer_shapes(p)
+    out = {}
+    for v in list(p.graph.value_info) + list(p.graph.input) + list(p.graph.output):
+        out[v.name] = [d.dim_value if d.HasField("dim_value") else None
+                       for d in v.type.tensor_type.shape.dim]
+    return out
+
+
+def _keeps_last_axis(node: onnx.NodeProto, shapes: dict, consts: dict) -> bool:
+    """Whether a layout op maps every element's last-axis index to itself (so a per-channel
+    multiply or a ``(C, C)`` MatMul on the last axis commutes with it)."""
+    shape_in, shape_out = shapes.get(node.input[0]), shapes.get(node.output[0])
+    if not shape_in or not shape_out or shape_in[-1] is None or shape_in[-1] != shape_out[-1]:
+        return False
+    rank = len(shape_out)
+    if node.op_type in RESHAPES:
+        return True  # row-major: the flat index modulo the (same) last dimension is kept
+    if node.op_type == "Transpose":
+        perm = _attr(node, "perm")
+        return perm is not None and perm[-1] == rank - 1
+    if node.op_type == "Concat":
+        return _attr(node, "axis") % rank != rank - 1
+    if node.op_type == "Slice":
+        axes = consts.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        return axes is not None and all(int(a) % rank != rank - 1 for a in np.ravel(axes))
+    return False
+
+
+def _last_axis_operands(node: onnx.NodeProto, shapes: dict, consts: dict,
+                        shape: list[int | None] | None) -> bool:
+    """Whether an element-wise node's constant operands act on the last axis of a tensor of
+    ``shape`` only: scalars, ``(..., 1, C)`` broadcasts, or a ``(C, C)`` MatMul."""
+    if node.op_type == "QuantizeLinear":
+        return True
+    if not shape or shape[-1] is None:
+        return False
+    width = shape[-1]
+    for i in node.input[1:]:
+        if not i:
+            continue
+        dims = list(np.shape(consts[i])) if i in consts else shapes.get(i)
+        if dims is None:
+            return False
+        if node.op_type == "MatMul":
+            if dims != [width, width]:
+                return False
+        elif any(d != 1 for d in dims[:-1]) or (dims and dims[-1] not in (1, width)):
+            return False
+    return True
+
+
+def quantize_before_layout(proto: onnx.ModelProto) -> int:
+    """Move per-tensor ``QuantizeLinear`` nodes above the pure layout ops that feed them (Reshape,
+    Transpose, Slice, Concat: a window partition, a cyclic shift, a heads merge), so those ops
+    move 1-byte codes instead of float32. Exact: a per-tensor quantizer is element-wise, and the
+    element-wise ops between the layout ops and the quantizer (a Clip, a per-channel smoothing
+    Mul, an online rotation's MatMul on the last axis) commute with layout ops that keep the
+    last axis, which is checked from the inferred shapes. A layout region feeding several
+    quantizers (q, k and v's own input grids) is repeated once per quantizer, in uint8. The
+    trace's order is ``x -> layout -> [Mul/MatMul] -> Clip -> Q``; afterwards
+    ``x -> [Mul/MatMul] -> Clip -> Q -> layout``. Returns how many regions moved."""
+    graph = proto.graph
+    producer, users, outputs = _wiring(graph)
+    consts = _constants(graph)
+    derived = _derived_constants(graph)
+    shapes = None
+    moved: list[tuple[list[onnx.NodeProto], list[onnx.NodeProto], str, str]] = []
+    seen_u: set[str] = set()
+    for q in list(graph.node):
+        if q.op_type != "QuantizeLinear" or np.size(consts.get(q.input[1], [0, 0])) != 1:
+            continue
+        top, t = q, q.input[0]
+        while t in producer and producer[t].op_type in ELEMENTWISE_CONST and \
+                all(i == "" or i in derived for i in producer[t].input[1:]):
+            top = producer[t]
+            t = top.input[0]
+        u = top.input[0]
+        if u in seen_u or u in outputs or producer.get(u) is None or \
+                producer[u].op_type not in LAYOUT_OPS:
+            continue
+        seen_u.add(u)
+        # the element-wise nodes reading u, down to the quantizers they all end in
+        ew, quants, stack, ok = [], [], [u], True
+        while stack and ok:
+            for r in users.get(stack.pop(), []):
+                if any(r is n for n in ew):
+                    continue
+                if r.op_type == "QuantizeLinear" and np.size(consts.get(r.input[1], [0, 0])) == 1:
+                    ew.append(r)
+                    quants.append(r)
+                elif r.op_type in ELEMENTWISE_CONST and r.output[0] not in outputs and \
+                        all(i == "" or i in derived for i in r.input[1:]):
+                    ew.append(r)
+                    stack.append(r.output[0])
+                else:
+                    ok = False
+        if not ok:
+            continue
+        # the layout region above u, up to the tensors something else reads too
+        stops: set[str] = set()
+        while True:
+            region, roots, stack = [], set(), [u]
+            while stack:
+                t = stack.pop()
+                p = producer.get(t)
+                data = list(p.input) if p is not None and p.op_type == "Concat" else \
+                    list(p.input[:1]) if p is not None else []
+                if t in stops or p is None or p.op_type not in LAYOUT_OPS or \
+                        any(i and i not in derived for i in p.input if i not in data):
+                    roots.add(t)
+                elif not any(p is n for n in region):
+                    region.append(p)
+                    stack.extend(data)
+            escaping = {o for p in region for o in p.output if o != u and
+                        (o in outputs or any(all(r is not n for n in region)
+                                                   for r in users.get(o, [])))}
+            if not escaping:
+                break
+            stops |= escaping
+        if not region or len(roots) != 1:
+            continue
+        root = roots.pop()
+        if any(np.size(consts.get(i, [0, 0])) != 1 for n in ew if n.op_type != "QuantizeLinear"
+               for i in n.input[1:] if i):  # a per-channel operand: the last axis must stay
+            shapes = shapes if shapes is not None else _shapes(proto)
+            if not (all(_last_axis_operands(n, shapes, consts, shapes.get(u)) for n in ew)
+                    and all(_keeps_last_axis(p, shapes, consts) for p in region)):
+                continue
+        moved.append((region, ew, root, u))
+    if not moved:
+        return 0
+    position = {id(n): k for k, n in enumerate(graph.node)}
+    after: dict[int, list[onnx.NodeProto]] = {}
+    gone: set[int] = set()
+    retyped: set[str] = set()
+    for region, ew, root, u in moved:
+        inner = {o for p in region for o in p.output}
+        for n in ew:
+            n.input[:] = [root if i == u else i for i in n.input]
+        for j, q in enumerate(n for n in ew if n.op_type == "QuantizeLinear"):
+            codes, q.output[0] = q.output[0], f"{q.output[0]}/before_layout"
+            clones = []
+            for p in sorted(region, key=lambda n: position[id(n)]):  # the graph's order
+                c = onnx.NodeProto()
+                c.CopyFrom(p)
+                c.name = f"{p.name or p.output[0]}/codes{j}"
+                c.input[:] = [q.output[0] if i == root else f"{i}/codes{j}" if i in inner else i
+                              for i in c.input]
+                c.output[:] = [codes if o == u else f"{o}/codes{j}" for o in c.output]
+                clones.append(c)
+            after[id(q)] = clones
+            retyped |= {codes}
+        gone |= {id(p) for p in region}
+        retyped |= inner
+    nodes = []
+    for n in graph.node:
+        if id(n) not in gone:
+            nodes.append(n)
+            nodes.extend(after.get(id(n), []))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    vi = [v for v in graph.value_info if v.name not in retyped]
+    del graph.value_info[:]
+    graph.value_info.extend(vi)
+    return len(moved)
+
+
+def clip_codes(proto: onnx.ModelProto) -> int:
+    """``Clip(x, lo, hi) -> QuantizeLinear(s, z)`` becomes ``QuantizeLinear -> Clip`` on the 1-byte
+    codes, or just the quantizer when the codes' range is the container's (an 8-bit grid). Only
+    where ``lo`` and ``hi`` are grid points (``lo/s + z`` and ``hi/s + z`` integers ``k_lo, k_hi``
+    within 1e-3), as the QDQ export writes them: the quantizer is monotone and maps ``lo`` to
+    ``k_lo`` and ``hi`` to ``k_hi``, so clipping before or after it gives the same codes. A
+    ``b``-bit grid in a uint8 container (``b < 8``) needs the clip; it then reads and writes 1
+    byte per element instead of 4. Returns how many clips moved or went."""
+    graph = proto.graph
+    producer, users, outputs = _wiring(graph)
+    consts = _constants(graph)
+    after: dict[int, onnx.NodeProto] = {}
+    gone: set[int] = set()
+    for q in graph.node:
+        clip = producer.get(q.input[0]) if q.op_type == "QuantizeLinear" else None
+        if clip is None or clip.op_type != "Clip" or len(clip.input) != 3 or \
+                len(users.get(clip.output[0], [])) != 1 or clip.output[0] in outputs:
+            continue
+        scale, zero = consts.get(q.input[1]), consts.get(q.input[2]) if len(q.input) > 2 else None
+        lo, hi = consts.get(clip.input[1]), consts.get(clip.input[2])
+        if any(v is None or np.size(v) != 1 for v in (scale, zero, lo, hi)) or \
+                zero.dtype not in CODE_RANGES:
+            continue
+        ends = [float(v) / float(scale) + int(zero) for v in (lo, hi)]
+        k_lo, k_hi = (int(np.round(e)) for e in ends)
+        c_lo, c_hi = CODE_RANGES[zero.dtype]
+        if any(abs(e - k) > 1e-3 for e, k in zip(ends, (k_lo, k_hi))) or not c_lo <= k_lo < k_hi <= c_hi:
+            continue
+        q.input[0] = clip.input[0]
+        gone.add(id(clip))
+        if (k_lo, k_hi) != (c_lo, c_hi):
+            codes, q.output[0] = q.output[0], f"{q.output[0]}/unclipped"
+            lo_name, hi_name = f"{q.name}/code_lo", f"{q.name}/code_hi"
+            graph.initializer.extend([numpy_helper.from_array(np.array(k_lo, zero.dtype), lo_name),
+                                      numpy_helper.from_array(np.array(k_hi, zero.dtype), hi_name)])
+            after[id(q)] = helper.make_node("Clip", [q.output[0], lo_name, hi_name], [codes],
+                                            name=f"{q.name}/ClipCodes")
+    if gone:
+        nodes = []
+        for n in graph.node:
+            if id(n) not in gone:
+                nodes += [n] + ([after[id(n)]] if id(n) in after else [])
+        del graph.node[:]
+        graph.node.extend(nodes)
+        drop_unused_initializers(proto)
+    return len(gone)

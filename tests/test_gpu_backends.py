@@ -125,7 +125,8 @@ def test_lowbit_plugin_pass_any_export(bits, target, container, separate):
     from calibrate.export_qdq import ExportConfig, build_qdq
 
     _, st = _student(bits=bits, qkv_separation=separate)
-    proto, _ = build_qdq(st, ExportConfig(target=target, tile=(8, 8), weight_container=container))
+    proto, _ = build_qdq(st, ExportConfig(target=target, tile=(8, 8), weight_container=container,
+                                          lowbit_plugin=True))
     x = np.random.default_rng(2).random((1, 3, 8, 8), dtype=np.float32)
     dec = _ort(decompose_lowbit_plugins(apply_lowbit_plugins(proto)), x)
     with torch.no_grad():
