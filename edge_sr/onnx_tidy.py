@@ -5,6 +5,10 @@ each at a 64x64 tile, 15 MB each for a 320x180 frame (920 windows x 64 x 64 floa
 of them in SwinIR-light. ``share_constants`` keeps one copy of byte-identical tensors;
 ``compress_masks`` stores each remaining mask as its tokens' region labels (``nW x 64``) and
 rebuilds it in the graph (``Where(Equal(label_i, label_j), 0, -100)``), exactly.
+
+Rewrites that change the work, not the numbers: ``split_qkv`` and ``drop_shape_expands`` (both
+graphs), and, for the ORT engine, ``quantize_before_layout`` and ``clip_codes`` (layout ops and
+clips on the quantizers' uint8 codes instead of float32).
 """
 
 from __future__ import annotations
