@@ -142,3 +142,22 @@ def test_ort_export_partitions_windows_in_uint8(tiny_swinir):
         ref = st(x).numpy()
     out = make_session(proto, threads=1).run(None, {"lr": x.numpy()})[0]
     assert np.abs(out - ref).max() < 1e-4
+
+
+def test_the_region_stops_where_another_node_reads_the_float_tensor():
+    """x -> Transpose -> t -> Reshape -> Clip -> Q, with t also read by an Add: only the Reshape
+    moves below the quantizer; the Transpose stays in float32 for both readers."""
+    proto = _graph(two_quantizers=False, channel_mul=False)
+    g = proto.graph
+    g.node.append(helper.make_node("Add", ["t", "t"], ["also"]))
+    g.output.append(helper.make_tensor_value_info("also", TensorProto.FLOAT, [2, 4, 4, C]))
+    before = onnx.ModelProto()
+    before.CopyFrom(proto)
+    assert quantize_before_layout(proto) == 1
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    transpose = next(n for n in proto.graph.node if n.op_type == "Transpose")
+    assert producer[transpose.input[0]].op_type == "Concat"  # still on the float shift
+    reshape = next(n for n in proto.graph.node if n.op_type == "Reshape")
+    assert producer[reshape.input[0]].op_type == "QuantizeLinear"
+    x = _inputs()
+    assert all(np.array_equal(a, b) for a, b in zip(_run(before, x), _run(proto, x)))
