@@ -468,25 +468,6 @@ def _wiring(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto],
     return producer, users, {o.name for o in graph.output}
 
 
-def _widths(graph: onnx.GraphProto) -> dict[str, int]:
-    """The last dimension of every tensor whose shape inference gave one, and of every fused
-    integer linear's output (ONNX's shape inference does not know ORT's contrib ops): the
-    columns of its weight, an initializer or the Cast of one."""
-    out = {}
-    for v in list(graph.value_info) + list(graph.input) + list(graph.output):
-        dims = v.type.tensor_type.shape.dim
-        if dims and dims[-1].HasField("dim_value"):
-            out[v.name] = dims[-1].dim_value
-    dims = {t.name: list(t.dims) for t in graph.initializer}
-    cast = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Cast"}
-    for n in graph.node:
-        if n.op_type == "MatMulIntegerToFloat" and n.output[0] not in out:
-            w = dims.get(n.input[1]) or dims.get(cast.get(n.input[1], ""))
-            if w and len(w) == 2:
-                out[n.output[0]] = w[1]
-    return out
-
-
 def split_qkv(proto: onnx.ModelProto, fp_products: bool = True) -> int:
     """Give a window attention's q, k and v each its own product, feeding its heads directly.
 
@@ -509,7 +490,8 @@ def split_qkv(proto: onnx.ModelProto, fp_products: bool = True) -> int:
     a column block no longer matches. Returns how many chains it rewrote.
     """
     graph = proto.graph
-    consts, width_of = _constants(graph), _widths(graph)
+    consts = _constants(graph)
+    width_of = {k: v[-1] for k, v in _shapes(proto).items() if v and v[-1] is not None}
     inits = {t.name for t in graph.initializer}
     producer, users, outputs = _wiring(graph)
 
