@@ -54,6 +54,7 @@ from edge_sr.onnx_tidy import (
     clip_codes,
     compact,
     drop_shape_expands,
+    fuse_attention,
     position_tables,
     quantize_before_layout,
     split_qkv,
@@ -72,7 +73,9 @@ ORT_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators (MatMulIntegerT
 @dataclass(frozen=True)
 class ExportConfig:
     """``weight_container``: "auto" stores weights of <= 4 bits as INT4 (smallest file), "int8"
-    stores all weights as INT8 (what ORT 1.32 fuses into integer MatMul kernels)."""
+    stores all weights as INT8 (what ORT 1.32 fuses into integer MatMul kernels).
+    ``fuse_attention`` (``ort`` target without the low-bit plugin): each floating-point attention
+    becomes ONNX's ``Attention`` operator, opset 23 (``edge_sr.onnx_tidy.fuse_attention``)."""
 
     target: Target = "ort"
     tile: tuple[int, int] = (64, 64)  # LR (height, width)
@@ -82,6 +85,7 @@ class ExportConfig:
     weight_container: WeightContainer = "auto"
     dynamic: bool = False  # symbolic height and width (``tile`` only traces); SwinIR-light
     keep_names: bool = False  # keep the traced node and initializer names (per-module profiles)
+    fuse_attention: bool = True
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -165,9 +169,11 @@ def build_qdq(model: nn.Module, cfg: ExportConfig) -> tuple[onnx.ModelProto, lis
         # low-bit plugin pass reads each linear's float input at its P/Clip)
         # the window partition / shift / heads merge move uint8 codes, and a < 8-bit grid is
         # clipped on its codes: bit for bit the same outputs
+        # each floating-point attention as one operator (opset 23), its heads' Transposes gone
+        fused = fuse_attention(proto) if cfg.fuse_attention else 0
         moved, clips = quantize_before_layout(proto), clip_codes(proto)
-        log.debug("%d layout regions now after their quantizer; %d float Clips moved onto the "
-                  "codes or dropped", moved, clips)
+        log.debug("%d attentions fused; %d layout regions now after their quantizer; %d float "
+                  "Clips moved onto the codes or dropped", fused, moved, clips)
     saved = tidy(proto, position_tables(model), kept_weight_grids(model))
     log.debug("ONNX tidy (shared constants, masks, position tables, FP16): %.1f MB saved", saved / 1e6)
     del proto.graph.value_info[:]
@@ -226,7 +232,7 @@ def export_qdq(calibrated, cfg: ExportConfig, output: str | os.PathLike,
     log.info("exported %s: %d quantized linears (%d weight groups: q, k and v of each qkv are "
              "one each), %d standalone activation sites (attention products, softmax), target "
              "%s, opset %d", Path(output).name, n_lin, n_groups, len(records) - n_groups, cfg.target,
-             cfg.opset)
+             next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")))
     return output
 
 

@@ -36,14 +36,17 @@ FP_MIN_OPSET = 17
 
 
 def export_fp_onnx(model: nn.Module, path: str | os.PathLike, tile: tuple[int, int] = (64, 64),
-                   batch: int = 1, opset: int = FP_MIN_OPSET, dynamic: bool = False) -> Path:
+                   batch: int = 1, opset: int = FP_MIN_OPSET, dynamic: bool = False,
+                   fuse_attention: bool = False) -> Path:
     """Export ``model`` for a ``(batch, 3, *tile)`` input in [0, 1]; written atomically.
 
     The model pads a tile that is not a multiple of its window itself (the padding is baked into
     the graph), so any tile works; multiples of ``size_requirements.multiple`` waste no compute.
     ``dynamic``: the input's height and width (and the output's) are symbolic ``h``/``w``
     (``tile`` is only the tracing example); raises EdgeSRError for a model without
-    ``dynamic_export``.
+    ``dynamic_export``. ``fuse_attention``: each attention becomes ONNX's ``Attention`` operator
+    and the file's opset 23 (``edge_sr.onnx_tidy.fuse_attention``; for ONNX Runtime, whose CPU
+    kernel it speeds up; TensorRT 10.3 does not parse it).
     """
     h, w = tile
     if dynamic and not getattr(model, "dynamic_export", False):
@@ -76,7 +79,7 @@ def export_fp_onnx(model: nn.Module, path: str | os.PathLike, tile: tuple[int, i
                                       output_names=[OUTPUT_NAME], opset_version=opset,
                                       do_constant_folding=True, dynamo=False,
                                       dynamic_axes=axes)
-                _tidy(tmp, model)
+                _tidy(tmp, model, fuse_attention)
                 _check(tmp)
     finally:
         model.train(was_training)
@@ -87,21 +90,30 @@ def export_fp_onnx(model: nn.Module, path: str | os.PathLike, tile: tuple[int, i
     return path
 
 
-def _tidy(path: Path, model: nn.Module) -> None:
+def _tidy(path: Path, model: nn.Module, fuse: bool = False) -> None:
     """Split each attention's qkv product into q, k and v, share identical constants, store
-    attention masks as labels and position biases as their tables (``edge_sr.onnx_tidy``)."""
+    attention masks as labels and position biases as their tables (``edge_sr.onnx_tidy``);
+    with ``fuse``, fuse each attention into one operator."""
     import onnx
 
-    from edge_sr.onnx_tidy import compact, drop_shape_expands, position_tables, split_qkv, tidy
+    from edge_sr.onnx_tidy import (
+        compact,
+        drop_shape_expands,
+        fuse_attention,
+        position_tables,
+        split_qkv,
+        tidy,
+    )
 
     proto = onnx.load(str(path))
     split = split_qkv(proto)  # q, k and v each from its own GEMM: no Split of the qkv tensor
     expands = drop_shape_expands(proto)  # F.normalize's Expand before its Div
+    fused = fuse_attention(proto) if fuse else 0
     saved = tidy(proto, position_tables(model)) + compact(proto)
-    if saved or split or expands:
+    if saved or split or expands or fused:
         onnx.save(proto, str(path))
-        log.debug("ONNX tidy: %.1f MB saved, %d qkv products split, %d Expands dropped",
-                  saved / 1e6, split, expands)
+        log.debug("ONNX tidy: %.1f MB saved, %d qkv products split, %d Expands dropped, %d "
+                  "attentions fused", saved / 1e6, split, expands, fused)
 
 
 def _check(path: Path) -> None:

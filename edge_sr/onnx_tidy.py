@@ -894,3 +894,342 @@ def clip_codes(proto: onnx.ModelProto) -> int:
         graph.node.extend(nodes)
         drop_unused_initializers(proto)
     return len(gone)
+
+
+
+ATTENTION_OPSET = 23  # ONNX's fused Attention operator
+HEADS_SPLIT = [0, 2, 1, 3]  # (B, N, heads, d) <-> (B, heads, N, d)
+
+
+def _strip_ones(dims: list[int | None] | None) -> list[int | None] | None:
+    """``dims`` without its leading 1s (broadcasting treats them as absent)."""
+    if dims is None:
+        return None
+    k = 0
+    while k < len(dims) - 1 and dims[k] == 1:
+        k += 1
+    return dims[k:]
+
+
+def _const_values(proto: onnx.ModelProto, names: list[str]) -> list[np.ndarray]:
+    """The values of constant-derived tensors ``names`` (``_derived_constants``), computed by
+    ONNX's reference runtime on the part of the graph that makes them."""
+    from onnx.reference import ReferenceEvaluator
+
+    graph = proto.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {t.name: t for t in graph.initializer}
+    needed, used, stack = set(), set(), list(names)
+    while stack:
+        t = stack.pop()
+        if t in inits:
+            used.add(t)
+        elif t in producer and id(producer[t]) not in needed:
+            needed.add(id(producer[t]))
+            stack.extend(i for i in producer[t].input if i)
+    nodes = [n for n in graph.node if id(n) in needed]  # in the graph's (topological) order
+    sub = helper.make_model(
+        helper.make_graph(nodes, "constants", [], [helper.make_value_info(n, onnx.TypeProto())
+                                                   for n in names],
+                          [inits[t] for t in sorted(used)]),
+        opset_imports=list(proto.opset_import))
+    return ReferenceEvaluator(sub).run(None, {})
+
+
+def fuse_attention(proto: onnx.ModelProto, max_bias_bytes: int = 16 << 20) -> int:
+    """Replace each attention ``Softmax(q·kᵀ · s + b₁ [+ b₂]) · v`` by ONNX's ``Attention``
+    (opset 23; the model's default-domain opset is raised to it). Returns how many were fused.
+
+    - Matched where everything is static: q, k and v of shape ``(B, heads, N, d)``, ``kᵀ`` a
+      ``Transpose(perm=[0, 1, 3, 2])`` of k, the bias terms computed from constants only (a
+      window attention's relative-position bias ``(1, heads, N, N)``, a shifted window's mask
+      ``(windows, 1, N, N)``), the Reshapes on the way adding or removing leading 1s only, and
+      the probabilities read by ``p · v`` alone.
+    - A scalar logit scale (SwinIR's ``q · d^-½``) becomes the operator's ``scale``; a per-head
+      one (NGswin's cosine attention, ``(heads, 1, 1)``) multiplies q.
+    - Where q, k and v come from ``Reshape`` + ``Transpose`` of ``(B, N, heads·d)`` tensors and
+      the output goes back the same way, the operator takes and gives the 3-D tensors: those
+      four Transposes go.
+    - A bias that depends on the window (the shifted windows' mask) is not added to every
+      head's logits in advance: ONNX Runtime folds constant sums at load, 90 MB per block for
+      SwinIR-light at 320×184. Where the sum would exceed ``max_bias_bytes``, every window is
+      computed with the window-independent bias, and the windows whose mask is not all zero (the
+      last row and column of windows: 62 of 920) are computed again with their mask (a
+      ``Gather`` of q, k, v, a second ``Attention``, a ``ScatterND`` into the output).
+
+    ONNX Runtime's CPU kernel (1.32) computes each (window, head) slice's product, bias,
+    softmax and ``· v`` while it is in cache; the unfused graph writes and reads the
+    ``(B, heads, N, N)`` logits four times. The result is the same but for rounding: the scale
+    and the bias terms are applied in another order.
+    """
+    if not any(n.op_type == "Softmax" for n in proto.graph.node):
+        return 0
+    _raise_opset(proto, ATTENTION_OPSET)  # first: the new nodes are written for opset 23
+    graph = proto.graph
+    producer, users, outputs = _wiring(graph)
+    shapes = _shapes(proto)
+    const = _derived_constants(graph)
+    consts = _constants(graph)
+    plans: dict[str, list[onnx.NodeProto]] = {}  # new nodes, placed where the named node was
+    drop: set[str] = set()  # nodes that go, by their first output
+    shared: dict[tuple, str] = {}  # bias sums and window lists already made
+    fused = 0
+
+    def dims(t):
+        return shapes.get(t) or (list(np.shape(consts[t])) if t in consts else None)
+
+    def static4(t):
+        s = shapes.get(t)
+        return s if s and len(s) == 4 and all(isinstance(d, int) and d > 0 for d in s) else None
+
+    def single(t):
+        return t not in outputs and len(users.get(t, [])) == 1
+
+    def heads_first(x, s4, tag):
+        """``x`` (B, heads, N, d) as ``Transpose(Reshape(x3))`` of x3 (B, N, heads·d), or as the
+        L2 normalisation over d of such a Transpose (NGswin's cosine attention). Returns
+        ``(y, x3, gone, new)``: y (B, N, heads, d) is x without the Transpose (new nodes
+        ``new`` recompute the normalisation in that layout), x3 the 3-D tensor when y is just
+        the Reshape's output, and ``gone`` the nodes that go. None when x is not of that form."""
+        if not single(x):
+            return None
+        norm, t_name = None, x
+        n = producer.get(x)
+        if n is not None and n.op_type == "Div":
+            t_name, c_name = n.input
+            clip = producer.get(c_name)
+            red = producer.get(clip.input[0]) if clip is not None and clip.op_type == "Clip" \
+                else None
+            axes = None
+            if red is not None and red.op_type == "ReduceL2":
+                axes = _attr(red, "axes") if len(red.input) < 2 else consts.get(red.input[1])
+            if axes is None or [int(a) % 4 for a in np.ravel(axes)] != [3] \
+                    or _attr(red, "keepdims", 1) != 1 or red.input[0] != t_name \
+                    or not single(c_name) or not single(red.output[0]) \
+                    or len(users.get(t_name, [])) != 2 or t_name in outputs:
+                return None
+            norm = n, clip, red
+        t = producer.get(t_name)
+        if t is None or t.op_type != "Transpose" or list(_attr(t, "perm", [])) != HEADS_SPLIT:
+            return None
+        r = producer.get(t.input[0])
+        if r is None or r.op_type != "Reshape" or not single(t.input[0]) \
+                or shapes.get(r.input[0]) != [s4[0], s4[2], s4[1] * s4[3]]:
+            return None
+        y = r.output[0]
+        if norm is None:
+            return y, r.input[0], [t], []
+        div, clip, red = norm
+        new = [helper.make_node("ReduceL2", [y] + list(red.input[1:]), [f"{tag}/norm"],
+                                keepdims=1, **({} if len(red.input) > 1 else {"axes": [-1]})),
+               helper.make_node("Clip", [f"{tag}/norm"] + list(clip.input[1:]),
+                                [f"{tag}/norm_clipped"]),
+               helper.make_node("Div", [y, f"{tag}/norm_clipped"], [f"{tag}/normalized"])]
+        return new[-1].output[0], None, [t, red, clip, div], new
+
+    def heads_last(y, s4):
+        """(y3, [Transpose, Reshape]) where ``y`` (B, heads, N, d) goes back to (B, N, heads·d)."""
+        if not single(y) or users[y][0].op_type != "Transpose" \
+                or list(_attr(users[y][0], "perm", [])) != HEADS_SPLIT:
+            return None
+        t = users[y][0]
+        if not single(t.output[0]) or users[t.output[0]][0].op_type != "Reshape":
+            return None
+        r = users[t.output[0]][0]
+        if shapes.get(r.output[0]) != [s4[0], s4[2], s4[1] * s4[3]]:
+            return None
+        return r.output[0], [t, r]
+
+    def bias_sum(terms, tag, new):
+        """One tensor of the sum of ``terms`` (rank 4), shared between attentions; the nodes
+        that make it are appended to ``new``."""
+        key = ("sum", *sorted(terms))
+        if key not in shared:
+            nodes, total = [], terms[0]
+            for j, b in enumerate(terms[1:]):
+                nodes.append(helper.make_node("Add", [total, b], [f"{tag}/bias{j}"]))
+                total = nodes[-1].output[0]
+            full = np.broadcast_shapes(*[tuple(_strip_ones(dims(b))) for b in terms])
+            if max(len(dims(b)) for b in terms) != 4:  # the operator wants a rank-4 mask
+                shape = f"{tag}/bias_shape"
+                nodes += [_constant(shape, np.array([1] * (4 - len(full)) + list(full), np.int64)),
+                          helper.make_node("Reshape", [total, shape], [f"{tag}/bias4"])]
+                total = nodes[-1].output[0]
+            shared[key] = total
+            new.extend(nodes)
+        return shared[key]
+
+    for sm in list(graph.node):
+        if sm.op_type != "Softmax":
+            continue
+        probs = sm.output[0]
+        if not single(probs) or users[probs][0].op_type != "MatMul" \
+                or users[probs][0].input[0] != probs:
+            continue
+        pv = users[probs][0]
+        logits = static4(sm.input[0])
+        if logits is None or _attr(sm, "axis", -1) % 4 != 3:
+            continue
+        gone, biases, scale, t, ok = [sm, pv], [], None, sm.input[0], True
+        while ok:
+            n = producer.get(t)
+            if n is None or not single(t):
+                ok = False
+            elif n.op_type == "MatMul":
+                break
+            elif n.op_type == "Reshape":
+                ok = _strip_ones(shapes.get(n.input[0])) == _strip_ones(logits)
+                t = n.input[0]
+            elif n.op_type in ("Add", "Mul"):
+                a, b = n.input
+                if a in const:
+                    a, b = b, a
+                d = _strip_ones(dims(b))
+                if a in const or b not in const or d is None:
+                    ok = False
+                elif n.op_type == "Add":
+                    ok = len(d) <= 4
+                    biases.append(b)
+                else:  # a logit scale, a scalar or (heads, 1, 1), on q·kᵀ itself
+                    ok = (scale is None and len(d) <= 3 and all(x == 1 for x in d[-2:])
+                          and (len(d) < 3 or d[0] in (1, logits[1]))
+                          and getattr(producer.get(a), "op_type", "") == "MatMul")
+                    scale = b
+                t = a
+            else:
+                ok = False
+            if ok:
+                gone.append(n)
+        qk = producer.get(t) if ok else None
+        if qk is None or qk.op_type != "MatMul":
+            continue
+        tr = producer.get(qk.input[1])
+        if tr is None or tr.op_type != "Transpose" or list(_attr(tr, "perm", [])) != [0, 1, 3, 2] \
+                or not single(qk.input[1]):
+            continue
+        gone += [qk, tr]
+        q, k, v, out = qk.input[0], tr.input[0], pv.input[1], pv.output[0]
+        s4 = static4(q)
+        if shapes.get(qk.output[0]) != logits or not s4 or static4(k) != s4 or static4(v) != s4:
+            continue
+        # a scalar scale: SwinIR's q · d^-½ before the product, or a scalar on the logits
+        value = None
+        mul = producer.get(q)
+        if scale is None and mul is not None and mul.op_type == "Mul" and single(q):
+            a, b = mul.input
+            if a in consts:
+                a, b = b, a
+            if b in consts and np.size(consts[b]) == 1:
+                value, q = float(np.ravel(consts[b])[0]), a
+                gone.append(mul)
+        elif scale is not None and scale in consts and np.size(consts[scale]) == 1:
+            value, scale = float(np.ravel(consts[scale])[0]), None
+        new: list[onnx.NodeProto] = []
+        tag = out
+        # window-dependent bias terms (the shifted windows' mask) and the rest
+        windows = logits[0]
+        per_window = [b for b in biases if len(_strip_ones(dims(b))) == 4
+                      and _strip_ones(dims(b))[0] == windows > 1]
+        common = [b for b in biases if b not in per_window]
+        full = np.broadcast_shapes(*[tuple(_strip_ones(dims(b))) for b in biases]) if biases else ()
+        boundary = None
+        if per_window and int(np.prod(full)) * 4 > max_bias_bytes:
+            key = ("windows", *sorted(per_window))
+            if key not in shared:
+                total = sum(_const_values(proto, per_window))
+                shared[key] = np.flatnonzero(np.any(total.reshape(windows, -1) != 0, axis=1))
+            boundary = shared[key]
+            if len(boundary) == windows or \
+                    len(boundary) * logits[1] * logits[2] * logits[3] * 4 > max_bias_bytes:
+                continue
+        # 3-D operands where the heads' Transposes can go
+        attrs = dict(scale=1.0 if value is None else value)
+        ins = [heads_first(x, s4, f"{tag}/{name}") for x, name in ((q, "q"), (k, "k"), (v, "v"))]
+        outl = heads_last(out, s4)
+        if all(ins) and outl:
+            x3s = []
+            for j, (y, x3, gone_j, new_j) in enumerate(ins):
+                gone += gone_j
+                new += new_j
+                if j == 0 and scale is not None:  # (heads, 1, 1) -> (heads, 1) in this layout
+                    new += [_constant(f"{tag}/scale_shape", np.array([-1, 1], np.int64)),
+                            helper.make_node("Reshape", [scale, f"{tag}/scale_shape"],
+                                             [f"{tag}/scale_nhd"]),
+                            helper.make_node("Mul", [y, f"{tag}/scale_nhd"], [f"{tag}/q_scaled"])]
+                    y, x3, scale = new[-1].output[0], None, None
+                if x3 is None:
+                    new += [_constant(f"{tag}/{j}/shape3",
+                                      np.array([s4[0], s4[2], s4[1] * s4[3]], np.int64)),
+                            helper.make_node("Reshape", [y, f"{tag}/{j}/shape3"],
+                                             [f"{tag}/{j}/x3"])]
+                    x3 = new[-1].output[0]
+                x3s.append(x3)
+            (q, k, v), out = x3s, outl[0]
+            gone += outl[1]
+            attrs.update(q_num_heads=s4[1], kv_num_heads=s4[1])
+        if scale is not None:
+            new.append(helper.make_node("Mul", [q, scale], [f"{tag}/q_scaled"]))
+            q = new[-1].output[0]
+        terms = common if boundary is not None else biases
+        mask = bias_sum(terms, tag, new) if terms else ""
+        if boundary is None:
+            new.append(helper.make_node("Attention", [q, k, v] + ([mask] if mask else []),
+                                        [out], name=f"{tag}/attention", **attrs))
+        else:
+            idx = f"{tag}/windows"
+            new += [_constant(idx, boundary.astype(np.int64)),
+                    _constant(idx + "_nd", boundary.astype(np.int64)[:, None])]
+            sub = [helper.make_node("Gather", [x, idx], [f"{tag}/{name}_masked"], axis=0)
+                   for x, name in ((q, "q"), (k, "k"), (v, "v"))]
+            win = bias_sum(per_window, tag + "/window", new)
+            new += sub + [helper.make_node("Gather", [win, idx], [f"{tag}/mask_masked"], axis=0)]
+            mask_m = new[-1].output[0]
+            if mask:
+                new.append(helper.make_node("Add", [mask, mask_m], [f"{tag}/bias_masked"]))
+                mask_m = new[-1].output[0]
+            new += [helper.make_node("Attention", [q, k, v] + ([mask] if mask else []),
+                                     [f"{tag}/all_windows"], name=f"{tag}/attention", **attrs),
+                    helper.make_node("Attention", [n.output[0] for n in sub] + [mask_m],
+                                     [f"{tag}/masked_windows"], name=f"{tag}/attention_masked",
+                                     **attrs),
+                    helper.make_node("ScatterND", [f"{tag}/all_windows", idx + "_nd",
+                                                   f"{tag}/masked_windows"], [out])]
+        plans[_last(gone, graph)] = new  # where every input of the new nodes exists
+        drop.update(n.output[0] for n in gone)
+        fused += 1
+    if not fused:
+        return 0
+    nodes = []
+    for n in proto.graph.node:
+        if n.output[0] in plans:
+            nodes.extend(plans[n.output[0]])
+        if n.output[0] not in drop:
+            nodes.append(n)
+    del proto.graph.node[:]
+    proto.graph.node.extend(drop_dead_nodes(nodes, outputs))  # Reshapes the 3-D form bypasses
+    return fused
+
+
+def _last(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> str:
+    """The first output of whichever of ``nodes`` comes last in ``graph``."""
+    names = {n.output[0] for n in nodes}
+    return [n.output[0] for n in graph.node if n.output[0] in names][-1]
+
+
+def _constant(name: str, value: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value))
+
+
+def _raise_opset(proto: onnx.ModelProto, opset: int) -> None:
+    """Raise the default-domain opset to at least ``opset`` with ONNX's version converter (in
+    place; the other domains are kept)."""
+    current = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if current < opset:
+        from onnx import version_converter
+
+        # the converter drops the nodes' metadata (export --keep-names' edge_sr.* records)
+        meta = {n.output[0]: list(n.metadata_props) for n in proto.graph.node if n.metadata_props}
+        proto.CopyFrom(version_converter.convert_version(proto, opset))
+        for n in proto.graph.node:
+            if n.output and n.output[0] in meta:
+                n.metadata_props.extend(meta[n.output[0]])

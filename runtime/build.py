@@ -115,6 +115,9 @@ class BuildConfig:
     rounding: str | None = None  # CalibrationConfig.rounding (None: the method's)
     weight_lr: float | None = None  # CalibrationConfig.weight_lr (None: the method's)
     smooth: float | str | None = None  # CalibrationConfig.smooth (None: the method's)
+    # ONNX Runtime engines: each attention as ONNX's Attention operator (opset 23, ORT >= 1.23),
+    # in the engine and in its FP32 reference graph alike (edge_sr.onnx_tidy.fuse_attention)
+    fuse_attention: bool = True
 
     def __post_init__(self) -> None:
         if self.bits not in ENGINE_BITS:
@@ -244,10 +247,11 @@ def stage_checkpoint(cfg: BuildConfig):
 
 def stage_export(student, lm, cfg: BuildConfig, backend: str, work: Path) -> None:
     target = "trt" if backend == "tensorrt" else "ort"
+    fuse = cfg.fuse_attention and target == "ort"
     export_qdq(student, ExportConfig(target=target, tile=cfg.tile, batch=cfg.batch,
-                                     dynamic=cfg.dynamic), work / MODEL_FILE)
+                                     dynamic=cfg.dynamic, fuse_attention=fuse), work / MODEL_FILE)
     export_fp_onnx(lm.model, work / FP32_FILE, tile=cfg.tile, batch=cfg.batch,
-                   dynamic=cfg.dynamic)
+                   dynamic=cfg.dynamic, fuse_attention=fuse)
 
 
 def stage_build(cfg: BuildConfig, backend: str, work: Path) -> None:

@@ -153,8 +153,11 @@ def quantize_static_graph(fp32_path: Path, out_path: Path, tiles: np.ndarray,
     with tempfile.TemporaryDirectory(prefix="edge-sr-ortq-") as tmp:
         pre, q = Path(tmp) / "pre.onnx", Path(tmp) / "q.onnx"
         # ORT's symbolic shape inference cannot follow a dynamic graph's in-graph padding and
-        # window sizes; ONNX's own shape inference still runs
-        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=dynamic)
+        # window sizes, and reads ONNX's Attention (opset 23) as its contrib Attention; ONNX's
+        # own shape inference still runs
+        fused = any(n.op_type == "Attention" and n.domain in ("", "ai.onnx")
+                    for n in onnx.load(str(fp32_path), load_external_data=False).graph.node)
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=dynamic or fused)
         quantize_static(str(pre), str(q), Reader(), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(OP_TYPES), per_channel=True,
                         reduce_range=False, activation_type=QuantType.QUInt8,

@@ -45,12 +45,16 @@ from runtime.vocab import BACKEND_CHOICES, ENGINE_BITS
 @click.option("--shared-qkv-input", is_flag=True,
               help="One input quantizer for q, k and v (not the paper's three): one integer "
                    "GEMM per block instead of three and a Concat.")
+@click.option("--unfused-attention", is_flag=True,
+              help="ONNX Runtime: keep each attention as MatMul / Softmax nodes (opset 21) "
+                   "instead of ONNX's Attention operator (opset 23), for ONNX Runtime older "
+                   "than 1.23 (e.g. some JetPack builds); slower.")
 @click.option("--print-config", is_flag=True, help="Print the build configuration and stop.")
 @logging_options
 def build_cmd(bits, scale, model, backend, budget, method, tile, input_size, dynamic, batch, out,
               force, threads,
               wide_inputs, rotate, weight_grid, grid, fp_sites, fp_weights, avg_bits, rounding, smooth, weight_lr, shared_qkv_input,
-              print_config) -> None:
+              unfused_attention, print_config) -> None:
     """Build a quantized SR engine: checkpoint -> calibrate -> export -> build -> validate."""
     from edge_sr.cli.options import parse_list, parse_optional_list, parse_size
     from runtime.build import BuildConfig, build, config_dict
@@ -63,7 +67,7 @@ def build_cmd(bits, scale, model, backend, budget, method, tile, input_size, dyn
                       force=force, threads=threads,
                       wide_inputs=parse_list(wide_inputs), rotate=parse_optional_list(rotate),
                       weight_grid=weight_grid, grid=grid, fp_sites=parse_optional_list(fp_sites), fp_weights=fp_weights, avg_bits=avg_bits, rounding=rounding, smooth=smooth, weight_lr=weight_lr,
-                      shared_qkv_input=shared_qkv_input)
+                      shared_qkv_input=shared_qkv_input, fuse_attention=not unfused_attention)
     if print_config:
         click.echo(json.dumps(config_dict(cfg), indent=2))
         return

@@ -26,6 +26,9 @@ from edge_sr.cli.options import logging_options
                    "ONNX Runtime fuses into integer MatMul kernels.")
 @click.option("--lowbit-plugin", is_flag=True,
               help="Replace quantized linears with edge_sr::LowBitLinear plugin nodes (TensorRT).")
+@click.option("--unfused-attention", is_flag=True,
+              help="ort target: keep each attention as MatMul / Softmax nodes (opset 21) instead "
+                   "of ONNX's Attention operator (opset 23; ONNX Runtime >= 1.23).")
 @click.option("--keep-names", is_flag=True,
               help="Keep the traced node and initializer names and each quantized node's "
                    "edge_sr.* metadata (larger file; for per-module profiles, reading, and "
@@ -36,7 +39,7 @@ from edge_sr.cli.options import logging_options
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @logging_options
 def export_cmd(calibration, target, tile, dynamic, batch, opset, weight_container, lowbit_plugin,
-               keep_names, output, force) -> None:
+               unfused_attention, keep_names, output, force) -> None:
     """Export CALIBRATION (a file from ``edge-sr calibrate``) as QDQ ONNX, exact to its grids."""
     from pathlib import Path
 
@@ -48,6 +51,7 @@ def export_cmd(calibration, target, tile, dynamic, batch, opset, weight_containe
         raise EdgeSRError(f"CALIBRATION: file {calibration} not found")
     cfg = ExportConfig(target=target, tile=parse_size(tile, "--tile"), batch=batch, opset=opset,
                        lowbit_plugin=lowbit_plugin, weight_container=weight_container,
-                       dynamic=dynamic, keep_names=keep_names)
+                       dynamic=dynamic, keep_names=keep_names,
+                       fuse_attention=not unfused_attention)
     path = export_qdq(calibration, cfg, output, force=force)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
