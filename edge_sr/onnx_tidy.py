@@ -964,6 +964,8 @@ def fuse_attention(proto: onnx.ModelProto, max_bias_bytes: int = 16 << 20) -> in
     """
     if not any(n.op_type == "Softmax" for n in proto.graph.node):
         return 0
+    original, proto = proto, onnx.ModelProto()
+    proto.CopyFrom(original)  # the model is changed only when an attention is fused
     _raise_opset(proto, ATTENTION_OPSET)  # first: the new nodes are written for opset 23
     graph = proto.graph
     producer, users, outputs = _wiring(graph)
@@ -1207,6 +1209,7 @@ def fuse_attention(proto: onnx.ModelProto, max_bias_bytes: int = 16 << 20) -> in
             nodes.append(n)
     del proto.graph.node[:]
     proto.graph.node.extend(drop_dead_nodes(nodes, outputs))  # Reshapes the 3-D form bypasses
+    original.CopyFrom(proto)
     return fused
 
 

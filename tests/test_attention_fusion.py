@@ -127,3 +127,20 @@ def test_trt_export_is_never_fused(tiny_swinir) -> None:
     init_bounds(st, torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
     proto, _ = build_qdq(st, ExportConfig(target="trt", tile=(16, 16)))
     assert _ops(proto)["Attention"] == 0 and _ops(proto)["Softmax"] == 2
+
+
+def test_what_is_not_static_or_not_float_is_left_alone(tiny_swinir, tmp_path: Path) -> None:
+    """A dynamic-shape export (window counts unknown) and an engine whose attention products
+    are quantized (``fp_sites=()``: Q/DQ around q·kᵀ and p·v) are left as they are, opset too."""
+    from calibrate.dobi import init_bounds
+    from calibrate.export_qdq import ExportConfig, build_qdq
+    from calibrate.prepare import QuantRecipe, prepare
+
+    model = tiny_swinir(2, depths=(2,), num_heads=(2,))
+    dyn = onnx.load(str(export_fp_onnx(model, tmp_path / "dyn.onnx", tile=(16, 16), dynamic=True,
+                                       fuse_attention=True)))
+    assert _ops(dyn)["Attention"] == 0 and _ops(dyn)["Softmax"] == 2 and _opset(dyn) == 17
+    st = prepare(model, QuantRecipe(bits=8, grid="ort"))
+    init_bounds(st, torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+    proto, _ = build_qdq(st, ExportConfig(target="ort", tile=(16, 16)))
+    assert _ops(proto)["Attention"] == 0 and _ops(proto)["Softmax"] == 2 and _opset(proto) == 21
