@@ -144,3 +144,28 @@ def test_what_is_not_static_or_not_float_is_left_alone(tiny_swinir, tmp_path: Pa
     init_bounds(st, torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
     proto, _ = build_qdq(st, ExportConfig(target="ort", tile=(16, 16)))
     assert _ops(proto)["Attention"] == 0 and _ops(proto)["Softmax"] == 2 and _opset(proto) == 21
+
+
+def test_cli_export_fuses_unless_asked_not_to(tiny_swinir, tmp_path: Path, monkeypatch) -> None:
+    """``edge-sr export --target ort`` writes the fused opset-23 graph; ``--unfused-attention``
+    the opset-21 one."""
+    from click.testing import CliRunner
+
+    import calibrate.export_qdq as ex
+    from calibrate.dobi import init_bounds
+    from calibrate.prepare import QuantRecipe, prepare
+    from edge_sr.cli import main
+
+    st = prepare(tiny_swinir(2, depths=(2,), num_heads=(2,)),
+                 QuantRecipe(bits=8, grid="ort", fp_sites=("qk", "pv")))
+    init_bounds(st, torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+    monkeypatch.setattr(ex, "_student", lambda c: st)
+    cal = tmp_path / "cal.pt"
+    cal.write_bytes(b"")
+    for flags, opset, attention in (([], ATTENTION_OPSET, 2), (["--unfused-attention"], 21, 0)):
+        out = tmp_path / f"m{opset}.onnx"
+        res = CliRunner().invoke(main, ["export", str(cal), "--tile", "16x16", "-o", str(out),
+                                        *flags])
+        assert res.exit_code == 0, res.output
+        proto = onnx.load(str(out))
+        assert _opset(proto) == opset and _ops(proto)["Attention"] == attention
