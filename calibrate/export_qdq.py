@@ -167,10 +167,10 @@ def build_qdq(model: nn.Module, cfg: ExportConfig) -> tuple[onnx.ModelProto, lis
               split, expands)
     if cfg.target == "ort" and not cfg.lowbit_plugin:  # (TensorRT places its own Q/DQ; the
         # low-bit plugin pass reads each linear's float input at its P/Clip)
-        # the window partition / shift / heads merge move uint8 codes, and a < 8-bit grid is
-        # clipped on its codes: bit for bit the same outputs
         # each floating-point attention as one operator (opset 23), its heads' Transposes gone
         fused = fuse_attention(proto) if cfg.fuse_attention else 0
+        # the window partition / shift / heads merge move uint8 codes, and a < 8-bit grid is
+        # clipped on its codes: bit for bit the same outputs
         moved, clips = quantize_before_layout(proto), clip_codes(proto)
         log.debug("%d attentions fused; %d layout regions now after their quantizer; %d float "
                   "Clips moved onto the codes or dropped", fused, moved, clips)

@@ -19,7 +19,7 @@ from edge_sr.cli.options import logging_options
               help="Symbolic input height and width (--tile only traces): one graph for any "
                    "size; SwinIR-light on the ort/trt grids.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Fixed batch size.")
-@click.option("--opset", type=int, default=21, show_default=True, help="ONNX opset (>= 21).")
+@click.option("--opset", type=int, default=21, show_default=True, help="ONNX opset (>= 21; the ort target's fused attention raises it to 23).")
 @click.option("--weights", "weight_container", type=click.Choice(WEIGHT_CONTAINERS),
               default="auto", show_default=True,
               help="Weight storage: auto = INT4 for <= 4 bits (smallest file); int8 = what "

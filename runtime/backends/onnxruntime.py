@@ -75,9 +75,13 @@ class OrtBackend(Backend):
             self.session = ort.InferenceSession(str(self.path), so,
                                                 providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
+            msg = str(e).splitlines()[0][:200] if str(e) else ""
+            hint = (f"; an engine with ONNX's Attention operator (opset 23) needs onnxruntime >= "
+                    f"1.23 (this is {ort.__version__}), or a rebuild with --unfused-attention"
+                    if "opset" in msg.lower() or "Attention" in msg else "")
             raise EdgeSRError(
                 f"ONNX model {self.path}: onnxruntime could not load it "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                f"({type(e).__name__}: {msg}){hint}"
             ) from None
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self.input_name, self.output_name = inp.name, out.name
