@@ -8,7 +8,9 @@ rebuilds it in the graph (``Where(Equal(label_i, label_j), 0, -100)``), exactly.
 
 Rewrites that change the work, not the numbers: ``split_qkv`` and ``drop_shape_expands`` (both
 graphs), and, for the ORT engine, ``quantize_before_layout`` and ``clip_codes`` (layout ops and
-clips on the quantizers' uint8 codes instead of float32).
+clips on the quantizers' uint8 codes instead of float32). ``fuse_attention`` (both ONNX Runtime
+graphs) changes the numbers by float rounding only: each window attention becomes ONNX's
+``Attention`` operator (opset 23).
 """
 
 from __future__ import annotations
