@@ -51,6 +51,7 @@ from calibrate.vocab import WEIGHT_CONTAINERS, Target, WeightContainer, expected
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import atomic_path
 from edge_sr.onnx_tidy import (
+    ATTENTION_OPSET,
     clip_codes,
     compact,
     drop_shape_expands,
@@ -169,6 +170,10 @@ def build_qdq(model: nn.Module, cfg: ExportConfig) -> tuple[onnx.ModelProto, lis
         # low-bit plugin pass reads each linear's float input at its P/Clip)
         # each floating-point attention as one operator (opset 23), its heads' Transposes gone
         fused = fuse_attention(proto) if cfg.fuse_attention else 0
+        if fused and cfg.opset < ATTENTION_OPSET:
+            log.info("opset %d raised to %d for ONNX's Attention operator (%d attentions fused; "
+                     "--unfused-attention keeps opset %d)", cfg.opset, ATTENTION_OPSET, fused,
+                     cfg.opset)
         # the window partition / shift / heads merge move uint8 codes, and a < 8-bit grid is
         # clipped on its codes: bit for bit the same outputs
         moved, clips = quantize_before_layout(proto), clip_codes(proto)

@@ -79,7 +79,7 @@ def export_fp_onnx(model: nn.Module, path: str | os.PathLike, tile: tuple[int, i
                                       output_names=[OUTPUT_NAME], opset_version=opset,
                                       do_constant_folding=True, dynamo=False,
                                       dynamic_axes=axes)
-                _tidy(tmp, model, fuse_attention)
+                opset = _tidy(tmp, model, fuse_attention) or opset
                 _check(tmp)
     finally:
         model.train(was_training)
@@ -90,10 +90,11 @@ def export_fp_onnx(model: nn.Module, path: str | os.PathLike, tile: tuple[int, i
     return path
 
 
-def _tidy(path: Path, model: nn.Module, fuse: bool = False) -> None:
+def _tidy(path: Path, model: nn.Module, fuse: bool = False) -> int | None:
     """Split each attention's qkv product into q, k and v, share identical constants, store
     attention masks as labels and position biases as their tables (``edge_sr.onnx_tidy``);
-    with ``fuse``, fuse each attention into one operator."""
+    with ``fuse``, fuse each attention into one operator. Returns the file's opset when the
+    fusion raised it, else None."""
     import onnx
 
     from edge_sr.onnx_tidy import (
@@ -114,6 +115,9 @@ def _tidy(path: Path, model: nn.Module, fuse: bool = False) -> None:
         onnx.save(proto, str(path))
         log.debug("ONNX tidy: %.1f MB saved, %d qkv products split, %d Expands dropped, %d "
                   "attentions fused", saved / 1e6, split, expands, fused)
+    if fused:
+        return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return None
 
 
 def _check(path: Path) -> None:

@@ -46,9 +46,10 @@ from runtime.vocab import BACKEND_CHOICES, ENGINE_BITS
               help="One input quantizer for q, k and v (not the paper's three): one integer "
                    "GEMM per block instead of three and a Concat.")
 @click.option("--unfused-attention", is_flag=True,
-              help="ONNX Runtime: keep each attention as MatMul / Softmax nodes (opset 21) "
-                   "instead of ONNX's Attention operator (opset 23), for ONNX Runtime older "
-                   "than 1.23 (e.g. some JetPack builds); slower.")
+              help="ONNX Runtime: keep each attention as MatMul / Softmax nodes (opset 21; "
+                   "the FP32 graph opset 17) instead of ONNX's Attention operator (opset 23), "
+                   "for ONNX Runtime older than 1.23 (e.g. some JetPack builds); slower. "
+                   "TensorRT engines are never fused.")
 @click.option("--print-config", is_flag=True, help="Print the build configuration and stop.")
 @logging_options
 def build_cmd(bits, scale, model, backend, budget, method, tile, input_size, dynamic, batch, out,

@@ -27,8 +27,9 @@ from edge_sr.cli.options import logging_options
 @click.option("--lowbit-plugin", is_flag=True,
               help="Replace quantized linears with edge_sr::LowBitLinear plugin nodes (TensorRT).")
 @click.option("--unfused-attention", is_flag=True,
-              help="ort target: keep each attention as MatMul / Softmax nodes (opset 21) instead "
-                   "of ONNX's Attention operator (opset 23; ONNX Runtime >= 1.23).")
+              help="ort target: keep each attention as MatMul / Softmax nodes (--opset) instead "
+                   "of ONNX's Attention operator (opset 23; ONNX Runtime >= 1.23). The trt "
+                   "target is never fused.")
 @click.option("--keep-names", is_flag=True,
               help="Keep the traced node and initializer names and each quantized node's "
                    "edge_sr.* metadata (larger file; for per-module profiles, reading, and "
