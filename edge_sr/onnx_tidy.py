@@ -898,7 +898,6 @@ def clip_codes(proto: onnx.ModelProto) -> int:
     return len(gone)
 
 
-
 ATTENTION_OPSET = 23  # ONNX's fused Attention operator
 HEADS_SPLIT = [0, 2, 1, 3]  # (B, N, heads, d) <-> (B, heads, N, d)
 
@@ -968,7 +967,12 @@ def fuse_attention(proto: onnx.ModelProto, max_bias_bytes: int = 16 << 20) -> in
         return 0
     original, proto = proto, onnx.ModelProto()
     proto.CopyFrom(original)  # the model is changed only when an attention is fused
-    _raise_opset(proto, ATTENTION_OPSET)  # first: the new nodes are written for opset 23
+    try:
+        _raise_opset(proto, ATTENTION_OPSET)  # first: the new nodes are written for opset 23
+    except Exception as e:  # the fusion is a speed-up: without opset 23 the graph stays as it is
+        log.warning("attention not fused: ONNX's version converter cannot take this graph to "
+                    "opset %d (%s)", ATTENTION_OPSET, str(e).splitlines()[0][:200] if str(e) else e)
+        return 0
     graph = proto.graph
     producer, users, outputs = _wiring(graph)
     shapes = _shapes(proto)

@@ -169,3 +169,24 @@ def test_cli_export_fuses_unless_asked_not_to(tiny_swinir, tmp_path: Path, monke
         assert res.exit_code == 0, res.output
         proto = onnx.load(str(out))
         assert _opset(proto) == opset and _ops(proto)["Attention"] == attention
+
+
+def test_a_graph_the_converter_cannot_raise_is_left_unfused(tiny_swinir, tmp_path: Path,
+                                                             monkeypatch, caplog) -> None:
+    """The fusion is a speed-up: when ONNX's version converter fails, the graph is left as it
+    was (opset and all) with a warning, not an error."""
+    import edge_sr.onnx_tidy as tidy_mod
+
+    path = export_fp_onnx(tiny_swinir(2, depths=(2,), num_heads=(2,)), tmp_path / "m.onnx",
+                          tile=(16, 16))
+    proto = onnx.load(str(path))
+    before = proto.SerializeToString()
+
+    def fail(proto, opset):
+        raise RuntimeError("No Adapter From Version $17")
+
+    monkeypatch.setattr(tidy_mod, "_raise_opset", fail)
+    with caplog.at_level("WARNING"):
+        assert fuse_attention(proto) == 0
+    assert proto.SerializeToString() == before
+    assert "attention not fused" in caplog.text
