@@ -56,6 +56,7 @@ from edge_sr.onnx_tidy import (
     compact,
     drop_shape_expands,
     fuse_attention,
+    model_opset,
     position_tables,
     quantize_before_layout,
     split_qkv,
@@ -237,7 +238,7 @@ def export_qdq(calibrated, cfg: ExportConfig, output: str | os.PathLike,
     log.info("exported %s: %d quantized linears (%d weight groups: q, k and v of each qkv are "
              "one each), %d standalone activation sites (attention products, softmax), target "
              "%s, opset %d", Path(output).name, n_lin, n_groups, len(records) - n_groups, cfg.target,
-             next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")))
+             model_opset(proto))
     return output
 
 

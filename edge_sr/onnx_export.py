@@ -101,6 +101,7 @@ def _tidy(path: Path, model: nn.Module, fuse: bool = False) -> int | None:
         compact,
         drop_shape_expands,
         fuse_attention,
+        model_opset,
         position_tables,
         split_qkv,
         tidy,
@@ -116,7 +117,7 @@ def _tidy(path: Path, model: nn.Module, fuse: bool = False) -> int | None:
         log.debug("ONNX tidy: %.1f MB saved, %d qkv products split, %d Expands dropped, %d "
                   "attentions fused", saved / 1e6, split, expands, fused)
     if fused:
-        return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+        return model_opset(proto)
     return None
 
 

@@ -1229,11 +1229,15 @@ def _constant(name: str, value: np.ndarray) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value))
 
 
+def model_opset(proto: onnx.ModelProto) -> int:
+    """The model's default-domain (``ai.onnx``) opset; 0 when it imports none."""
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def _raise_opset(proto: onnx.ModelProto, opset: int) -> None:
     """Raise the default-domain opset to at least ``opset`` with ONNX's version converter (in
     place; the other domains are kept)."""
-    current = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if current < opset:
+    if model_opset(proto) < opset:
         from onnx import version_converter
 
         # the converter drops the nodes' metadata (export --keep-names' edge_sr.* records)

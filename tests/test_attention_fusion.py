@@ -13,6 +13,7 @@ import torch
 
 from edge_sr.onnx_export import export_fp_onnx
 from edge_sr.onnx_tidy import ATTENTION_OPSET, fuse_attention
+from edge_sr.onnx_tidy import model_opset as _opset
 from tests.test_ngswin import make_tiny_ngswin
 
 
@@ -32,10 +33,6 @@ def _ops(proto: onnx.ModelProto) -> Counter:
 def _three_d(proto: onnx.ModelProto) -> int:
     return sum(any(a.name == "q_num_heads" for a in n.attribute)
                for n in proto.graph.node if n.op_type == "Attention")
-
-
-def _opset(proto: onnx.ModelProto) -> int:
-    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def test_swinir_fp_export_fuses_every_attention_in_3d(tiny_swinir, tmp_path: Path) -> None:
