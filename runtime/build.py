@@ -118,6 +118,8 @@ class BuildConfig:
     # ONNX Runtime engines: each attention as ONNX's Attention operator (opset 23, ORT >= 1.23),
     # in the engine and in its FP32 reference graph alike (edge_sr.onnx_tidy.fuse_attention)
     fuse_attention: bool = True
+    # set once ``tile`` holds the shape fitted to input_size (stage_checkpoint, with the model)
+    tile_fitted: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.bits not in ENGINE_BITS:
@@ -130,6 +132,9 @@ class BuildConfig:
         if self.dynamic and self.input_size is not None:
             raise EdgeSRError("--input-size: a --dynamic engine takes any input size; give one "
                               "of --dynamic and --input-size")
+        if self.input_size is not None and self.tile is not None:
+            raise EdgeSRError("--tile: --input-size sets the engine's shape (the frame, padded "
+                              "to the model's window); give one of --tile and --input-size")
         self.tile = tuple(int(t) for t in (self.tile or (DYNAMIC_TRACE if self.dynamic
                                                          else DEFAULT_TILE)))
         if self.input_size is not None:
@@ -237,6 +242,7 @@ def stage_checkpoint(cfg: BuildConfig):
     if cfg.input_size is not None:
         w, h = cfg.input_size
         cfg.tile = lm.model.size_requirements.fit(h, w)
+        cfg.tile_fitted = True
         log.info("--input-size %dx%d: engine shape %dx%d (H x W, padded to the %s window)",
                  *cfg.input_size, *cfg.tile, lm.arch)
     why = lm.model.size_requirements.check_tile(*cfg.tile)
@@ -384,4 +390,8 @@ def config_dict(cfg: BuildConfig) -> dict:
     d = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
     d["out"] = str(cfg.out_dir())
     d["tile"] = list(cfg.tile)
+    if cfg.input_size is not None and not d.pop("tile_fitted"):
+        # the model's window decides the shape: stage_checkpoint fits it once the model is loaded
+        d["tile"] = "input_size, padded to the model's window at build"
+    d.pop("tile_fitted", None)
     return d

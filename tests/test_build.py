@@ -94,9 +94,11 @@ def test_w8a8_frame_engine_on_the_ort_grid(env):
     that stays exact to its fake-quant model."""
     import onnx
 
-    res = rb.build(env["cfg"](bits=8, grid="ort", input_size=(36, 20), out=env["dir"] / "w8"))
+    res = rb.build(env["cfg"](bits=8, grid="ort", input_size=(36, 20), tile=None,
+                              out=env["dir"] / "w8"))
     m = json.loads((res.path / MANIFEST).read_text())
     assert m["bits"] == 8 and m["tile"] == [24, 40]  # 20x36 (HxW) padded to the window (8)
+    assert m["build_config"]["tile"] == [24, 40] and "tile_fitted" not in m["build_config"]
     ops = {n.op_type for n in onnx.load(str(res.path / MODEL_FILE)).graph.node}
     assert "MatMulIntegerToFloat" in ops and "ReduceSum" not in ops
     assert m["validation"]["fidelity_psnr_y_db"] > 60
@@ -333,6 +335,13 @@ def test_cli_print_config_and_errors(env):
     cfg = json.loads(r.output)
     assert (cfg["bits"], cfg["grid"], cfg["input_size"], cfg["shared_qkv_input"]) == (
         8, "ort", [320, 180], True)
+    # the engine's shape is the frame padded to the model's window, known once the model loads,
+    # not the default tile
+    assert cfg["tile"] == "input_size, padded to the model's window at build"
+    r = CliRunner().invoke(main, ["build", "--bits", "4", "--scale", "2", "--input-size",
+                                  "320x180", "--tile", "64", "--print-config"])
+    assert r.exit_code == 2 and "give one of --tile and --input-size" in r.output
+    assert len(r.output.strip().splitlines()) == 1
     r = CliRunner().invoke(main, ["build", "--bits", "4", "--scale", "2", "--grid", "int"])
     assert r.exit_code == 2 and "--grid" in r.output
     r = CliRunner().invoke(main, ["build", "--bits", "4", "--scale", "2", "--out",

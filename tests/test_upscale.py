@@ -175,8 +175,12 @@ def test_cli_upscale(engine, tmp_path):
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert (tmp_path / "o" / "a.png").is_file()
+    assert f"wrote {tmp_path / 'o' / 'a.png'}" in r.output and "1 frame(s)" in r.output
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 2 and "already exists" in r.output
+    # --quiet: warnings and errors only, so nothing on a clean run
+    r = CliRunner().invoke(main, args + ["--force", "-q"])
+    assert r.exit_code == 0 and r.output == "", r.output
 
 
 def test_profile_compare_json_plot(engine, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from edge_sr.cli.options import logging_options
+from edge_sr.cli.options import echo_info, logging_options
 
 
 @click.command("eval")
@@ -56,4 +56,4 @@ def eval_cmd(model, scale, datasets, json_path, save_images, calibration, onnx, 
             obj["limit"] = limit
         obj["versions"] = versions()
         write_json(json_path, obj)
-        click.echo(f"wrote {json_path}")
+        echo_info(f"wrote {json_path}")

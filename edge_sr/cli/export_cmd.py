@@ -45,7 +45,7 @@ def export_cmd(calibration, target, tile, dynamic, batch, opset, weight_containe
     from pathlib import Path
 
     from calibrate.export_qdq import ExportConfig, export_qdq
-    from edge_sr.cli.options import parse_size
+    from edge_sr.cli.options import echo_info, parse_size
     from edge_sr.errors import EdgeSRError
 
     if not Path(calibration).is_file():
@@ -55,4 +55,4 @@ def export_cmd(calibration, target, tile, dynamic, batch, opset, weight_containe
                        dynamic=dynamic, keep_names=keep_names,
                        fuse_attention=not unfused_attention)
     path = export_qdq(calibration, cfg, output, force=force)
-    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    echo_info(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")

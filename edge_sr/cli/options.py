@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import click
 
@@ -35,6 +36,14 @@ def logging_options(f):
         return f(*args, **kwargs)
 
     return wrapper
+
+
+def echo_info(message: str) -> None:
+    """Echo a line about what a command did ("wrote F", a frame count) to stdout, unless
+    ``--quiet`` asked for warnings and errors only. A command's result proper (a table, the
+    engine's path) is echoed with ``click.echo`` in any case."""
+    if logging.getLogger().getEffectiveLevel() <= logging.INFO:
+        click.echo(message)
 
 
 def parse_size(value: str, option: str) -> tuple[int, int]:

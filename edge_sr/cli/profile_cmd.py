@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from edge_sr.cli.options import logging_options
+from edge_sr.cli.options import echo_info, logging_options
 
 
 @click.command("profile")
@@ -50,4 +50,4 @@ def profile_cmd(engine, input_size, runs, warmup, max_seconds, compare, baseline
                                 and baselines.strip().lower() != "all",
                                 json_path=json_path, plot_path=plot_path))
     click.echo(table(res))
-    click.echo(f"wrote {res['json']} and {res['plot']}")
+    echo_info(f"wrote {res['json']} and {res['plot']}")

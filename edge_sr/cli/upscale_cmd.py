@@ -41,11 +41,12 @@ Nothing half-written is left; a file that cannot be read is one error line.
 @logging_options
 def upscale_cmd(engine, inputs, output, source, max_frames, alpha, depth, force, threads,
                 scale) -> None:
+    from edge_sr.cli.options import echo_info
     from runtime.upscale import UpscaleConfig, upscale
 
     rep = upscale(UpscaleConfig(engine=engine, inputs=list(inputs), output=output, source=source,
                                 force=force, threads=threads, scale=scale, max_frames=max_frames,
                                 alpha=alpha, depth=depth))
     for p in rep.outputs:
-        click.echo(f"wrote {p}")
-    click.echo(f"{rep.frames} frame(s) in {rep.seconds:.1f} s")
+        echo_info(f"wrote {p}")
+    echo_info(f"{rep.frames} frame(s) in {rep.seconds:.1f} s")
