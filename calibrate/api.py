@@ -106,7 +106,7 @@ EDGE_SR_OPTIONS = dict(rotate=("auto",), weight_grid="channel", rounding="gptq",
                        bound_lr="relative",
                        fp_weights=lambda c: "auto" if c.bits <= 4 else "fp16",
                        weight_lr=lambda c: EDGE_SR_WEIGHT_LR if c.bits <= 3 else 0.0,
-                       smooth=SMOOTH_ALPHA, dqc_precision="fp32")
+                       smooth=SMOOTH_ALPHA, dqc_precision="fp32", qdrop=0.0)
 
 # DQC budgets, one per calibrate.vocab.BUDGETS name. "fast" was sized on the shared 2-core CPU
 # (see docs/results/accuracy.md); "cpu" is the budget that gained most within 15 minutes of
@@ -160,6 +160,7 @@ class CalibrationConfig:
     val_every: int | None = None  # override the budget's validation interval
     bound_lr: Literal["absolute", "relative"] | None = None  # DQC bound lr (None: method's)
     weight_lr: float | None = None  # DQC also trains the linears' weights (None: method's)
+    qdrop: float | None = None  # QDrop: P(activation element stays FP) in DQC (None: method's)
     smooth: float | Literal["none"] | None = None  # SmoothQuant alpha ("none": off; None: method's)
     recompute: bool = False  # DQC activation checkpointing per block (memory for time)
     dqc_precision: DQCPrecision | None = None  # DQC GEMMs in fp32 or bf16 (None: method's)
@@ -178,6 +179,9 @@ class CalibrationConfig:
         if self.weight_lr is not None and not self.weight_lr >= 0:
             raise EdgeSRError(f"--weight-lr: expected a learning rate >= 0 (0: only the "
                               f"bounds train), got {self.weight_lr}")
+        if self.qdrop is not None and not 0.0 <= self.qdrop < 1.0:
+            raise EdgeSRError(f"--qdrop: expected a probability in [0, 1) (0: every element "
+                              f"quantized), got {self.qdrop}")
         if self.block_recon < 0:
             raise EdgeSRError(f"--block-recon: expected steps per block >= 0 (0: off), got "
                               f"{self.block_recon}")
@@ -209,7 +213,7 @@ class CalibrationConfig:
             v = EDGE_SR_OPTIONS[name]
             return v(self) if callable(v) else v
         return {"rotate": (), "weight_grid": "tensor", "rounding": "nearest",
-                "bound_lr": "absolute", "fp_weights": "fp32", "weight_lr": 0.0,
+                "bound_lr": "absolute", "fp_weights": "fp32", "weight_lr": 0.0, "qdrop": 0.0,
                 "smooth": "none", "dqc_precision": "fp32"}[name]
 
     def quant_recipe(self) -> QuantRecipe:
@@ -236,6 +240,7 @@ class CalibrationConfig:
                        ("lr_patch", self.dqc_patch), ("val_every", self.val_every),
                        ("bound_lr", self.option("bound_lr")),
                        ("weight_lr", self.option("weight_lr")),
+                       ("qdrop", self.option("qdrop")),
                        ("recompute", self.recompute or None),
                        ("precision", self.option("dqc_precision"))):
             if v is not None:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from calibrate.prepare import bound_parameters, quantizers
+from calibrate.prepare import activation_quantizers, bound_parameters, quantizers
 from calibrate.qmodules import QuantLinear
 from calibrate.vocab import DQC_PRECISIONS, DQCPrecision
 from edge_sr.data.images import to_uint8
@@ -79,8 +79,13 @@ class DQCConfig:
     # "fp32": the paper. "bf16": teacher and student forward under CPU/CUDA autocast (GEMMs in
     # bfloat16, fake quantizers and losses in float32); validation stays float32 (beyond it)
     precision: DQCPrecision = "fp32"
+    # QDrop (beyond the paper): while DQC trains, each activation element stays FP with this
+    # probability (calibrate.quantizer); 0: every element quantized, as the paper
+    qdrop: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.qdrop < 1.0:
+            raise ValueError(f"qdrop must be a probability in [0, 1), got {self.qdrop!r}")
         if self.precision not in DQC_PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(DQC_PRECISIONS)}, got "
                              f"{self.precision!r}")
@@ -269,7 +274,12 @@ class DQCStep:
         self.tap_s = _FeatureTap(student, self.names)
         self.tap_t = _FeatureTap(teacher, self.names)
         self.recompute = _Recompute(student, block_paths(student) if cfg.recompute else [])
+        self.act_quantizers = activation_quantizers(student) if cfg.qdrop > 0 else []
         self._check_precision(next(student.parameters()).device)
+
+    def _set_drop(self, p: float) -> None:
+        for q in self.act_quantizers:
+            q.drop = p
 
     def _autocast(self, lr: torch.Tensor):
         if self.cfg.precision == "bf16":
@@ -285,14 +295,20 @@ class DQCStep:
         cfg = self.cfg
         with torch.no_grad(), self._autocast(lr):
             out_t = self.teacher(lr)
-        with self._autocast(lr):
-            out_s = self.student(lr)
-        loss = output_loss(out_s.float(), out_t.float(), cfg.feature_loss)
-        feat = sum(feature_loss(self.tap_s.out[n].float(), self.tap_t.out[n].float(),
-                                cfg.feature_loss) for n in self.names)
-        loss = loss + cfg.feature_weight * feat
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # QDrop's masks for the forward and for a recomputed block in the backward (checkpoint
+        # restores the generator's state, so both draw the same mask)
+        self._set_drop(cfg.qdrop)
+        try:
+            with self._autocast(lr):
+                out_s = self.student(lr)
+            loss = output_loss(out_s.float(), out_t.float(), cfg.feature_loss)
+            feat = sum(feature_loss(self.tap_s.out[n].float(), self.tap_t.out[n].float(),
+                                    cfg.feature_loss) for n in self.names)
+            loss = loss + cfg.feature_weight * feat
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+        finally:
+            self._set_drop(0.0)
         self.opt.step()
         with torch.no_grad():
             for q, gap in self.min_range:

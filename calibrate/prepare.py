@@ -332,6 +332,13 @@ def quantizers(model: nn.Module) -> Iterator[tuple[str, BoundFakeQuantizer]]:
             yield name, m
 
 
+def activation_quantizers(model: nn.Module) -> list[BoundFakeQuantizer]:
+    """The quantizers of activations: every quantizer but the quantized linears' weight ones."""
+    weights = {id(q) for m in model.modules() if isinstance(m, QuantLinear)
+               for q in m.weight_quantizers}
+    return [q for _, q in quantizers(model) if id(q) not in weights]
+
+
 def bound_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The only parameters DQC trains."""
     return [p for _, q in quantizers(model) for p in (q.lower, q.upper)]

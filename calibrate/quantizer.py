@@ -22,6 +22,13 @@ without correction terms (``GRIDS``, set by ``QuantRecipe.grid``; beyond the pap
 The constrained grid is a function of the raw ``(l, u)`` (``grid_bounds``), idempotent on a grid
 that already satisfies it; ``bounds()`` stays raw (what calibration files store) and ``qparams()``
 gives the grid that runs.
+
+Also beyond the paper, **QDrop** (Wei et al., ICLR 2022): while DQC trains, an activation
+quantizer with ``drop = p > 0`` passes each element of its input through unquantized with
+probability p (a fresh Bernoulli mask per call, from torch's generator). The bounds then learn from
+the quantized elements only, against a student whose later layers also see some FP inputs; the
+paper argues this flattens the loss surface that calibration on few images overfits. ``drop`` is
+0 outside DQC's training steps, so validation, export and inference always quantize every element.
 """
 
 from __future__ import annotations
@@ -263,6 +270,7 @@ class BoundFakeQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         self.enabled = True
         self.grid: Grid = "real"  # set by calibrate.prepare from QuantRecipe.grid
+        self.drop = 0.0  # QDrop: probability that an element stays FP (set by DQC's steps only)
 
     def grid_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The (lower, upper) tensors of the grid that runs (``grid_bounds`` of the raw ones)."""
@@ -277,7 +285,11 @@ class BoundFakeQuantizer(nn.Module):
         # to anyway, without a float32 copy in between
         bf16 = (torch.is_autocast_enabled("cpu")
                 and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-        return fake_quant(x, lo, up, self.bits, torch.bfloat16 if bf16 else None)
+        out = fake_quant(x, lo, up, self.bits, torch.bfloat16 if bf16 else None)
+        if self.drop > 0:
+            keep = torch.rand(x.shape, device=x.device) < self.drop
+            out = torch.where(keep, x.to(out.dtype), out)
+        return out
 
     @property
     def per_channel(self) -> bool:

@@ -114,6 +114,7 @@ class BuildConfig:
     avg_bits: float | None = None  # CalibrationConfig.avg_bits (mixed precision)
     rounding: str | None = None  # CalibrationConfig.rounding (None: the method's)
     weight_lr: float | None = None  # CalibrationConfig.weight_lr (None: the method's)
+    qdrop: float | None = None  # CalibrationConfig.qdrop (None: the method's)
     smooth: float | str | None = None  # CalibrationConfig.smooth (None: the method's)
     # ONNX Runtime engines: each attention as ONNX's Attention operator (opset 23, ORT >= 1.23),
     # in the engine and in its FP32 reference graph alike (edge_sr.onnx_tidy.fuse_attention)
@@ -188,7 +189,8 @@ class BuildConfig:
                                  fp_weights=self.fp_weights,
                                  fp_sites=self.resolved_fp_sites(),
                                  avg_bits=self.avg_bits, rounding=self.rounding,
-                                 weight_lr=self.weight_lr, smooth=self.smooth)
+                                 weight_lr=self.weight_lr, qdrop=self.qdrop,
+                                 smooth=self.smooth)
 
     def resolved_fp_sites(self) -> tuple[str, ...]:
         """``fp_sites``, with None resolved to the backend's measured choice."""

@@ -51,6 +51,7 @@ def calibration_key(model_sha256: str, cfg: BuildConfig) -> str:
                                            ("avg_bits", cfg.avg_bits),
                                            ("rounding", cfg.rounding),
                                            ("weight_lr", cfg.weight_lr),
+                                           ("qdrop", cfg.qdrop),
                                            ("smooth", cfg.smooth)) if v is not None},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]

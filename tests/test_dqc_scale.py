@@ -121,3 +121,75 @@ def test_dqc_precision_is_checked():
         DQCConfig(precision="fp16")
     with pytest.raises(EdgeSRError, match="--dqc-precision: expected one of fp32, bf16"):
         CalibrationConfig(model="m", bits=4, output="o", dqc_precision="fp16").validate()
+
+
+def test_qdrop_keeps_a_share_of_activations_fp_while_dqc_trains_only(tiny_swinir, one_thread):
+    """QDrop (beyond the paper): during a DQC step each activation element stays FP with
+    probability ``qdrop``, weights are always quantized, validation quantizes everything, and a
+    recomputed block (checkpointing) draws the same masks as the forward."""
+    from calibrate.dqc import DQCStep
+    from calibrate.prepare import activation_quantizers, quantizers
+    from calibrate.quantizer import BoundFakeQuantizer
+
+    q = BoundFakeQuantizer(2)
+    q.set_bounds(-1.0, 1.0)
+    x = torch.rand(200_000) * 2 - 1
+    assert float((q(x) == x).float().mean()) < 0.01  # 4 levels: almost no value is on the grid
+    q.drop = 0.3
+    torch.manual_seed(0)
+    kept = float((q(x) == x).float().mean())
+    assert kept == pytest.approx(0.3, abs=0.01)
+
+    recipe = QuantRecipe(bits=3, rotate=("fc1",), weight_grid="channel")
+    student = prepare(tiny_swinir(2), recipe)
+    acts = activation_quantizers(student)
+    weights = [q for _, q in quantizers(student) if all(q is not a for a in acts)]
+    assert acts and weights and all(w.per_channel for w in weights)
+    # the drop is set for the step (forward and backward) and only on activations
+    seen = []
+    w0 = weights[0]
+    init_bounds(student, torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+    hook = w0.register_forward_hook(lambda m, i, o: seen.append((m.drop, acts[0].drop)))
+    step = DQCStep(student, tiny_swinir(2), DQCConfig(batch=2, lr_patch=16, qdrop=0.5))
+    step.step(torch.rand(2, 3, 16, 16))
+    step.close()
+    hook.remove()
+    assert seen == [(0.0, 0.5)] and all(a.drop == 0.0 for a in acts)
+
+    with pytest.raises(ValueError, match="qdrop"):
+        DQCConfig(qdrop=1.0)
+
+
+def test_qdrop_with_recompute_trains_the_same_bounds(tiny_swinir, one_thread):
+    """Checkpointing restores the generator's state, so the recomputed blocks draw the same
+    QDrop masks as their forward: the same bounds as without recompute."""
+    def run(recompute):
+        torch.manual_seed(0)
+        fp = tiny_swinir(2)
+        student = prepare(fp, QuantRecipe(bits=3))
+        init_bounds(student, torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+        val = (torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)),
+               torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+
+        def sample(it, n):
+            return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(1000 + it))
+
+        cfg = DQCConfig(iterations=3, batch=2, lr_patch=16, val_every=3, ckpt_every=100,
+                        recompute=recompute, qdrop=0.5)
+        run_dqc(student, fp, sample, val, cfg)
+        return [p.detach().clone() for p in bound_parameters(student)]
+
+    plain, again = run(False), run(True)
+    for a, b in zip(plain, again):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+    torch.manual_seed(0)
+    # and QDrop changes what DQC learns (the masks matter)
+    fp = tiny_swinir(2)
+    student = prepare(fp, QuantRecipe(bits=3))
+    init_bounds(student, torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+    val = (torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)),
+           torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+    run_dqc(student, fp, lambda it, n: torch.rand(
+        n, 3, 16, 16, generator=torch.Generator().manual_seed(1000 + it)),
+        val, DQCConfig(iterations=3, batch=2, lr_patch=16, val_every=3, ckpt_every=100))
+    assert any(not torch.allclose(a, p) for a, p in zip(plain, bound_parameters(student)))

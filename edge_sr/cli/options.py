@@ -149,6 +149,11 @@ def quant_options(method_default: str, budget_default: str, grid_default: str = 
                      help="Beyond the paper: DQC also trains the quantized linears' weights "
                           "and biases, at LR x each weight grid's step per Adam step; 0 = "
                           "bounds only, as the paper [default: the method's]."),
+        click.option("--qdrop", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
+                     metavar="P",
+                     help="Beyond the paper (QDrop, Wei et al. 2022): while DQC trains, each "
+                          "activation element stays unquantized with probability P; 0 = every "
+                          "element quantized, as the paper [default: the method's]."),
     ]
 
     def deco(f):
