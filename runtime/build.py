@@ -40,10 +40,12 @@ from runtime.engine import (
     MODEL_FILE,
     TRT_FILE,
     TRT_FP32_FILE,
+    Engine,
     Manifest,
     file_entry,
     write_manifest,
 )
+from runtime.profile import speed_check
 from runtime.tiling import default_overlap
 from runtime.validation import validate_engine
 from runtime.vocab import BACKEND_CHOICES, ENGINE_BITS
@@ -58,7 +60,7 @@ log = logging.getLogger(__name__)
 # do not (q.k^T and p.v quantized together: 0-5% slower, their Q/DQ costing what the integer
 # product saves); TensorRT has not been measured, so it keeps the paper's sites.
 DEFAULT_FP_SITES = {"onnxruntime": ("qk", "pv"), "tensorrt": ()}
-STAGES = ("checkpoint", "calibrate", "export", "build", "validate", "manifest")
+STAGES = ("checkpoint", "calibrate", "export", "build", "validate", "speed", "manifest")
 # the engine's LR shape when neither --tile nor --input-size is given: by measurement
 # (benchmarks.frame_graphs shapes, docs/results/grids.md "Engine shape"), the cost per pixel falls
 # or stays level as the shape grows, and a 320x180 frame takes 2 tiles of 192x192 against 28 of
@@ -115,6 +117,9 @@ class BuildConfig:
     rounding: str | None = None  # CalibrationConfig.rounding (None: the method's)
     weight_lr: float | None = None  # CalibrationConfig.weight_lr (None: the method's)
     qdrop: float | None = None  # CalibrationConfig.qdrop (None: the method's)
+    # build's quick speed check (engine against its FP32 graph, interleaved calls on one tile):
+    # this many timed calls of each; 0 skips it
+    speed_runs: int = 5
     smooth: float | str | None = None  # CalibrationConfig.smooth (None: the method's)
     # ONNX Runtime engines: each attention as ONNX's Attention operator (opset 23, ORT >= 1.23),
     # in the engine and in its FP32 reference graph alike (edge_sr.onnx_tidy.fuse_attention)
@@ -174,6 +179,9 @@ class BuildConfig:
             raise EdgeSRError("--dynamic: expected the attention products in floating point "
                               "(--fp-sites qk,pv) or --grid ort; the real grid's exact "
                               "corrections of quantized ones need fixed shapes")
+        if self.speed_runs < 0:
+            raise EdgeSRError(f"--speed-runs: expected a number of calls >= 0 (0: no speed "
+                              f"check), got {self.speed_runs}")
         if self.val_images < 1 or self.val_crop < 8:
             raise EdgeSRError("validation needs at least one image and a crop of 8 pixels or more")
         self.calibration_config().validate()  # --bits, --wide-inputs, --rotate, ... before any work
@@ -330,7 +338,8 @@ def build(cfg: BuildConfig) -> BuildResult:
              cfg.model_name, cfg.scale, cfg.bits, cfg.bits, cfg.budget, backend,
              "dynamic shape" if cfg.dynamic else f"tile {cfg.tile[0]}x{cfg.tile[1]}")
     times: dict[str, float] = {}
-    bar = tqdm(total=len(STAGES), desc="build", unit="stage", disable=progress_disabled())
+    bar = tqdm(total=len(STAGES) - (cfg.speed_runs <= 0), desc="build", unit="stage",
+               disable=progress_disabled())
 
     @contextlib.contextmanager
     def stage(name: str):
@@ -375,6 +384,10 @@ def build(cfg: BuildConfig) -> BuildResult:
                                    "minimum": lm.model.size_requirements.minimum})
             with stage("validate"):
                 manifest.validation = validate_engine(student, lm, cfg, backend, work, manifest)
+            if cfg.speed_runs > 0:
+                with stage("speed"):
+                    manifest.speed = speed_check(Engine(work, manifest), runs=cfg.speed_runs,
+                                                 threads=cfg.threads)
             with stage("manifest"):
                 manifest.stage_seconds = dict(times)
                 manifest.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -385,6 +398,16 @@ def build(cfg: BuildConfig) -> BuildResult:
     log.info("engine %s: PSNR %.3f dB (fake-quant %.3f, FP %.3f), fidelity %.2f dB", out,
              v["psnr_y_db"], v["psnr_y_fake_quant_db"], v["psnr_y_fp_db"],
              v["fidelity_psnr_y_db"])
+    if (sp := manifest.speed) is not None:
+        log.info("engine %s: %.1f ms per %dx%d LR tile against %.1f ms for its FP32 graph on "
+                 "this machine (%s, %s threads): %.2fx, median of %d interleaved calls", out,
+                 sp["engine_ms"], *sp["input_hw"][::-1], sp["fp32_ms"], sp["cpu"],
+                 sp["threads"], sp["speed_vs_fp32"], sp["runs"])
+        if sp["speed_vs_fp32"] < 1.0:
+            log.warning("the engine ran slower than its FP32 graph here (%.2fx, %d calls): a quick "
+                        "check, so measure a frame with 'edge-sr profile --engine %s --compare'; "
+                        "docs/results/grids.md says which options are faster on a CPU",
+                        sp["speed_vs_fp32"], sp["runs"], out)
     return BuildResult(out, manifest, times)
 
 

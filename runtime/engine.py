@@ -57,6 +57,9 @@ class Manifest:
     method: str | None = None
     calibration: dict | None = None  # {"sha256", "key", "cached"}
     validation: dict | None = None  # PSNR / fidelity measured at build
+    # build's quick speed check against the FP32 graph on the building machine
+    # (runtime.profile.speed_check): engine_ms, fp32_ms, speed_vs_fp32, ...; None: not run
+    speed: dict | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     build_config: dict | None = None  # the BuildConfig, to reproduce the build
     versions: dict[str, str] = field(default_factory=dict)

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import atomic_path, write_json
+from edge_sr.hardware import cpu_model
 from edge_sr.logutil import progress_disabled
 from runtime.backends.onnxruntime import OrtBackend, default_threads
 from runtime.engine import open_engine
@@ -203,18 +204,7 @@ def profile(cfg: ProfileConfig) -> dict:
                 continue
             memory[label] = {"peak_rss_increase_mib": round(mem.delta_mib, 1),
                              "peak_rss_mib": round(mem.peak_mib, 1), "method": mem.method}
-        times: dict[str, list[float]] = {k: [] for k in preds}
-        start = time.perf_counter()
-        for r in tqdm(range(cfg.runs), desc="profile", unit="run", disable=progress_disabled()):
-            for label, pred in preds.items():  # interleaved: noise hits every variant alike
-                t0 = time.perf_counter()
-                pred.run_numpy(frame)
-                times[label].append(time.perf_counter() - t0)
-            if (cfg.max_seconds is not None and r + 1 >= MIN_RUNS
-                    and time.perf_counter() - start > cfg.max_seconds):
-                log.info("profile: time budget of %.0f s reached after %d runs", cfg.max_seconds,
-                         r + 1)
-                break
+        times = time_interleaved(preds, frame, cfg.runs, cfg.max_seconds)
     finally:
         for p in preds.values():
             p.close()
@@ -250,6 +240,55 @@ def profile(cfg: ProfileConfig) -> dict:
     plot(result, png)
     result["json"], result["plot"] = str(js), str(png)
     return result
+
+
+def time_interleaved(preds: dict, frame: np.ndarray, runs: int,
+                     max_seconds: float | None = None, desc: str = "profile"
+                     ) -> dict[str, list[float]]:
+    """Seconds per ``run_numpy(frame)`` of each predictor, run in turn within every round so
+    that the machine's noise hits every variant alike; stops after ``max_seconds`` (at least
+    ``MIN_RUNS`` rounds)."""
+    times: dict[str, list[float]] = {k: [] for k in preds}
+    start = time.perf_counter()
+    for r in tqdm(range(runs), desc=desc, unit="run", disable=progress_disabled()):
+        for label, pred in preds.items():
+            t0 = time.perf_counter()
+            pred.run_numpy(frame)
+            times[label].append(time.perf_counter() - t0)
+        if (max_seconds is not None and r + 1 >= MIN_RUNS
+                and time.perf_counter() - start > max_seconds):
+            log.info("%s: time budget of %.0f s reached after %d runs", desc, max_seconds, r + 1)
+            break
+    return times
+
+
+def speed_check(eng, runs: int = 5, threads: int | None = None, seed: int = 0) -> dict:
+    """A quick speed check of an engine against its own FP32 graph on this machine: the median
+    of ``runs`` interleaved calls of each on one input of the engine's tile shape (one call;
+    a dynamic engine: its trace shape), after one warm-up call each.
+
+    ``eng``: a ``runtime.engine.Engine``. Returns ``engine_ms`` and ``fp32_ms`` (medians, ms per
+    call), ``speed_vs_fp32`` (fp32_ms / engine_ms: > 1 means the engine is faster), the input
+    (height, width), runs, threads and the CPU's model name. A few runs on a busy machine move
+    by 10-30 %: ``edge-sr profile --compare`` measures a frame properly."""
+    h, w = eng.manifest.tile
+    frame = np.random.default_rng(seed).random((1, 3, h, w), dtype=np.float32)
+    preds = {}
+    try:
+        for label, fp32 in (("engine", False), ("fp32", True)):
+            preds[label] = BackendPredictor(eng.backend(threads=threads, fp32=fp32), label,
+                                            overlap=eng.manifest.overlap)
+            preds[label].run_numpy(frame)
+        times = time_interleaved(preds, frame, max(runs, 1), desc="speed check")
+        used = getattr(preds["engine"].backend, "threads", threads)
+    finally:
+        for p in preds.values():
+            p.close()
+    med = {k: 1000.0 * float(np.median(v)) for k, v in times.items()}
+    return {"engine_ms": round(med["engine"], 2), "fp32_ms": round(med["fp32"], 2),
+            "speed_vs_fp32": round(med["fp32"] / med["engine"], 3),
+            "input_hw": [h, w], "runs": len(times["engine"]), "threads": used,
+            "cpu": cpu_model()}
 
 
 def _skip(cfg: ProfileConfig, skipped: dict, label: str, why: str) -> None:

@@ -76,7 +76,13 @@ def test_build_writes_engine_and_manifest(env):
     assert m["tile"] == [32, 32] and m["overlap"] == 8 and m["precision"] == "w4a4-qdq"
     assert m["model"]["arch"] == "swinir-light" and len(m["model"]["sha256"]) == 64
     assert len(m["calibration"]["sha256"]) == 64 and m["calibration"]["cached"] is False
-    assert set(m["stage_seconds"]) == {"checkpoint", "calibrate", "export", "build", "validate"}
+    assert set(m["stage_seconds"]) == {"checkpoint", "calibrate", "export", "build", "validate",
+                                       "speed"}
+    # the quick speed check: the engine against its FP32 graph, interleaved, on one tile
+    sp = m["speed"]
+    assert sp["runs"] == 5 and sp["input_hw"] == [32, 32] and sp["threads"] == 1 and sp["cpu"]
+    assert sp["engine_ms"] > 0 and sp["fp32_ms"] > 0
+    assert sp["speed_vs_fp32"] == pytest.approx(sp["fp32_ms"] / sp["engine_ms"], rel=1e-2)
     assert "onnxruntime" in m["versions"] and m["created"]
     v = m["validation"]
     assert len(v["per_image"]) == 2 and "BSD200" in v["images"]
@@ -87,6 +93,22 @@ def test_build_writes_engine_and_manifest(env):
     # no hidden staging directories are left beside the engine
     assert not [p for p in env["dir"].iterdir() if p.name.startswith(".eng")]
     assert oct(out.stat().st_mode & 0o777) == "0o755"
+
+
+def test_speed_check_can_be_skipped(env):
+    from click.testing import CliRunner
+
+    from edge_sr.cli import main
+
+    res = rb.build(env["cfg"](speed_runs=0, out=env["dir"] / "nospeed"))
+    m = json.loads((res.path / MANIFEST).read_text())
+    assert m["speed"] is None and "speed" not in m["stage_seconds"]
+    shutil.rmtree(res.path)
+    with pytest.raises(EdgeSRError, match="--speed-runs: expected a number of calls >= 0"):
+        env["cfg"](speed_runs=-1)
+    r = CliRunner().invoke(main, ["build", "--bits", "4", "--scale", "2", "--speed-runs", "0",
+                                  "--print-config"])
+    assert r.exit_code == 0 and json.loads(r.output)["speed_runs"] == 0
 
 
 def test_w8a8_frame_engine_on_the_ort_grid(env):

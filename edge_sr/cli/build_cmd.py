@@ -50,12 +50,15 @@ from runtime.vocab import BACKEND_CHOICES, ENGINE_BITS
                    "the FP32 graph opset 17) instead of ONNX's Attention operator (opset 23), "
                    "for ONNX Runtime older than 1.23 (e.g. some JetPack builds); slower. "
                    "TensorRT engines are never fused.")
+@click.option("--speed-runs", type=int, default=5, show_default=True, metavar="N",
+              help="Quick speed check after validation: N interleaved calls of the engine and of "
+                   "its FP32 graph on one tile, on this machine (0: skip).")
 @click.option("--print-config", is_flag=True, help="Print the build configuration and stop.")
 @logging_options
 def build_cmd(bits, scale, model, backend, budget, method, tile, input_size, dynamic, batch, out,
               force, threads,
               wide_inputs, rotate, weight_grid, grid, fp_sites, fp_weights, avg_bits, rounding, smooth, weight_lr, qdrop, shared_qkv_input,
-              unfused_attention, print_config) -> None:
+              unfused_attention, speed_runs, print_config) -> None:
     """Build a quantized SR engine: checkpoint -> calibrate -> export -> build -> validate."""
     from edge_sr.cli.options import parse_list, parse_optional_list, parse_size
     from runtime.build import BuildConfig, build, config_dict
@@ -68,7 +71,8 @@ def build_cmd(bits, scale, model, backend, budget, method, tile, input_size, dyn
                       force=force, threads=threads,
                       wide_inputs=parse_list(wide_inputs), rotate=parse_optional_list(rotate),
                       weight_grid=weight_grid, grid=grid, fp_sites=parse_optional_list(fp_sites), fp_weights=fp_weights, avg_bits=avg_bits, rounding=rounding, smooth=smooth, weight_lr=weight_lr, qdrop=qdrop,
-                      shared_qkv_input=shared_qkv_input, fuse_attention=not unfused_attention)
+                      shared_qkv_input=shared_qkv_input, fuse_attention=not unfused_attention,
+                      speed_runs=speed_runs)
     if print_config:
         click.echo(json.dumps(config_dict(cfg), indent=2))
         return
@@ -79,3 +83,8 @@ def build_cmd(bits, scale, model, backend, budget, method, tile, input_size, dyn
     click.echo(f"validation ({len(v['per_image'])} held-out BSD200 crops): engine "
                f"{v['psnr_y_db']:.3f} dB, fake-quant {v['psnr_y_fake_quant_db']:.3f} dB, FP "
                f"{v['psnr_y_fp_db']:.3f} dB; fidelity vs fake-quant {v['fidelity_psnr_y_db']:.2f} dB")
+    if (sp := res.manifest.speed) is not None:
+        click.echo(f"speed on this machine ({sp['cpu']}, {sp['threads']} threads; median of "
+                   f"{sp['runs']} interleaved calls on one {sp['input_hw'][1]}x"
+                   f"{sp['input_hw'][0]} LR tile): engine {sp['engine_ms']:.1f} ms, its FP32 graph "
+                   f"{sp['fp32_ms']:.1f} ms: {sp['speed_vs_fp32']:.2f}x")
