@@ -400,9 +400,9 @@ def build(cfg: BuildConfig) -> BuildResult:
              v["fidelity_psnr_y_db"])
     if (sp := manifest.speed) is not None:
         log.info("engine %s: %.1f ms per %dx%d LR tile against %.1f ms for its FP32 graph on "
-                 "this machine (%s, %s threads): %.2fx, median of %d interleaved calls", out,
-                 sp["engine_ms"], *sp["input_hw"][::-1], sp["fp32_ms"], sp["cpu"],
-                 sp["threads"], sp["speed_vs_fp32"], sp["runs"])
+                 "%s: %.2fx, median of %d interleaved calls", out, sp["engine_ms"],
+                 *sp["input_hw"][::-1], sp["fp32_ms"], sp["device"], sp["speed_vs_fp32"],
+                 sp["runs"])
         if sp["speed_vs_fp32"] < 1.0:
             log.warning("the engine ran slower than its FP32 graph here (%.2fx, %d calls): a quick "
                         "check, so measure a frame with 'edge-sr profile --engine %s --compare'; "

@@ -269,7 +269,7 @@ def speed_check(eng, runs: int = 5, threads: int | None = None, seed: int = 0) -
 
     ``eng``: a ``runtime.engine.Engine``. Returns ``engine_ms`` and ``fp32_ms`` (medians, ms per
     call), ``speed_vs_fp32`` (fp32_ms / engine_ms: > 1 means the engine is faster), the input
-    (height, width), runs, threads and the CPU's model name. A few runs on a busy machine move
+    (height, width), runs, threads, the runtime, its device and the CPU's model name. A few runs on a busy machine move
     by 10-30 %: ``edge-sr profile --compare`` measures a frame properly."""
     h, w = eng.manifest.tile
     frame = np.random.default_rng(seed).random((1, 3, h, w), dtype=np.float32)
@@ -281,6 +281,7 @@ def speed_check(eng, runs: int = 5, threads: int | None = None, seed: int = 0) -
             preds[label].run_numpy(frame)
         times = time_interleaved(preds, frame, max(runs, 1), desc="speed check")
         used = getattr(preds["engine"].backend, "threads", threads)
+        info = preds["engine"].backend.info()
     finally:
         for p in preds.values():
             p.close()
@@ -288,7 +289,7 @@ def speed_check(eng, runs: int = 5, threads: int | None = None, seed: int = 0) -
     return {"engine_ms": round(med["engine"], 2), "fp32_ms": round(med["fp32"], 2),
             "speed_vs_fp32": round(med["fp32"] / med["engine"], 3),
             "input_hw": [h, w], "runs": len(times["engine"]), "threads": used,
-            "cpu": cpu_model()}
+            "runtime": info.name, "device": info.device, "cpu": cpu_model()}
 
 
 def _skip(cfg: ProfileConfig, skipped: dict, label: str, why: str) -> None:

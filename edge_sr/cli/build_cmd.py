@@ -84,7 +84,8 @@ def build_cmd(bits, scale, model, backend, budget, method, tile, input_size, dyn
                f"{v['psnr_y_db']:.3f} dB, fake-quant {v['psnr_y_fake_quant_db']:.3f} dB, FP "
                f"{v['psnr_y_fp_db']:.3f} dB; fidelity vs fake-quant {v['fidelity_psnr_y_db']:.2f} dB")
     if (sp := res.manifest.speed) is not None:
-        click.echo(f"speed on this machine ({sp['cpu']}, {sp['threads']} threads; median of "
-                   f"{sp['runs']} interleaved calls on one {sp['input_hw'][1]}x"
-                   f"{sp['input_hw'][0]} LR tile): engine {sp['engine_ms']:.1f} ms, its FP32 graph "
-                   f"{sp['fp32_ms']:.1f} ms: {sp['speed_vs_fp32']:.2f}x")
+        h, w = sp["input_hw"]
+        click.echo(f"speed on this machine, {sp.get('device', sp['cpu'])}: engine "
+                   f"{sp['engine_ms']:.1f} ms, its FP32 graph {sp['fp32_ms']:.1f} ms per {w}x{h} "
+                   f"LR tile, {sp['speed_vs_fp32']:.2f}x (median of {sp['runs']} interleaved "
+                   "calls; 'edge-sr profile --compare' times a frame)")
