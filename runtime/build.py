@@ -253,8 +253,8 @@ def stage_checkpoint(cfg: BuildConfig):
         w, h = cfg.input_size
         cfg.tile = lm.model.size_requirements.fit(h, w)
         cfg.tile_fitted = True
-        log.info("--input-size %dx%d: engine shape %dx%d (H x W, padded to the %s window)",
-                 *cfg.input_size, *cfg.tile, lm.arch)
+        log.info("--input-size %dx%d: engine shape %dx%d (padded to the %s window)",
+                 *cfg.input_size, *cfg.tile[::-1], lm.arch)
     why = lm.model.size_requirements.check_tile(*cfg.tile)
     if why:
         raise EdgeSRError(f"--tile: {why} (the {lm.arch} window)")
@@ -336,7 +336,9 @@ def build(cfg: BuildConfig) -> BuildResult:
         torch.set_num_threads(cfg.threads)  # on a loaded CPU, fewer OpenMP threads can be faster
     log.info("building %s: %s x%d W%dA%d, budget %s, backend %s, %s", out,
              cfg.model_name, cfg.scale, cfg.bits, cfg.bits, cfg.budget, backend,
-             "dynamic shape" if cfg.dynamic else f"tile {cfg.tile[0]}x{cfg.tile[1]}")
+             "dynamic shape" if cfg.dynamic
+             else f"frame {cfg.input_size[0]}x{cfg.input_size[1]}" if cfg.input_size is not None
+             else f"tile {cfg.tile[1]}x{cfg.tile[0]}")
     times: dict[str, float] = {}
     bar = tqdm(total=len(STAGES) - (cfg.speed_runs <= 0), desc="build", unit="stage",
                disable=progress_disabled())
@@ -414,6 +416,7 @@ def build(cfg: BuildConfig) -> BuildResult:
 def config_dict(cfg: BuildConfig) -> dict:
     d = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
     d["out"] = str(cfg.out_dir())
+    d["model"] = cfg.model_name  # the default resolved (--scale's reference checkpoint)
     d["tile"] = list(cfg.tile)
     if cfg.input_size is not None and not d.pop("tile_fitted"):
         # the model's window decides the shape: stage_checkpoint fits it once the model is loaded

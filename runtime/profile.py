@@ -23,6 +23,7 @@ process-lifetime peak, and says so.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import resource
 import time
@@ -52,6 +53,16 @@ from runtime.tiling import TilePlan, pad_to_min
 
 log = logging.getLogger(__name__)
 MIN_RUNS = 3  # timed rounds kept even when the time budget is spent
+DEFAULT_FRAME = (180, 320)  # LR (height, width) profiled when neither the user nor the engine says
+
+
+def engine_frame(m) -> tuple[int, int]:
+    """The LR (height, width) an engine's manifest says it was built for: ``build
+    --input-size``'s frame, else ``DEFAULT_FRAME``."""
+    size = (m.build_config or {}).get("input_size")
+    if isinstance(size, list | tuple) and len(size) == 2:
+        return int(size[1]), int(size[0])  # build_config keeps (width, height)
+    return DEFAULT_FRAME
 # what ``compare`` may add beside the FP32 graph (ONNX Runtime engines), and their rows' labels
 BASELINES: tuple[str, ...] = ("quantize_static", "eager")
 _LABELS = {"quantize_static": STATIC_LABEL, "eager": EAGER_LABEL}
@@ -78,7 +89,9 @@ def parse_baselines(text: str) -> tuple[str, ...]:
 @dataclass
 class ProfileConfig:
     engine: str | Path
-    input_size: tuple[int, int] = (180, 320)  # LR (height, width)
+    # LR (height, width); None: the frame the engine was built for (``build --input-size``),
+    # else DEFAULT_FRAME
+    input_size: tuple[int, int] | None = None
     runs: int = 20
     warmup: int = 1
     # the timed loop stops after the round that passes this many seconds (at least MIN_RUNS
@@ -106,7 +119,7 @@ class ProfileConfig:
         if bad:
             raise EdgeSRError(f"--baselines: expected some of {', '.join(BASELINES)} (or all, "
                               f"none), got {', '.join(bad)}")
-        if min(self.input_size) < 1:
+        if self.input_size is not None and min(self.input_size) < 1:
             raise EdgeSRError(f"--input-size: expected a positive size, got {self.input_size}")
         if self.threads is not None and self.threads < 1:
             raise EdgeSRError(f"--threads: expected a positive number of threads, got "
@@ -166,6 +179,8 @@ def profile(cfg: ProfileConfig) -> dict:
     and PyTorch eager FP32 too, interleaved); write JSON and a PNG plot."""
     eng = open_engine(cfg.engine, scale=cfg.scale)
     m = eng.manifest
+    if cfg.input_size is None:
+        cfg = dataclasses.replace(cfg, input_size=engine_frame(m))
     h, w = cfg.input_size
     frame = np.random.default_rng(cfg.seed).random((1, 3, h, w), dtype=np.float32)
     if m.dynamic:  # the whole frame in one call
@@ -255,9 +270,10 @@ def time_interleaved(preds: dict, frame: np.ndarray, runs: int,
             t0 = time.perf_counter()
             pred.run_numpy(frame)
             times[label].append(time.perf_counter() - t0)
-        if (max_seconds is not None and r + 1 >= MIN_RUNS
+        if (max_seconds is not None and MIN_RUNS <= r + 1 < runs
                 and time.perf_counter() - start > max_seconds):
-            log.info("%s: time budget of %.0f s reached after %d runs", desc, max_seconds, r + 1)
+            log.info("%s: time budget of %.0f s reached after %d of %d runs", desc, max_seconds,
+                     r + 1, runs)
             break
     return times
 

@@ -121,6 +121,12 @@ def test_w8a8_frame_engine_on_the_ort_grid(env):
     m = json.loads((res.path / MANIFEST).read_text())
     assert m["bits"] == 8 and m["tile"] == [24, 40]  # 20x36 (HxW) padded to the window (8)
     assert m["build_config"]["tile"] == [24, 40] and "tile_fitted" not in m["build_config"]
+    # profile's default frame is the one the engine was built for: one call, no tiles
+    from runtime.profile import ProfileConfig, profile
+
+    r = profile(ProfileConfig(engine=res.path, runs=1, warmup=0, max_seconds=None,
+                              json_path=env["dir"] / "w8.json"))
+    assert r["input_size"] == {"width": 36, "height": 20} and r["tiles_per_frame"] == 1
     ops = {n.op_type for n in onnx.load(str(res.path / MODEL_FILE)).graph.node}
     assert "MatMulIntegerToFloat" in ops and "ReduceSum" not in ops
     assert m["validation"]["fidelity_psnr_y_db"] > 60
@@ -343,7 +349,7 @@ def test_cli_print_config_and_errors(env):
     r = CliRunner().invoke(main, ["build", "--bits", "4", "--scale", "2", "--print-config"])
     assert r.exit_code == 0, r.output
     cfg = json.loads(r.output)
-    assert cfg["model"] is None and cfg["out"] == "engines/swinir-light-x2-ref-w4a4"
+    assert cfg["model"] == "swinir-light-x2-ref" and cfg["out"] == "engines/swinir-light-x2-ref-w4a4"
     assert cfg["tile"] == [192, 192] and cfg["budget"] == "cpu" and cfg["wide_inputs"] == []
     # the default grid is the backend's native one: ORT here (no TensorRT, no GPU)
     assert cfg["grid"] == "auto" and rb.BuildConfig(bits=4, scale=2).resolved_grid() == "ort"

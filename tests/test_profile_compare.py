@@ -136,11 +136,19 @@ def test_stale_or_corrupt_cache_is_rebuilt(tmp_path, data_root, count_quantize):
     assert ort_static_graph(open_engine(eng), n_calib=4)[1]["cached"] is True
 
 
-def test_time_budget_keeps_three_rounds(engine, tmp_path):
-    """--max-seconds stops the timed loop after the round that passes it, never before 3."""
+def test_time_budget_keeps_three_rounds(engine, tmp_path, caplog):
+    """--max-seconds stops the timed loop after the round that passes it, never before 3, and
+    says so only when it cut the runs short."""
+    caplog.set_level("INFO", logger="runtime.profile")
     res = profile(ProfileConfig(engine=engine, input_size=(24, 40), runs=10, warmup=0,
                                 max_seconds=1e-6, json_path=tmp_path / "p.json"))
     assert all(v["runs"] == 3 for v in res["variants"].values())
+    assert "reached after 3 of 10 runs" in caplog.text
+    caplog.clear()
+    res = profile(ProfileConfig(engine=engine, input_size=(24, 40), runs=3, warmup=0,
+                                max_seconds=1e-6, json_path=tmp_path / "p.json"))
+    assert all(v["runs"] == 3 for v in res["variants"].values())
+    assert "time budget" not in caplog.text  # every run asked for ran
     res = profile(ProfileConfig(engine=engine, input_size=(24, 40), runs=4, warmup=0,
                                 max_seconds=None, json_path=tmp_path / "q.json"))
     assert all(v["runs"] == 4 for v in res["variants"].values())

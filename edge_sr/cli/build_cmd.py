@@ -50,7 +50,7 @@ from runtime.vocab import BACKEND_CHOICES, ENGINE_BITS
                    "the FP32 graph opset 17) instead of ONNX's Attention operator (opset 23), "
                    "for ONNX Runtime older than 1.23 (e.g. some JetPack builds); slower. "
                    "TensorRT engines are never fused.")
-@click.option("--speed-runs", type=int, default=5, show_default=True, metavar="N",
+@click.option("--speed-runs", type=click.IntRange(min=0), default=5, show_default=True, metavar="N",
               help="Quick speed check after validation: N interleaved calls of the engine and of "
                    "its FP32 graph on one tile, on this machine (0: skip).")
 @click.option("--print-config", is_flag=True, help="Print the build configuration and stop.")

@@ -153,7 +153,8 @@ def quant_options(method_default: str, budget_default: str, grid_default: str = 
                      metavar="P",
                      help="Beyond the paper (QDrop, Wei et al. 2022): while DQC trains, each "
                           "activation element stays unquantized with probability P; 0 = every "
-                          "element quantized, as the paper [default: the method's]."),
+                          "element quantized, as the paper [default: the method's: 0 for both "
+                          "2dquant and edge-sr]."),
     ]
 
     def deco(f):

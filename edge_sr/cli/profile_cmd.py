@@ -9,7 +9,9 @@ from edge_sr.cli.options import echo_info, logging_options
 
 @click.command("profile")
 @click.option("--engine", type=click.Path(), required=True, help="Engine directory (edge-sr build).")
-@click.option("--input-size", default="320x180", show_default=True, help="LR frame WIDTHxHEIGHT.")
+@click.option("--input-size", default=None,
+              help="LR frame WIDTHxHEIGHT [default: the frame the engine was built for "
+                   "(build --input-size), else 320x180].")
 @click.option("--runs", type=int, default=20, show_default=True,
               help="Timed frames (at most; see --max-seconds).")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Untimed frames first.")
@@ -43,7 +45,8 @@ def profile_cmd(engine, input_size, runs, warmup, max_seconds, compare, baseline
         raise EdgeSRError("--baselines: only with --compare (it picks what --compare times)")
     chosen = BASELINES if baselines is None else parse_baselines(baselines)
 
-    res = profile(ProfileConfig(engine=engine, input_size=parse_size(input_size, "--input-size"),
+    res = profile(ProfileConfig(engine=engine, input_size=(None if input_size is None else
+                                            parse_size(input_size, "--input-size")),
                                 runs=runs, warmup=warmup, max_seconds=max_seconds or None,
                                 compare=compare, baselines=chosen, threads=threads,
                                 require_baselines=baselines is not None
