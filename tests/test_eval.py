@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -87,7 +88,7 @@ def _run(args):
 def _assert_one_line_error(r, *words):
     assert r.exit_code != 0, r.output
     assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
-    lines = [ln for ln in r.output.splitlines() if ln.startswith("edge-sr: error:")]
+    lines = [ln for ln in r.output.splitlines() if re.match(r"edge-sr( \w+)?: error:", ln)]
     assert len(lines) == 1 and "Traceback" not in r.output, r.output
     for w in words:
         assert w in lines[0], (w, lines[0])

@@ -9,6 +9,8 @@ the shape or the format is the point.
 
 from __future__ import annotations
 
+import re
+
 import cv2
 import numpy as np
 import pytest
@@ -82,9 +84,11 @@ def _cli(*args):
 
 
 def _one_error_line(r, *words) -> None:
-    """Exit 2, exactly one ``edge-sr: error:`` line naming ``words``, and no traceback."""
+    """Exit 2, exactly one ``edge-sr <command>: error:`` line naming ``words``, and no
+    traceback."""
     assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
-    errors = [line for line in r.output.splitlines() if line.startswith("edge-sr: error: ")]
+    errors = [line for line in r.output.splitlines()
+              if re.match(r"edge-sr( \w+)?: error: ", line)]
     assert len(errors) == 1 and "Traceback" not in r.output, r.output
     for w in words:
         assert w in errors[0], (w, errors[0])

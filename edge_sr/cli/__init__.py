@@ -56,7 +56,9 @@ class LazyGroup(click.Group):
         except EdgeSRError as e:
             if ctx.obj and ctx.obj.get("verbose"):
                 logging.getLogger("edge_sr").exception("error")
-            click.echo(f"edge-sr: error: {e}", err=True)
+            # named as click names a usage error: "edge-sr build: error: ..."
+            sub = " ".join(("edge-sr", *filter(None, [ctx.invoked_subcommand])))
+            click.echo(f"{sub}: error: {e}", err=True)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt as e:
             click.echo(interrupted_message(e), err=True)
