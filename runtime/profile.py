@@ -285,8 +285,9 @@ def speed_check(eng, runs: int = 5, threads: int | None = None, seed: int = 0) -
 
     ``eng``: a ``runtime.engine.Engine``. Returns ``engine_ms`` and ``fp32_ms`` (medians, ms per
     call), ``speed_vs_fp32`` (fp32_ms / engine_ms: > 1 means the engine is faster), the input
-    (height, width), runs, threads, the runtime, its device and the CPU's model name. A few runs on a busy machine move
-    by 10-30 %: ``edge-sr profile --compare`` measures a frame properly."""
+    (height, width), runs, threads, the runtime, its device and the CPU's model name. A few
+    calls on a busy machine move by 10-30 %: ``edge-sr profile --compare`` measures a frame
+    properly."""
     h, w = eng.manifest.tile
     frame = np.random.default_rng(seed).random((1, 3, h, w), dtype=np.float32)
     preds = {}
