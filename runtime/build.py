@@ -34,7 +34,7 @@ from edge_sr.fileio import versions
 from edge_sr.logutil import progress_disabled
 from edge_sr.onnx_export import export_fp_onnx
 from runtime.backends.onnxruntime import OrtBackend
-from runtime.calib_cache import cached_calibration, load_student
+from runtime.calib_cache import cache_root, cached_calibration, load_student
 from runtime.engine import (
     FP32_FILE,
     MODEL_FILE,
@@ -417,6 +417,7 @@ def config_dict(cfg: BuildConfig) -> dict:
     d = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
     d["out"] = str(cfg.out_dir())
     d["model"] = cfg.model_name  # the default resolved (--scale's reference checkpoint)
+    d["cache_dir"] = str(cache_root(cfg))  # EDGE_SR_CACHE or the user cache, resolved
     d["tile"] = list(cfg.tile)
     if cfg.input_size is not None and not d.pop("tile_fitted"):
         # the model's window decides the shape: stage_checkpoint fits it once the model is loaded

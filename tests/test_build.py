@@ -350,6 +350,7 @@ def test_cli_print_config_and_errors(env):
     assert r.exit_code == 0, r.output
     cfg = json.loads(r.output)
     assert cfg["model"] == "swinir-light-x2-ref" and cfg["out"] == "engines/swinir-light-x2-ref-w4a4"
+    assert cfg["cache_dir"].endswith("calibrations")  # resolved, not null
     assert cfg["tile"] == [192, 192] and cfg["budget"] == "cpu" and cfg["wide_inputs"] == []
     # the default grid is the backend's native one: ORT here (no TensorRT, no GPU)
     assert cfg["grid"] == "auto" and rb.BuildConfig(bits=4, scale=2).resolved_grid() == "ort"
