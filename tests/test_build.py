@@ -111,6 +111,27 @@ def test_speed_check_can_be_skipped(env):
     assert r.exit_code == 0 and json.loads(r.output)["speed_runs"] == 0
 
 
+def test_speed_check_warns_when_the_engine_is_the_slower(env, caplog, monkeypatch):
+    """A ratio under 1 is a warning naming the profile command; over 1 it is not."""
+    def fake(ratio):
+        return lambda eng, runs, threads: {
+            "engine_ms": 10.0, "fp32_ms": 10.0 * ratio, "speed_vs_fp32": ratio,
+            "input_hw": [32, 32], "runs": runs, "threads": threads, "runtime": "onnxruntime",
+            "device": "CPU (test)", "cpu": "test"}
+
+    for ratio, warned in ((0.8, True), (1.25, False)):
+        caplog.clear()
+        monkeypatch.setattr(rb, "speed_check", fake(ratio))
+        res = rb.build(env["cfg"](out=env["dir"] / "speedwarn", force=True))
+        assert res.manifest.speed["speed_vs_fp32"] == ratio
+        slower = [r for r in caplog.records if r.levelname == "WARNING"
+                  and "slower than its FP32 graph" in r.getMessage()]
+        assert bool(slower) == warned
+        if warned:
+            assert "edge-sr profile --engine" in slower[0].getMessage()
+    shutil.rmtree(env["dir"] / "speedwarn")
+
+
 def test_w8a8_frame_engine_on_the_ort_grid(env):
     """--bits 8 --grid ort --input-size WxH: one frame-shaped engine of fused integer linears
     that stays exact to its fake-quant model."""
