@@ -430,7 +430,8 @@ def check_resumable(state_path: str | Path, cfg: DQCConfig, st: dict | None = No
     written for another ``DQCConfig`` (``st``: the state, if already loaded)."""
     if st is None:
         st = read_resume_state(state_path)
-    diff = differences(st["config"], asdict(cfg))
+    # a state saved before a setting existed ran with that setting's default (e.g. qdrop 0)
+    diff = differences(asdict(DQCConfig()) | st["config"], asdict(cfg))
     if diff:
         raise EdgeSRError(f"--resume: the interrupted run's DQC ({state_path}) used other "
                           f"settings: {diff}")

@@ -125,6 +125,16 @@ def test_resume_with_another_config_is_an_error(tiny_swinir, one_thread, tmp_pat
                                           r"other settings: iterations 2 there, 4 here; "):
         run_dqc(student, fp, sample, val, DQCConfig(iterations=4, batch=1, lr_patch=16),
                 state_path=state, resume=True)
+    # a state saved before a setting existed (here qdrop) resumes: it ran with the default
+    from calibrate.dqc import check_resumable, read_resume_state
+
+    st = read_resume_state(state)
+    del st["config"]["qdrop"]
+    check_resumable(state, DQCConfig(iterations=2, batch=1, lr_patch=16, val_every=2,
+                                     ckpt_every=2), st)
+    with pytest.raises(EdgeSRError, match="qdrop 0.0 there, 0.5 here"):
+        check_resumable(state, DQCConfig(iterations=2, batch=1, lr_patch=16, val_every=2,
+                                         ckpt_every=2, qdrop=0.5), st)
 
 
 def test_device_option_is_checked_before_any_work(tmp_path):
