@@ -334,11 +334,6 @@ def build(cfg: BuildConfig) -> BuildResult:
         import torch
 
         torch.set_num_threads(cfg.threads)  # on a loaded CPU, fewer OpenMP threads can be faster
-    log.info("building %s: %s x%d W%dA%d, budget %s, backend %s, %s", out,
-             cfg.model_name, cfg.scale, cfg.bits, cfg.bits, cfg.budget, backend,
-             "dynamic shape" if cfg.dynamic
-             else f"frame {cfg.input_size[0]}x{cfg.input_size[1]}" if cfg.input_size is not None
-             else f"tile {cfg.tile[1]}x{cfg.tile[0]}")
     times: dict[str, float] = {}
     bar = tqdm(total=len(STAGES) - (cfg.speed_runs <= 0), desc="build", unit="stage",
                disable=progress_disabled())
@@ -356,6 +351,11 @@ def build(cfg: BuildConfig) -> BuildResult:
         with sigterm_as_interrupt(), staging_dir(out, cfg.force) as work:
             with stage("checkpoint"):
                 lm = stage_checkpoint(cfg)
+            # after the checkpoint stage, whose checks (scale, --dynamic, the tile) can fail:
+            # a bad request stays one error line
+            log.info("building %s: %s x%d W%dA%d, budget %s, backend %s, %s", out,
+                     cfg.model_name, cfg.scale, cfg.bits, cfg.bits, cfg.budget, backend,
+                     "dynamic shape" if cfg.dynamic else f"LR tile {cfg.tile[1]}x{cfg.tile[0]}")
             with stage("calibrate"):
                 calib_path, calib_info = cached_calibration(lm, cfg)
                 student = load_student(calib_path, lm)
@@ -397,11 +397,12 @@ def build(cfg: BuildConfig) -> BuildResult:
     finally:
         bar.close()
     v = manifest.validation
-    log.info("engine %s: PSNR %.3f dB (fake-quant %.3f, FP %.3f), fidelity %.2f dB", out,
+    # the summary: at DEBUG, since the CLI prints it (BuildResult carries it for the API)
+    log.debug("engine %s: PSNR %.3f dB (fake-quant %.3f, FP %.3f), fidelity %.2f dB", out,
              v["psnr_y_db"], v["psnr_y_fake_quant_db"], v["psnr_y_fp_db"],
              v["fidelity_psnr_y_db"])
     if (sp := manifest.speed) is not None:
-        log.info("engine %s: %.1f ms per %dx%d LR tile against %.1f ms for its FP32 graph on "
+        log.debug("engine %s: %.1f ms per %dx%d LR tile against %.1f ms for its FP32 graph on "
                  "%s: %.2fx, median of %d interleaved calls", out, sp["engine_ms"],
                  *sp["input_hw"][::-1], sp["fp32_ms"], sp["device"], sp["speed_vs_fp32"],
                  sp["runs"])

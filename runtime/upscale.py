@@ -8,7 +8,9 @@
   (``--alpha drop`` drops it, with a warning). An ICC profile is carried into 8-bit outputs. All
   reading and writing is ``edge_sr.data.media``'s.
 * Video files are read frame by frame with OpenCV (audio is ignored, not copied) and written to
-  ``OUT/<stem>.mp4`` (codec ``mp4v``) at the source frame rate. OpenCV's writer stores only even
+  ``OUT/<stem>.mp4`` (codec ``mp4v``; with one video input and an ``OUT`` ending in a video
+  suffix, ``OUT`` itself) at the source frame rate. An ``OUT`` with a file suffix that cannot
+  hold what the run writes (several outputs, or an image name for a video) is an error. OpenCV's writer stores only even
   frame sizes, so an odd upscaled size is padded to even (last column/row repeated) with a
   warning. A video that ends early (truncated or corrupt) is upscaled up to the last frame OpenCV
   can decode, with a warning giving how many frames were expected; one with no decodable frame is
@@ -112,10 +114,19 @@ def plan_jobs(cfg: UpscaleConfig) -> list[Job]:
         else:
             raise EdgeSRError(f"input {p}: expected an image ({', '.join(sorted(IMAGE_SUFFIXES))})"
                               f", a video ({', '.join(sorted(VIDEO_SUFFIXES))}) or a folder")
-    single_file = (len(srcs) == 1 and cfg.source is None and srcs[0][0] == "image"
-                   and out.suffix.lower() in IMAGE_SUFFIXES)
+    suffix = out.suffix.lower()
+    single_file = (len(srcs) == 1 and cfg.source is None
+                   and suffix in (IMAGE_SUFFIXES if srcs[0][0] == "image" else VIDEO_SUFFIXES))
     if out.exists() and not out.is_dir() and not single_file:
         raise EdgeSRError(f"-o {out}: expected a folder for the outputs, found a file")
+    if (cfg.source is None and not single_file and not out.is_dir()
+            and suffix in IMAGE_SUFFIXES | VIDEO_SUFFIXES):
+        # a file-like name would otherwise become a folder of that name
+        what = (f"{len(srcs)} outputs" if len(srcs) != 1
+                else "a video" if srcs[0][0] == "video" else "an image")
+        raise EdgeSRError(f"-o {out}: names a file, but this run writes {what}; give a folder, or "
+                          "a file name with an image suffix for one image, a video suffix "
+                          "(.mp4) for one video")
     jobs = []
     for kind, p in srcs:
         if single_file:

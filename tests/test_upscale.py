@@ -133,6 +133,23 @@ def test_video_frame_by_frame(engine, tmp_path):
         assert np.abs(out.mean((0, 1)) - want.mean((0, 1))).max() < 12  # channel order kept
 
 
+def test_one_video_to_a_file_name_and_file_names_that_cannot_hold_the_outputs(engine, tmp_path):
+    """One video with a video file name writes that file; a file-like -o that cannot hold what
+    the run writes (an image name for a video, several inputs) is one error, not a folder of that
+    name."""
+    src = _video(tmp_path / "clip.avi", 2)
+    rep = upscale(_cfg(engine, tmp_path / "up.mp4", src))
+    assert rep.outputs == [tmp_path / "up.mp4"] and (tmp_path / "up.mp4").is_file()
+    assert len(_frames(tmp_path / "up.mp4")) == 2
+    with pytest.raises(EdgeSRError, match=r"-o .*x\.jpg: names a file, but this run writes a "
+                                          r"video"):
+        upscale(_cfg(engine, tmp_path / "x.jpg", src))
+    _png(tmp_path / "a.png", 16, 20)
+    with pytest.raises(EdgeSRError, match="names a file, but this run writes 2 outputs"):
+        upscale(_cfg(engine, tmp_path / "both.png", tmp_path / "a.png", src))
+    assert not (tmp_path / "x.jpg").exists() and not (tmp_path / "both.png").exists()
+
+
 def test_video_that_ends_early(engine, tmp_path):
     src = _video(tmp_path / "cut.avi", 12, noise=True)  # noise: frames dominate the file size
     data = src.read_bytes()

@@ -87,5 +87,5 @@ def build_cmd(bits, scale, model, backend, budget, method, tile, input_size, dyn
         h, w = sp["input_hw"]
         click.echo(f"speed on this machine, {sp.get('device', sp['cpu'])}: engine "
                    f"{sp['engine_ms']:.1f} ms, its FP32 graph {sp['fp32_ms']:.1f} ms per {w}x{h} "
-                   f"LR tile, {sp['speed_vs_fp32']:.2f}x (median of {sp['runs']} interleaved "
-                   "calls; 'edge-sr profile --compare' times a frame)")
+                   f"LR tile: the engine runs {sp['speed_vs_fp32']:.2f}x as fast (median of "
+                   f"{sp['runs']} interleaved calls; 'edge-sr profile --compare' times a frame)")

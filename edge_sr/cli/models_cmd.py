@@ -28,6 +28,7 @@ def models_cmd() -> None:
     width = max(len(r["name"]) for r in rows)
     arch_w = max(len(r["arch"]) for r in rows)
     for r in rows:
-        where = r["location"] or ("not available (downloads on first use)" if r["downloadable"]
+        where = r["location"] or ("not here: downloaded on first use where the network allows, "
+                                  "or put the file in $EDGE_SR_MODELS" if r["downloadable"]
                                   else "not available")
         click.echo(f"{r['name']:<{width}}  {r['arch']:<{arch_w}}  x{r['scale']}  {where}")

@@ -58,7 +58,8 @@ def parse_size(value: str, option: str) -> tuple[int, int]:
         if w <= 0 or h <= 0:
             raise ValueError
     except ValueError:
-        raise EdgeSRError(f"{option}: expected WIDTHxHEIGHT like 64x64, got {value!r}") from None
+        raise EdgeSRError(f"{option}: expected WIDTHxHEIGHT in whole pixels of at least 1, like "
+                          f"64x64, got {value!r}") from None
     return h, w
 
 

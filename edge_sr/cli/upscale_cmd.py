@@ -26,7 +26,7 @@ Nothing half-written is left; a file that cannot be read is one error line.
 @click.option("--engine", type=click.Path(), required=True, help="Engine directory (edge-sr build).")
 @click.argument("inputs", nargs=-1)
 @click.option("-o", "--output", type=click.Path(), required=True,
-              help="Output folder (or file, for a single image / stream).")
+              help="Output folder (or file, for a single image, video or stream).")
 @click.option("--source", default=None, metavar="INDEX|PIPELINE|URL",
               help="Camera index (0), GStreamer pipeline or stream URL, recorded to OUT/stream.mp4.")
 @click.option("--max-frames", type=int, default=None, help="Stop a stream after N frames.")
