@@ -82,7 +82,8 @@ class BuildConfig:
     budget: str = "cpu"  # DQC budget (calibrate.vocab.BUDGETS)
     method: str = "edge-sr"  # calibrate.vocab.METHODS (docs/results/beyond.md for why)
     # the engine's LR (height, width) tile; None: DEFAULT_TILE (a --dynamic build: the shape its
-    # export traces at, DYNAMIC_TRACE fitted to the model, set by the checkpoint stage)
+    # export traces at, DYNAMIC_TRACE fitted to the model, set by the checkpoint stage; with
+    # input_size it stays None until the checkpoint stage fits the frame to the model)
     tile: tuple[int, int] | None = None
     # a camera's LR frame (width, height): the engine is exported at it, padded up to the model's
     # multiple (and minimum), so a frame runs as one tile; replaces ``tile``
@@ -124,8 +125,6 @@ class BuildConfig:
     # ONNX Runtime engines: each attention as ONNX's Attention operator (opset 23, ORT >= 1.23),
     # in the engine and in its FP32 reference graph alike (edge_sr.onnx_tidy.fuse_attention)
     fuse_attention: bool = True
-    # set once ``tile`` holds the shape fitted to input_size (stage_checkpoint, with the model)
-    tile_fitted: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.bits not in ENGINE_BITS:
@@ -141,8 +140,9 @@ class BuildConfig:
         if self.input_size is not None and self.tile is not None:
             raise EdgeSRError("--tile: --input-size sets the engine's shape (the frame, padded "
                               "to the model's window); give one of --tile and --input-size")
-        self.tile = tuple(int(t) for t in (self.tile or (DYNAMIC_TRACE if self.dynamic
-                                                         else DEFAULT_TILE)))
+        if self.input_size is None:  # else None until stage_checkpoint fits it to the model
+            self.tile = tuple(int(t) for t in (self.tile or (DYNAMIC_TRACE if self.dynamic
+                                                             else DEFAULT_TILE)))
         if self.input_size is not None:
             self.input_size = tuple(int(v) for v in self.input_size)
             if len(self.input_size) != 2 or min(self.input_size) < 1:
@@ -161,7 +161,8 @@ class BuildConfig:
             raise EdgeSRError(expected("--method", METHODS, self.method))
         if self.scale not in (2, 3, 4):
             raise EdgeSRError(f"--scale: expected 2, 3 or 4, got {self.scale}")
-        if len(self.tile) != 2 or min(self.tile) < 1 or self.batch < 1:
+        if self.tile is not None and (len(self.tile) != 2 or min(self.tile) < 1) \
+                or self.batch < 1:
             raise EdgeSRError(f"--tile/--batch: expected positive sizes, got {self.tile} and "
                               f"{self.batch}")
         if self.dynamic and self.batch != 1:
@@ -252,7 +253,6 @@ def stage_checkpoint(cfg: BuildConfig):
     if cfg.input_size is not None:
         w, h = cfg.input_size
         cfg.tile = lm.model.size_requirements.fit(h, w)
-        cfg.tile_fitted = True
         log.info("--input-size %dx%d: engine shape %dx%d (padded to the %s window)",
                  *cfg.input_size, *cfg.tile[::-1], lm.arch)
     why = lm.model.size_requirements.check_tile(*cfg.tile)
@@ -419,9 +419,8 @@ def config_dict(cfg: BuildConfig) -> dict:
     d["out"] = str(cfg.out_dir())
     d["model"] = cfg.model_name  # the default resolved (--scale's reference checkpoint)
     d["cache_dir"] = str(cache_root(cfg))  # EDGE_SR_CACHE or the user cache, resolved
-    d["tile"] = list(cfg.tile)
-    if cfg.input_size is not None and not d.pop("tile_fitted"):
-        # the model's window decides the shape: stage_checkpoint fits it once the model is loaded
-        d["tile"] = "input_size, padded to the model's window at build"
-    d.pop("tile_fitted", None)
+    # with --input-size the model's window decides the shape: stage_checkpoint fits it once the
+    # model is loaded
+    d["tile"] = ("input_size, padded to the model's window at build" if cfg.tile is None
+                 else list(cfg.tile))
     return d

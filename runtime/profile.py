@@ -14,6 +14,9 @@ baseline that cannot be made here (no checkpoint, no pool data) is skipped with 
 listed under ``skipped``, unless ``require_baselines`` (baselines the user named): then it is an
 ``EdgeSRError`` before the timed runs.
 
+``speed_check`` is ``build``'s quick version: the engine against its FP32 graph on one tile, a
+few interleaved calls, recorded in the manifest.
+
 Peak memory is the peak resident set size (Linux ``VmHWM``, reset through
 ``/proc/self/clear_refs``) during session creation and warm-up, minus the RSS just before: it
 counts the graph, the runtime's arenas and the activations (native allocations that
