@@ -56,6 +56,7 @@ from edge_sr.onnx_tidy import (
     compact,
     drop_shape_expands,
     fuse_attention,
+    lp_normalize,
     model_opset,
     position_tables,
     quantize_before_layout,
@@ -161,9 +162,9 @@ def build_qdq(model: nn.Module, cfg: ExportConfig) -> tuple[onnx.ModelProto, lis
         proto.opset_import.extend([onnx.helper.make_opsetid(ORT_DOMAIN, 1)])
     proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     fold_matmul_shifts(proto, act_outputs)
-    # q, k, v straight from their own integer GEMMs (the FP qkv products keep their bytes, by
-    # which tidy finds the kept weights' integer grids)
-    split = split_qkv(proto, fp_products=False)
+    # q, k, v straight from their own GEMMs, integer or floating point (tidy finds a kept
+    # weight's integer grid in its column blocks too)
+    split = split_qkv(proto)
     expands = drop_shape_expands(proto)  # F.normalize's Expand before its Div
     log.debug("qkv: %d Concat -> Split chains replaced by per-head reshapes; %d Expands dropped",
               split, expands)
@@ -180,6 +181,8 @@ def build_qdq(model: nn.Module, cfg: ExportConfig) -> tuple[onnx.ModelProto, lis
         moved, clips = quantize_before_layout(proto), clip_codes(proto)
         log.debug("%d attentions fused; %d layout regions now after their quantizer; %d float "
                   "Clips moved onto the codes or dropped", fused, moved, clips)
+    norms = lp_normalize(proto)  # F.normalize as one LpNormalization (after the fusion's match)
+    log.debug("%d L2 normalisations as LpNormalization", norms)
     saved = tidy(proto, position_tables(model), kept_weight_grids(model))
     log.debug("ONNX tidy (shared constants, masks, position tables, FP16): %.1f MB saved", saved / 1e6)
     del proto.graph.value_info[:]

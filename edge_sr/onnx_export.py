@@ -101,6 +101,7 @@ def _tidy(path: Path, model: nn.Module, fuse: bool = False) -> int | None:
         compact,
         drop_shape_expands,
         fuse_attention,
+        lp_normalize,
         model_opset,
         position_tables,
         split_qkv,
@@ -111,11 +112,13 @@ def _tidy(path: Path, model: nn.Module, fuse: bool = False) -> int | None:
     split = split_qkv(proto)  # q, k and v each from its own GEMM: no Split of the qkv tensor
     expands = drop_shape_expands(proto)  # F.normalize's Expand before its Div
     fused = fuse_attention(proto) if fuse else 0
+    norms = lp_normalize(proto)  # F.normalize as one LpNormalization (after the fusion's match)
     saved = tidy(proto, position_tables(model)) + compact(proto)
-    if saved or split or expands or fused:
+    if saved or split or expands or fused or norms:
         onnx.save(proto, str(path))
         log.debug("ONNX tidy: %.1f MB saved, %d qkv products split, %d Expands dropped, %d "
-                  "attentions fused", saved / 1e6, split, expands, fused)
+                  "attentions fused, %d L2 normalisations as LpNormalization", saved / 1e6, split,
+                  expands, fused, norms)
     if fused:
         return model_opset(proto)
     return None

@@ -397,6 +397,9 @@ def test_cli_print_config_and_errors(env):
     r = CliRunner().invoke(main, ["build", "--bits", "4", "--scale", "2", "--out",
                                   str(env["dir"] / "eng")])
     assert r.exit_code == 2 and "already exists; pass --force" in r.output
+    r = CliRunner().invoke(main, ["build", "--bits", "4", "--scale", "2", "-o", "x/eng",
+                                  "--print-config"])  # -o as in calibrate, export and upscale
+    assert r.exit_code == 0 and json.loads(r.output)["out"] == "x/eng"
 
 
 @pytest.mark.slow

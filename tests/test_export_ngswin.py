@@ -114,15 +114,18 @@ def test_ngswin_8bit_codes_of_first_block(model):
         assert (diff > 0).mean() < 1e-3, key
 
 
-def test_kept_weights_stay_integer_codes_with_the_qkv_split(model, caplog):
-    """``--fp-weights int8``: every weight kept out of WbAb (the N-gram context's qkv among them)
-    is still found by its bytes and stored as codes, although the quantized qkv products are
-    split (``split_qkv(fp_products=False)`` leaves the floating-point ones whole)."""
+def test_kept_weights_stay_integer_codes_with_the_qkv_split(model, caplog, monkeypatch):
+    """``--fp-weights int8``: every weight kept out of WbAb is still found by its bytes and
+    stored as codes. The N-gram context's qkv (kept floating point, its weight shared by two
+    products) is split into q, k and v column blocks like the quantized ones, each block stored
+    as codes, so its attentions take 3-D operands (no heads Transposes around them)."""
     import logging
 
+    import calibrate.prepare as prep
     from calibrate.dobi import init_bounds
     from calibrate.prepare import QuantRecipe, kept_weight_grids, prepare
 
+    monkeypatch.setattr(prep, "FP16_MIN_NUMEL", 64)  # the tiny model's N-gram qkv is 8 x 24
     calib, _ = _inputs()
     student = prepare(model, QuantRecipe(bits=4, grid="ort", fp_weights="int8"))
     init_bounds(student, calib)
@@ -130,8 +133,14 @@ def test_kept_weights_stay_integer_codes_with_the_qkv_split(model, caplog):
         proto, _ = build_qdq(student, ExportConfig(target="ort", tile=TILE))
     assert not [r for r in caplog.records if "not found" in r.getMessage()]
     grids = kept_weight_grids(student)
-    assert grids
-    codes = [t for t in proto.graph.initializer if t.name.endswith("/codes")]
-    assert len(codes) == len(grids)
-    assert sum(n.name.endswith("/head0/Transpose") for n in proto.graph.node) == \
-        len(model.attention_blocks())  # every quantized qkv feeds its heads directly
+    ngram_qkv = [n for n, m in student.named_modules() if n.endswith("ngram_attn.qkv")
+                 and getattr(m, "kept_codes", None) is not None]
+    assert ngram_qkv and len(grids) > len(ngram_qkv)
+    codes = [t.name for t in proto.graph.initializer if t.name.endswith("/codes")]
+    assert len(codes) == len(grids) + 2 * len(ngram_qkv)  # three blocks for each N-gram qkv
+    assert not [t.name for t in proto.graph.initializer if t.name.endswith("_W")
+                and t.data_type == onnx.TensorProto.FLOAT]  # no block left float32
+    attention = [n for n in proto.graph.node if n.op_type == "Attention"]
+    # the N-gram context's two per block (the block's own products are quantized in this recipe)
+    assert len(attention) == 2 * len(model.attention_blocks())
+    assert all(any(a.name == "q_num_heads" for a in n.attribute) for n in attention)  # 3-D

@@ -224,7 +224,9 @@ def test_onnx_export_matches_torch(tmp_path: Path) -> None:
     assert not [n.name for n in graph.node if not any(o in used for o in n.output)]
     perms = [list(a.ints) for n in graph.node if n.op_type == "Transpose" for a in n.attribute]
     assert [0, 2, 1, 3] in perms and [2, 0, 3, 1, 4] not in perms
-    assert "Expand" not in {n.op_type for n in graph.node}  # F.normalize's (drop_shape_expands)
+    ops = {n.op_type for n in graph.node}
+    assert "Expand" not in ops  # F.normalize's (drop_shape_expands)
+    assert "LpNormalization" in ops and "ReduceL2" not in ops  # and then lp_normalize
 
 
 def test_onnx_split_qkv_splits_shared_weights_once(tmp_path: Path, monkeypatch) -> None:

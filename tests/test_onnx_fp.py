@@ -89,6 +89,43 @@ def test_shape_expands_before_a_broadcasting_op_are_dropped_exactly():
     assert all(np.array_equal(a, b) for a, b in zip(*run))
 
 
+def test_l2_normalisations_become_lp_normalization_bit_for_bit():
+    """``Div(x, Clip(ReduceL2(x, last axis), eps))`` (F.normalize's export, Expand dropped) becomes
+    one ``LpNormalization``, with the same values in ONNX Runtime; a floor above
+    ``LP_NORM_MAX_EPS``, another axis or a Clip with a maximum stays as it is."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_sr.onnx_tidy import LP_NORM_MAX_EPS, lp_normalize
+
+    f = TensorProto.FLOAT
+    inits = [numpy_helper.from_array(np.array([-1], np.int64), "last"),
+             numpy_helper.from_array(np.array([1], np.int64), "mid"),
+             numpy_helper.from_array(np.array(1e-12, np.float32), "eps"),
+             numpy_helper.from_array(np.array(10 * LP_NORM_MAX_EPS, np.float32), "big"),
+             numpy_helper.from_array(np.array(5.0, np.float32), "top")]
+    nodes = []
+    for out, axes, lo, hi in (("y", "last", "eps", ""), ("y_big", "last", "big", ""),
+                              ("y_mid", "mid", "eps", ""), ("y_top", "last", "eps", "top")):
+        nodes += [helper.make_node("ReduceL2", ["x", axes], [out + "_n"], keepdims=1),
+                  helper.make_node("Clip", [out + "_n", lo] + ([hi] if hi else []), [out + "_c"]),
+                  helper.make_node("Div", ["x", out + "_c"], [out])]
+    outs = ["y", "y_big", "y_mid", "y_top"]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f, [64, 6, 10])],
+                              [helper.make_tensor_value_info(o, f, None) for o in outs], inits)
+    model = onnx.shape_inference.infer_shapes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]))
+    before = model.SerializeToString()
+    assert lp_normalize(model) == 1
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("LpNormalization") == 1 and ops.count("ReduceL2") == 3
+    x = np.random.default_rng(0).standard_normal((64, 6, 10)).astype(np.float32)
+    x[0, 0] = 0  # a zero row: 0 both ways
+    run = [ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+           for m in (before, model.SerializeToString())]
+    assert all(np.array_equal(a, b) for a, b in zip(*run))
+    assert not run[1][0][0, 0].any()
+
+
 def test_export_leaves_no_partial_file(tiny_swinir, tmp_path):
     with pytest.raises(EdgeSRError, match="opset 13"):
         export_fp_onnx(tiny_swinir(2), tmp_path / "m.onnx", tile=(16, 16), opset=13)
