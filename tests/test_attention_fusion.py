@@ -83,7 +83,15 @@ def test_ngswin_cosine_attention_is_fused_through_its_normalisation(tmp_path: Pa
     p, f = onnx.load(str(plain)), onnx.load(str(fused))
     assert _ops(f)["Softmax"] == 0 and _ops(f)["Attention"] == _ops(p)["Softmax"] > 0
     assert _three_d(f) == _ops(f)["Attention"]
-    assert _ops(f)["ReduceL2"] == _ops(p)["ReduceL2"]  # the normalisations are kept, moved
+    # the normalisations are kept, moved (each one LpNormalization in both graphs)
+    assert _ops(f)["LpNormalization"] == _ops(p)["LpNormalization"] > 0
+    assert _ops(f)["ReduceL2"] == _ops(p)["ReduceL2"] == 0
+    # the per-head logit scale multiplies q as a (heads, d) constant (folded at load), not a
+    # (heads, 1) one that ORT broadcasts element by element
+    made = {o: n for n in f.graph.node for o in n.output}
+    scaled = [n for n in f.graph.node if n.op_type == "Mul"
+              and any(getattr(made.get(i), "op_type", "") == "Expand" for i in n.input)]
+    assert len(scaled) == _ops(f)["Attention"] == _ops(f)["Expand"]
     x = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(2)).numpy()
     assert np.abs(_run(fused, x) - _run(plain, x)).max() < 1e-5
 
