@@ -7,10 +7,10 @@ of them in SwinIR-light. ``share_constants`` keeps one copy of byte-identical te
 rebuilds it in the graph (``Where(Equal(label_i, label_j), 0, -100)``), exactly.
 
 Rewrites that change the work, not the numbers: ``split_qkv``, ``drop_shape_expands`` and
-``lp_normalize`` (both graphs), and, for the ORT engine, ``quantize_before_layout`` and ``clip_codes`` (layout ops and
-clips on the quantizers' uint8 codes instead of float32). ``fuse_attention`` (both ONNX Runtime
-graphs) changes the numbers by float rounding only: each window attention becomes ONNX's
-``Attention`` operator (opset 23).
+``lp_normalize`` (both graphs), and, for the ORT engine, ``quantize_before_layout`` and
+``clip_codes`` (layout ops and clips on the quantizers' uint8 codes instead of float32).
+``fuse_attention`` (both ONNX Runtime graphs) changes the numbers by float rounding only: each
+window attention becomes ONNX's ``Attention`` operator (opset 23).
 """
 
 from __future__ import annotations
