@@ -67,7 +67,7 @@ from edge_sr.checkpoints import load_model
 from edge_sr.data.images import is_image_name
 from edge_sr.data.pool import PatchSampler, pool_split
 from edge_sr.errors import EdgeSRError
-from edge_sr.fileio import atomic_path, versions
+from edge_sr.fileio import atomic_path, check_writable, versions
 from edge_sr.paths import train_dir
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,7 @@ class CalibrationConfig:
     dqc_precision: DQCPrecision | None = None  # DQC GEMMs in fp32 or bf16 (None: method's)
     block_recon: int = 0  # BRECQ-style block reconstruction: Adam steps per block (0: off)
     time_limit: float | None = None  # minutes of calibration; DQC stops at the first step past it
+    force: bool = False  # replace an existing output (a --resume run may always replace it)
 
     def validate(self) -> None:
         try:
@@ -524,6 +525,9 @@ def calibrate(cfg: CalibrationConfig, lm=None) -> Path:
     is read and hashed once); by default ``cfg.model`` is loaded here.
     """
     cfg.validate()
+    check_writable(cfg.output, "-o")
+    if Path(cfg.output).exists() and not (cfg.force or cfg.resume):
+        raise EdgeSRError(f"-o {cfg.output}: already exists; pass --force to overwrite it")
     if lm is None:
         lm = load_model(cfg.model, scale=cfg.scale, device=cfg.device)
     data = pool_data(lm.scale, cfg.budget, cfg.seed, cfg.pool,

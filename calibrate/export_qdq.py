@@ -49,7 +49,7 @@ from calibrate.export_plugin import apply_lowbit_plugins
 from calibrate.prepare import kept_weight_grids, quantizers
 from calibrate.vocab import WEIGHT_CONTAINERS, Target, WeightContainer, expected
 from edge_sr.errors import EdgeSRError
-from edge_sr.fileio import atomic_path
+from edge_sr.fileio import atomic_path, check_writable
 from edge_sr.onnx_tidy import (
     ATTENTION_OPSET,
     clip_codes,
@@ -222,7 +222,7 @@ def _rename_meta(proto: onnx.ModelProto, renamed: dict[str, str]) -> None:
 def export_qdq(calibrated, cfg: ExportConfig, output: str | os.PathLike,
                force: bool = True) -> Path:
     """Write the QDQ ONNX of ``calibrated`` to ``output`` atomically; returns the path."""
-    output = Path(output)
+    output = check_writable(output, "-o")
     if output.exists() and not force:
         raise EdgeSRError(f"{output}: already exists; pass --force to overwrite")
     model = _student(calibrated)

@@ -204,6 +204,16 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[Path, CheckpointEntry | No
     raise AssertionError("unreachable")
 
 
+def checkpoint_scale(name_or_path: str | os.PathLike) -> int:
+    """The upscaling factor of a registry name (from the registry, nothing read) or of a
+    checkpoint file (read and recognised, as ``load_model`` does). Raises EdgeSRError as
+    ``resolve`` and ``load_model`` do."""
+    s = os.fspath(name_or_path)
+    if s in _names(list_checkpoints()):
+        return get_entry(s).scale
+    return load_model(name_or_path).scale
+
+
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     """Path of a registry name or an explicit checkpoint file."""
     return resolve(name_or_path)[0]
@@ -236,7 +246,8 @@ def read_checkpoint(path: Path) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle/zip errors of all kinds mean the same thing here
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        raise EdgeSRError(f"checkpoint {path} cannot be read as a PyTorch checkpoint "
+        raise EdgeSRError(f"checkpoint {path} cannot be read: expected a PyTorch checkpoint "
+                          f"(.pth, torch.save) or a .safetensors file "
                           f"({type(e).__name__}: {first})") from None
     if not isinstance(obj, dict):
         raise EdgeSRError(f"checkpoint {path}: expected a dict of tensors, found "

@@ -34,6 +34,26 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         raise
 
 
+def check_writable(path: str | os.PathLike, option: str) -> Path:
+    """Fail early, before any work, when ``path`` could not be written: its nearest existing
+    ancestor must be a writable folder (the folders below it are made at write time).
+
+    Raises ``EdgeSRError`` naming ``option`` and the ancestor that is a file or not writable;
+    returns ``path`` as a Path.
+    """
+    from edge_sr.errors import EdgeSRError
+
+    path = Path(path)
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise EdgeSRError(f"{option} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EdgeSRError(f"{option} {path}: cannot write in {parent} (permission denied)")
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -30,7 +30,7 @@ from calibrate.export_qdq import ExportConfig, export_qdq
 from calibrate.vocab import BUDGETS, METHODS, expected
 from edge_sr.checkpoints import load_model
 from edge_sr.errors import EdgeSRError, MissingDependencyError, sigterm_as_interrupt
-from edge_sr.fileio import versions
+from edge_sr.fileio import check_writable, versions
 from edge_sr.logutil import progress_disabled
 from edge_sr.onnx_export import export_fp_onnx
 from runtime.backends.onnxruntime import OrtBackend
@@ -326,7 +326,7 @@ class BuildResult:
 
 def build(cfg: BuildConfig) -> BuildResult:
     """Run every stage and return the engine directory with its manifest."""
-    out = cfg.out_dir()
+    out = check_writable(cfg.out_dir(), "--out")
     if out.exists() and not cfg.force:
         raise EdgeSRError(f"--out {out}: already exists; pass --force to replace it")
     backend = resolve_backend(cfg.backend)

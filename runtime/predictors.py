@@ -113,9 +113,10 @@ def _check_scale(scale: int | None, found: int, source: str) -> None:
 def make_predictor(model=None, scale: int | None = None,
                    calibration: str | os.PathLike | None = None,
                    onnx: str | os.PathLike | None = None, threads: int | None = None,
-                   device: str = "cpu") -> Predictor:
+                   device: str = "cpu", engine: str | os.PathLike | None = None) -> Predictor:
     """Build a predictor from a model (registry name, checkpoint path or ``nn.Module``), a
-    calibration file (fake-quant student of ``model``) or an ONNX file (ONNX Runtime, CPU).
+    calibration file (fake-quant student of ``model``), an ONNX file (ONNX Runtime, CPU) or an
+    engine directory (``edge-sr build``'s, tiled as ``upscale`` runs it).
 
     ``scale`` defaults to the model's; a different one is an error. ``threads`` sets the intra-op
     threads of torch (here) or of the ONNX Runtime session.
@@ -125,6 +126,13 @@ def make_predictor(model=None, scale: int | None = None,
             raise EdgeSRError(f"--threads: expected a positive number, got {threads}")
         if onnx is None:
             torch.set_num_threads(threads)
+    if engine is not None:
+        if model is not None or calibration is not None or onnx is not None:
+            raise EdgeSRError("--engine: give either an engine directory or --model/"
+                              "--calibration/--onnx, not both")
+        pred = engine_predictor(engine, threads=threads, scale=scale)
+        _check_scale(scale, pred.scale, f"engine {engine}")
+        return pred
     if onnx is not None:
         if model is not None or calibration is not None:
             raise EdgeSRError("--onnx: give either an ONNX file or --model/--calibration, not both")

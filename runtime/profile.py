@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from edge_sr.errors import EdgeSRError
-from edge_sr.fileio import atomic_path, write_json
+from edge_sr.fileio import atomic_path, check_writable, write_json
 from edge_sr.hardware import cpu_model
 from edge_sr.logutil import progress_disabled
 from runtime.backends.onnxruntime import OrtBackend, default_threads
@@ -184,6 +184,8 @@ def profile(cfg: ProfileConfig) -> dict:
     m = eng.manifest
     if cfg.input_size is None:
         cfg = dataclasses.replace(cfg, input_size=engine_frame(m))
+    for path, option in zip(default_paths(cfg, Path(eng.path).resolve().name), ("--json", "--plot")):
+        check_writable(path, option)  # before the timing, not after it
     h, w = cfg.input_size
     frame = np.random.default_rng(cfg.seed).random((1, 3, h, w), dtype=np.float32)
     if m.dynamic:  # the whole frame in one call
@@ -401,8 +403,9 @@ def table(result: dict) -> str:
              f"frame {i['width']}x{i['height']} -> {o['width']}x{o['height']}, "
              + ("one call of the whole frame (dynamic engine)" if result.get("dynamic") else
                 f"{n_tiles} tile{'s' if n_tiles != 1 else ''} of "
-                f"{result['tile'][1]}x{result['tile'][0]} "
-                f"(overlap {result['overlap']})") + f", {result['warmup']} warm-up",
+                f"{result['tile'][1]}x{result['tile'][0]}"
+                + (f" (overlap {result['overlap']})" if n_tiles > 1 else "")
+                ) + f", {result['warmup']} warm-up",
              f"{'variant':<20} {'precision':<30} {'runs':>4} {'p50 ms':>9} {'p90 ms':>9} "
              f"{'p99 ms':>9} {'frames/s':>9} {'peak MiB':>9}" + (f" {'vs fp32':>8}" if speed
                                                                     else "")]

@@ -56,7 +56,7 @@ from edge_sr.data.media import (
     video_fps,
 )
 from edge_sr.errors import EdgeSRError
-from edge_sr.fileio import atomic_path
+from edge_sr.fileio import atomic_path, check_writable
 from edge_sr.logutil import progress_disabled
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ def plan_jobs(cfg: UpscaleConfig) -> list[Job]:
             raise EdgeSRError(f"-o {out}: inputs {seen[j.dst]} and {j.src} would both be written "
                               f"to {j.dst}; upscale them in separate runs")
         seen[j.dst] = j.src
+        check_writable(j.dst, "-o")
         if j.dst.exists() and not cfg.force:
             raise EdgeSRError(f"-o: {j.dst} already exists; pass --force to overwrite it")
     return jobs

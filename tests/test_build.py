@@ -434,3 +434,23 @@ def test_real_calibration_api(tmp_path, env, caplog):
     assert len(cached) == 1 and cached[0].suffix == ".pt", cached
     wrote = [r.getMessage() for r in caplog.records if r.getMessage().startswith("wrote ")]
     assert len(wrote) == 1 and wrote[0].startswith(f"wrote {cached[0]} "), wrote
+
+
+def test_eval_scores_an_engine_directory(env, tmp_path):
+    """``edge-sr eval --engine D``: the engine as upscale runs it (tiled), on a benchmark set;
+    with another source as well it is one error line."""
+    from click.testing import CliRunner
+
+    from edge_sr.cli import main
+    from tests.test_eval import _toy_set
+
+    toy = _toy_set(tmp_path)
+    eng = env["dir"] / "eng"
+    r = CliRunner().invoke(main, ["eval", "--engine", str(eng), "--datasets", str(toy),
+                                  "--json", str(tmp_path / "e.json"), "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    js = json.loads((tmp_path / "e.json").read_text())
+    assert 10 < js["datasets"]["Toy"]["psnr"] < 60
+    r = CliRunner().invoke(main, ["eval", "--engine", str(eng), "--onnx", "x.onnx",
+                                  "--datasets", str(toy)])
+    assert r.exit_code == 2 and "--engine: give either" in r.output

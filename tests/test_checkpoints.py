@@ -95,7 +95,7 @@ def test_strict_on_learned_parameters(tiny_swinir, tmp_path):
 
 def test_corrupt_and_foreign_files(tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(EdgeSRError, match=r"bad\.pth cannot be read as a PyTorch checkpoint"):
+    with pytest.raises(EdgeSRError, match=r"bad\.pth cannot be read: expected a PyTorch checkpoint"):
         load_model(tmp_path / "bad.pth")
     torch.save([torch.zeros(1)], tmp_path / "list.pth")
     with pytest.raises(EdgeSRError, match=r"list\.pth: expected a dict of tensors, found list"):

@@ -34,6 +34,16 @@ def interrupted_message(e: KeyboardInterrupt) -> str:
     return f"edge-sr: {how}; nothing half-written was kept" + (f"; {hint}" if hint else "")
 
 
+OS_ERROR_EXIT = 1  # a file the system would not read or write (EdgeSRError's bad input is 2)
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError that no check caught first: what failed, on which path(s)."""
+    what = e.strerror or type(e).__name__
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    return f"{paths}: {what}" if paths else f"{what} ({e})"
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
@@ -53,13 +63,14 @@ class LazyGroup(click.Group):
             sub = e.ctx.command_path if e.ctx is not None else "edge-sr"
             click.echo(f"{sub}: error: {e.format_message()} (see '{sub} --help')", err=True)
             ctx.exit(e.exit_code)
-        except EdgeSRError as e:
+        except (EdgeSRError, OSError) as e:
             if ctx.obj and ctx.obj.get("verbose"):
                 logging.getLogger("edge_sr").exception("error")
             # named as click names a usage error: "edge-sr build: error: ..."
             sub = " ".join(("edge-sr", *filter(None, [ctx.invoked_subcommand])))
-            click.echo(f"{sub}: error: {e}", err=True)
-            ctx.exit(e.exit_code)
+            click.echo(f"{sub}: error: {os_error_message(e) if isinstance(e, OSError) else e}",
+                       err=True)
+            ctx.exit(getattr(e, "exit_code", OS_ERROR_EXIT))
         except KeyboardInterrupt as e:
             click.echo(interrupted_message(e), err=True)
             ctx.exit(getattr(e, "exit_code", 130))

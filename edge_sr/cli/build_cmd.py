@@ -14,7 +14,9 @@ from runtime.vocab import BACKEND_CHOICES, ENGINE_BITS
 @click.option("--bits", type=int, required=True,
               help=f"Weight and activation bit width: {', '.join(map(str, ENGINE_BITS[:-1]))} "
                    f"or {ENGINE_BITS[-1]} (W8A8: the safest first deployment).")
-@click.option("--scale", type=int, required=True, help="Upscaling factor (2, 3, 4).")
+@click.option("--scale", type=int, default=None,
+              help="Upscaling factor (2, 3, 4) [default: the --model checkpoint's; required "
+                   "without --model, where it picks the reference SwinIR-light].")
 @click.option("--model", metavar="NAME|PATH", default=None,
               help="Checkpoint name or .pth path [default: swinir-light-x{scale}-ref].")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto",
@@ -36,7 +38,7 @@ from runtime.vocab import BACKEND_CHOICES, ENGINE_BITS
               help="Engine directory [default: engines/<model>-w{bits}a{bits}].")
 @click.option("--force", is_flag=True, help="Replace --out if it exists (only once the build "
                                             "succeeded).")
-@click.option("--threads", type=int, default=None,
+@click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Threads for PyTorch (calibration, validation) and ONNX Runtime "
                    "[default: all cores].")
 @click.option("--wide-inputs", default="", metavar="ROLES",
@@ -63,11 +65,19 @@ def build_cmd(bits, scale, model, backend, budget, method, tile, input_size, dyn
     from edge_sr.cli.options import parse_list, parse_optional_list, parse_size
     from runtime.build import BuildConfig, build, config_dict
 
+    if scale is None:
+        if model is None:
+            raise click.MissingParameter(param_type="option", param_hint="'--scale'",
+                                         message="required without --model (it picks the "
+                                                 "reference SwinIR-light checkpoint)")
+        from edge_sr.checkpoints import checkpoint_scale
+
+        scale = checkpoint_scale(model)
     cfg = BuildConfig(bits=bits, scale=scale, model=model, backend=backend, budget=budget,
                       method=method, batch=batch, out=out, dynamic=dynamic,
                       tile=None if tile is None else parse_size(tile, "--tile"),
                       input_size=(None if input_size is None else
-                                  parse_size(input_size, "--input-size")[::-1]),
+                                  parse_size(input_size, "--input-size", square=False)[::-1]),
                       force=force, threads=threads,
                       wide_inputs=parse_list(wide_inputs), rotate=parse_optional_list(rotate),
                       weight_grid=weight_grid, grid=grid, fp_sites=parse_optional_list(fp_sites), fp_weights=fp_weights, avg_bits=avg_bits, rounding=rounding, smooth=smooth, weight_lr=weight_lr, qdrop=qdrop,

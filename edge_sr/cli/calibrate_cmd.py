@@ -59,11 +59,12 @@ from edge_sr.cli.options import logging_options, parse_list, parse_optional_list
                    "on it beyond float rounding.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Calibration file to write (atomically).")
+@click.option("--force", is_flag=True, help="Overwrite -o if it exists.")
 @logging_options
 def calibrate_cmd(model, bits, scale, budget, method, seed, shared_qkv_input, search_assignment,
                   wide_inputs, rotate, weight_grid, grid, fp_sites, fp_weights, avg_bits, rounding, smooth, weight_lr, qdrop, recompute, dqc_precision, block_recon, iterations,
                   time_limit, feature_loss,
-                  resume, pool, device, threads, output) -> None:
+                  resume, pool, device, threads, output, force) -> None:
     """Calibrate a low-bit fake-quant model; score it with 'edge-sr eval --calibration FILE'."""
     from calibrate.api import CalibrationConfig, calibrate, dqc_state_path
 
@@ -80,7 +81,7 @@ def calibrate_cmd(model, bits, scale, budget, method, seed, shared_qkv_input, se
             weight_grid=weight_grid, grid=grid, fp_sites=parse_optional_list(fp_sites) or (), fp_weights=fp_weights, avg_bits=avg_bits, rounding=rounding, smooth=smooth, weight_lr=weight_lr, qdrop=qdrop, recompute=recompute,
             dqc_precision=dqc_precision,
             block_recon=block_recon, iterations=iterations, time_limit=time_limit,
-            feature_loss=feature_loss, resume=resume, pool=pool, device=device))
+            feature_loss=feature_loss, resume=resume, pool=pool, device=device, force=force))
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: say how to continue, if DQC saved
         if dqc_state_path(output).exists():
             e.hint = "the same command with --resume continues the DQC from its last save"

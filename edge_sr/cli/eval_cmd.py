@@ -24,26 +24,32 @@ from edge_sr.cli.options import echo_info, logging_options
               help="Score the fake-quant model of this calibration file instead of the FP model.")
 @click.option("--onnx", type=click.Path(dir_okay=False), default=None,
               help="Score this ONNX file with ONNX Runtime (CPU) instead of PyTorch.")
+@click.option("--engine", type=click.Path(file_okay=False), default=None,
+              help="Score this engine directory (edge-sr build), tiled as upscale runs it.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads (torch or ORT).")
 @click.option("--limit", type=int, default=None, hidden=True,
               help="Score only the first N images of each set (smoke runs).")
 @logging_options
-def eval_cmd(model, scale, datasets, json_path, save_images, calibration, onnx, threads,
-             limit) -> None:
+def eval_cmd(model, scale, datasets, json_path, save_images, calibration, onnx, engine,
+             threads, limit) -> None:
     """Score a model on benchmark sets: Y-PSNR / Y-SSIM, crop = scale (BasicSR protocol)."""
     from edge_sr.errors import EdgeSRError
     from edge_sr.evaluate import EvalConfig, evaluate
-    from edge_sr.fileio import versions, write_json
+    from edge_sr.fileio import check_writable, versions, write_json
     from runtime.predictors import make_predictor
 
     names = [d.strip() for d in datasets.split(",") if d.strip()]
     if not names:
         raise EdgeSRError(f"--datasets: expected comma-separated set names, got {datasets!r}")
-    if model is None and onnx is None and calibration is None:
+    if model is None and onnx is None and calibration is None and engine is None:
         raise EdgeSRError("--model: expected a checkpoint name or path (or --calibration FILE, "
-                          "or --onnx FILE), got none")
+                          "--onnx FILE or --engine DIR), got none")
+    if json_path:  # before the scoring, not after it
+        check_writable(json_path, "--json")
+    if save_images:
+        check_writable(f"{save_images}/x.png", "--save-images")
     predictor = make_predictor(model=model, scale=scale, calibration=calibration, onnx=onnx,
-                               threads=threads)
+                               threads=threads, engine=engine)
     result = evaluate(predictor, EvalConfig(datasets=names, scale=scale,
                                             save_images=save_images, limit=limit))
     click.echo(result.table())

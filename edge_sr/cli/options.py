@@ -46,20 +46,22 @@ def echo_info(message: str) -> None:
         click.echo(message)
 
 
-def parse_size(value: str, option: str) -> tuple[int, int]:
-    """Parse ``WxH`` (or a single ``N`` for a square) into (height, width)."""
+def parse_size(value: str, option: str, square: bool = True) -> tuple[int, int]:
+    """Parse ``WxH`` into (height, width); a single ``N`` is a square where ``square`` (a tile),
+    and an error where not (a camera frame: ``--input-size 320`` would build 320x320)."""
     from edge_sr.errors import EdgeSRError
 
+    example = "192 or 192x128" if square else "320x180"
     try:
         parts = [int(v) for v in value.lower().split("x")]
-        if len(parts) == 1:
+        if len(parts) == 1 and square:
             parts = parts * 2
         w, h = parts
         if w <= 0 or h <= 0:
             raise ValueError
     except ValueError:
         raise EdgeSRError(f"{option}: expected WIDTHxHEIGHT in whole pixels of at least 1, like "
-                          f"64x64, got {value!r}") from None
+                          f"{example}, got {value!r}") from None
     return h, w
 
 

@@ -46,7 +46,7 @@ def profile_cmd(engine, input_size, runs, warmup, max_seconds, compare, baseline
     chosen = BASELINES if baselines is None else parse_baselines(baselines)
 
     res = profile(ProfileConfig(engine=engine, input_size=(None if input_size is None else
-                                            parse_size(input_size, "--input-size")),
+                                            parse_size(input_size, "--input-size", square=False)),
                                 runs=runs, warmup=warmup, max_seconds=max_seconds or None,
                                 compare=compare, baselines=chosen, threads=threads,
                                 require_baselines=baselines is not None
