@@ -127,6 +127,11 @@ def plan_jobs(cfg: UpscaleConfig) -> list[Job]:
         raise EdgeSRError(f"-o {out}: names a file, but this run writes {what}; give a folder, or "
                           "a file name with an image suffix for one image, a video suffix "
                           "(.mp4) for one video")
+    if not single_file and not out.exists() and suffix and len(srcs) == 1:
+        # one output and a name with an unknown suffix: a typo of a file name, or a folder?
+        log.warning("-o %s: not an image or video file name (%s), so it is taken as a folder: "
+                    "%s", out, ", ".join(sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES)),
+                    out / (srcs[0][1].stem + (".png" if srcs[0][0] == "image" else ".mp4")))
     jobs = []
     for kind, p in srcs:
         if single_file:

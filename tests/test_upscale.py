@@ -246,3 +246,24 @@ def test_dynamic_engine_upscales_two_sizes_whole(tmp_path):
             ref = (model(x).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255).round()
         assert out.shape == (2 * h, 2 * w, 3)
         assert np.abs(out.astype(np.int16) - ref.astype(np.int16)).max() <= 1
+
+
+def test_an_unknown_suffix_is_a_folder_with_a_warning(tmp_path, caplog):
+    """``-o out/rgba.xyz`` for one image: a folder of that name, said in a warning that names
+    the file it will hold (a mistyped file name would otherwise go unnoticed)."""
+    import logging
+
+    from runtime.upscale import plan_jobs
+
+    _png(tmp_path / "a.png", 16, 20)
+    with caplog.at_level(logging.WARNING, logger="runtime.upscale"):
+        jobs = plan_jobs(UpscaleConfig(engine="unused", inputs=[str(tmp_path / "a.png")],
+                                       output=str(tmp_path / "rgba.xyz")))
+    assert [j.dst for j in jobs] == [tmp_path / "rgba.xyz" / "a.png"]
+    assert any("taken as a folder" in r.getMessage() and "rgba.xyz/a.png" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="runtime.upscale"):
+        plan_jobs(UpscaleConfig(engine="unused", inputs=[str(tmp_path / "a.png")],
+                                output=str(tmp_path / "plain")))
+    assert not caplog.records
