@@ -34,7 +34,7 @@ from edge_sr.fileio import check_writable, versions
 from edge_sr.logutil import progress_disabled
 from edge_sr.onnx_export import export_fp_onnx
 from runtime.backends.onnxruntime import OrtBackend
-from runtime.calib_cache import cache_root, cached_calibration, load_student
+from runtime.calib_cache import cache_root, cached_calibration, given_calibration, load_student
 from runtime.engine import (
     FP32_FILE,
     MODEL_FILE,
@@ -122,6 +122,9 @@ class BuildConfig:
     # this many timed calls of each; 0 skips it
     speed_runs: int = 5
     smooth: float | str | None = None  # CalibrationConfig.smooth (None: the method's)
+    # a calibration file (edge-sr calibrate) to build from instead of calibrating (or the cache):
+    # its bits, scale and checkpoint must be the build's, and its options replace the build's
+    calibration: str | Path | None = None
     # ONNX Runtime engines: each attention as ONNX's Attention operator (opset 23, ORT >= 1.23),
     # in the engine and in its FP32 reference graph alike (edge_sr.onnx_tidy.fuse_attention)
     fuse_attention: bool = True
@@ -165,6 +168,8 @@ class BuildConfig:
                 or self.batch < 1:
             raise EdgeSRError(f"--tile/--batch: expected positive sizes, got {self.tile} and "
                               f"{self.batch}")
+        if self.calibration is not None and not Path(self.calibration).is_file():
+            raise EdgeSRError(f"--calibration {self.calibration}: no such file")
         if self.dynamic and self.batch != 1:
             raise EdgeSRError(f"--batch: a --dynamic engine runs one whole image per call; "
                               f"expected 1, got {self.batch}")
@@ -357,9 +362,17 @@ def build(cfg: BuildConfig) -> BuildResult:
                      cfg.model_name, cfg.scale, cfg.bits, cfg.bits, cfg.budget, backend,
                      "dynamic shape" if cfg.dynamic else f"LR tile {cfg.tile[1]}x{cfg.tile[0]}")
             with stage("calibrate"):
-                calib_path, calib_info = cached_calibration(lm, cfg)
+                calib_path, calib_info = (given_calibration(lm, cfg) if cfg.calibration
+                                          else cached_calibration(lm, cfg))
                 student = load_student(calib_path, lm)
-                if (qr := getattr(student, "quant_recipe", None)) is not None:
+                qr = getattr(student, "quant_recipe", None)
+                if (cfg.calibration and cfg.dynamic and qr is not None and qr.grid == "real"
+                        and not {"qk", "pv"} <= set(qr.fp_sites)):
+                    raise EdgeSRError(f"--dynamic: --calibration {cfg.calibration} quantizes "
+                                      "the attention products on the real grid, whose exact "
+                                      "corrections need fixed shapes; build it without "
+                                      "--dynamic")
+                if qr is not None:
                     # what was calibrated: rotated sites, weight grid, per-site input bits
                     calib_info["quant_recipe"] = qr.to_dict()
             with stage("export"):
@@ -379,8 +392,9 @@ def build(cfg: BuildConfig) -> BuildResult:
                 batch=cfg.batch,
                 overlap=(0 if cfg.dynamic else default_overlap(cfg.tile) if cfg.overlap is None
                          else cfg.overlap),
-                precision=f"w{cfg.bits}a{cfg.bits}-qdq", files=files, budget=cfg.budget,
-                method=cfg.method, calibration=calib_info, versions=versions(),
+                precision=f"w{cfg.bits}a{cfg.bits}-qdq", files=files,
+                budget="calibration file" if cfg.calibration else cfg.budget,
+                method=calib_info.get("method", cfg.method), calibration=calib_info, versions=versions(),
                 build_config=config_dict(cfg), dynamic=cfg.dynamic,
                 size_requirements={"multiple": lm.model.size_requirements.multiple,
                                    "minimum": lm.model.size_requirements.minimum})

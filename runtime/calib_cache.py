@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from calibrate.api import calibrate
-from calibrate.calibfile import load_calibrated
+from calibrate.calibfile import load_calibrated, read_calibration
 from edge_sr.checkpoints import cache_dir
+from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import sha256_file
 
 if TYPE_CHECKING:
@@ -75,6 +76,22 @@ def cached_calibration(lm, cfg: BuildConfig) -> tuple[Path, dict]:
         # the cache never holds a partial one, and the log names the file the build will use
         run_calibration(lm, cfg, path)
     return path, {"key": key, "sha256": sha256_file(path), "cached": cached, "file": path.name}
+
+
+def given_calibration(lm, cfg: BuildConfig) -> tuple[Path, dict]:
+    """``build --calibration F``: the file ``edge-sr calibrate`` wrote, checked against the
+    build (bits, scale; ``load_student`` checks the checkpoint), instead of the cache."""
+    path = Path(cfg.calibration)
+    meta = read_calibration(path)[1]
+    for what, stored, asked in (("--bits", meta.bits, cfg.bits), ("--scale", meta.scale,
+                                                                  cfg.scale)):
+        if stored != asked:
+            raise EdgeSRError(f"--calibration {path}: calibrated at {what} {stored}, but the "
+                              f"build asks for {what} {asked}")
+    log.info("calibration: using the given %s (%s, W%dA%d)", path, meta.method, meta.bits,
+             meta.bits)
+    return path, {"file": str(path), "sha256": sha256_file(path), "cached": False,
+                  "given": True, "method": meta.method}
 
 
 def load_student(calib_path: Path, lm):

@@ -454,3 +454,34 @@ def test_eval_scores_an_engine_directory(env, tmp_path):
     r = CliRunner().invoke(main, ["eval", "--engine", str(eng), "--onnx", "x.onnx",
                                   "--datasets", str(toy)])
     assert r.exit_code == 2 and "--engine: give either" in r.output
+
+
+def test_build_from_a_given_calibration_file(env, tmp_path, monkeypatch):
+    """``build --calibration F``: the engine of ``edge-sr calibrate``'s file (no calibration,
+    no cache), with --bits, --scale and --model taken from it; its method is the manifest's, and
+    a build asking other bits is one error line."""
+    from click.testing import CliRunner
+
+    from calibrate.api import CalibrationConfig, calibrate
+    from edge_sr.cli import main
+
+    monkeypatch.setattr(rb, "load_student", cc.load_student)  # the real reader, this test only
+    ckpt = env["dir"] / "tiny_x2.pth"
+    calib = calibrate(CalibrationConfig(model=str(ckpt), bits=4, output=tmp_path / "c.pt",
+                                        method="dobi", grid="ort", calib_patches=2))
+    calls = len(env["calls"])
+    out = tmp_path / "eng"
+    r = CliRunner().invoke(main, ["build", "--calibration", str(calib), "--tile", "32",
+                                  "--speed-runs", "0", "--threads", "1", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert len(env["calls"]) == calls  # nothing calibrated
+    m = json.loads((out / MANIFEST).read_text())
+    assert (m["bits"], m["scale"], m["method"], m["budget"]) == (4, 2, "dobi", "calibration file")
+    assert m["calibration"]["given"] is True and m["model"]["path"] == str(ckpt)
+    assert m["validation"]["fidelity_psnr_y_db"] > 60  # the engine is the file's student
+    r = CliRunner().invoke(main, ["build", "--calibration", str(calib), "--bits", "8",
+                                  "--tile", "32", "-o", str(tmp_path / "eng8")])
+    assert r.exit_code == 2 and "calibrated at --bits 4, but the build asks for --bits 8" \
+        in r.output
+    r = CliRunner().invoke(main, ["build", "--calibration", str(tmp_path / "none.pt")])
+    assert r.exit_code == 2 and "none.pt" in r.output and len(r.output.strip().splitlines()) == 1

@@ -11,7 +11,7 @@ from runtime.vocab import BACKEND_CHOICES, ENGINE_BITS
 
 
 @click.command("build")
-@click.option("--bits", type=int, required=True,
+@click.option("--bits", type=int, default=None,
               help=f"Weight and activation bit width: {', '.join(map(str, ENGINE_BITS[:-1]))} "
                    f"or {ENGINE_BITS[-1]} (W8A8: the safest first deployment).")
 @click.option("--scale", type=int, default=None,
@@ -55,16 +55,31 @@ from runtime.vocab import BACKEND_CHOICES, ENGINE_BITS
 @click.option("--speed-runs", type=click.IntRange(min=0), default=5, show_default=True, metavar="N",
               help="Quick speed check after validation: N interleaved calls of the engine and of "
                    "its FP32 graph on one tile, on this machine (0: skip).")
+@click.option("--calibration", type=click.Path(dir_okay=False), default=None,
+              help="Build from this calibration file (edge-sr calibrate) instead of calibrating: "
+                   "--bits, --scale and --model default to the file's, and its calibration "
+                   "options are the engine's (the build's --method, --budget, --grid ... are not "
+                   "used).")
 @click.option("--print-config", is_flag=True, help="Print the build configuration and stop.")
 @logging_options
 def build_cmd(bits, scale, model, backend, budget, method, tile, input_size, dynamic, batch, out,
               force, threads,
               wide_inputs, rotate, weight_grid, grid, fp_sites, fp_weights, avg_bits, rounding, smooth, weight_lr, qdrop, shared_qkv_input,
-              unfused_attention, speed_runs, print_config) -> None:
+              unfused_attention, speed_runs, calibration, print_config) -> None:
     """Build a quantized SR engine: checkpoint -> calibrate -> export -> build -> validate."""
     from edge_sr.cli.options import parse_list, parse_optional_list, parse_size
     from runtime.build import BuildConfig, build, config_dict
 
+    if calibration is not None:  # the file's bits, scale and checkpoint by default
+        from calibrate.calibfile import read_calibration
+
+        meta = read_calibration(calibration)[1]  # a missing or foreign file: one error line
+        bits = meta.bits if bits is None else bits
+        scale = meta.scale if scale is None else scale
+        model = meta.checkpoint_name if model is None else model
+    if bits is None:
+        raise click.MissingParameter(param_type="option", param_hint="'--bits'",
+                                     message="required without --calibration")
     if scale is None:
         if model is None:
             raise click.MissingParameter(param_type="option", param_hint="'--scale'",
@@ -82,7 +97,7 @@ def build_cmd(bits, scale, model, backend, budget, method, tile, input_size, dyn
                       wide_inputs=parse_list(wide_inputs), rotate=parse_optional_list(rotate),
                       weight_grid=weight_grid, grid=grid, fp_sites=parse_optional_list(fp_sites), fp_weights=fp_weights, avg_bits=avg_bits, rounding=rounding, smooth=smooth, weight_lr=weight_lr, qdrop=qdrop,
                       shared_qkv_input=shared_qkv_input, fuse_attention=not unfused_attention,
-                      speed_runs=speed_runs)
+                      speed_runs=speed_runs, calibration=calibration)
     if print_config:
         click.echo(json.dumps(config_dict(cfg), indent=2))
         return
