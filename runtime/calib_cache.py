@@ -90,7 +90,7 @@ def given_calibration(lm, cfg: BuildConfig) -> tuple[Path, dict]:
                               f"build asks for {what} {asked}")
     log.info("calibration: using the given %s (%s, W%dA%d)", path, meta.method, meta.bits,
              meta.bits)
-    return path, {"file": str(path), "sha256": sha256_file(path), "cached": False,
+    return path, {"file": str(path.resolve()), "sha256": sha256_file(path), "cached": False,
                   "given": True, "method": meta.method}
 
 
