@@ -114,8 +114,10 @@ def read_calibration(path: str | os.PathLike, with_weights: bool = False):
         raise EdgeSRError(f"calibration file {path}: expected a torch.save'd calibration, could "
                           f"not read it ({type(e).__name__})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise EdgeSRError(f"calibration file {path}: expected format {FORMAT!r}, found "
-                          f"{obj.get('format') if isinstance(obj, dict) else type(obj).__name__!r}")
+        found = (type(obj).__name__ if not isinstance(obj, dict) else
+                 "no format field (not a file 'edge-sr calibrate' wrote)" if "format" not in obj
+                 else repr(obj["format"]))
+        raise EdgeSRError(f"calibration file {path}: expected format {FORMAT!r}, found {found}")
     if obj.get("version") not in READABLE_VERSIONS:
         raise EdgeSRError(f"calibration file {path}: expected version "
                           f"{' or '.join(map(str, READABLE_VERSIONS))}, found "

@@ -168,8 +168,10 @@ class BuildConfig:
                 or self.batch < 1:
             raise EdgeSRError(f"--tile/--batch: expected positive sizes, got {self.tile} and "
                               f"{self.batch}")
-        if self.calibration is not None and not Path(self.calibration).is_file():
-            raise EdgeSRError(f"--calibration {self.calibration}: no such file")
+        if self.calibration is not None:  # its bits and scale, before any work
+            from runtime.calib_cache import check_given_calibration
+
+            check_given_calibration(self)
         if self.dynamic and self.batch != 1:
             raise EdgeSRError(f"--batch: a --dynamic engine runs one whole image per call; "
                               f"expected 1, got {self.batch}")

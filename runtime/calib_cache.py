@@ -78,9 +78,9 @@ def cached_calibration(lm, cfg: BuildConfig) -> tuple[Path, dict]:
     return path, {"key": key, "sha256": sha256_file(path), "cached": cached, "file": path.name}
 
 
-def given_calibration(lm, cfg: BuildConfig) -> tuple[Path, dict]:
-    """``build --calibration F``: the file ``edge-sr calibrate`` wrote, checked against the
-    build (bits, scale; ``load_student`` checks the checkpoint), instead of the cache."""
+def check_given_calibration(cfg: BuildConfig):
+    """The metadata of ``build --calibration F``, checked against the build's bits and scale
+    (``load_student`` checks the checkpoint); EdgeSRError for a missing, foreign or other file."""
     path = Path(cfg.calibration)
     meta = read_calibration(path)[1]
     for what, stored, asked in (("--bits", meta.bits, cfg.bits), ("--scale", meta.scale,
@@ -88,6 +88,13 @@ def given_calibration(lm, cfg: BuildConfig) -> tuple[Path, dict]:
         if stored != asked:
             raise EdgeSRError(f"--calibration {path}: calibrated at {what} {stored}, but the "
                               f"build asks for {what} {asked}")
+    return meta
+
+
+def given_calibration(lm, cfg: BuildConfig) -> tuple[Path, dict]:
+    """``build --calibration F``: the file ``edge-sr calibrate`` wrote, instead of the cache."""
+    path = Path(cfg.calibration)
+    meta = check_given_calibration(cfg)
     log.info("calibration: using the given %s (%s, W%dA%d)", path, meta.method, meta.bits,
              meta.bits)
     return path, {"file": str(path.resolve()), "sha256": sha256_file(path), "cached": False,

@@ -2,12 +2,14 @@
 
 Tests never download: ``EDGE_SR_OFFLINE=1`` is set for the whole session. They never read or
 write the user's cache either: ``$EDGE_SR_CACHE`` is unset and ``$XDG_CACHE_HOME`` points at a
-folder of the session's own (``_isolated_user_cache``).
+folder of the session's own, from the moment this file is imported (test modules that compile
+the fake-quant kernels while they are collected write there too).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,20 +21,9 @@ from edge_sr.models.swinir import SwinIRLight
 from edge_sr.paths import data_root as _data_root
 
 os.environ["EDGE_SR_OFFLINE"] = "1"
+os.environ.pop("EDGE_SR_CACHE", None)  # the user's cache stays out of reach (module docstring)
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="edge-sr-test-cache-")
 keep_freed_memory()  # the suite's big CPU forwards skip glibc's mmap/page-fault round trips
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _isolated_user_cache(tmp_path_factory):
-    """The user's ``$EDGE_SR_CACHE`` (and ``~/.cache/edge-sr``) out of every test's reach: a
-    test that checks where files go would otherwise read or write the user's cache."""
-    saved = {k: os.environ.pop(k, None) for k in ("EDGE_SR_CACHE", "XDG_CACHE_HOME")}
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
-    yield
-    for k, v in saved.items():
-        os.environ.pop(k, None)
-        if v is not None:
-            os.environ[k] = v
 
 
 def perturb_parameters(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

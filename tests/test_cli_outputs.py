@@ -96,7 +96,7 @@ def test_build_option_values(tmp_path, monkeypatch):
                                   "--print-config"])
     assert r.exit_code == 0 and json.loads(r.output)["scale"] == 3
     r = CliRunner().invoke(main, ["build", "--bits", "4"])
-    _one_error_line(r, "--scale", "required without --model")
+    _one_error_line(r, "--scale", "Required without --model")
     assert r.exit_code == 2
 
 

@@ -79,12 +79,12 @@ def build_cmd(bits, scale, model, backend, budget, method, tile, input_size, dyn
         model = meta.checkpoint_name if model is None else model
     if bits is None:
         raise click.MissingParameter(param_type="option", param_hint="'--bits'",
-                                     message="required without --calibration")
+                                     message="Required without --calibration.")
     if scale is None:
         if model is None:
             raise click.MissingParameter(param_type="option", param_hint="'--scale'",
-                                         message="required without --model (it picks the "
-                                                 "reference SwinIR-light checkpoint)")
+                                         message="Required without --model (it picks the "
+                                                 "reference SwinIR-light checkpoint).")
         from edge_sr.checkpoints import checkpoint_scale
 
         scale = checkpoint_scale(model)
