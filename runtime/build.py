@@ -360,8 +360,10 @@ def build(cfg: BuildConfig) -> BuildResult:
                 lm = stage_checkpoint(cfg)
             # after the checkpoint stage, whose checks (scale, --dynamic, the tile) can fail:
             # a bad request stays one error line
-            log.info("building %s: %s x%d W%dA%d, budget %s, backend %s, %s", out,
-                     cfg.model_name, cfg.scale, cfg.bits, cfg.bits, cfg.budget, backend,
+            log.info("building %s: %s x%d W%dA%d, %s, backend %s, %s", out,
+                     cfg.model_name, cfg.scale, cfg.bits, cfg.bits,
+                     f"calibration {cfg.calibration}" if cfg.calibration
+                     else f"budget {cfg.budget}", backend,
                      "dynamic shape" if cfg.dynamic else f"LR tile {cfg.tile[1]}x{cfg.tile[0]}")
             with stage("calibrate"):
                 calib_path, calib_info = (given_calibration(lm, cfg) if cfg.calibration

@@ -8,7 +8,9 @@ the fake-quant kernels while they are collected write there too).
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,7 @@ from edge_sr.paths import data_root as _data_root
 os.environ["EDGE_SR_OFFLINE"] = "1"
 os.environ.pop("EDGE_SR_CACHE", None)  # the user's cache stays out of reach (module docstring)
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="edge-sr-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 keep_freed_memory()  # the suite's big CPU forwards skip glibc's mmap/page-fault round trips
 
 
