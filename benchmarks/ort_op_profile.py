@@ -58,12 +58,15 @@ def op_profile(path: str, threads: int = 2, runs: int = 4, pattern: str | None =
     start = run_ends[0] if len(run_ends) > runs else 0
     per_op: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
+    elements: dict[str, int] = {}  # output elements of one node of the group (--by-shape)
     matched = 0.0
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
             key = e["args"]["op_name"]
             if by_shape:
-                key = f"{key} {list(_output_shape(e['args']))}"
+                shape = _output_shape(e["args"])
+                key = f"{key} {list(shape)}"
+                elements[key] = int(np.prod(shape)) if shape else 1
             per_op[key] += e["dur"]
             calls[key] += 1
             if pattern and pattern in e["name"]:
@@ -73,11 +76,8 @@ def op_profile(path: str, threads: int = 2, runs: int = 4, pattern: str | None =
            "ops_ms": {k: v / runs / 1e3 for k, v in per_op.most_common()}}
     if by_shape:  # nodes per run, and ns per output element of one node
         res["nodes"] = {k: calls[k] // runs for k in res["ops_ms"]}
-        res["ns_per_element"] = {}
-        for k in res["ops_ms"]:
-            shape = [int(d) for d in k[k.index("[") + 1:-1].split(",") if d.strip()]
-            n = int(np.prod(shape)) if shape else 1
-            res["ns_per_element"][k] = per_op[k] * 1e3 / max(calls[k] * n, 1)
+        res["ns_per_element"] = {k: per_op[k] * 1e3 / max(calls[k] * elements[k], 1)
+                                 for k in res["ops_ms"]}
     if pattern:
         res["pattern"], res["pattern_share"] = pattern, matched / total
     return res
