@@ -19,7 +19,6 @@ from torch import nn
 from edge_sr.data.images import load_image, mod_crop, to_tensor, to_uint8
 from edge_sr.errors import EdgeSRError
 from edge_sr.metrics import psnr_y
-from edge_sr.models import windows
 from edge_sr.models.base import ActSlot
 from edge_sr.models.ngswin import ARCHITECTURE, CHECKPOINTS, NGswin, build, detect, pad_symmetric
 
@@ -136,12 +135,9 @@ def test_any_input_size_is_padded_run_and_cropped(hw: tuple[int, int]) -> None:
     assert torch.equal(y, y_ref[:, :, : 2 * hw[0], : 2 * hw[1]])
 
 
-def test_in_place_inference_equals_the_autograd_path(monkeypatch) -> None:
+def test_in_place_inference_equals_the_autograd_path() -> None:
     """The attention logits are updated in place only without autograd: both paths must agree
-    bit for bit, and the autograd path must still reach the logit scale and bias table. (The
-    fused attention, which inference takes otherwise, is tested in
-    test_fused_window_attention.py.)"""
-    monkeypatch.setattr(windows, "FUSED_ATTENTION", False)
+    bit for bit, and the autograd path must still reach the logit scale and bias table."""
     model = make_tiny_ngswin(scale=2)
     x = torch.rand(1, 3, 32, 40)
     with torch.no_grad():

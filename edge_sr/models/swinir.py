@@ -27,11 +27,9 @@ from edge_sr.models.base import (
 )
 from edge_sr.models.state_dict import unwrap_state_dict
 from edge_sr.models.windows import (
-    fused_attention_ok,
     logits_in_place,
     relative_position_index,
     shift_attention_mask,
-    window_attention,
     window_logits,
     window_partition,
     window_reverse,
@@ -64,11 +62,6 @@ class WindowAttention(nn.Module):
         q = self.q_quant(qkv[0] * self.scale)
         k = self.k_quant(qkv[1])
         v = self.v_quant(qkv[2])
-        if fused_attention_ok(self.attn_probs_quant, q, k, v, self.relative_position_bias_table):
-            bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-            bias = bias.view(n, n, nh).permute(2, 0, 1).unsqueeze(0)
-            x = window_attention(q, k, v, bias, mask).transpose(1, 2).reshape(b_, n, c)
-            return self.proj(x)
         ip = logits_in_place(self.relative_position_bias_table)
         nw = None if mask is None else mask.shape[0]
         attn = window_logits(q, k, nw, ip)  # (B, nW, nh, n, n) when in place with a mask

@@ -4,14 +4,7 @@ reverse as pure reshapes, Swin's relative-position index, and the shifted-window
 
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.nn.functional as F
-from torch import nn
-
-# EDGE_SR_FUSED_ATTENTION=0 keeps every window attention on its unfused path (measurements)
-FUSED_ATTENTION = os.environ.get("EDGE_SR_FUSED_ATTENTION", "1") != "0"
 
 
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
@@ -81,54 +74,3 @@ def window_logits(q: torch.Tensor, k: torch.Tensor, windows: int | None,
         b = q.shape[0] // windows
         q, k = q.unflatten(0, (b, windows)), k.unflatten(0, (b, windows))
     return q @ k.transpose(-2, -1)
-
-
-def fused_attention_ok(probs_slot: nn.Module, *tensors: torch.Tensor) -> bool:
-    """Whether a window attention may run as ``window_attention`` (``scaled_dot_product_attention``)
-    instead of its unfused ``softmax(q @ k^T + bias [+ mask]) @ v``: inference only.
-
-    Not while tracing for export (the export's graph passes read the unfused pattern), not where
-    the attention probabilities are observed (``probs_slot`` holds a quantizer, or DOBI or DQC
-    hooks it), and not where autograd must differentiate through ``tensors`` (PyTorch's CPU
-    backward of the fused kernel is slower than the unfused one in bfloat16). Only for float32
-    on the CPU, where it was measured (``tensors[0]``, the queries, gives the dtype and device):
-    1.13-1.44x faster model forwards on SwinIR-light and NGswin; under CPU bfloat16 autocast the
-    fused kernel is slower than the unfused products (0.55-0.93x).
-    """
-    if not FUSED_ATTENTION or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return False
-    q = tensors[0]
-    if q.device.type != "cpu" or q.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
-        return False
-    if not isinstance(probs_slot, nn.Identity) or probs_slot._forward_hooks \
-            or probs_slot._forward_pre_hooks:
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-
-
-def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                     mask: torch.Tensor | None) -> torch.Tensor:
-    """``softmax(q @ k^T + bias [+ mask]) @ v`` without the logits tensor: q, k, v (B*nW, heads,
-    n, d), already scaled; ``bias`` (1, heads, n, n); ``mask`` (nW, n, n) (``shift_attention_mask``)
-    or None. Returns (B*nW, heads, n, d) in q's dtype (or autocast's).
-
-    One ``F.scaled_dot_product_attention`` call runs every window with the bias alone; the windows
-    the shifted-window mask touches (the last row and column of windows) run again with it and
-    overwrite theirs, as the ONNX export's ``Attention`` operators do (``edge_sr.onnx_tidy``), so
-    no (windows x heads x n x n) tensor is made. Inference only (the second call writes in place).
-    """
-    dt = q.dtype
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(dt), scale=1.0)
-    if mask is None:
-        return out
-    nw = int(mask.shape[0])
-    b = q.shape[0] // nw
-    sel = mask.flatten(1).ne(0).any(1).nonzero().squeeze(1)
-
-    def pick(t: torch.Tensor) -> torch.Tensor:
-        return t.unflatten(0, (b, nw))[:, sel].flatten(0, 1)
-
-    m = (mask[sel].unsqueeze(1).to(dt) + bias.to(dt)).repeat(b, 1, 1, 1)
-    sub = F.scaled_dot_product_attention(pick(q), pick(k), pick(v), attn_mask=m, scale=1.0)
-    out.unflatten(0, (b, nw))[:, sel] = sub.unflatten(0, (b, -1)).to(out.dtype)
-    return out

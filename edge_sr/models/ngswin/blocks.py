@@ -27,10 +27,8 @@ from torch import nn
 
 from edge_sr.models.base import ActSlot, Mlp
 from edge_sr.models.windows import (
-    fused_attention_ok,
     logits_in_place,
     relative_position_index,
-    window_attention,
     window_logits,
     window_partition,
     window_reverse,
@@ -95,13 +93,6 @@ class WindowAttention(nn.Module):
         q = self.q_quant(unit_rows(qkv[0]))
         k = self.k_quant(unit_rows(qkv[1]))
         v = self.v_quant(qkv[2])
-        if fused_attention_ok(self.attn_probs_quant, q, k, v, self.logit_scale,
-                              self.relative_position_bias_table):
-            scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp().to(q.dtype)
-            bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-            bias = bias.view(n, n, nh).permute(2, 0, 1).unsqueeze(0)
-            out = window_attention(q * scale, k, v, bias, mask)
-            return self.proj(out.transpose(1, 2).reshape(b_, n, -1))
         ip = logits_in_place(self.logit_scale, self.relative_position_bias_table)
         nw = None if mask is None else int(mask.shape[0])
         attn = window_logits(q, k, nw, ip)  # (B, nW, nh, n, n) when in place with a mask
