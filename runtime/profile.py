@@ -404,7 +404,9 @@ def table(result: dict) -> str:
              + ("one call of the whole frame (dynamic engine)" if result.get("dynamic") else
                 f"{n_tiles} tile{'s' if n_tiles != 1 else ''} of "
                 f"{result['tile'][1]}x{result['tile'][0]}"
-                + (f" (overlap {result['overlap']})" if n_tiles > 1 else "")
+                + (f" (overlap {result['overlap']})" if n_tiles > 1 else
+                   " (the frame padded to it)" if tuple(result["tile"]) != (i["height"], i["width"])
+                   else "")
                 ) + f", {result['warmup']} warm-up",
              f"{'variant':<20} {'precision':<30} {'runs':>4} {'p50 ms':>9} {'p90 ms':>9} "
              f"{'p99 ms':>9} {'frames/s':>9} {'peak MiB':>9}" + (f" {'vs fp32':>8}" if speed

@@ -95,6 +95,11 @@ def test_build_option_values(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["build", "--bits", "4", "--model", "swinir-light-x3-ref",
                                   "--print-config"])
     assert r.exit_code == 0 and json.loads(r.output)["scale"] == 3
+    # --print-config checks a given --scale against the checkpoint, as the build would
+    r = CliRunner().invoke(main, ["build", "--bits", "4", "--model", "swinir-light-x3-ref",
+                                  "--scale", "2", "--print-config"])
+    _one_error_line(r, "--scale", "x3 checkpoint, but 2 was given")
+    assert r.exit_code == 2
     r = CliRunner().invoke(main, ["build", "--bits", "4"])
     _one_error_line(r, "--scale", "Required without --model")
     assert r.exit_code == 2

@@ -72,6 +72,11 @@ def test_compare_rows_and_cache(engine, tmp_path, data_root, count_quantize):
     assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = table(res)
     assert all(k in text for k in ROWS) and "vs fp32" in text
+    th, tw = res["tile"]
+    one = {**res, "tiles_per_frame": 1, "input_size": {"width": tw, "height": th}}
+    assert f"1 tile of {tw}x{th}, " in table(one)  # no overlap, nothing padded
+    one["input_size"] = {"width": tw, "height": th - 4}
+    assert f"1 tile of {tw}x{th} (the frame padded to it)" in table(one)
 
     res2 = profile(_cfg(engine, tmp_path, "b"))  # second run: the cached graph, no quantization
     assert len(count_quantize) == 1

@@ -88,6 +88,12 @@ def build_cmd(bits, scale, model, backend, budget, method, tile, input_size, dyn
         from edge_sr.checkpoints import checkpoint_scale
 
         scale = checkpoint_scale(model)
+    elif print_config and model is not None:  # build checks it when it loads the checkpoint
+        from edge_sr.checkpoints import checkpoint_scale
+
+        if (own := checkpoint_scale(model)) != scale:
+            raise click.BadParameter(f"{model} is an x{own} checkpoint, but {scale} was given.",
+                                     param_hint="'--scale'")
     cfg = BuildConfig(bits=bits, scale=scale, model=model, backend=backend, budget=budget,
                       method=method, batch=batch, out=out, dynamic=dynamic,
                       tile=None if tile is None else parse_size(tile, "--tile"),
