@@ -11,8 +11,10 @@ measurements alternate ``--rounds`` times (child processes A, B, A, B, ...), so 
 machine's speed hits both. Each child first runs ``--warmup`` untimed steps (3: the heap grows to
 a step's peak over the first two or three, page-faulting fresh memory in). ``--precision bf16``
 times DQC under autocast (the FP baseline stays plain float32); ``--fused off`` times the eager
-fake-quant ops instead of ``calibrate.fused_fq``'s kernels. Benchmarks are not tests: results go
-to ``--json`` and docs/RESULTS.md.
+fake-quant ops instead of ``calibrate.fused_fq``'s kernels. ``--method edge-sr`` times the student
+``edge-sr build`` trains (calibrated up to DQC first, in a child process; about a minute), and
+``--calibration F`` the student of a calibration file, each with its method's DQC settings.
+Benchmarks are not tests: results go to ``--json`` and docs/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -78,16 +80,22 @@ def _child(kind: str, args: dict, q) -> None:
             from calibrate.dqc import DQCStep
         except ImportError:  # an older checkout (PYTHONPATH=<worktree>): the same step, inline
             DQCStep = _legacy_step()
-        if args["method"] == "2dquant":
-            recipe = QuantRecipe(bits=args["bits"])
-        else:
-            from calibrate.api import CalibrationConfig
-
-            recipe = CalibrationConfig(model=args["model"], bits=args["bits"], output="-",
-                                       method=args["method"]).quant_recipe()
-        student = prepare(lm.model, recipe)
-        init_bounds(student, x[:2, :, :min(64, args["lr_patch"]), :min(64, args["lr_patch"])])
         kw = dict(iterations=1, batch=args["batch"], lr_patch=max(8, args["lr_patch"]))
+        if args.get("calibration"):  # the student a calibration made, with its method's DQC
+            from dataclasses import asdict
+
+            from calibrate.api import CalibrationConfig
+            from calibrate.calibfile import load_calibrated
+
+            cal = load_calibrated(args["calibration"], lm.model)
+            student = cal.model
+            method_cfg = CalibrationConfig(model=args["model"], bits=cal.meta.bits, output="-",
+                                           method=cal.meta.method).dqc_config(lm.model)
+            kw = asdict(method_cfg) | kw
+        else:
+            recipe = QuantRecipe(bits=args["bits"])
+            student = prepare(lm.model, recipe)
+            init_bounds(student, x[:2, :, :min(64, args["lr_patch"]), :min(64, args["lr_patch"])])
         if args["recompute"]:
             kw["recompute"] = True
         if args.get("precision", "fp32") != "fp32":
@@ -145,8 +153,37 @@ def _legacy_step():
     return LegacyStep
 
 
+def _calibrate_child(args: dict, out: str) -> None:
+    import torch
+
+    from calibrate.api import CalibrationConfig, calibrate
+
+    torch.set_num_threads(args["threads"])
+    calibrate(CalibrationConfig(model=args["model"], bits=args["bits"], output=out,
+                                method="edge-sr", iterations=0))
+
+
+def edge_sr_student(args: dict, folder: Path) -> Path:
+    """Calibrate ``args["model"]`` with ``--method edge-sr`` up to DQC (smoothing, the rotations
+    chosen per site, DOBI, GPTQ; ``iterations=0``) and return the file: edge-sr's student needs
+    data for those, so the children load it instead of building a student themselves. It runs
+    in a child process of its own: a child's peak RSS starts from its parent's."""
+    out = folder / "edge_sr_student.pt"
+    p = mp.get_context("spawn").Process(target=_calibrate_child, args=(args, str(out)))
+    p.start()
+    p.join()
+    if p.exitcode != 0 or not out.is_file():
+        raise SystemExit(f"dqc_step: the edge-sr calibration failed (exit {p.exitcode})")
+    return out
+
+
 def measure(args: dict) -> dict:
     ctx = mp.get_context("spawn")
+    if args["method"] == "edge-sr" and not args.get("calibration"):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            return measure(args | {"calibration": str(edge_sr_student(args, Path(d)))})
     runs: dict[str, list] = {"fp": [], "dqc": []}
     peaks: dict[str, float] = {"fp": 0.0, "dqc": 0.0}
     for _ in range(args["rounds"]):
@@ -163,6 +200,7 @@ def measure(args: dict) -> dict:
     px = args["batch"] * args["lr_patch"] ** 2
     return {
         "model": args["model"], "bits": args["bits"], "method": args["method"],
+        "calibration": args.get("calibration"),
         "batch": args["batch"], "lr_patch": args["lr_patch"], "recompute": args["recompute"],
         "precision": args.get("precision", "fp32"), "fused_fake_quant": args.get("fused", "on"),
         "warmup": args["warmup"], "steps": args["steps"],
@@ -181,7 +219,12 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr-patch", type=int, default=32)
     ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--method", default="2dquant", choices=["2dquant", "edge-sr"])
+    ap.add_argument("--method", default="2dquant", choices=["2dquant", "edge-sr"],
+                    help="2dquant: the faithful student, bounds from DOBI on the batch; edge-sr: "
+                         "calibrated first up to DQC (about a minute), as build does")
+    ap.add_argument("--calibration", type=Path, default=None,
+                    help="time the student of this calibration file (edge-sr calibrate), with "
+                         "its method's DQC settings; --bits and --method are then the file's")
     ap.add_argument("--recompute", action="store_true",
                     help="activation checkpointing per block (DQCConfig.recompute)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
@@ -199,6 +242,14 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.batch < 1 or a.lr_patch < 8 or a.steps < 1:
         ap.error("--batch >= 1, --lr-patch >= 8 and --steps >= 1 expected")
+    if a.calibration is not None:
+        if not a.calibration.is_file():
+            ap.error(f"--calibration {a.calibration}: no such file")
+        from calibrate.calibfile import read_calibration
+
+        meta = read_calibration(a.calibration)[1]
+        a.bits, a.method = meta.bits, meta.method
+        a.calibration = str(a.calibration)
     res = measure(vars(a) | {"lr_patch": a.lr_patch})
     line = (f"{a.model} {a.batch}x{a.lr_patch}^2 W{a.bits} {a.method}"
             f"{' recompute' if a.recompute else ''}{' ' + a.precision if a.precision != 'fp32' else ''}"
