@@ -511,6 +511,12 @@ def dqc_state_path(output: str | Path) -> Path:
     return Path(str(output) + ".dqc-state.pt")
 
 
+def resumable_state(state: Path) -> list[Path]:
+    """The files an interrupted calibration writing ``<output>`` left for ``--resume``: its DQC
+    state ``state`` (``dqc_state_path``), and the recipe and starting point kept beside it."""
+    return [p for p in (state, recipe_state_path(state), init_state_path(state)) if p.exists()]
+
+
 def clear_dqc_state(state: Path) -> None:
     """Remove a finished calibration's resumable state: the DQC state at ``state`` and the
     recipe and starting point kept beside it."""
@@ -526,8 +532,12 @@ def calibrate(cfg: CalibrationConfig, lm=None) -> Path:
     """
     cfg.validate()
     check_writable(cfg.output, "-o")
-    if Path(cfg.output).exists() and not (cfg.force or cfg.resume):
-        raise EdgeSRError(f"-o {cfg.output}: already exists; pass --force to overwrite it")
+    if Path(cfg.output).exists() and not cfg.force:
+        if not cfg.resume:
+            raise EdgeSRError(f"-o {cfg.output}: already exists; pass --force to overwrite it")
+        if not resumable_state(dqc_state_path(cfg.output)):
+            raise EdgeSRError(f"-o {cfg.output}: already complete, with nothing left to resume; "
+                              "pass --force to calibrate it again")
     if lm is None:
         lm = load_model(cfg.model, scale=cfg.scale, device=cfg.device)
     data = pool_data(lm.scale, cfg.budget, cfg.seed, cfg.pool,

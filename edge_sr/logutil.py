@@ -9,6 +9,8 @@ import os
 def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("PIL", "matplotlib"):  # their debug lines (PNG chunks, font lookups) bury ours
+        logging.getLogger(noisy).setLevel(max(level, logging.INFO))
     if quiet:
         os.environ["EDGE_SR_QUIET"] = "1"
 

@@ -432,6 +432,11 @@ def build(cfg: BuildConfig) -> BuildResult:
     return BuildResult(out, manifest, times)
 
 
+# the method-dependent calibration options --print-config shows resolved
+RESOLVED_OPTIONS = ("rotate", "weight_grid", "fp_weights", "rounding", "smooth", "weight_lr",
+                    "qdrop", "bound_lr", "dqc_precision")
+
+
 def config_dict(cfg: BuildConfig) -> dict:
     d = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
     d["out"] = str(cfg.out_dir())
@@ -441,4 +446,10 @@ def config_dict(cfg: BuildConfig) -> dict:
     # model is loaded
     d["tile"] = ("input_size, padded to the model's window at build" if cfg.tile is None
                  else list(cfg.tile))
+    # what "auto" and the method's defaults (None) become on this machine
+    cc = cfg.calibration_config()
+    d["resolved"] = {"backend": resolve_backend(cfg.backend), "grid": cfg.resolved_grid(),
+                     "fp_sites": list(cfg.resolved_fp_sites())} | {
+        k: (list(v) if isinstance(v, tuple) else v) for k in RESOLVED_OPTIONS
+        if (v := cc.option(k)) is not None}
     return d

@@ -104,7 +104,7 @@ def plan_jobs(cfg: UpscaleConfig) -> list[Job]:
     for raw in cfg.inputs:
         p = Path(raw)
         if p.is_dir():
-            srcs += [("image", f) for f in list_images(p)]
+            srcs += [("image", f) for f in list_images(p, skip_others=True)]
         elif not p.exists():
             raise EdgeSRError(f"input {p}: no such file or folder")
         elif is_image_name(p):
@@ -209,7 +209,12 @@ def _check_inputs(jobs: list[Job], cfg: UpscaleConfig,
     _output_depth(cfg)
     for j in jobs:
         if j.kind == "image":
-            plans[j] = plan_image(j, read_image(j.src), cfg, report)
+            try:
+                pic = read_image(j.src)
+            except EdgeSRError as e:
+                raise EdgeSRError(f"{e}; nothing was written (every input is read first): fix "
+                                  "or remove that file, or leave it out of the inputs") from None
+            plans[j] = plan_image(j, pic, cfg, report)
         elif j.kind == "video":
             open_video(j.src).release()
     return plans
@@ -312,8 +317,9 @@ def upscale(cfg: UpscaleConfig) -> UpscaleReport:
     t0 = time.perf_counter()
     try:
         images = [j for j in jobs if j.kind == "image"]
-        for j in tqdm(images, desc="images", unit="img", disable=progress_disabled() or
-                      len(images) < 2):
+        # not `progress_disabled() or ...`: its None (a bar only on a terminal) must stay None
+        for j in tqdm(images, desc="images", unit="img",
+                      disable=True if len(images) < 2 else progress_disabled()):
             pic = read_image(j.src)
             rgb, alpha = upscale_picture(predictor, pic, plans[j])
             save_image(j.dst, rgb, alpha=alpha,

@@ -375,6 +375,10 @@ def test_cli_print_config_and_errors(env):
     assert cfg["tile"] == [192, 192] and cfg["budget"] == "cpu" and cfg["wide_inputs"] == []
     # the default grid is the backend's native one: ORT here (no TensorRT, no GPU)
     assert cfg["grid"] == "auto" and rb.BuildConfig(bits=4, scale=2).resolved_grid() == "ort"
+    # ... and --print-config says what "auto" and the method's defaults become here
+    res = cfg["resolved"]
+    assert (res["backend"], res["grid"], res["fp_sites"]) == ("onnxruntime", "ort", ["qk", "pv"])
+    assert res["rotate"] == ["auto"] and res["weight_grid"] == "channel" and res["smooth"] == 0.65
     assert rb.BuildConfig(bits=4, scale=2, backend="trt").resolved_grid() == "trt"
     r = CliRunner().invoke(main, ["build", "--bits", "4", "--scale", "2", "--wide-inputs",
                                   "fc1,qkv", "--print-config"])

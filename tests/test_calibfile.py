@@ -168,9 +168,13 @@ def test_a_time_limited_calibration_keeps_its_state_and_resume_finishes_it(tiny_
     assert stats["dobi_seconds"] == first["dobi_seconds"]
     for p in (state, recipe_state_path(state), init_state_path(state)):
         assert not p.exists()
-    caplog.clear()
-    with caplog.at_level("WARNING"):  # nothing left to resume: said, then a full run
+    done = out.read_bytes()  # a finished file has nothing to resume: refused, kept as it is
+    with pytest.raises(EdgeSRError, match="already complete, with nothing left to resume"):
         calibrate(replace(cfg, time_limit=None, resume=True))
+    assert out.read_bytes() == done
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # no file and no state: said, then a full run
+        calibrate(replace(cfg, time_limit=None, resume=True, output=tmp_path / "new.pt"))
     assert "no interrupted run's state" in caplog.text
 
 
@@ -216,20 +220,30 @@ def test_sigterm_is_an_interrupt_with_a_resume_hint(tmp_path, monkeypatch):
     from edge_sr.cli import main
 
     def killed(cfg, lm=None):
-        Path(str(cfg.output) + ".dqc-state.pt").write_bytes(b"state")
+        Path(str(cfg.output) + state_suffix).write_bytes(b"state")
         if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
             raise AssertionError("no SIGTERM handler: kill would end edge-sr without a word")
         signal.raise_signal(signal.SIGTERM)  # as `kill PID` would, mid-run
         raise AssertionError("SIGTERM did not stop the command")
 
     monkeypatch.setattr(api, "calibrate", killed)
-    before = signal.getsignal(signal.SIGTERM)
-    try:
-        r = CliRunner().invoke(main, ["-q", "calibrate", "--model", "x", "--bits", "4",
-                                      "-o", str(tmp_path / "c.pt")])
-    finally:
-        signal.signal(signal.SIGTERM, before)
+
+    def run(out: Path):
+        before = signal.getsignal(signal.SIGTERM)
+        try:
+            return CliRunner().invoke(main, ["-q", "calibrate", "--model", "x", "--bits", "4",
+                                             "-o", str(out)])
+        finally:
+            signal.signal(signal.SIGTERM, before)
+
+    state_suffix = ".dqc-state.pt"  # stopped during DQC
+    r = run(tmp_path / "c.pt")
     assert r.exit_code == 143, r.output
     assert r.stderr.strip() == ("edge-sr: terminated (SIGTERM); nothing half-written was kept; "
                                 "the same command with --resume continues the DQC from its "
                                 "last save")
+    state_suffix = ".dqc-state.pt.recipe.pt"  # stopped before DQC, the per-site choices made
+    r = run(tmp_path / "d.pt")
+    assert r.exit_code == 143, r.output
+    assert r.stderr.strip().endswith("; the same command with --resume reuses the choices "
+                                     "already made and continues from there")

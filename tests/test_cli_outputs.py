@@ -72,7 +72,13 @@ def test_calibrate_does_not_overwrite_without_force(tmp_path, monkeypatch):
                                   "-o", "c.pt"])
     _one_error_line(r, "-o c.pt: already exists; pass --force to overwrite it")
     assert (tmp_path / "c.pt").read_bytes() == b"an earlier calibration" and not loaded
-    # --force (and --resume, which continues the DQC of this very -o) go on to the work
+    # --resume of a finished file (no state left beside it) has nothing to continue
+    r = CliRunner().invoke(main, ["calibrate", "--model", "swinir-light-x2-ref", "--bits", "4",
+                                  "-o", "c.pt", "--resume"])
+    _one_error_line(r, "-o c.pt: already complete, with nothing left to resume; pass --force")
+    assert (tmp_path / "c.pt").read_bytes() == b"an earlier calibration" and not loaded
+    # --force, and --resume where an interrupted run left its state, go on to the work
+    (tmp_path / "c.pt.dqc-state.pt.recipe.pt").write_bytes(b"the choices made")
     for flag in ("--force", "--resume"):
         r = CliRunner().invoke(main, ["calibrate", "--model", "swinir-light-x2-ref", "--bits",
                                       "4", "-o", "c.pt", flag])

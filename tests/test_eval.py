@@ -125,6 +125,9 @@ def test_cli_json_is_written(tmp_path):
     assert r.exit_code == 0, r.output
     js = json.loads(out.read_text())
     assert js["scale"] == 2 and js["datasets"]["Toy"]["images"] == 1
+    (row,) = js["per_image"]  # every image's scores too
+    assert row["dataset"] == "Toy" and row["image"] == "im0"
+    assert abs(row["psnr"] - js["datasets"]["Toy"]["psnr"]) < 1e-5
     assert "Toy" in r.output and "PSNR" in r.output
 
 

@@ -60,17 +60,25 @@ def _cfg(engine, out, *inputs, **kw):
                          **kw)
 
 
-def test_images_and_folders(engine, tmp_path):
+def test_images_and_folders(engine, tmp_path, capsys, caplog, monkeypatch):
     from edge_sr.data import load_image
     from runtime.predictors import engine_predictor
     from runtime.upscale import upscale_frame
 
+    monkeypatch.delenv("EDGE_SR_PROGRESS", raising=False)
+    monkeypatch.delenv("EDGE_SR_QUIET", raising=False)
     src = tmp_path / "in"
     src.mkdir()
     a = _png(src / "a.png", 19, 23, 1)
     _png(src / "b.jpg", 8, 40, 2)
-    rep = upscale(_cfg(engine, tmp_path / "out", src))
+    (src / "notes.txt").write_text("a user's notes")  # skipped with a warning
+    capsys.readouterr()
+    with caplog.at_level("WARNING"):
+        rep = upscale(_cfg(engine, tmp_path / "out", src))
     assert sorted(p.name for p in rep.outputs) == ["a.png", "b.png"] and rep.frames == 2
+    assert "skipping 1 file that is not an image by suffix: notes.txt" in caplog.text
+    # stderr is not a terminal here: no progress bar lines in it (a redirected log)
+    assert "img" not in capsys.readouterr().err
     sr = load_image(tmp_path / "out" / "a.png")
     assert sr.shape == (38, 46, 3)
     np.testing.assert_array_equal(sr, upscale_frame(engine_predictor(engine, threads=1), a))
@@ -96,7 +104,8 @@ def test_unreadable_image_writes_nothing(engine, tmp_path):
     _png(tmp_path / "good.png", 16, 16)
     (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
     out = tmp_path / "out"
-    with pytest.raises(EdgeSRError, match="bad.png: expected a readable image"):
+    with pytest.raises(EdgeSRError, match="bad.png: expected a readable image.*nothing was "
+                                          "written.*fix or remove that file"):
         upscale(_cfg(engine, out, tmp_path / "good.png", tmp_path / "bad.png"))
     assert not out.exists() or not list(out.iterdir())
     with pytest.raises(EdgeSRError, match="no such file"):

@@ -34,7 +34,7 @@ from runtime.vocab import BACKEND_CHOICES, ENGINE_BITS
                    "whole in one call, padded to the model's window; no tiles. Not with --tile, "
                    "--input-size or --batch.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Tiles per engine call.")
-@click.option("-o", "--out", type=click.Path(file_okay=False), default=None,
+@click.option("-o", "--out", "--output", "out", type=click.Path(file_okay=False), default=None,
               help="Engine directory [default: engines/<model>-w{bits}a{bits}].")
 @click.option("--force", is_flag=True, help="Replace --out if it exists (only once the build "
                                             "succeeded).")

@@ -33,7 +33,7 @@ from edge_sr.cli.options import logging_options, parse_list, parse_optional_list
                    "fake quantizers compute in fp32; losses and validation stay fp32; a step "
                    "1.4-2.1x faster at batch 16 of 32x32, 1.2x on the cpu budget, where the CPU/GPU "
                    "has bfloat16; -0.03 dB held-out on "
-                   "NGswin x2 W4 with edge-sr, mean of 3 seeds). Default: fp32.")
+                   "NGswin x2 W4 with edge-sr, mean of 9 runs over 3 seeds). Default: fp32.")
 @click.option("--block-recon", type=click.IntRange(min=0), default=0, show_default=True,
               metavar="STEPS",
               help="Beyond the paper: before DQC, train the bounds block by block against the "
@@ -82,7 +82,13 @@ def calibrate_cmd(model, bits, scale, budget, method, seed, shared_qkv_input, se
             dqc_precision=dqc_precision,
             block_recon=block_recon, iterations=iterations, time_limit=time_limit,
             feature_loss=feature_loss, resume=resume, pool=pool, device=device, force=force))
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: say how to continue, if DQC saved
-        if dqc_state_path(output).exists():
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: say how to continue, if work was saved
+        from calibrate.api import resumable_state
+
+        state = dqc_state_path(output)
+        if state.exists():
             e.hint = "the same command with --resume continues the DQC from its last save"
+        elif resumable_state(state):
+            e.hint = ("the same command with --resume reuses the choices already made and "
+                      "continues from there")
         raise

@@ -17,7 +17,8 @@ from edge_sr.cli.options import echo_info, logging_options
               help="Comma-separated benchmark names (Set5, Set14, B100, Urban100, BSD200-val) "
                    "or folders holding HR/.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Write the scores as JSON to this file (atomically).")
+              help="Write the scores as JSON to this file (atomically, replacing it): each set's "
+                   "mean PSNR / SSIM, and every image's under per_image.")
 @click.option("--save-images", type=click.Path(file_okay=False), default=None,
               help="Write the SR outputs as PNG to DIR/<set>/<name>.png.")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None,
@@ -26,7 +27,7 @@ from edge_sr.cli.options import echo_info, logging_options
               help="Score this ONNX file with ONNX Runtime (CPU) instead of PyTorch.")
 @click.option("--engine", type=click.Path(file_okay=False), default=None,
               help="Score this engine directory (edge-sr build), tiled as upscale runs it.")
-@click.option("--threads", type=int, default=None, help="Intra-op threads (torch or ORT).")
+@click.option("--threads", type=int, default=None, help="Intra-op threads (torch or ORT) [default: all cores].")
 @click.option("--limit", type=int, default=None, hidden=True,
               help="Score only the first N images of each set (smoke runs).")
 @logging_options
@@ -60,6 +61,7 @@ def eval_cmd(model, scale, datasets, json_path, save_images, calibration, onnx, 
             obj["source"] = info
         if limit is not None:
             obj["limit"] = limit
+        obj["per_image"] = result.per_image()  # dataset, image, psnr, ssim, seconds
         obj["versions"] = versions()
         write_json(json_path, obj)
         echo_info(f"wrote {json_path}")

@@ -8,8 +8,8 @@ from edge_sr.cli.options import echo_info, logging_options
 
 
 @click.command("profile")
-@click.option("--engine", type=click.Path(), required=True, help="Engine directory (edge-sr build).")
-@click.option("--input-size", default=None,
+@click.option("--engine", type=click.Path(file_okay=False), required=True, metavar="DIRECTORY", help="Engine directory (edge-sr build).")
+@click.option("--input-size", default=None, metavar="WxH",
               help="LR frame WIDTHxHEIGHT [default: the frame the engine was built for "
                    "(build --input-size), else 320x180].")
 @click.option("--runs", type=int, default=20, show_default=True,

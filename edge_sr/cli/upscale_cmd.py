@@ -23,7 +23,7 @@ Nothing half-written is left; a file that cannot be read is one error line.
 
 
 @click.command("upscale", help=HELP)
-@click.option("--engine", type=click.Path(), required=True, help="Engine directory (edge-sr build).")
+@click.option("--engine", type=click.Path(file_okay=False), required=True, metavar="DIRECTORY", help="Engine directory (edge-sr build).")
 @click.argument("inputs", nargs=-1)
 @click.option("-o", "--output", type=click.Path(), required=True,
               help="Output folder (or file, for a single image, video or stream).")
@@ -36,7 +36,7 @@ Nothing half-written is left; a file that cannot be read is one error line.
               show_default=True,
               help="Output bits per channel; auto: 16 for 16-bit and float inputs, else 8.")
 @click.option("--force", is_flag=True, help="Overwrite outputs that exist.")
-@click.option("--threads", type=int, default=None, help="Inference threads.")
+@click.option("--threads", type=int, default=None, help="Inference threads [default: all cores].")
 @click.option("--scale", type=int, default=None, help="Check the engine is this scale.")
 @logging_options
 def upscale_cmd(engine, inputs, output, source, max_frames, alpha, depth, force, threads,

@@ -69,7 +69,8 @@ def resolve_dataset(name: str | os.PathLike, root: str | os.PathLike | None = No
     known = sorted(c.name for c in root.iterdir() if (c / "HR").is_dir()) if root.is_dir() else []
     raise EdgeSRError(
         f"--datasets {name}: expected a benchmark folder with an HR/ sub-folder under {root} "
-        f"(found: {', '.join(known) or 'none'}) or a path to one, found no such folder"
+        f"(found: {', '.join(known) or 'none'}), {POOL_VAL} (held-out BSD200 images), or a path "
+        "to one, found no such folder"
     )
 
 

@@ -308,26 +308,37 @@ def save_image(path: str | os.PathLike, img: np.ndarray, alpha: np.ndarray | Non
         Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format=fmt, **params)
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Sorted image files of a folder; any other file is an error that names it.
+def list_images(folder: str | os.PathLike, skip_others: bool = False) -> list[Path]:
+    """Sorted image files of a folder (by suffix, ``IMAGE_SUFFIXES``); any other file is an
+    error that names it, or with ``skip_others`` a warning that names what is skipped (a user's
+    photo folder with a notes file in it). A folder without images is an error either way.
 
     Hidden files (``.DS_Store``, editor swap files) are ignored; sub-folders too.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise EdgeSRError(f"image folder {folder}: expected a folder of images, found none")
-    files = []
+    files, others = [], []
     for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or p.is_dir():
             continue
         if not is_image_name(p):
-            raise EdgeSRError(
-                f"image folder {folder}: expected only image files "
-                f"({', '.join(sorted(IMAGE_SUFFIXES))}), found {p.name}"
-            )
+            if not skip_others:
+                raise EdgeSRError(
+                    f"image folder {folder}: expected only image files "
+                    f"({', '.join(sorted(IMAGE_SUFFIXES))}), found {p.name}"
+                )
+            others.append(p.name)
+            continue
         files.append(p)
     if not files:
-        raise EdgeSRError(f"image folder {folder}: expected image files, found none")
+        raise EdgeSRError(f"image folder {folder}: expected image files "
+                          f"({', '.join(sorted(IMAGE_SUFFIXES))}), found none")
+    if others:
+        what = "files that are not images" if len(others) > 1 else "file that is not an image"
+        log.warning("image folder %s: skipping %d %s by suffix: %s (a video is an input of its "
+                    "own)", folder, len(others), what,
+                    ", ".join(others[:5]) + (", ..." if len(others) > 5 else ""))
     return files
 
 
