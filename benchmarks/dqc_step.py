@@ -12,8 +12,9 @@ machine's speed hits both. Each child first runs ``--warmup`` untimed steps (3: 
 a step's peak over the first two or three, page-faulting fresh memory in). ``--precision bf16``
 times DQC under autocast (the FP baseline stays plain float32); ``--fused off`` times the eager
 fake-quant ops instead of ``calibrate.fused_fq``'s kernels. ``--method edge-sr`` times the student
-``edge-sr build`` trains (calibrated up to DQC first, in a child process; about a minute), and
-``--calibration F`` the student of a calibration file, each with its method's DQC settings.
+``edge-sr build`` trains (calibrated up to DQC first, in a child process: one to a few
+minutes), and ``--calibration F`` the student of a calibration file, each with its method's DQC
+settings.
 Benchmarks are not tests: results go to ``--json`` and docs/RESULTS.md.
 """
 
@@ -221,7 +222,7 @@ def main(argv=None) -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--method", default="2dquant", choices=["2dquant", "edge-sr"],
                     help="2dquant: the faithful student, bounds from DOBI on the batch; edge-sr: "
-                         "calibrated first up to DQC (about a minute), as build does")
+                         "calibrated first up to DQC (one to a few minutes), as build does")
     ap.add_argument("--calibration", type=Path, default=None,
                     help="time the student of this calibration file (edge-sr calibrate), with "
                          "its method's DQC settings; --bits and --method are then the file's")
