@@ -80,20 +80,19 @@ def build_cmd(bits, scale, model, backend, budget, method, tile, input_size, dyn
     if bits is None:
         raise click.MissingParameter(param_type="option", param_hint="'--bits'",
                                      message="Required without --calibration.")
-    if scale is None:
-        if model is None:
-            raise click.MissingParameter(param_type="option", param_hint="'--scale'",
-                                         message="Required without --model (it picks the "
-                                                 "reference SwinIR-light checkpoint).")
+    if scale is None and model is None:
+        raise click.MissingParameter(param_type="option", param_hint="'--scale'",
+                                     message="Required without --model (it picks the "
+                                             "reference SwinIR-light checkpoint).")
+    # the checkpoint's scale; --print-config checks a given one too (build does so when it loads)
+    if model is not None and (scale is None or print_config):
         from edge_sr.checkpoints import checkpoint_scale
 
-        scale = checkpoint_scale(model)
-    elif print_config and model is not None:  # build checks it when it loads the checkpoint
-        from edge_sr.checkpoints import checkpoint_scale
-
-        if (own := checkpoint_scale(model)) != scale:
+        own = checkpoint_scale(model)
+        if scale is not None and own != scale:
             raise click.BadParameter(f"{model} is an x{own} checkpoint, but {scale} was given.",
                                      param_hint="'--scale'")
+        scale = own
     cfg = BuildConfig(bits=bits, scale=scale, model=model, backend=backend, budget=budget,
                       method=method, batch=batch, out=out, dynamic=dynamic,
                       tile=None if tile is None else parse_size(tile, "--tile"),
