@@ -163,6 +163,7 @@ class CalibrationConfig:
     qdrop: float | None = None  # QDrop: P(activation element stays FP) in DQC (None: method's)
     smooth: float | Literal["none"] | None = None  # SmoothQuant alpha ("none": off; None: method's)
     recompute: bool = False  # DQC activation checkpointing per block (memory for time)
+    quant_conv: bool = False  # body convolutions on ORT's QLinearConv grid (QuantRecipe)
     dqc_precision: DQCPrecision | None = None  # DQC GEMMs in fp32 or bf16 (None: method's)
     block_recon: int = 0  # BRECQ-style block reconstruction: Adam steps per block (0: off)
     time_limit: float | None = None  # minutes of calibration; DQC stops at the first step past it
@@ -230,7 +231,7 @@ class CalibrationConfig:
                            weight_grid=self.option("weight_grid"), grid=self.grid,
                            fp_weights=self.option("fp_weights"), fp_sites=tuple(self.fp_sites),
                            smooth=None if self.option("smooth") == "none"
-                           else float(self.option("smooth")))
+                           else float(self.option("smooth")), quant_conv=self.quant_conv)
 
     def dqc_config(self, model: nn.Module | None = None) -> DQCConfig:
         """The DQC budget; patches are at least ``model``'s minimum input (smaller ones would
@@ -473,6 +474,9 @@ def calibrate_model(lm, data: PoolData, cfg: CalibrationConfig,
     ``state_path``: where DQC keeps its resumable state (``cfg.resume`` continues from it).
     """
     cfg.validate()
+    if cfg.quant_conv and not lm.model.body_convs():  # before minutes of per-site choices
+        raise EdgeSRError(f"--quant-conv: {lm.name} has no dense body convolutions to quantize "
+                          "(only SwinIR-light's are listed: SRModel.body_convs)")
     torch.manual_seed(cfg.seed)
     scale = lm.scale
     stats: dict = {"val_patches": list(data.val[0].shape)}

@@ -239,8 +239,9 @@ def export_qdq(calibrated, cfg: ExportConfig, output: str | os.PathLike,
     n_groups = sum(r["kind"] == "linear" for r in records)
     n_lin = len({r["site"] for r in records if r["kind"] == "linear"})
     log.info("exported %s: %d quantized linears (%d weight groups: q, k and v of each qkv are "
-             "one each), %d standalone activation sites (attention products, softmax), target "
-             "%s, opset %d", Path(output).name, n_lin, n_groups, len(records) - n_groups, cfg.target,
+             "one each), %d standalone activation sites (attention products, softmax, the "
+             "inputs and outputs of quantized convolutions), target %s, opset %d",
+             Path(output).name, n_lin, n_groups, len(records) - n_groups, cfg.target,
              model_opset(proto))
     return output
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from calibrate.qmodules import QuantLinear
+from calibrate.qmodules import QuantConv2d, QuantLinear
 from calibrate.quantizer import BoundFakeQuantizer, check_bits
 from calibrate.rotation import random_hadamard
 from calibrate.vocab import (
@@ -109,6 +109,11 @@ class QuantRecipe:
     * ``smooth``: SmoothQuant's migration strength alpha in [0, 1]; every quantized linear's input
       is divided per channel by factors measured on calibration data
       (``calibrate.smoothing``), which ``prepare`` then takes as its ``smoothing`` argument.
+    * ``quant_conv``: the model's body convolutions (``SRModel.body_convs``: SwinIR-light's RSTB
+      convolutions and ``conv_after_body``) become ``QuantConv2d``: 8-bit input, per-channel
+      weight and output grids (``WIDE_BITS``, whatever ``bits`` is: ORT's ``QLinearConv`` runs
+      8-bit codes either way, and 4-bit inputs there cost 1.7 dB held-out on SwinIR-light).
+      Needs ``grid="ort"``.
     """
 
     bits: int = 4
@@ -123,6 +128,7 @@ class QuantRecipe:
     fp_sites: tuple[str, ...] = ()
     smooth: float | None = None
     kept_int4: tuple[str, ...] = ()
+    quant_conv: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -151,6 +157,9 @@ class QuantRecipe:
         if self.kept_int4 and self.fp_weights != "auto":
             raise ValueError("kept_int4 names INT4 kept layers, which only --fp-weights auto "
                              f"uses (got --fp-weights {self.fp_weights})")
+        if self.quant_conv and self.grid != "ort":
+            raise ValueError(f"--quant-conv: the convolutions run as ONNX Runtime's QLinearConv, "
+                             f"so they need --grid ort, got --grid {self.grid}")
         if self.smooth is not None and not 0.0 <= self.smooth <= 1.0:
             raise ValueError(f"--smooth: expected a migration strength from 0 to 1 (or none), "
                              f"got {self.smooth}")
@@ -160,7 +169,7 @@ class QuantRecipe:
         """Whether this is the paper's quantizer set-up (no option beyond it)."""
         return not (self.wide_inputs or self.rotate or self.weight_grid != "tensor"
                     or self.grid != "real" or self.fp_weights != "fp32" or self.fp_sites
-                    or self.smooth is not None)
+                    or self.smooth is not None or self.quant_conv)
 
     def rotated(self, point: QuantPoint) -> bool:
         return point.kind == "linear" and _matches(point, self.rotate)
@@ -195,6 +204,14 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, attr, module)
 
 
+def quantized_layers(model: SRModel, recipe: QuantRecipe) -> tuple[set[str], set[str]]:
+    """(quantized linears, quantized body convolutions) of ``model`` under ``recipe``, by module
+    path: the layers whose weights are not "kept" (``fp_weights``, ``quantize_kept_weights``)."""
+    linears = {p.name for p in model.quant_points() if p.kind == "linear" and recipe.quantized(p)}
+    convs = set(model.body_convs()) if recipe.quant_conv else set()
+    return linears, convs
+
+
 def prepare(model: SRModel, recipe: QuantRecipe,
             smoothing: dict[str, torch.Tensor] | None = None) -> SRModel:
     """Return a deep copy of ``model`` with every quantization point swapped for a quantizer.
@@ -206,16 +223,20 @@ def prepare(model: SRModel, recipe: QuantRecipe,
     if recipe.smooth is not None and smoothing is None:
         raise ValueError("the recipe smooths the linear inputs (smooth="
                          f"{recipe.smooth}), but no smoothing factors were given")
+    quantized, convs = quantized_layers(model, recipe)
+    if recipe.quant_conv and not convs:
+        raise EdgeSRError(f"--quant-conv: {getattr(model, 'arch', 'this model')} has no dense "
+                          "body convolutions to quantize (SRModel.body_convs)")
     student = copy.deepcopy(model).eval()
     for p in student.parameters():
         p.requires_grad_(False)
+    if convs:  # their 8-bit weight codes first: the kept weights' choices below skip them
+        quantize_kept_weights(student, set(), 8, only=convs)
     if recipe.fp_weights != "fp32":
-        quantized = {p.name for p in model.quant_points()
-                     if p.kind == "linear" and recipe.quantized(p)}
-        kept = (quantize_kept_weights(student, quantized, KEPT_WEIGHT_BITS[recipe.fp_weights],
-                                      int4=recipe.kept_int4)
+        kept = (quantize_kept_weights(student, quantized | convs,
+                                      KEPT_WEIGHT_BITS[recipe.fp_weights], int4=recipe.kept_int4)
                 if recipe.fp_weights in KEPT_WEIGHT_BITS else set())
-        round_fp_weights(student, {f"{n}.weight" for n in quantized | kept})
+        round_fp_weights(student, {f"{n}.weight" for n in quantized | kept | convs})
     for point in model.quant_points():
         if not recipe.quantized(point):
             continue
@@ -236,6 +257,8 @@ def prepare(model: SRModel, recipe: QuantRecipe,
         else:
             q = BoundFakeQuantizer(recipe.bits, search)
         _set_submodule(student, point.name, q)
+    for name in sorted(convs):
+        _set_submodule(student, name, QuantConv2d(student.get_submodule(name), WIDE_BITS))
     for name, q in quantizers(student):
         q.grid = quantizer_grid(recipe.grid, ".weight_quantizers." in name, q.bits)
     student.quant_recipe = recipe
@@ -275,7 +298,8 @@ def kept_layers(model: nn.Module, skip: set[str]) -> list[str]:
 
 @torch.no_grad()
 def quantize_kept_weights(model: nn.Module, skip: set[str], bits: int,
-                          int4: Collection[str] = ()) -> set[str]:
+                          int4: Collection[str] = (), only: Collection[str] | None = None
+                          ) -> set[str]:
     """Weight-only quantization of the convolutions and linears that calibration keeps out of
     W_b A_b (beyond the paper: a smaller engine file). Their inputs stay floating point.
 
@@ -288,11 +312,12 @@ def quantize_kept_weights(model: nn.Module, skip: set[str], bits: int,
     (``edge_sr.onnx_tidy.store_int_weights``). Measured on NGswin: docs/results/grids.md, "Size".
     Skipped: modules in ``skip`` (quantized linears), image layers (``image_layers``), weights of
     fewer than ``FP16_MIN_NUMEL`` elements (``kept_layers``). The modules named in ``int4`` get
-    4 bits whatever ``bits`` is. Returns the names of the modules quantized.
+    4 bits whatever ``bits`` is. ``only``: these module paths instead of ``kept_layers`` (the
+    body convolutions of ``QuantRecipe.quant_conv``). Returns the names of the modules quantized.
     """
     int4 = set(int4)
     done = set()
-    for name in kept_layers(model, skip):
+    for name in kept_layers(model, skip) if only is None else sorted(only):
         m = model.get_submodule(name)
         layer_bits = 4 if name in int4 else bits
         qmax = 2 ** (layer_bits - 1) - 1
@@ -316,12 +341,15 @@ def quantize_kept_weights(model: nn.Module, skip: set[str], bits: int,
     return done
 
 
-def kept_weight_grids(model: nn.Module) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
-    """``(weight, codes, scale, bits)`` of every weight ``quantize_kept_weights`` quantized, as
-    numpy arrays (the float32 weight and int8 codes in the module's layout, the ``(out,)``
-    scale), for the export."""
+def kept_weight_grids(model: nn.Module
+                      ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, int, bool]]:
+    """``(weight, codes, scale, bits, dq)`` of every weight ``quantize_kept_weights`` quantized,
+    as numpy arrays (the float32 weight and int8 codes in the module's layout, the ``(out,)``
+    scale), for the export (``edge_sr.onnx_tidy.store_int_weights``); ``dq``: the convolution of
+    a ``QuantConv2d``, whose weight must be a ``DequantizeLinear`` for ORT's ``QLinearConv``."""
+    convs = {id(m.conv) for m in model.modules() if isinstance(m, QuantConv2d)}
     return [(m.weight.detach().float().cpu().numpy(), m.kept_codes.cpu().numpy(),
-             m.kept_scale.cpu().numpy(), int(m.kept_bits))
+             m.kept_scale.cpu().numpy(), int(m.kept_bits), id(m) in convs)
             for m in model.modules() if getattr(m, "kept_codes", None) is not None]
 
 

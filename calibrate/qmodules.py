@@ -127,3 +127,103 @@ class QuantLinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, groups={self.groups}, "
                 f"rotated={self.rotation is not None}, smoothed={self.smoothing is not None}, "
                 f"weight_channels={self.weight_quantizers[0].per_channel}")
+
+
+class QuantConv2d(nn.Module):
+    """A body convolution on ONNX Runtime's integer grid (beyond the paper: 2DQuant keeps every
+    convolution in floating point, spec §1; the reference code's unused ``quant_conv`` flag).
+
+    ``y = Q_out(conv(Q_in(x), W_c, b_c))`` for an ``nn.Conv2d`` (N, C, H, W) -> (N, C', H, W):
+
+    * ``Q_in`` (``act_quantizer``): a ``bits``-wide activation grid (``calibrate.prepare`` uses
+      8), searched by DOBI and learned by DQC like every other input quantizer;
+    * ``W_c``: the weight on a symmetric per-output-channel 8-bit grid, fixed before calibration
+      (``conv.kept_codes`` x ``conv.kept_scale``, ``calibrate.prepare.quantize_kept_weights``);
+    * ``b_c``: the bias rounded to the accumulator's grid ``s_in * s_w`` (per output channel), as
+      an integer convolution adds it;
+    * ``Q_out`` (``out_quantizer``): an ``out_bits``-wide (8) grid on the output, also searched
+      and learned. The paper never quantizes an output; ONNX Runtime needs one to run the
+      convolution as ``QLinearConv`` (the QDQ export's ``DQ -> Conv -> Q`` fuses into it).
+
+    On integer grids (``QuantRecipe.grid="ort"``) the forward value is that of ORT's
+    ``QLinearConv`` itself (``integer_output``: integer accumulation, requantization in float32),
+    so the engine does not drift from the fake-quant model by the float convolution's rounding;
+    gradients take the float path ``conv(Q_in(x), W_c, b_c)`` (straight through). Raises
+    ``ValueError`` for a weight without 8-bit codes.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bits: int, out_bits: int = 8,
+                 act_search: Search = "two_sided") -> None:
+        super().__init__()
+        if getattr(conv, "kept_codes", None) is None or getattr(conv, "kept_bits", 0) != 8:
+            raise ValueError("QuantConv2d needs the convolution's weight on an 8-bit per-channel "
+                             "grid (calibrate.prepare.quantize_kept_weights)")
+        self.conv = conv
+        self.act_quantizer = BoundFakeQuantizer(bits, act_search)
+        self.out_quantizer = BoundFakeQuantizer(out_bits, "two_sided")
+        self.bias_frozen = False
+
+    @torch.no_grad()
+    def freeze_bias(self) -> None:
+        """Store ``accumulator_bias()`` as the convolution's bias, for export: the traced graph
+        then holds the rounded bias as a constant, and the forward is the plain
+        ``Q_out(conv(Q_in(x)))`` with the quantizers swapped for placeholders."""
+        if self.conv.bias is not None:
+            self.conv.bias = nn.Parameter(self.accumulator_bias().detach().clone(),
+                                          requires_grad=False)
+        self.bias_frozen = True
+
+    def accumulator_bias(self) -> torch.Tensor | None:
+        """The bias on the grid ``s_in * s_w`` of the int32 accumulator (unrounded while the
+        input quantizer is off, as in DOBI's FP pass); gradients pass straight through."""
+        b, q = self.conv.bias, self.act_quantizer
+        if b is None or self.bias_frozen or not q.enabled:
+            return b
+        lo, up = q.grid_bounds()
+        step = ((up - lo) / (2**q.bits - 1)).detach() * self.conv.kept_scale.to(b.device)
+        return b + (torch.round(b / step) * step - b).detach()
+
+    @staticmethod
+    def _grid(q: BoundFakeQuantizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(lower, step, zero level) of an integer grid, float32, detached."""
+        lo, up = (t.detach().float() for t in q.grid_bounds())
+        step = (up - lo) / (2**q.bits - 1)
+        return lo, step, torch.round(-lo / step)
+
+    @torch.no_grad()
+    def integer_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution as ``QLinearConv`` computes it, on a value of the output grid.
+
+        The input codes ``k - z`` (the input quantizer's own rounding of ``x``) and the weight
+        codes are convolved exactly (integers in float32; exact while partial sums stay under
+        2^24), the integer bias is added, and the int32 sum is requantized as ONNX Runtime
+        does: times ``M = (s_in * s_w) / s_out`` in float32, rounded half to even, plus the
+        output zero level, clamped to the grid. Returns ``lower + q * step`` for those output
+        codes ``q``, which the output quantizer maps to itself."""
+        c, qa, qo = self.conv, self.act_quantizer, self.out_quantizer
+        lo, s_in, z_in = self._grid(qa)
+        lo_o, s_out, z_out = self._grid(qo)
+        with torch.autocast(x.device.type, enabled=False):
+            k = ((x.float() - lo) / s_in).clamp(0, 2**qa.bits - 1).round() - z_in
+            acc = F.conv2d(k, c.kept_codes.float(), None, c.stride, c.padding, c.dilation,
+                           c.groups)
+            sw = c.kept_scale.float().to(x.device)
+            if c.bias is not None:
+                acc += torch.round(c.bias.float() / (s_in * sw))[:, None, None]
+            m = (s_in * sw) / s_out
+            q = (torch.round(acc * m[:, None, None]) + z_out).clamp(0, 2**qo.bits - 1)
+            return lo_o + q * s_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c, qa, qo = self.conv, self.act_quantizer, self.out_quantizer
+        y = F.conv2d(qa(x), c.weight, self.accumulator_bias(), c.stride, c.padding, c.dilation,
+                     c.groups)
+        if not self.bias_frozen and qa.enabled and qo.enabled and qo.grid == qa.grid == "integer":
+            # the engine's integer arithmetic for the value, the float path for the gradients
+            y = y + (self.integer_output(x).to(y.dtype) - y).detach()
+        return qo(y)
+
+    def extra_repr(self) -> str:
+        c = self.conv
+        return (f"{c.in_channels} -> {c.out_channels}, kernel={tuple(c.kernel_size)}, "
+                f"out_bits={self.out_quantizer.bits}")

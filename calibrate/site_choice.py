@@ -29,7 +29,14 @@ import torch
 from torch import nn
 
 from calibrate.dobi import collect, search_bounds_multi
-from calibrate.prepare import WIDE_BITS, QuantRecipe, kept_layers, prepare, quantize_kept_weights
+from calibrate.prepare import (
+    WIDE_BITS,
+    QuantRecipe,
+    kept_layers,
+    prepare,
+    quantize_kept_weights,
+    quantized_layers,
+)
 from calibrate.qmodules import QuantLinear
 from calibrate.quantizer import fake_quant_nograd
 from calibrate.rotation import has_hadamard, random_hadamard
@@ -182,8 +189,8 @@ def choose_kept_int4(fp_model: nn.Module, recipe: QuantRecipe, val_lr: torch.Ten
     from calibrate.dqc import val_psnr
 
     scale = int(fp_model.scale)
-    quantized = {p.name for p in fp_model.quant_points()
-                 if p.kind == "linear" and recipe.quantized(p)}
+    linears, convs = quantized_layers(fp_model, recipe)
+    quantized = linears | convs
     layers = kept_layers(fp_model, quantized)
     base = val_psnr(fp_model, val_lr, val_hr, scale)
     report: dict[str, dict] = {}

@@ -182,28 +182,31 @@ def int_initializer(name: str, codes: np.ndarray, container: str) -> onnx.Tensor
     return numpy_helper.from_array(codes.astype(dtype), name)
 
 
-def store_int_weights(proto: onnx.ModelProto,
-                      grids: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]) -> int:
+def store_int_weights(proto: onnx.ModelProto, grids: list[tuple]) -> int:
     """Store weights that are exactly ``codes * scale`` as their codes (INT8, or INT4 for
     ``bits <= 4``) with ``Cast -> Mul(scale)``, which rebuilds the same float32 values (one
     float32 product, as the student computed them) and which ORT folds at load. A scale of FP16
     values is stored as FP16 (and a Cast).
 
-    ``grids``: ``(weight, codes, scale, bits)`` per weight, ``weight`` float32 ``(out, ...)``,
-    ``codes`` integer of the same shape, ``scale`` ``(out,)`` (``calibrate.prepare.
-    kept_weight_grids``). A float32 initializer matches a weight when it holds the same bytes,
+    ``grids``: ``(weight, codes, scale, bits[, dq])`` per weight, ``weight`` float32
+    ``(out, ...)``, ``codes`` integer of the same shape, ``scale`` ``(out,)`` (``calibrate.prepare.
+    kept_weight_grids``). With ``dq`` true the weight is written as ``DequantizeLinear`` of INT8
+    codes (per output channel, zero point 0; the same float32 product) instead: the form ONNX
+    Runtime fuses into an integer kernel (``QLinearConv``) when the layer's input and output are
+    Q/DQ too, where a float weight would be quantized again by ORT's own rule. A float32 initializer matches a weight when it holds the same bytes,
     as is (a convolution's ``(out, in, kh, kw)``), transposed (a linear's ``(in, out)`` MatMul
     operand), or as a third of that operand's columns (a qkv weight's q, k or v block, which
     ``split_qkv`` makes). Returns the bytes saved; a weight that matches nothing stays float32.
     """
     wanted: dict[bytes, tuple[np.ndarray, np.ndarray, int, int]] = {}
+    dq_form = {i for i, g in enumerate(grids) if len(g) > 4 and g[4]}
 
     def want(a: np.ndarray, codes: np.ndarray, scale: np.ndarray, bits: int, i: int) -> None:
         a = np.ascontiguousarray(a)
         wanted[hashlib.sha256(a.tobytes()).digest() + bytes(str(a.shape), "ascii")] = (
             codes, scale, bits, i)
 
-    for i, (w, codes, scale, bits) in enumerate(grids):
+    for i, (w, codes, scale, bits, *_) in enumerate(grids):
         w, scale = np.asarray(w, np.float32), np.asarray(scale, np.float32)
         want(w, codes, scale.reshape((-1,) + (1,) * (w.ndim - 1)), bits, i)
         if w.ndim == 2:  # a linear's weight traced as MatMul(x, W^T)
@@ -228,6 +231,17 @@ def store_int_weights(proto: onnx.ModelProto,
         found.add(i)
         if not np.array_equal(codes.astype(np.float32) * scale, a):  # pragma: no cover
             keep.append(t)
+            continue
+        if i in dq_form:  # DequantizeLinear(codes, scale, 0) along the output channels
+            keep += [numpy_helper.from_array(codes.astype(np.int8), f"{t.name}/codes"),
+                     numpy_helper.from_array(scale.reshape(-1).astype(np.float32),
+                                             f"{t.name}/scale"),
+                     numpy_helper.from_array(np.zeros(codes.shape[0], np.int8),
+                                             f"{t.name}/zero_point")]
+            new_nodes.append(helper.make_node(
+                "DequantizeLinear", [f"{t.name}/codes", f"{t.name}/scale", f"{t.name}/zero_point"],
+                [t.name], name=f"{t.name}/DequantizeLinear", axis=0))
+            saved += a.nbytes - codes.size - scale.nbytes - codes.shape[0]
             continue
         container = "int4" if bits <= 4 else "int8"
         keep.append(int_initializer(f"{t.name}/codes", codes, container))

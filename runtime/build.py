@@ -114,6 +114,7 @@ class BuildConfig:
     # FP32 (docs/results/grids.md)
     grid: str = "auto"
     shared_qkv_input: bool = False  # one qkv input quantizer: one integer GEMM (not the paper)
+    quant_conv: bool = False  # CalibrationConfig.quant_conv: body convolutions as QLinearConv
     avg_bits: float | None = None  # CalibrationConfig.avg_bits (mixed precision)
     rounding: str | None = None  # CalibrationConfig.rounding (None: the method's)
     weight_lr: float | None = None  # CalibrationConfig.weight_lr (None: the method's)
@@ -206,7 +207,7 @@ class BuildConfig:
                                  fp_sites=self.resolved_fp_sites(),
                                  avg_bits=self.avg_bits, rounding=self.rounding,
                                  weight_lr=self.weight_lr, qdrop=self.qdrop,
-                                 smooth=self.smooth)
+                                 smooth=self.smooth, quant_conv=self.quant_conv)
 
     def resolved_fp_sites(self) -> tuple[str, ...]:
         """``fp_sites``, with None resolved to the backend's measured choice."""

@@ -49,6 +49,7 @@ def calibration_key(model_sha256: str, cfg: BuildConfig) -> str:
                                            ("grid", None if cfg.resolved_grid() == "real"
                                             else cfg.resolved_grid()),
                                            ("shared_qkv", cfg.shared_qkv_input or None),
+                                           ("quant_conv", cfg.quant_conv or None),
                                            ("avg_bits", cfg.avg_bits),
                                            ("rounding", cfg.rounding),
                                            ("weight_lr", cfg.weight_lr),

@@ -18,7 +18,7 @@ import onnx
 import torch
 from torch import nn
 
-from calibrate.qmodules import QuantLinear
+from calibrate.qmodules import QuantConv2d, QuantLinear
 from calibrate.quantizer import BoundFakeQuantizer
 from edge_sr.models.base import dynamic_shapes
 
@@ -91,6 +91,9 @@ def trace_with_sites(model: nn.Module, tile: tuple[int, int], batch: int,
     """Export ``model`` at ``(batch, 3, *tile)`` with placeholder nodes at every quantization site
     (``dynamic``: with a symbolic height and width, ``edge_sr.onnx_export``'s dynamic trace)."""
     marked = copy.deepcopy(model).eval()
+    for m in marked.modules():
+        if isinstance(m, QuantConv2d):
+            m.freeze_bias()  # its bias on the accumulator grid, before the quantizers go
     linears, acts = quant_sites(marked)
     for name in acts:
         _swap(marked, name, _ActSite(name))

@@ -64,7 +64,7 @@ from runtime.vocab import BACKEND_CHOICES, ENGINE_BITS
 @logging_options
 def build_cmd(bits, scale, model, backend, budget, method, tile, input_size, dynamic, batch, out,
               force, threads,
-              wide_inputs, rotate, weight_grid, grid, fp_sites, fp_weights, avg_bits, rounding, smooth, weight_lr, qdrop, shared_qkv_input,
+              wide_inputs, rotate, weight_grid, grid, fp_sites, fp_weights, avg_bits, rounding, smooth, weight_lr, qdrop, quant_conv, shared_qkv_input,
               unfused_attention, speed_runs, calibration, print_config) -> None:
     """Build a quantized SR engine: checkpoint -> calibrate -> export -> build -> validate."""
     from edge_sr.cli.options import parse_list, parse_optional_list, parse_size
@@ -100,7 +100,7 @@ def build_cmd(bits, scale, model, backend, budget, method, tile, input_size, dyn
                                   parse_size(input_size, "--input-size", square=False)[::-1]),
                       force=force, threads=threads,
                       wide_inputs=parse_list(wide_inputs), rotate=parse_optional_list(rotate),
-                      weight_grid=weight_grid, grid=grid, fp_sites=parse_optional_list(fp_sites), fp_weights=fp_weights, avg_bits=avg_bits, rounding=rounding, smooth=smooth, weight_lr=weight_lr, qdrop=qdrop,
+                      weight_grid=weight_grid, grid=grid, fp_sites=parse_optional_list(fp_sites), fp_weights=fp_weights, avg_bits=avg_bits, rounding=rounding, smooth=smooth, weight_lr=weight_lr, qdrop=qdrop, quant_conv=quant_conv,
                       shared_qkv_input=shared_qkv_input, fuse_attention=not unfused_attention,
                       speed_runs=speed_runs, calibration=calibration)
     if print_config:

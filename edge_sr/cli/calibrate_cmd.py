@@ -62,7 +62,7 @@ from edge_sr.cli.options import logging_options, parse_list, parse_optional_list
 @click.option("--force", is_flag=True, help="Overwrite -o if it exists.")
 @logging_options
 def calibrate_cmd(model, bits, scale, budget, method, seed, shared_qkv_input, search_assignment,
-                  wide_inputs, rotate, weight_grid, grid, fp_sites, fp_weights, avg_bits, rounding, smooth, weight_lr, qdrop, recompute, dqc_precision, block_recon, iterations,
+                  wide_inputs, rotate, weight_grid, grid, fp_sites, fp_weights, avg_bits, rounding, smooth, weight_lr, qdrop, quant_conv, recompute, dqc_precision, block_recon, iterations,
                   time_limit, feature_loss,
                   resume, pool, device, threads, output, force) -> None:
     """Calibrate a low-bit fake-quant model; score it with 'edge-sr eval --calibration FILE'."""
@@ -78,7 +78,7 @@ def calibrate_cmd(model, bits, scale, budget, method, seed, shared_qkv_input, se
             model=model, bits=bits, output=output, scale=scale, method=method, budget=budget,
             seed=seed, qkv_separation=not shared_qkv_input, search_assignment=search_assignment,
             wide_inputs=parse_list(wide_inputs), rotate=parse_optional_list(rotate),
-            weight_grid=weight_grid, grid=grid, fp_sites=parse_optional_list(fp_sites) or (), fp_weights=fp_weights, avg_bits=avg_bits, rounding=rounding, smooth=smooth, weight_lr=weight_lr, qdrop=qdrop, recompute=recompute,
+            weight_grid=weight_grid, grid=grid, fp_sites=parse_optional_list(fp_sites) or (), fp_weights=fp_weights, avg_bits=avg_bits, rounding=rounding, smooth=smooth, weight_lr=weight_lr, qdrop=qdrop, quant_conv=quant_conv, recompute=recompute,
             dqc_precision=dqc_precision,
             block_recon=block_recon, iterations=iterations, time_limit=time_limit,
             feature_loss=feature_loss, resume=resume, pool=pool, device=device, force=force))

@@ -158,6 +158,11 @@ def quant_options(method_default: str, budget_default: str, grid_default: str = 
                           "activation element stays unquantized with probability P; 0 = every "
                           "element quantized, as the paper [default: the method's: 0 for both "
                           "2dquant and edge-sr]."),
+        click.option("--quant-conv", is_flag=True,
+                     help="Beyond the paper: the body's 3x3 convolutions (SwinIR-light's RSTB "
+                          "convolutions and conv_after_body) run on ONNX Runtime's integer "
+                          "QLinearConv, W8A8 with an 8-bit output grid whatever --bits is, "
+                          "learned like the others. Needs --grid ort."),
     ]
 
     def deco(f):

@@ -185,6 +185,11 @@ class SRModel(nn.Module):
                 out.append(name)
         return out
 
+    def body_convs(self) -> list[str]:
+        """Module paths of the dense 3x3 convolutions inside the body (not image layers) that
+        ``calibrate``'s ``quant_conv`` option may run on an integer grid; none by default."""
+        return []
+
     def position_bias_tables(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(table, index)`` of every windowed attention: ``table`` ``((2w-1)^2, heads)`` and
         ``index`` ``(w*w, w*w)``, whose bias is ``table[index].permute(2, 0, 1)`` (Swin's

@@ -219,6 +219,10 @@ class SwinIRLight(SRModel):
         return ["conv_first"] + [f"upsample.{n}" for n, m in self.upsample.named_children()
                                  if isinstance(m, nn.Conv2d)]
 
+    def body_convs(self) -> list[str]:
+        """Each RSTB's 3x3 convolution and ``conv_after_body`` (60 -> 60 channels)."""
+        return [f"layers.{i}.conv" for i in range(len(self.layers))] + ["conv_after_body"]
+
     def quant_points(self) -> list[QuantPoint]:
         return [point for r, layer in enumerate(self.layers)
                 for k in range(len(layer.residual_group.blocks))
