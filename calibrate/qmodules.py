@@ -194,8 +194,9 @@ class QuantConv2d(nn.Module):
     def integer_output(self, x: torch.Tensor) -> torch.Tensor:
         """The convolution as ``QLinearConv`` computes it, on a value of the output grid.
 
-        The input codes ``k - z`` (the input quantizer's own rounding of ``x``) and the weight
-        codes are convolved exactly (integers in float32; exact while partial sums stay under
+        The input codes ``k - z`` (``x`` clipped to the grid and divided by its step, rounded
+        half to even: the export's ``Clip -> QuantizeLinear``) and the weight codes are
+        convolved exactly (integers in float32; exact while partial sums stay under
         2^24), the integer bias is added, and the int32 sum is requantized as ONNX Runtime
         does: times ``M = (s_in * s_w) / s_out`` in float32, rounded half to even, plus the
         output zero level, clamped to the grid. Returns ``lower + q * step`` for those output
@@ -204,7 +205,8 @@ class QuantConv2d(nn.Module):
         lo, s_in, z_in = self._grid(qa)
         lo_o, s_out, z_out = self._grid(qo)
         with torch.autocast(x.device.type, enabled=False):
-            k = ((x.float() - lo) / s_in).clamp(0, 2**qa.bits - 1).round() - z_in
+            n = 2**qa.bits - 1
+            k = torch.round(torch.clamp(x.float(), s_in * -z_in, s_in * (n - z_in)) / s_in)
             acc = F.conv2d(k, c.kept_codes.float(), None, c.stride, c.padding, c.dilation,
                            c.groups)
             sw = c.kept_scale.float().to(x.device)
