@@ -111,8 +111,9 @@ def read_calibration(path: str | os.PathLike, with_weights: bool = False):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise EdgeSRError(f"calibration file {path}: expected a torch.save'd calibration, could "
-                          f"not read it ({type(e).__name__})") from None
+        raise EdgeSRError(f"calibration file {path}: expected a file written by 'edge-sr "
+                          f"calibrate' (a torch.save archive); it is not one, or it is truncated "
+                          f"or corrupt ({type(e).__name__})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         found = (type(obj).__name__ if not isinstance(obj, dict) else
                  "no format field (not a file 'edge-sr calibrate' wrote)" if "format" not in obj

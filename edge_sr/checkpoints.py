@@ -245,10 +245,10 @@ def read_checkpoint(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle/zip errors of all kinds mean the same thing here
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        log.debug("torch.load(%s): %s: %s", path, type(e).__name__, e)  # the detail under -v
         raise EdgeSRError(f"checkpoint {path} cannot be read: expected a PyTorch checkpoint "
-                          f"(.pth, torch.save) or a .safetensors file "
-                          f"({type(e).__name__}: {first})") from None
+                          f"(.pth, torch.save) or a .safetensors file; it is neither, or it is "
+                          f"truncated or corrupt ({type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise EdgeSRError(f"checkpoint {path}: expected a dict of tensors, found "
                           f"{type(obj).__name__}")

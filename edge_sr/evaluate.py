@@ -142,6 +142,12 @@ def score_pair(predictor: Predictor, pair: SRPair, scale: int, label: str = "ima
                save_dir: str | Path | None = None) -> ImageResult:
     """Score one (name, LR, HR) pair: the unit that resumable benches run and store one by one."""
     crop = scale if crop is None else crop
+    h, w = pair.hr.shape[:2]
+    left = (h - 2 * crop, w - 2 * crop)
+    if min(left) < 1 or min(pair.lr.shape[:2]) < 1:  # before the model sees a 0-pixel LR image
+        raise EdgeSRError(f"{label}/{pair.name}: the HR image is {w}x{h}, nothing is left to score "
+                          f"after removing the {crop}-pixel border (crop = scale); use images of "
+                          f"at least {2 * crop + 1}x{2 * crop + 1} pixels")
     x = to_tensor(pair.lr)
     t0 = time.perf_counter()
     y = predictor(x)
@@ -154,12 +160,6 @@ def score_pair(predictor: Predictor, pair: SRPair, scale: int, label: str = "ima
     del y
     if save_dir is not None:
         save_image(Path(save_dir) / f"{pair.name}.png", sr)
-    h, w = pair.hr.shape[:2]
-    left = (h - 2 * crop, w - 2 * crop)
-    if min(left) < 1:
-        raise EdgeSRError(f"{label}/{pair.name}: the HR image is {w}x{h}, nothing is left to score "
-                          f"after removing the {crop}-pixel border (crop = scale); use images of "
-                          f"at least {2 * crop + 1}x{2 * crop + 1} pixels")
     p = psnr_y(sr, pair.hr, crop)
     s, skipped = None, None
     if ssim and min(left) < SSIM_WINDOW:

@@ -272,6 +272,9 @@ def stage_checkpoint(cfg: BuildConfig):
 def stage_export(student, lm, cfg: BuildConfig, backend: str, work: Path) -> None:
     target = "trt" if backend == "tensorrt" else "ort"
     fuse = cfg.fuse_attention and target == "ort"
+    if fuse and cfg.dynamic:
+        log.info("--dynamic: the attentions stay unfused (edge-sr matches ONNX's Attention "
+                 "operator at fixed shapes only), in the engine and its FP32 graph alike")
     export_qdq(student, ExportConfig(target=target, tile=cfg.tile, batch=cfg.batch,
                                      dynamic=cfg.dynamic, fuse_attention=fuse), work / MODEL_FILE)
     export_fp_onnx(lm.model, work / FP32_FILE, tile=cfg.tile, batch=cfg.batch,
@@ -338,6 +341,14 @@ def build(cfg: BuildConfig) -> BuildResult:
     if out.exists() and not cfg.force:
         raise EdgeSRError(f"--out {out}: already exists; pass --force to replace it")
     backend = resolve_backend(cfg.backend)
+    if backend == "tensorrt":  # before minutes of calibration, not at the build stage
+        from runtime.backends.tensorrt import import_tensorrt
+
+        try:
+            import_tensorrt()
+        except MissingDependencyError as e:
+            raise MissingDependencyError(f"--backend trt: the TensorRT backend is not usable "
+                                         f"here: {e}; or use --backend ort") from None
     if cfg.threads is not None:
         import torch
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from calibrate.api import calibrate
+from calibrate.api import calibrate, clear_dqc_state, dqc_state_path, resumable_state
 from calibrate.calibfile import load_calibrated, read_calibration
 from edge_sr.checkpoints import cache_dir
 from edge_sr.errors import EdgeSRError
@@ -60,8 +61,22 @@ def calibration_key(model_sha256: str, cfg: BuildConfig) -> str:
 
 
 def run_calibration(lm, cfg: BuildConfig, output: Path) -> Path:
-    """Call the calibration API (``calibrate.api``) and return the calibration file it wrote."""
+    """Call the calibration API (``calibrate.api``) and return the calibration file it wrote.
+
+    An earlier build of the same calibration that was interrupted left its progress beside
+    ``output`` (the per-site choices, DOBI's bounds, DQC's last save): it is continued, as
+    ``edge-sr calibrate --resume`` would. State that no longer fits (another edge-sr version) is
+    dropped with a warning, and the calibration starts over."""
     cc = cfg.calibration_config(model=str(lm.path), output=output)
+    state = dqc_state_path(output)
+    if resumable_state(state):
+        log.info("calibration: continuing the interrupted build's calibration (%s)", state.name)
+        try:
+            return Path(calibrate(replace(cc, resume=True), lm=lm))
+        except EdgeSRError as e:
+            log.warning("calibration: the interrupted build's state cannot be continued (%s); "
+                        "starting over", e)
+            clear_dqc_state(state)
     return Path(calibrate(cc, lm=lm))  # the checkpoint is loaded and hashed once
 
 

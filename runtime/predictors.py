@@ -123,7 +123,7 @@ def make_predictor(model=None, scale: int | None = None,
     """
     if threads is not None:
         if threads < 1:
-            raise EdgeSRError(f"--threads: expected a positive number, got {threads}")
+            raise EdgeSRError(f"--threads: expected a positive number of threads, got {threads}")
         if onnx is None:
             torch.set_num_threads(threads)
     if engine is not None:

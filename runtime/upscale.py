@@ -226,9 +226,11 @@ def upscale_frame(predictor, rgb: np.ndarray) -> np.ndarray:
     return quantize(upscale_float(predictor, lr.transpose(1, 2, 0)), 8)
 
 
-def upscale_float(predictor, x: np.ndarray) -> np.ndarray:
-    """float32 (H, W, 3) in [0, 1] -> float32 (H*s, W*s, 3), not clamped."""
-    sr = predictor.run_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32))[0]
+def upscale_float(predictor, x: np.ndarray, progress: bool = False) -> np.ndarray:
+    """float32 (H, W, 3) in [0, 1] -> float32 (H*s, W*s, 3), not clamped. ``progress``: a tile
+    bar on a terminal, else a log line every ``runtime.tiling.LOG_EVERY_S`` seconds."""
+    sr = predictor.run_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32),
+                             progress=progress)[0]
     return np.ascontiguousarray(sr.transpose(1, 2, 0))
 
 
@@ -240,7 +242,7 @@ def upscale_picture(predictor, pic: Picture, plan: ImagePlan) -> tuple[np.ndarra
     (their mean) is kept: the usual practice of SR tools (Real-ESRGAN's default), which keeps
     edges of cut-outs as sharp as the colour's. Colour is upscaled as stored, not premultiplied.
     """
-    rgb = quantize(upscale_float(predictor, pic.rgb01()), plan.bits)
+    rgb = quantize(upscale_float(predictor, pic.rgb01(), progress=True), plan.bits)
     alpha = None
     if plan.alpha:
         a = pic.alpha01()

@@ -489,3 +489,29 @@ def test_build_from_a_given_calibration_file(env, tmp_path, monkeypatch):
         in r.output
     r = CliRunner().invoke(main, ["build", "--calibration", str(tmp_path / "none.pt")])
     assert r.exit_code == 2 and "none.pt" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_an_interrupted_builds_calibration_is_continued(tmp_path, monkeypatch):
+    """The state an interrupted build's calibration left in the cache is resumed by the same
+    build; state that cannot be continued is dropped and the calibration starts over."""
+    from types import SimpleNamespace
+
+    calls: list[bool] = []
+
+    def fake(cfg, lm=None):
+        calls.append(cfg.resume)
+        if cfg.resume and fail:
+            raise EdgeSRError("--resume: the interrupted run used another recipe")
+        return cfg.output
+
+    monkeypatch.setattr(cc, "calibrate", fake)
+    lm, cfg, out = SimpleNamespace(path="m.pth"), rb.BuildConfig(bits=4, scale=2), tmp_path / "c.pt"
+    fail = False
+    cc.run_calibration(lm, cfg, out)
+    state = cc.dqc_state_path(out)
+    state.write_bytes(b"state")
+    cc.run_calibration(lm, cfg, out)
+    assert calls == [False, True]
+    fail = True
+    cc.run_calibration(lm, cfg, out)
+    assert calls[2:] == [True, False] and not state.exists()

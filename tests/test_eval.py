@@ -146,3 +146,13 @@ def test_real_x2_ref_on_set5_crops():
     assert 0.8 < res.ssim < 1.0
     with pytest.raises(EdgeSRError, match="--scale 3"):
         make_predictor("swinir-light-x2-ref", scale=3)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (4, 4)])
+def test_images_with_nothing_left_to_score_are_one_line_errors(tmp_path, size):
+    """A 1x1 HR image (no LR pixel at x2) is refused before the model runs, as a 4x4 one is
+    after the border crop: one line, no traceback (new-user trial, twenty-sixth session)."""
+    ckpt = _tiny_ckpt(tmp_path / "tiny.pth")
+    toy = _toy_set(tmp_path, n=1, size=size)
+    _assert_one_line_error(_run(["eval", "--model", str(ckpt), "--datasets", str(toy)]),
+                           "im0", "nothing is left to score", "5x5")

@@ -155,3 +155,22 @@ def test_dynamic_backend_runs_each_image_whole(tiny_swinir, tmp_path, one_thread
         assert calls[-1] == (1, 3, *dynamic_shape(*hw, 8, 8))
     assert len(calls) == 3  # one call per image
     assert dynamic_shape(20, 36, 8, 8) == (24, 40) and dynamic_shape(3, 4, 8, 8) == (8, 8)
+
+
+def test_redirected_runs_log_their_progress(monkeypatch, caplog):
+    """Without a progress bar (a redirected log) a long tiled image logs a line now and then."""
+    import logging
+
+    import runtime.tiling as tiling
+
+    monkeypatch.setattr(tiling, "progress_disabled", lambda: True)
+    monkeypatch.setattr(tiling, "LOG_EVERY_S", 0.0)
+    x = np.zeros((3, 40, 40), np.float32)
+    with caplog.at_level(logging.INFO, logger="runtime.tiling"):
+        run_tiled(NearestBackend(), x, overlap=4, progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tiles:")]
+    assert lines and lines[-1].startswith("tiles: ") and " of " in lines[-1]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="runtime.tiling"):
+        run_tiled(NearestBackend(), x, overlap=4, progress=False)  # quiet unless asked
+    assert not caplog.records

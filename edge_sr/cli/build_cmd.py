@@ -106,7 +106,13 @@ def build_cmd(bits, scale, model, backend, budget, method, tile, input_size, dyn
     if print_config:
         click.echo(json.dumps(config_dict(cfg), indent=2))
         return
-    res = build(cfg)
+    try:
+        res = build(cfg)
+    except KeyboardInterrupt as e:  # the engine folder is gone; the calibration's progress stays
+        if cfg.calibration is None:
+            e.hint = ("an interrupted calibration's progress stays in the calibration cache, "
+                      "and the same command continues it")
+        raise
     v = res.manifest.validation
     click.echo(f"engine: {res.path}")
     click.echo("stages: " + ", ".join(f"{k} {t:.1f}s" for k, t in res.stage_seconds.items()))

@@ -27,7 +27,7 @@ from edge_sr.cli.options import echo_info, logging_options
               help="Score this ONNX file with ONNX Runtime (CPU) instead of PyTorch.")
 @click.option("--engine", type=click.Path(file_okay=False), default=None,
               help="Score this engine directory (edge-sr build), tiled as upscale runs it.")
-@click.option("--threads", type=int, default=None, help="Intra-op threads (torch or ORT) [default: all cores].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (torch or ORT) [default: all cores].")
 @click.option("--limit", type=int, default=None, hidden=True,
               help="Score only the first N images of each set (smoke runs).")
 @logging_options

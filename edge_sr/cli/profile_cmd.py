@@ -28,7 +28,7 @@ from edge_sr.cli.options import echo_info, logging_options
                    "making the quantize_static graph (about a minute for SwinIR-light at "
                    "320x180). A baseline named here that cannot be timed is an error; with all it is "
                    "skipped with a warning. [default: all]")
-@click.option("--threads", type=int, default=None, help="Inference threads [default: all cores].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads [default: all cores].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="JSON output [default: results/profile/<engine folder>_<W>x<H>.json].")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,

@@ -36,7 +36,7 @@ Nothing half-written is left; a file that cannot be read is one error line.
               show_default=True,
               help="Output bits per channel; auto: 16 for 16-bit and float inputs, else 8.")
 @click.option("--force", is_flag=True, help="Overwrite outputs that exist.")
-@click.option("--threads", type=int, default=None, help="Inference threads [default: all cores].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads [default: all cores].")
 @click.option("--scale", type=int, default=None, help="Check the engine is this scale.")
 @logging_options
 def upscale_cmd(engine, inputs, output, source, max_frames, alpha, depth, force, threads,
