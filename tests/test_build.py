@@ -515,3 +515,20 @@ def test_an_interrupted_builds_calibration_is_continued(tmp_path, monkeypatch):
     fail = True
     cc.run_calibration(lm, cfg, out)
     assert calls[2:] == [True, False] and not state.exists()
+
+
+def test_trt_backend_without_tensorrt_is_refused_before_any_work(tmp_path, monkeypatch):
+    import runtime.backends.tensorrt as trt_backend
+    from edge_sr.errors import MissingDependencyError
+
+    def absent():
+        raise MissingDependencyError("TensorRT is not installed (No module named 'tensorrt')")
+
+    def no_work(cfg):
+        raise AssertionError("a stage ran")
+
+    monkeypatch.setattr(trt_backend, "import_tensorrt", absent)
+    monkeypatch.setattr(rb, "stage_checkpoint", no_work)
+    with pytest.raises(MissingDependencyError, match="--backend trt.*not usable.*--backend ort"):
+        rb.build(rb.BuildConfig(bits=4, scale=2, backend="trt", out=tmp_path / "e"))
+    assert not (tmp_path / "e").exists()
