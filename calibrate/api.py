@@ -41,12 +41,18 @@ from calibrate.dqc import (
     run_dqc,
     val_psnr,
 )
-from calibrate.gptq import apply_gptq
+from calibrate.gptq import HessianTap, apply_gptq
 from calibrate.prepare import WIDE_BITS, QuantRecipe, prepare
 from calibrate.quantizer import check_bits
 from calibrate.recon import ReconConfig, run_block_recon
-from calibrate.site_choice import choose_kept_int4, choose_rotations, choose_wide_inputs
-from calibrate.smoothing import measure_smoothing
+from calibrate.site_choice import (
+    choose_kept_int4,
+    choose_wide_inputs,
+    linear_inputs_many,
+    rotated_sites,
+    rotation_rule,
+)
+from calibrate.smoothing import smoothing_rule
 from calibrate.vocab import (
     BUDGETS,
     DEPLOY_GRIDS,
@@ -329,13 +335,22 @@ def resolve_recipe(cfg: CalibrationConfig, fp_model: nn.Module, data: PoolData,
     """The recipe with every measured per-site choice made (smoothing factors, rotation "auto",
     ``fp_weights`` "auto", ``avg_bits``); returns (recipe, smoothing factors or None)."""
     recipe = cfg.quant_recipe()
-    smoothing = None
-    if recipe.smooth is not None:
-        smoothing = measure_smoothing(fp_model, recipe, data.calib_lr, recipe.smooth)
     rotate = cfg.option("rotate")
+    # smoothing and the rotation choice read the same FP linear inputs: one pass for both
+    rules = {}
+    if recipe.smooth is not None:
+        rules["smooth"] = smoothing_rule(fp_model, recipe.smooth)
+    if "auto" in rotate:
+        rules["rotate"] = rotation_rule(fp_model, replace(recipe, rotate=()))
+    measured = linear_inputs_many(fp_model, recipe, data.calib_lr, rules) if rules else {}
+    smoothing = measured.get("smooth")
+    if smoothing is not None:
+        log.info("smoothing (alpha %.2f) measured for %d linear inputs", recipe.smooth,
+                 len(smoothing))
     if "auto" in rotate:
         fixed = tuple(r for r in rotate if r != "auto")
-        sites, report = choose_rotations(fp_model, replace(recipe, rotate=()), data.calib_lr)
+        report = measured["rotate"]
+        sites = rotated_sites(report)
         recipe = replace(recipe, rotate=fixed + tuple(s for s in sites if s not in fixed))
         stats["rotation_choice"] = report
     if recipe.fp_weights == "auto":
@@ -375,8 +390,11 @@ def _initialise(cfg: CalibrationConfig, student: nn.Module, lm, data: PoolData,
     """DQC's starting point, searched: the method's bounds, then GPTQ and block reconstruction
     where the recipe asks; the stages' figures go to ``stats``."""
     scale = lm.scale
+    gptq = cfg.option("rounding") == "gptq"
+    hessians = HessianTap(student) if gptq and cfg.method in DOBI_METHODS else None
     if cfg.method in DOBI_METHODS:
-        bounds, rep = dobi_bounds(student, data.calib_lr, [cfg.bits])
+        # GPTQ's Hessians come from the same FP pass as DOBI's statistics
+        bounds, rep = dobi_bounds(student, data.calib_lr, [cfg.bits], tap=hessians)
         apply_bounds(student, bounds[cfg.bits])
         stats["dobi_seconds"] = rep.seconds
     else:
@@ -394,8 +412,9 @@ def _initialise(cfg: CalibrationConfig, student: nn.Module, lm, data: PoolData,
             apply_bounds(student, per[key])
             stats |= {"percentile": key, "percentile_val_psnr": scores}
         stats["stats_seconds"] = rep.seconds
-    if cfg.option("rounding") == "gptq":
-        stats["gptq"] = apply_gptq(student, data.calib_lr)
+    if gptq:
+        stats["gptq"] = apply_gptq(student, data.calib_lr,
+                                   hessians=hessians.hessians if hessians is not None else None)
     if cfg.block_recon:
         r = run_block_recon(student, lm.model, data.calib_lr, data.val,
                             ReconConfig(iterations=cfg.block_recon, seed=cfg.seed))

@@ -226,12 +226,15 @@ def per_row(rule: Rule, w: torch.Tensor, search: Search, *extra) -> dict:
 @torch.no_grad()
 def collect(student: nn.Module, calib_lr: torch.Tensor, rule: Rule,
             names: set[str] | None = None, pass_name: bool = False,
-            rule_arg: Callable[[str], Any] | None = None
+            rule_arg: Callable[[str], Any] | None = None,
+            tap: Callable[[str, torch.Tensor], None] | None = None
             ) -> tuple[dict[str, Any], CollectReport]:
     """Apply ``rule(tensor, search)`` to every quantizer's FP input in one forward pass
     (or only to the quantizers in ``names``); with ``pass_name``, ``rule(tensor, search, name)``;
     with ``rule_arg``, ``rule(tensor, search, rule_arg(name))`` (quantizers that see one tensor
-    and give the same ``rule_arg`` share one call).
+    and give the same ``rule_arg`` share one call). ``tap(name, tensor)``, when given, also sees
+    every activation quantizer's input (e.g. ``calibrate.gptq.HessianTap``), in the same pass;
+    its time counts in the report's ``rule_seconds``.
 
     Quantizers are disabled (identity) during the pass, so every tensor is the FP network's
     activation (spec §7.12); weight quantizers see their weight blocks directly. Each tensor is
@@ -249,11 +252,15 @@ def collect(student: nn.Module, calib_lr: torch.Tensor, rule: Rule,
         t = time.perf_counter()
         extra = (name,) if pass_name else (rule_arg(name),) if rule_arg else ()
         key = (x.data_ptr(), tuple(x.shape), q.search) + extra
+        host = None
+        if tap is not None:
+            host = x.detach().cpu()
+            tap(name, host)
         if key not in cache or pass_name:  # qkv separation: three quantizers see one tensor
             cache.clear()
             # keep ``x`` alive with its result: once freed, a later tensor of the same shape
             # could reuse its address and be given this result
-            args = (x.detach().cpu(), q.search) + extra
+            args = (x.detach().cpu() if host is None else host, q.search) + extra
             cache[key] = (x, rule(*args))
         results[name] = cache[key][1]
         rule_time[0] += time.perf_counter() - t
@@ -297,9 +304,11 @@ def apply_bounds(student: nn.Module, bounds: dict[str, tuple[float, float]]) -> 
 
 
 def dobi_bounds(student: nn.Module, calib_lr: torch.Tensor, bits_list: list[int],
-                max_elements: int | None = DEFAULT_MAX_ELEMENTS
+                max_elements: int | None = DEFAULT_MAX_ELEMENTS,
+                tap: Callable[[str, torch.Tensor], None] | None = None
                 ) -> tuple[dict[int, dict[str, tuple[float, float]]], CollectReport]:
     """DOBI bounds for several bit widths from one FP pass: {bits: {quantizer: (l, u)}}.
+    ``tap``: ``collect``'s, on the same pass.
 
     A quantizer whose width differs from the student's recipe (``QuantRecipe.wide_inputs``) keeps
     its own width in every entry. Every tensor is searched at the union of the widths (one extra
@@ -313,7 +322,7 @@ def dobi_bounds(student: nn.Module, calib_lr: torch.Tensor, bits_list: list[int]
     res, rep = collect(student, calib_lr,
                        lambda x, s, grid: search_bounds_multi(
                            x, search, s, max_elements=max_elements, grid=grid),
-                       rule_arg=grids.get)
+                       rule_arg=grids.get, tap=tap)
     out = {b: {name: r[fixed.get(name, b)] for name, r in res.items()} for b in bits_list}
     log.info("DOBI: %d quantizers x %d bit widths in %.1f s (search %.1f s)", rep.quantizers,
              len(bits_list), rep.seconds, rep.rule_seconds)

@@ -31,20 +31,32 @@ log = logging.getLogger(__name__)
 DAMP = 0.01  # GPTQ's default dampening: 1% of the mean Hessian diagonal
 
 
-def input_hessians(student: nn.Module, calib_lr: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``X^T X`` (float64, (K, K)) of every quantized linear's FP input, by module path.
+class HessianTap:
+    """``X^T X`` (float64, (K, K)) of every quantized linear's FP input, gathered by a
+    ``calibrate.dobi.collect`` pass as its ``tap``: ``hessians`` {module path: (K, K)}.
 
-    The input is what the linear's input quantizer sees, so a rotated linear gives ``R^T X^T X R``.
+    The input is what the linear's input quantizer sees, so a rotated linear gives
+    ``R^T X^T X R``. One tap on DOBI's own pass saves GPTQ a forward over the calibration
+    patches.
     """
-    first = {f"{n}.act_quantizers.0": n for n, m in student.named_modules()
-             if isinstance(m, QuantLinear)}
 
-    def rule(x: torch.Tensor, search: str, qname: str) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).double()
-        return rows.T @ rows
+    def __init__(self, student: nn.Module) -> None:
+        self.first = {f"{n}.act_quantizers.0": n for n, m in student.named_modules()
+                      if isinstance(m, QuantLinear)}
+        self.hessians: dict[str, torch.Tensor] = {}
 
-    res, _ = collect(student, calib_lr, rule, names=set(first), pass_name=True)
-    return {first[q]: h for q, h in res.items()}
+    def __call__(self, qname: str, x: torch.Tensor) -> None:
+        if qname in self.first:
+            rows = x.reshape(-1, x.shape[-1]).double()
+            self.hessians[self.first[qname]] = rows.T @ rows
+
+
+def input_hessians(student: nn.Module, calib_lr: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``HessianTap``'s ``X^T X`` of every quantized linear's FP input, by module path, from a
+    pass of its own."""
+    tap = HessianTap(student)
+    collect(student, calib_lr, lambda x, search: None, names=set(tap.first), tap=tap)
+    return tap.hessians
 
 
 @torch.no_grad()
@@ -91,14 +103,18 @@ def gptq_round(w: torch.Tensor, hessian: torch.Tensor, q: BoundFakeQuantizer,
 
 
 @torch.no_grad()
-def apply_gptq(student: nn.Module, calib_lr: torch.Tensor, damp: float = DAMP) -> dict:
+def apply_gptq(student: nn.Module, calib_lr: torch.Tensor, damp: float = DAMP,
+               hessians: dict[str, torch.Tensor] | None = None) -> dict:
     """GPTQ-round every quantized linear's weight blocks in place on their current grids.
 
-    Returns a report: seconds and, per linear, the output-error ratio GPTQ/nearest on the
-    calibration inputs (``tr(E H E^T)``, lower is better).
+    ``hessians``: ``input_hessians`` already gathered (a ``HessianTap`` on DOBI's pass);
+    without them a pass over ``calib_lr`` gathers them. Returns a report: seconds and, per
+    linear, the output-error ratio GPTQ/nearest on the calibration inputs (``tr(E H E^T)``,
+    lower is better).
     """
     t0 = time.perf_counter()
-    hessians = input_hessians(student, calib_lr)
+    if hessians is None:
+        hessians = input_hessians(student, calib_lr)
     ratios = {}
     for name, m in student.named_modules():
         if not isinstance(m, QuantLinear):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -84,13 +85,26 @@ def output_error(x: torch.Tensor, weight: torch.Tensor, bits: int,
 
 def linear_inputs(fp_model: nn.Module, recipe: QuantRecipe, calib_lr: torch.Tensor, rule
                    ) -> dict[str, object]:
-    """``rule(x, site)`` on the FP input of every quantized linear (one FP pass)."""
+    """``rule(x, site)`` on the FP input of every quantized linear (one FP pass).
+
+    The inputs are the FP model's whatever ``recipe`` rotates, smooths or widens, so rules on
+    the same ``fp_model`` and quantized linears can share one pass (``linear_inputs_many``)."""
     student = prepare(fp_model, replace(recipe, rotate=(), wide_inputs=(), smooth=None))
     first = {f"{n}.act_quantizers.0": n for n, m in student.named_modules()
              if isinstance(m, QuantLinear)}
     res, _ = collect(student, calib_lr, lambda x, search, qname: rule(x, first[qname]),
                      names=set(first), pass_name=True)
     return {site: res[qname] for qname, site in first.items()}
+
+
+def linear_inputs_many(fp_model: nn.Module, recipe: QuantRecipe, calib_lr: torch.Tensor,
+                       rules: dict[str, Callable[[torch.Tensor, str], object]]
+                       ) -> dict[str, dict[str, object]]:
+    """Several ``rule(x, site)`` in one FP pass: {rule name: {site: result}}, each the same as
+    ``linear_inputs`` with that rule alone (the pass costs a whole forward over ``calib_lr``)."""
+    both = linear_inputs(fp_model, recipe, calib_lr,
+                         lambda x, site: {k: r(x, site) for k, r in rules.items()})
+    return {k: {site: res[k] for site, res in both.items()} for k in rules}
 
 
 def _smoothed(x: torch.Tensor, w: torch.Tensor, smoothing: dict[str, torch.Tensor] | None,
@@ -102,16 +116,10 @@ def _smoothed(x: torch.Tensor, w: torch.Tensor, smoothing: dict[str, torch.Tenso
     return x / sm.to(x.dtype), w * sm.to(w.dtype)
 
 
-def choose_rotations(fp_model: nn.Module, recipe: QuantRecipe, calib_lr: torch.Tensor,
-                     margin: float = ROTATION_MARGIN) -> tuple[tuple[str, ...], dict[str, dict]]:
-    """Linear sites whose rotated input quantizes better; returns (sites, per-site errors).
-
-    A site is chosen when ``output_error`` with the rotation is below ``margin`` times the
-    error without it, at the site's input width. Widths without a Hadamard construction are
-    never rotated. The errors are of the unsmoothed input even when the recipe smooths it:
-    measured on NGswin x2 W4A4 (held-out, DOBI + GPTQ), choosing on the smoothed input rotates
-    17 sites instead of 36 but scores 31.28 against 31.45 dB (docs/results/beyond.md).
-    """
+def rotation_rule(fp_model: nn.Module, recipe: QuantRecipe, margin: float = ROTATION_MARGIN
+                  ) -> Callable[[torch.Tensor, str], dict]:
+    """``choose_rotations``' measurement of one site, a ``linear_inputs`` rule: {"plain",
+    "rotated" (None where the width has no Hadamard construction), "rotate"}."""
     points = {p.name: p for p in fp_model.quant_points()}
 
     def rule(x: torch.Tensor, site: str) -> dict:
@@ -124,10 +132,28 @@ def choose_rotations(fp_model: nn.Module, recipe: QuantRecipe, calib_lr: torch.T
         rot = output_error(x, lin.weight, bits, random_hadamard(k, recipe.rotation_seed))
         return {"plain": plain, "rotated": rot, "rotate": rot < margin * plain}
 
-    report = linear_inputs(fp_model, recipe, calib_lr, rule)
+    return rule
+
+
+def rotated_sites(report: dict[str, dict]) -> tuple[str, ...]:
+    """The sites ``rotation_rule`` chose, in the model's order (logged)."""
     sites = tuple(s for s, r in report.items() if r["rotate"])
     log.info("rotation chosen for %d of %d linear inputs", len(sites), len(report))
-    return sites, report
+    return sites
+
+
+def choose_rotations(fp_model: nn.Module, recipe: QuantRecipe, calib_lr: torch.Tensor,
+                     margin: float = ROTATION_MARGIN) -> tuple[tuple[str, ...], dict[str, dict]]:
+    """Linear sites whose rotated input quantizes better; returns (sites, per-site errors).
+
+    A site is chosen when ``output_error`` with the rotation is below ``margin`` times the
+    error without it, at the site's input width. Widths without a Hadamard construction are
+    never rotated. The errors are of the unsmoothed input even when the recipe smooths it:
+    measured on NGswin x2 W4A4 (held-out, DOBI + GPTQ), choosing on the smoothed input rotates
+    17 sites instead of 36 but scores 31.28 against 31.45 dB (docs/results/beyond.md).
+    """
+    report = linear_inputs(fp_model, recipe, calib_lr, rotation_rule(fp_model, recipe, margin))
+    return rotated_sites(report), report
 
 
 def choose_wide_inputs(fp_model: nn.Module, recipe: QuantRecipe, calib_lr: torch.Tensor,

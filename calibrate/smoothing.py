@@ -21,6 +21,7 @@ elementwise Mul; a rotated one costs nothing more (``S^-1 R`` is one matrix).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -51,15 +52,23 @@ def smoothing_factors(absmax: torch.Tensor, weight: torch.Tensor, alpha: float) 
     return (a**alpha / w ** (1.0 - alpha)).float()
 
 
-def measure_smoothing(fp_model: nn.Module, recipe: QuantRecipe, calib_lr: torch.Tensor,
-                      alpha: float) -> dict[str, torch.Tensor]:
-    """{linear module path: (K,) factors} for every quantized linear, from one FP pass over
-    ``calib_lr`` (N, 3, H, W) in [0, 1]."""
+def smoothing_rule(fp_model: nn.Module, alpha: float
+                   ) -> Callable[[torch.Tensor, str], torch.Tensor]:
+    """``measure_smoothing``'s measurement of one site, a ``linear_inputs`` rule: the (K,)
+    factors from the site's FP input channel maxima and its weight."""
     def rule(x: torch.Tensor, site: str) -> torch.Tensor:
         lin = fp_model.get_submodule(site)
         absmax = x.detach().abs().reshape(-1, lin.in_features).amax(0)
         return smoothing_factors(absmax, lin.weight, alpha)
 
-    factors = linear_inputs(fp_model, replace(recipe, smooth=None), calib_lr, rule)
+    return rule
+
+
+def measure_smoothing(fp_model: nn.Module, recipe: QuantRecipe, calib_lr: torch.Tensor,
+                      alpha: float) -> dict[str, torch.Tensor]:
+    """{linear module path: (K,) factors} for every quantized linear, from one FP pass over
+    ``calib_lr`` (N, 3, H, W) in [0, 1]."""
+    factors = linear_inputs(fp_model, replace(recipe, smooth=None), calib_lr,
+                            smoothing_rule(fp_model, alpha))
     log.info("smoothing (alpha %.2f) measured for %d linear inputs", alpha, len(factors))
     return factors

@@ -12,8 +12,8 @@ from calibrate.calibfile import (
     save_calibration,
     state_checksum,
 )
-from calibrate.dobi import init_bounds
-from calibrate.gptq import apply_gptq, gptq_round, input_hessians
+from calibrate.dobi import dobi_bounds, init_bounds
+from calibrate.gptq import HessianTap, apply_gptq, gptq_round, input_hessians
 from calibrate.prepare import QuantRecipe, prepare
 from calibrate.qmodules import QuantLinear
 from calibrate.quantizer import BoundFakeQuantizer
@@ -64,6 +64,21 @@ def test_hessians_are_of_the_rotated_input(tiny_swinir):
     h.remove()
     rows = seen["x"].reshape(-1, lin.in_features).double()
     assert torch.allclose(hs[name], rows.T @ rows)
+
+
+def test_hessians_tapped_on_dobis_pass_are_those_of_a_pass_of_their_own(tiny_swinir):
+    """``calibrate_model`` gathers GPTQ's Hessians on DOBI's pass: the same tensors, bit for bit,
+    and the same bounds as DOBI without the tap."""
+    student = prepare(tiny_swinir(2), QuantRecipe(bits=4, rotate=("fc1",), weight_grid="channel"))
+    calib = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    tap = HessianTap(student)
+    tapped, _ = dobi_bounds(student, calib, [4], tap=tap)
+    plain, _ = dobi_bounds(student, calib, [4])
+    own = input_hessians(student, calib)
+    assert set(tap.hessians) == set(own) == {n for n, m in student.named_modules()
+                                             if isinstance(m, QuantLinear)}
+    assert all(torch.equal(tap.hessians[n], own[n]) for n in own)
+    assert tapped == plain
 
 
 def test_gptq_weights_survive_a_calibration_file_and_export(tiny_swinir, tmp_path):

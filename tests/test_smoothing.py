@@ -80,6 +80,22 @@ def test_measured_factors_cover_every_quantized_linear():
     assert not recipe.faithful
 
 
+def test_smoothing_and_the_rotation_choice_share_one_pass_with_the_same_results():
+    """``calibrate_model`` measures both on one FP pass (``linear_inputs_many``)."""
+    from calibrate.site_choice import choose_rotations, linear_inputs_many, rotation_rule
+    from calibrate.smoothing import smoothing_rule
+
+    fp = make_outlier_swinir(depths=(2,), num_heads=(2,))
+    calib = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    recipe = QuantRecipe(bits=4, smooth=0.65)
+    both = linear_inputs_many(fp, recipe, calib, {"smooth": smoothing_rule(fp, 0.65),
+                                                 "rotate": rotation_rule(fp, recipe)})
+    alone = measure_smoothing(fp, recipe, calib, 0.65)
+    assert set(both["smooth"]) == set(alone)
+    assert all(torch.equal(both["smooth"][s], alone[s]) for s in alone)
+    assert both["rotate"] == choose_rotations(fp, recipe, calib)[1]
+
+
 @pytest.mark.parametrize("target", ["ort", "trt"])
 def test_smoothed_export_is_exact_and_survives_a_calibration_file(tmp_path, target):
     fp = make_outlier_swinir(depths=(2,), num_heads=(2,))
