@@ -47,9 +47,11 @@ class _LinearMark(torch.autograd.Function):
     @staticmethod
     def symbolic(g, x, name: str, out_features: int):
         out = g.op(f"{DOMAIN}::QLinear", x, site_s=name)
-        sizes = x.type().sizes()
-        if sizes is not None:  # static shapes let the exporter fold the Shape/Gather arithmetic
-            out.setType(x.type().with_sizes([*sizes[:-1], out_features]))
+        t = x.type()
+        sizes = t.varyingSizes()  # None for a dimension the export leaves symbolic
+        if sizes is not None:  # static shapes let the exporter fold the Shape/Gather arithmetic;
+            # a dynamic export still learns the rank, dtype and feature width (no warning)
+            out.setType(t.with_sizes([*sizes[:-1], out_features]))
         return out
 
 
