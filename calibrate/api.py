@@ -576,6 +576,8 @@ def calibrate(cfg: CalibrationConfig, lm=None) -> Path:
                     "counts from the start of the command)", out, stopped)
     else:
         clear_dqc_state(state)
-    log.info("wrote %s (%s, W%dA%d, x%d, held-out %.3f dB)", out, cfg.method, cfg.bits,
-             cfg.bits, lm.scale, cal.meta.stats["val_psnr"])
+    n_val = (cal.meta.stats.get("val_patches") or ["?"])[0]
+    log.info("wrote %s (%s, W%dA%d, x%d; %.3f dB on DQC's %s held-out validation patches, not "
+             "build's validation crops)", out, cfg.method, cfg.bits, cfg.bits, lm.scale,
+             cal.meta.stats["val_psnr"], n_val)
     return out

@@ -48,7 +48,7 @@ from edge_sr.data.images import to_uint8
 from edge_sr.errors import EdgeSRError
 from edge_sr.fileio import atomic_path
 from edge_sr.hardware import native_bf16
-from edge_sr.logutil import progress_disabled
+from edge_sr.logutil import QuietBarLog, progress_disabled
 from edge_sr.metrics import psnr_y
 
 log = logging.getLogger(__name__)
@@ -364,6 +364,7 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
         bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations,
                    desc="DQC", disable=progress_disabled(), leave=False)
         post = {"val": f"{best[1]:.2f}"}
+        quiet = QuietBarLog(bar)  # a redirected log: a line every LOG_EVERY_S seconds
         for it in bar:
             loss = trainer.step(sample(it, cfg.batch).to(dev))
             done = it + 1
@@ -380,6 +381,9 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
                 post["val"] = f"{v:.2f}"
                 log.debug("DQC %d: loss %.4g, val %.3f dB", done, loss.item(), v)
             bar.set_postfix(post, refresh=False)
+            if quiet.due():
+                log.info("DQC: iteration %d of %d, %.0f s; best held-out %.3f dB (iteration %d)",
+                         done, cfg.iterations, quiet.elapsed(), best[1], best[0])
             if state_path is not None and (done % cfg.ckpt_every == 0 or done == cfg.iterations
                                            or late):
                 _save_state(state_path, cfg, done, student, opt, history, best,

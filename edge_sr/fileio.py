@@ -51,6 +51,15 @@ def check_writable(path: str | os.PathLike, option: str) -> Path:
         raise EdgeSRError(f"{option} {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise EdgeSRError(f"{option} {path}: cannot write in {parent} (permission denied)")
+    # os.access says yes to root everywhere: a probe file tells a read-only or pseudo file
+    # system (/proc, a read-only mount) before the work, not after it
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".edge-sr-probe-", dir=parent)
+    except OSError as e:
+        raise EdgeSRError(f"{option} {path}: cannot write in {parent} "
+                          f"({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
     return path
 
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+
+# a redirected log gets a progress line this often while a long loop runs (it shows no bar)
+LOG_EVERY_S = 30.0
 
 
 def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
@@ -24,3 +28,25 @@ def progress_disabled() -> bool | None:
     if os.environ.get("EDGE_SR_PROGRESS") == "1":
         return False
     return None
+
+
+class QuietBarLog:
+    """A progress line for a redirected log, where the tqdm ``bar`` is hidden: ``due()`` is
+    True at most once every ``every_s`` seconds (``LOG_EVERY_S`` by default, read at each call),
+    and never while the bar shows. ``elapsed()``: seconds since it was made."""
+
+    def __init__(self, bar, every_s: float | None = None) -> None:
+        self.bar, self.every_s = bar, every_s
+        self.t0 = self.last = time.perf_counter()
+
+    def due(self) -> bool:
+        if not self.bar.disable:
+            return False
+        now = time.perf_counter()
+        if now - self.last < (LOG_EVERY_S if self.every_s is None else self.every_s):
+            return False
+        self.last = now
+        return True
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0

@@ -436,7 +436,7 @@ def build(cfg: BuildConfig) -> BuildResult:
                  "%s: %.2fx, median of %d interleaved calls", out, sp["engine_ms"],
                  *sp["input_hw"][::-1], sp["fp32_ms"], sp["device"], sp["speed_vs_fp32"],
                  sp["runs"])
-        if sp["speed_vs_fp32"] < 1.0:
+        if sp["speed_vs_fp32"] < 1.0 and sp.get("speed_vs_fp32_rounds", {}).get("clear", True):
             log.warning("the engine ran slower than its FP32 graph here (%.2fx, %d calls): a quick "
                         "check, so measure a frame with 'edge-sr profile --engine %s --compare'; "
                         "docs/results/grids.md says which options are faster on a CPU",

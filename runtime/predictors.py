@@ -150,7 +150,10 @@ def make_predictor(model=None, scale: int | None = None,
     if isinstance(model, torch.nn.Module):
         found = int(model.scale)
         _check_scale(scale, found, "the model")
-        return TorchPredictor(model.to(device), found, name=type(model).__name__)
+        recipe = getattr(model, "quant_recipe", None)  # a calibrated (fake-quant) student
+        name = type(model).__name__ if recipe is None else \
+            f"fake-quant W{recipe.bits}A{recipe.bits} {type(model).__name__}"
+        return TorchPredictor(model.to(device), found, name=name)
     lm = load_model(model, scale=None, device=device)
     _check_scale(scale, lm.scale, f"checkpoint {lm.name}")
     return TorchPredictor(lm.model, lm.scale, name=lm.name,

@@ -2,14 +2,16 @@
 
 A frame is the whole user-visible path: tiling, the backend calls, blending (a dynamic engine:
 padding, one call, the crop; every baseline then runs the whole frame too). After ``warmup``
-frames, ``runs`` frames are timed; p50/p90/p99 and frames/s (1 / mean latency) are reported.
+frames, ``runs`` frames are timed; p50/p90/p99 and frames/s (1 / p50) are reported.
 With ``compare`` the engine's FP32 graph runs on the same backend, interleaved frame by frame with
 the quantized one so machine noise hits both alike, and the FP32/quantized latency ratio is given.
 For an ONNX Runtime engine ``compare`` also times, in the same loop, on the same frame and thread
 count, what a user would run instead (``runtime.ort_baseline``; ``baselines`` picks them): the
 graph ORT's own ``quantize_static`` makes of the FP32 graph (INT8 QDQ, cached in the engine
 directory; making it takes about a minute for SwinIR-light at 320x180) and the FP checkpoint in
-PyTorch eager FP32. Each row gets ``speed_vs_fp32_p50`` (FP32 p50 / its p50); a
+PyTorch eager FP32. Each row gets ``speed_vs_fp32_p50`` (FP32 p50 / its p50) and
+``speed_vs_fp32_rounds`` (the quartiles of the per-round ratios: when they straddle 1 the
+verdict is "about as fast", not faster or slower); a
 baseline that cannot be made here (no checkpoint, no pool data) is skipped with a warning and
 listed under ``skipped``, unless ``require_baselines`` (baselines the user named): then it is an
 ``EdgeSRError`` before the timed runs.
@@ -20,8 +22,10 @@ few interleaved calls, recorded in the manifest.
 Peak memory is the peak resident set size (Linux ``VmHWM``, reset through
 ``/proc/self/clear_refs``) during session creation and warm-up, minus the RSS just before: it
 counts the graph, the runtime's arenas and the activations (native allocations that
-``tracemalloc`` cannot see). Where the peak cannot be reset it falls back to ``ru_maxrss``, a
-process-lifetime peak, and says so.
+``tracemalloc`` cannot see). The variants load one after the other in one process, so the first
+also pays the runtime's one-time set-up and later ones may reuse memory freed before them;
+``process_peak_rss_mib`` is the process's own peak RSS so far. Where the peak cannot be reset it
+falls back to ``ru_maxrss``, a process-lifetime peak, and says so.
 """
 
 from __future__ import annotations
@@ -159,14 +163,39 @@ class PeakMemory:
         self.delta_mib = max(0, peak - self.before) / 1024
 
 
+# the fewest runs behind a printed p90 / p99 (the JSON keeps them all): with fewer, the
+# percentile is the slowest run or an interpolation next to it, not a tail
+MIN_RUNS_P90, MIN_RUNS_P99 = 10, 50
+
+
 def latency_stats(seconds: list[float], frame_hw: tuple[int, int]) -> dict:
+    """p50/p90/p99/mean/min in ms of per-frame ``seconds``; frames/s and LR megapixels/s from
+    the median (p50), as every speed ratio here is."""
     ms = np.asarray(seconds) * 1000.0
-    return {"runs": len(ms), "p50_ms": float(np.percentile(ms, 50)),
+    p50 = float(np.percentile(ms, 50))
+    return {"runs": len(ms), "p50_ms": p50,
             "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)),
             "mean_ms": float(ms.mean()), "min_ms": float(ms.min()),
-            "fps": float(1000.0 / ms.mean()),
-            "megapixels_per_s": float(frame_hw[0] * frame_hw[1] / 1e6 / (ms.mean() / 1000.0)),
+            "fps": 1000.0 / p50,
+            "megapixels_per_s": frame_hw[0] * frame_hw[1] / 1e6 / (p50 / 1000.0),
             "latencies_ms": [round(float(v), 3) for v in ms]}
+
+
+def round_ratios(fp32_s: list[float], other_s: list[float]) -> dict:
+    """The FP32 / variant time ratio of each interleaved round, and its quartiles: the spread
+    the machine's noise gives the p50 ratio. ``clear``: the middle half of the rounds is all on
+    one side of 1 (else the two are too close to call on this run)."""
+    r = np.asarray(fp32_s) / np.asarray(other_s)
+    q25, q75 = (float(v) for v in np.percentile(r, [25, 75]))
+    return {"q25": q25, "q75": q75, "clear": bool(q25 > 1.0 or q75 < 1.0)}
+
+
+def speed_verdict(ratio: float, spread: dict, what: str = "quantized") -> str:
+    """``faster`` / ``slower`` when the per-round ratios agree, else ``about as fast``."""
+    if not spread["clear"]:
+        return (f"{what} about as fast: the rounds' ratios span {spread['q25']:.2f}-"
+                f"{spread['q75']:.2f}x (middle half), within this machine's noise")
+    return f"{what} {'faster' if ratio > 1 else 'slower'}"
 
 
 def default_paths(cfg: ProfileConfig, engine_name: str) -> tuple[Path, Path]:
@@ -223,7 +252,8 @@ def profile(cfg: ProfileConfig) -> dict:
                 baselines.pop(label, None)
                 continue
             memory[label] = {"peak_rss_increase_mib": round(mem.delta_mib, 1),
-                             "peak_rss_mib": round(mem.peak_mib, 1), "method": mem.method}
+                             "process_peak_rss_mib": round(mem.peak_mib, 1),
+                             "method": mem.method}
         times = time_interleaved(preds, frame, cfg.runs, cfg.max_seconds)
     finally:
         for p in preds.values():
@@ -247,8 +277,9 @@ def profile(cfg: ProfileConfig) -> dict:
     }
     if cfg.compare:
         f = result["variants"]["fp32"]
-        for v in result["variants"].values():
+        for k, v in result["variants"].items():
             v["speed_vs_fp32_p50"] = f["p50_ms"] / v["p50_ms"]
+            v["speed_vs_fp32_rounds"] = round_ratios(times["fp32"], times[k])
         result["ratio_fp32_over_quantized_p50"] = result["variants"]["quantized"][
             "speed_vs_fp32_p50"]
         result["baselines"] = baselines
@@ -289,7 +320,8 @@ def speed_check(eng, runs: int = 5, threads: int | None = None, seed: int = 0) -
     a dynamic engine: its trace shape), after one warm-up call each.
 
     ``eng``: a ``runtime.engine.Engine``. Returns ``engine_ms`` and ``fp32_ms`` (medians, ms per
-    call), ``speed_vs_fp32`` (fp32_ms / engine_ms: > 1 means the engine is faster), the input
+    call), ``speed_vs_fp32`` (fp32_ms / engine_ms: > 1 means the engine is faster) with
+    ``speed_vs_fp32_rounds`` (``round_ratios``: is the difference clear of the noise), the input
     (height, width), runs, threads, the runtime, its device and the CPU's model name. A few
     calls on a busy machine move by 10-30 %: ``edge-sr profile --compare`` measures a frame
     properly."""
@@ -308,8 +340,11 @@ def speed_check(eng, runs: int = 5, threads: int | None = None, seed: int = 0) -
         for p in preds.values():
             p.close()
     med = {k: 1000.0 * float(np.median(v)) for k, v in times.items()}
+    spread = round_ratios(times["fp32"], times["engine"])
     return {"engine_ms": round(med["engine"], 2), "fp32_ms": round(med["fp32"], 2),
             "speed_vs_fp32": round(med["fp32"] / med["engine"], 3),
+            "speed_vs_fp32_rounds": {k: round(v, 3) if isinstance(v, float) else v
+                                     for k, v in spread.items()},
             "input_hw": [h, w], "runs": len(times["engine"]), "threads": used,
             "runtime": info.name, "device": info.device, "cpu": cpu_model()}
 
@@ -411,22 +446,33 @@ def table(result: dict) -> str:
              f"{'variant':<20} {'precision':<30} {'runs':>4} {'p50 ms':>9} {'p90 ms':>9} "
              f"{'p99 ms':>9} {'frames/s':>9} {'peak MiB':>9}" + (f" {'vs fp32':>8}" if speed
                                                                     else "")]
+    def pct(v: dict, key: str, least: int) -> str:
+        return f"{v[key]:>9.1f}" if v["runs"] >= least else f"{'-':>9}"
+
     for k, v in result["variants"].items():
         lines.append(f"{k:<20} {v['precision']:<30} {v['runs']:>4} {v['p50_ms']:>9.1f} "
-                     f"{v['p90_ms']:>9.1f} {v['p99_ms']:>9.1f} {v['fps']:>9.3g} "
-                     f"{v['memory']['peak_rss_increase_mib']:>9.1f}"
+                     f"{pct(v, 'p90_ms', MIN_RUNS_P90)} {pct(v, 'p99_ms', MIN_RUNS_P99)} "
+                     f"{v['fps']:>9.3f} {v['memory']['peak_rss_increase_mib']:>9.1f}"
                      + (f" {v['speed_vs_fp32_p50']:>7.2f}x" if speed else ""))
     if "ratio_fp32_over_quantized_p50" in result:
         r = result["ratio_fp32_over_quantized_p50"]
-        lines.append(f"FP32 / quantized p50 latency: {r:.2f}x "
-                     f"({'quantized faster' if r > 1 else 'quantized slower'})")
+        spread = result["variants"]["quantized"].get("speed_vs_fp32_rounds")
+        lines.append(f"FP32 / quantized p50 latency: {r:.2f}x ("
+                     + (speed_verdict(r, spread) if spread else
+                        "quantized faster" if r > 1 else "quantized slower") + ")")
     if speed:
-        lines.append("vs fp32: the ORT FP32 graph's p50 / the row's p50 (> 1: faster)")
+        lines.append("vs fp32: the ORT FP32 graph's p50 / the row's p50 (> 1: faster); "
+                     "frames/s: 1000 / p50")
+    if any(v["runs"] < MIN_RUNS_P99 for v in result["variants"].values()):
+        lines.append(f"p90 / p99: printed from {MIN_RUNS_P90} / {MIN_RUNS_P99} runs up (--runs, "
+                     "--max-seconds); the JSON has every latency")
     st = (result.get("baselines") or {}).get(STATIC_LABEL)
     if st:
         lines.append(f"{STATIC_LABEL}: {st['graph']} ("
                      + ("cached" if st["cached"] else f"made in {st['seconds']:.1f} s") + ")")
     for k, why in (result.get("skipped") or {}).items():
         lines.append(f"skipped {k}: {why}")
-    lines.append("peak MiB: " + next(iter(result["variants"].values()))["memory"]["method"])
+    lines.append("peak MiB: " + next(iter(result["variants"].values()))["memory"]["method"]
+                 + ", while the variant was loaded and warmed up, in the order of the rows "
+                 "(the first also pays the runtime's one-time set-up)")
     return "\n".join(lines)

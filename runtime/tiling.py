@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
-from edge_sr.logutil import progress_disabled
+from edge_sr.logutil import LOG_EVERY_S, QuietBarLog, progress_disabled
 
 log = logging.getLogger(__name__)
-LOG_EVERY_S = 30.0  # a redirected log's progress line while tiles run (no bar there)
 
 
 def axis_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -164,11 +162,10 @@ def run_tiled(backend, lr: np.ndarray, overlap: int | None = None,
     bar = tqdm(total=len(boxes), desc="tiles", unit="tile", leave=False,
                disable=not progress or progress_disabled())
     # without a bar (a redirected log), a line every LOG_EVERY_S seconds says the work goes on
-    t0 = last = time.perf_counter()
+    quiet = QuietBarLog(bar, every_s=LOG_EVERY_S)
     for i in range(0, len(boxes), backend.max_batch):
-        if progress and bar.disable and time.perf_counter() - last >= LOG_EVERY_S:
-            last = time.perf_counter()
-            log.info("tiles: %d of %d done in %.0f s", i, len(boxes), last - t0)
+        if progress and quiet.due():
+            log.info("tiles: %d of %d done in %.0f s", i, len(boxes), quiet.elapsed())
         chunk = boxes[i:i + backend.max_batch]
         batch = np.stack([x[:, y:y + th, xx:xx + tw] for y, xx in chunk])
         sr = backend.run(np.ascontiguousarray(batch))

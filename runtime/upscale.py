@@ -228,7 +228,7 @@ def upscale_frame(predictor, rgb: np.ndarray) -> np.ndarray:
 
 def upscale_float(predictor, x: np.ndarray, progress: bool = False) -> np.ndarray:
     """float32 (H, W, 3) in [0, 1] -> float32 (H*s, W*s, 3), not clamped. ``progress``: a tile
-    bar on a terminal, else a log line every ``runtime.tiling.LOG_EVERY_S`` seconds."""
+    bar on a terminal, else a log line every ``edge_sr.logutil.LOG_EVERY_S`` seconds."""
     sr = predictor.run_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32),
                              progress=progress)[0]
     return np.ascontiguousarray(sr.transpose(1, 2, 0))
@@ -241,8 +241,13 @@ def upscale_picture(predictor, pic: Picture, plan: ImagePlan) -> tuple[np.ndarra
     The alpha plane goes through the same engine as a grey image and one channel of the result
     (their mean) is kept: the usual practice of SR tools (Real-ESRGAN's default), which keeps
     edges of cut-outs as sharp as the colour's. Colour is upscaled as stored, not premultiplied.
+    A grey picture (``Picture.grey``) stays grey: the model's three output channels differ a
+    little along edges, and their mean is written to all three.
     """
-    rgb = quantize(upscale_float(predictor, pic.rgb01(), progress=True), plan.bits)
+    sr = upscale_float(predictor, pic.rgb01(), progress=True)
+    if pic.grey:
+        sr = np.repeat(sr.mean(axis=2, keepdims=True), 3, axis=2)
+    rgb = quantize(sr, plan.bits)
     alpha = None
     if plan.alpha:
         a = pic.alpha01()

@@ -218,7 +218,19 @@ def test_models_command_lists_registry(data_root):
     assert result.exit_code == 0, result.output
     lines = {line.split()[0]: line for line in result.output.splitlines()}
     assert re.search(r"swinir-light\s+x2\s+\S+swinir_light_x2_ref\.pth", lines["swinir-light-x2-ref"])
-    assert lines["swinir-light-x4"].endswith("not available")
+    assert re.search(r"not here: .*put \S+\.pth in \$EDGE_SR_MODELS", lines["swinir-light-x4"])
+
+
+def test_models_says_to_set_edge_sr_data_when_no_data_folder_is_found(monkeypatch):
+    import edge_sr.paths
+    from edge_sr.cli import main
+
+    monkeypatch.setattr(ck, "data_root", lambda required=True: None)
+    monkeypatch.setattr(edge_sr.paths, "data_root", lambda required=True: None)
+    out = CliRunner().invoke(main, ["models"]).output
+    line = next(x for x in out.splitlines() if x.startswith("swinir-light-x2-ref "))
+    assert line.endswith("or set EDGE_SR_DATA to the data folder (none found) holding "
+                         "models/swinir_light_x2_ref.pth"), line
 
 
 def test_a_shared_checkpoint_without_the_data_folder_says_to_set_edge_sr_data(monkeypatch):

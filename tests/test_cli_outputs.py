@@ -31,6 +31,19 @@ def test_check_writable(tmp_path):
         check_writable(tmp_path / "notes.txt" / "deeper" / "c.json", "--json")
 
 
+def test_check_writable_probes_the_folder(tmp_path):
+    """Root passes every os.access check: a folder where no file can be made (/proc here) is
+    still refused before any work, and the probe leaves nothing behind."""
+    import os
+
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc on this system")
+    with pytest.raises(EdgeSRError, match=r"^--json /proc/x/r.json: cannot write in /proc"):
+        check_writable("/proc/x/r.json", "--json")
+    check_writable(tmp_path / "ok.json", "--json")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_os_error_line():
     assert os_error_message(FileExistsError(17, "File exists", "notes.txt")) == \
         "notes.txt: File exists"

@@ -50,6 +50,25 @@ def test_tiny_dqc_lowers_loss_and_trains_only_bounds(tiny_swinir, one_thread):
         assert _distill_loss(student, fp, x) < before
 
 
+def test_a_redirected_log_hears_from_dqc_now_and_then(tiny_swinir, one_thread, monkeypatch,
+                                                      caplog):
+    """No bar in a log file: DQC says where it is every LOG_EVERY_S seconds instead."""
+    import logging
+
+    import calibrate.dqc as dqc
+    import edge_sr.logutil as logutil
+
+    fp, student, sample, val = _setup(tiny_swinir, bits=4)
+    monkeypatch.setattr(dqc, "progress_disabled", lambda: True)
+    monkeypatch.setattr(logutil, "LOG_EVERY_S", 0.0)
+    cfg = DQCConfig(iterations=3, batch=1, lr_patch=16, val_every=3, ckpt_every=100)
+    with caplog.at_level(logging.INFO, logger="calibrate.dqc"):
+        run_dqc(student, fp, sample, val, cfg)
+    lines = [r.getMessage() for r in caplog.records if " of 3, " in r.getMessage()]
+    assert [m.split(",")[0] for m in lines] == [f"DQC: iteration {i} of 3" for i in (1, 2, 3)]
+    assert "best held-out" in lines[-1]
+
+
 def test_training_loss_decreases(tiny_swinir, one_thread):
     # 4 bits and lr 1e-3: at 2 bits the tiny random model's loss is too jagged for 25 steps
     fp, student, sample, val = _setup(tiny_swinir, bits=4)

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from PIL import ExifTags, Image, ImageOps
 
 from edge_sr.cli import main
-from edge_sr.data.media import _orient, load_image, read_image
+from edge_sr.data.media import _orient, load_image, quantize, read_image
 from edge_sr.errors import EdgeSRError
 from runtime.upscale import UpscaleConfig, upscale
 
@@ -176,7 +176,6 @@ def test_row2_alpha_is_kept_and_upscaled(tmp_path, nearest_engine):
 def test_row2_alpha_through_the_engine(tmp_path, tiny_engine):
     """With a real engine the alpha plane is upscaled by the model, as a grey image (the mean of
     the three output channels), and the colour exactly as an RGB image would be."""
-    from edge_sr.data.media import quantize
     from runtime.predictors import engine_predictor
     from runtime.upscale import upscale_float, upscale_frame
 
@@ -188,6 +187,24 @@ def test_row2_alpha_through_the_engine(tmp_path, tiny_engine):
     np.testing.assert_array_equal(out[..., :3], upscale_frame(pred, rgba[..., :3]))
     grey = np.repeat(rgba[..., 3:] / np.float32(255), 3, axis=2)
     np.testing.assert_array_equal(out[..., 3], quantize(upscale_float(pred, grey).mean(2), 8))
+
+
+def test_a_grey_input_gives_a_grey_output(tmp_path, tiny_engine):
+    """The model's three channels differ along edges; a grey picture is written with their mean
+    in all three (a colour picture as the model gives it)."""
+    from runtime.predictors import engine_predictor
+    from runtime.upscale import upscale_float
+
+    grey = np.random.default_rng(3).integers(0, 256, (24, 20), dtype=np.uint8)
+    Image.fromarray(grey, "L").save(tmp_path / "g.png")
+    out = np.asarray(Image.open(_run(tiny_engine, tmp_path / "out", tmp_path / "g.png")
+                                .outputs[0]).convert("RGB"))
+    assert out.shape == (48, 40, 3)
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+    sr = upscale_float(engine_predictor(tiny_engine, threads=1),
+                       np.repeat(grey[..., None] / np.float32(255), 3, axis=2))
+    assert np.abs(sr[..., 0] - sr[..., 2]).max() > 1 / 255  # the raw output is not grey
+    np.testing.assert_array_equal(out[..., 0], quantize(sr.mean(2), 8))
 
 
 def test_row2_alpha_kinds_and_options(tmp_path, nearest_engine):

@@ -4,6 +4,7 @@ engine whose FP checkpoint is on disk (``conftest.make_tiny_engine`` plus a save
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,12 @@ def engine(tmp_path_factory):
 
 
 @pytest.fixture
-def count_quantize(monkeypatch):
+def count_quantize(monkeypatch, tmp_path):
+    """Calls of ``quantize_static_graph``, with a user cache of the test's own (the tiny engines
+    share one FP32 graph, so a shared cache would answer for them)."""
     import runtime.ort_baseline as ob
+
+    monkeypatch.setenv("EDGE_SR_CACHE", str(tmp_path / "user-cache"))
 
     calls = []
     real = ob.quantize_static_graph
@@ -62,7 +67,12 @@ def test_compare_rows_and_cache(engine, tmp_path, data_root, count_quantize):
     assert res["variants"]["torch_eager_fp32"]["runtime"] == "pytorch-eager"
     assert res["skipped"] == {} and res["threads"] == 1
     st = res["baselines"]["ort_quantize_static"]
-    assert st["cached"] is False and st["graph"] == str(engine / "ort_quantize_static.onnx")
+    from edge_sr.checkpoints import cache_dir
+
+    # in the user cache: the engine directory keeps only what a device needs
+    assert st["cached"] is False and st["graph"] == str(
+        cache_dir() / "ort_quantize_static" / f"{st['key']}.onnx")
+    assert not (engine / "ort_quantize_static.onnx").exists()
     assert st["settings"]["per_channel"] and st["calibration"]["patches"] == 8
     assert len(st["calibration"]["images"]) == 8
     assert res["baselines"]["torch_eager_fp32"]["matches_manifest"] is True
@@ -133,9 +143,12 @@ def test_stale_or_corrupt_cache_is_rebuilt(tmp_path, data_root, count_quantize):
     from runtime.ort_baseline import STATIC_FILE, ort_static_graph
 
     eng = make_tiny_engine(tmp_path / "stale")
-    (eng / STATIC_FILE).write_bytes(b"not a graph")
+    (eng / STATIC_FILE).write_bytes(b"not a graph")  # an earlier version's place, corrupt
     path, info = ort_static_graph(open_engine(eng))
-    assert path == eng / STATIC_FILE and info["cached"] is False and len(count_quantize) == 1
+    assert path.parent.name == "ort_quantize_static" and path.name == f"{info['key']}.onnx"
+    assert info["cached"] is False and len(count_quantize) == 1
+    shutil.move(path, eng / STATIC_FILE)  # a good one there is used
+    assert ort_static_graph(open_engine(eng))[0] == eng / STATIC_FILE
     _, info = ort_static_graph(open_engine(eng), n_calib=4)  # other settings: another key
     assert info["cached"] is False and len(count_quantize) == 2
     assert ort_static_graph(open_engine(eng), n_calib=4)[1]["cached"] is True

@@ -228,12 +228,28 @@ def test_profile_compare_json_plot(engine, tmp_path):
         assert v["runs"] == 3 and len(v["latencies_ms"]) == 3
         assert 0 < v["p50_ms"] <= v["p90_ms"] <= v["p99_ms"]
         mem = v["memory"]  # a real reading: the process holds torch and ORT, so > 50 MiB
-        assert mem["peak_rss_mib"] > 50 and mem["peak_rss_increase_mib"] <= mem["peak_rss_mib"]
+        assert (mem["process_peak_rss_mib"] > 50
+                and mem["peak_rss_increase_mib"] <= mem["process_peak_rss_mib"])
         assert mem["method"].startswith(("peak RSS", "ru_maxrss"))
     assert res["ratio_fp32_over_quantized_p50"] > 0
+    q = res["variants"]["quantized"]
+    assert q["fps"] == pytest.approx(1000.0 / q["p50_ms"])  # the same median as every ratio
+    assert q["speed_vs_fp32_rounds"]["q25"] <= q["speed_vs_fp32_rounds"]["q75"]
+    assert "-" in r.output.split("p50 ms")[1].splitlines()[1]  # no p99 of 3 runs printed
     png = js.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "p50 ms" in r.output and "FP32 / quantized" in r.output
+
+
+def test_speed_verdict_says_too_close_to_call_when_the_rounds_disagree():
+    from runtime.profile import round_ratios, speed_verdict
+
+    clear = round_ratios([1.2, 1.1, 1.3, 1.2], [1.0, 1.0, 1.0, 1.0])
+    assert clear["clear"] and speed_verdict(1.2, clear) == "quantized faster"
+    close = round_ratios([1.0, 1.2, 0.9, 1.1], [1.05, 1.0, 1.0, 1.05])
+    assert not close["clear"] and speed_verdict(1.02, close).startswith("quantized about as fast")
+    slow = round_ratios([0.8, 0.9, 0.85], [1.0, 1.0, 1.0])
+    assert speed_verdict(0.85, slow) == "quantized slower"
 
 
 def test_dynamic_engine_upscales_two_sizes_whole(tmp_path):

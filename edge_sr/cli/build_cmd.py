@@ -121,7 +121,12 @@ def build_cmd(bits, scale, model, backend, budget, method, tile, input_size, dyn
                f"{v['psnr_y_fp_db']:.3f} dB; fidelity vs fake-quant {v['fidelity_psnr_y_db']:.2f} dB")
     if (sp := res.manifest.speed) is not None:
         h, w = sp["input_hw"]
+        spread = sp.get("speed_vs_fp32_rounds")
+        noise = ("" if not spread or spread["clear"] else
+                 f"; the calls' ratios span {spread['q25']:.2f}-{spread['q75']:.2f}x, too close "
+                 "to call")
         click.echo(f"speed on this machine, {sp.get('device', sp['cpu'])}: engine "
                    f"{sp['engine_ms']:.1f} ms, its FP32 graph {sp['fp32_ms']:.1f} ms per {w}x{h} "
                    f"LR tile: the engine runs {sp['speed_vs_fp32']:.2f}x as fast (median of "
-                   f"{sp['runs']} interleaved calls; 'edge-sr profile --compare' times a frame)")
+                   f"{sp['runs']} interleaved calls{noise}; 'edge-sr profile --compare' times a "
+                   "frame)")

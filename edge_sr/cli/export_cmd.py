@@ -48,8 +48,9 @@ def export_cmd(calibration, target, tile, dynamic, batch, opset, weight_containe
     from edge_sr.cli.options import echo_info, parse_size
     from edge_sr.errors import EdgeSRError
 
-    if not Path(calibration).is_file():
-        raise EdgeSRError(f"CALIBRATION: file {calibration} not found")
+    if not Path(calibration).is_file():  # the words build and eval use (calibfile)
+        raise EdgeSRError(f"calibration file {calibration}: expected a file written by 'edge-sr "
+                          "calibrate', found nothing there")
     cfg = ExportConfig(target=target, tile=parse_size(tile, "--tile"), batch=batch, opset=opset,
                        lowbit_plugin=lowbit_plugin, weight_container=weight_container,
                        dynamic=dynamic, keep_names=keep_names,

@@ -102,6 +102,12 @@ class Picture:
     def alpha01(self) -> np.ndarray | None:
         return None if self.alpha is None else self.alpha.astype(np.float32) / np.float32(self.peak)
 
+    @property
+    def grey(self) -> bool:
+        """Every pixel's three channels are equal (a greyscale file, or grey stored as RGB)."""
+        r = self.rgb
+        return bool(np.array_equal(r[..., 0], r[..., 1]) and np.array_equal(r[..., 1], r[..., 2]))
+
     def to_uint8(self) -> np.ndarray:
         """uint8 RGB: 8-bit samples as they are, deeper ones rounded from [0, peak] to [0, 255]."""
         if self.bits == 8:
