@@ -118,8 +118,11 @@ EDGE_SR_OPTIONS = dict(rotate=("auto",), weight_grid="channel", rounding="gptq",
 # (see docs/results/accuracy.md); "cpu" is the budget that gained most within 15 minutes of
 # calibration on 2 cores, measured on NGswin x2 W4 held-out patches (benchmarks.dqc_budget, docs/results/beyond.md); "paper" is the paper's.
 DQC_BUDGETS = {
+    # patience 5 (validations): held-out curves on NGswin x2, 2026-12-03 (docs/results/beyond.md,
+    # "DQC patience"): W4's best kept rising to iteration 110 (never 3 stale validations in a
+    # row), W8's flattened at 30 (stops at 80, -0.001 dB held-out, ~2.7 min sooner)
     "cpu": dict(dqc=DQCConfig(iterations=130, batch=4, lr_patch=64, val_every=10,
-                              ckpt_every=10), val_patches=8, val_patch=64),
+                              ckpt_every=10, patience=5), val_patches=8, val_patch=64),
     "paper": dict(dqc=DQCConfig(iterations=4000, batch=16, lr_patch=64, val_every=100,
                                 ckpt_every=100), val_patches=16, val_patch=64),
     "fast": dict(dqc=DQCConfig(iterations=60, batch=4, lr_patch=16, val_every=20,
@@ -150,6 +153,8 @@ class CalibrationConfig:
     pool: str | Path | None = None  # image folder; default data/train/BSD200
     percentile: float | None = None  # None: pick among PERCENTILES on held-out images
     iterations: int | None = None  # override the budget's DQC iterations (smoke runs)
+    # DQC stops after this many validations without a new best (0: never; None: the budget's)
+    patience: int | None = None
     calib_patches: int = CALIB_PATCHES  # DOBI / baseline statistics: this many LR patches
     calib_patch: int = CALIB_PATCH  # of this size
     device: str = "cpu"  # where the model runs ("cuda" on a workstation GPU); bounds are the same
@@ -244,7 +249,8 @@ class CalibrationConfig:
         only be padded up: NGswin pads every input to 64x64 LR)."""
         base = DQC_BUDGETS[self.budget]["dqc"]
         kw = asdict(base) | {"seed": self.seed, "feature_loss": self.feature_loss}
-        for key, v in (("iterations", self.iterations), ("batch", self.dqc_batch),
+        for key, v in (("iterations", self.iterations), ("patience", self.patience),
+                       ("batch", self.dqc_batch),
                        ("lr_patch", self.dqc_patch), ("val_every", self.val_every),
                        ("bound_lr", self.option("bound_lr")),
                        ("weight_lr", self.option("weight_lr")),
@@ -432,7 +438,7 @@ def _initialised(cfg: CalibrationConfig, student: nn.Module, lm, data: PoolData,
         init_state_path(state_path)
     # everything but what only steers the DQC loop decides the starting point
     key = {k: v for k, v in cfg.to_dict().items()
-           if k not in ("resume", "time_limit", "iterations", "output", "device")}
+           if k not in ("resume", "time_limit", "iterations", "patience", "output", "device")}
     if cfg.resume and path is not None and path.exists():
         st = read_resume_state(path)
         diff = differences(st.get("config", {}), key)
@@ -512,7 +518,8 @@ def calibrate_model(lm, data: PoolData, cfg: CalibrationConfig,
         deadline = None if cfg.time_limit is None else t0 + 60 * cfg.time_limit
         r = run_dqc(student, lm.model, dqc_sampler(data.sampler, cfg.seed), data.val, dqc_cfg,
                     state_path=state_path, resume=cfg.resume, deadline=deadline)
-        stats |= {"dqc_stopped_at": r.stopped_at, "dqc_seconds": r.seconds,
+        stats |= {"dqc_stopped_at": r.stopped_at, "dqc_converged_at": r.converged_at,
+                  "dqc_seconds": r.seconds,
                   "dqc_iterations": r.iterations, "dqc_resumed_at": r.resumed_at,
                   "dqc_best_iteration": r.best_iteration, "val_psnr": r.best_val_psnr,
                   "dqc_history": r.history, "dqc_config": asdict(dqc_cfg)}

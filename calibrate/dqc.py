@@ -82,8 +82,13 @@ class DQCConfig:
     # QDrop (beyond the paper): while DQC trains, each activation element stays FP with this
     # probability (calibrate.quantizer); 0: every element quantized, as the paper
     qdrop: float = 0.0
+    # early stop (beyond the paper): end DQC after this many validations in a row without a new
+    # best held-out PSNR (the best-validated bounds are kept either way); 0: run every iteration
+    patience: int = 0
 
     def __post_init__(self) -> None:
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0 validations, got {self.patience!r}")
         if not 0.0 <= self.qdrop < 1.0:
             raise ValueError(f"qdrop must be a probability in [0, 1), got {self.qdrop!r}")
         if self.precision not in DQC_PRECISIONS:
@@ -109,6 +114,7 @@ class DQCReport:
     history: list[dict] = field(default_factory=list)
     stopped_at: int | None = None  # the iteration a deadline stopped the run at (None: ran out)
     resumed_at: int = 0  # the iteration a --resume continued from (0: a run from the start)
+    converged_at: int | None = None  # the iteration ``patience`` ended a complete run at
 
 
 def output_loss(out_s: torch.Tensor, out_t: torch.Tensor, variant: str) -> torch.Tensor:
@@ -337,6 +343,9 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
     and, with ``resume``, starts from it. ``deadline`` (a ``time.perf_counter()`` value) stops
     the run after the first step that ends past it: the stopping iteration is validated, saved
     to ``state_path`` and reported as ``stopped_at`` (``--resume`` continues from it).
+    ``cfg.patience`` > 0 ends a run after that many validations in a row without a new best
+    held-out PSNR: a complete run, reported as ``converged_at`` (beyond the paper: a budget
+    with patience spends no time after the held-out curve has flattened).
     """
     torch.manual_seed(cfg.seed)
     scale = int(student.scale)
@@ -349,7 +358,7 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
     state_path = Path(state_path) if state_path else None
     t0 = time.perf_counter()
     before = 0.0  # a resumed run's DQC seconds up to its last save
-    stopped_at = None
+    stopped_at = converged_at = None
     try:
         if resume and state_path is not None and state_path.exists():
             st = read_resume_state(state_path)
@@ -392,13 +401,20 @@ def run_dqc(student: nn.Module, teacher: nn.Module, sample: Callable[[int, int],
                 stopped_at = done
                 log.info("DQC: time limit reached at iteration %d of %d", done, cfg.iterations)
                 break
+            stale = sum(1 for h in history if h["iteration"] > best[0])  # validations since
+            if validate and cfg.patience and stale >= cfg.patience and done < cfg.iterations:
+                converged_at = done  # (a resumed run counts ``stale`` from its history alike)
+                log.info("DQC: no better held-out PSNR in %d validations since iteration %d: "
+                         "stopping at iteration %d of %d (patience)", stale, best[0], done,
+                         cfg.iterations)
+                break
         bar.close()
     finally:
         trainer.close()
     load_bounds(student, best[2])
     own = time.perf_counter() - t0
-    rep = DQCReport(stopped_at or cfg.iterations, before + own, best[0], best[1], history,
-                    stopped_at, start)
+    rep = DQCReport(stopped_at or converged_at or cfg.iterations, before + own, best[0], best[1],
+                    history, stopped_at, start, converged_at)
     ran = rep.iterations - start
     log.info("DQC (%s): %d iteration%s in %.0f s%s; best validation %.3f dB at iteration %d",
              cfg.precision, ran, "" if ran == 1 else "s", own,

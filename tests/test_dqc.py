@@ -69,6 +69,38 @@ def test_a_redirected_log_hears_from_dqc_now_and_then(tiny_swinir, one_thread, m
     assert "best held-out" in lines[-1]
 
 
+def test_patience_ends_a_run_whose_held_out_psnr_stopped_rising(tiny_swinir, one_thread,
+                                                                monkeypatch):
+    """``patience``: after that many validations in a row without a new best the run ends,
+    complete, with the best-validated bounds; 0 runs every iteration."""
+    import calibrate.dqc as dqc
+
+    fp, student, sample, val = _setup(tiny_swinir, bits=4)
+    start = {k: v.clone() for k, v in dqc.bounds_state(student).items()}
+    scores = iter([30.0, 29.9, 30.0, 29.8, 29.7, 29.6, 29.5])  # the start stays the best
+    monkeypatch.setattr(dqc, "val_psnr", lambda *a: next(scores))
+    cfg = DQCConfig(iterations=6, batch=1, lr_patch=16, val_every=1, ckpt_every=100, lr=1e-2,
+                    patience=2)
+    rep = run_dqc(student, fp, sample, val, cfg)
+    assert (rep.converged_at, rep.iterations, rep.best_iteration, rep.stopped_at) == (2, 2, 0, None)
+    assert [h["iteration"] for h in rep.history] == [0, 1, 2]
+    assert all(torch.equal(v, start[k]) for k, v in dqc.bounds_state(student).items())
+    scores = iter([30.0, 29.9, 29.8, 29.7, 29.6, 29.5, 29.4])
+    rep = run_dqc(student, fp, sample, val, DQCConfig(**{**cfg.__dict__, "patience": 0}))
+    assert rep.converged_at is None and rep.iterations == 6
+    with pytest.raises(ValueError, match="patience must be >= 0"):
+        DQCConfig(patience=-1)
+    # build's cpu budget stops (measured: docs/results/beyond.md "DQC patience"); fast and the
+    # paper's run every iteration; --patience overrides
+    from calibrate.api import CalibrationConfig
+
+    def patience(budget, p=None):
+        return CalibrationConfig(model="x", bits=4, output="-", budget=budget,
+                                 patience=p).dqc_config(fp).patience
+
+    assert (patience("cpu"), patience("fast"), patience("paper"), patience("cpu", 0)) == (5, 0, 0, 0)
+
+
 def test_training_loss_decreases(tiny_swinir, one_thread):
     # 4 bits and lr 1e-3: at 2 bits the tiny random model's loss is too jagged for 25 steps
     fp, student, sample, val = _setup(tiny_swinir, bits=4)

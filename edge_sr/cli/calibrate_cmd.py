@@ -41,6 +41,10 @@ from edge_sr.cli.options import logging_options, parse_list, parse_optional_list
                    "block; 0 = off. With --iterations 0 it replaces DQC.")
 @click.option("--iterations", type=click.IntRange(min=0), default=None, metavar="N",
               help="DQC iterations instead of the budget's (0: no DQC).")
+@click.option("--patience", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Stop DQC after N validations in a row without a better held-out PSNR (the "
+                   "best bounds are kept); 0: run the budget's iterations. Default: the "
+                   "budget's (cpu: 5, fast and paper: 0).")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="MIN", help="Stop DQC at the first step after this many minutes, "
                                   "counted from the start of calibration (DOBI included), and "
@@ -63,7 +67,7 @@ from edge_sr.cli.options import logging_options, parse_list, parse_optional_list
 @logging_options
 def calibrate_cmd(model, bits, scale, budget, method, seed, shared_qkv_input, search_assignment,
                   wide_inputs, rotate, weight_grid, grid, fp_sites, fp_weights, avg_bits, rounding, smooth, weight_lr, qdrop, quant_conv, recompute, dqc_precision, block_recon, iterations,
-                  time_limit, feature_loss,
+                  patience, time_limit, feature_loss,
                   resume, pool, device, threads, output, force) -> None:
     """Calibrate a low-bit fake-quant model; score it with 'edge-sr eval --calibration FILE'."""
     from calibrate.api import CalibrationConfig, calibrate, dqc_state_path
@@ -80,7 +84,8 @@ def calibrate_cmd(model, bits, scale, budget, method, seed, shared_qkv_input, se
             wide_inputs=parse_list(wide_inputs), rotate=parse_optional_list(rotate),
             weight_grid=weight_grid, grid=grid, fp_sites=parse_optional_list(fp_sites) or (), fp_weights=fp_weights, avg_bits=avg_bits, rounding=rounding, smooth=smooth, weight_lr=weight_lr, qdrop=qdrop, quant_conv=quant_conv, recompute=recompute,
             dqc_precision=dqc_precision,
-            block_recon=block_recon, iterations=iterations, time_limit=time_limit,
+            block_recon=block_recon, iterations=iterations, patience=patience,
+            time_limit=time_limit,
             feature_loss=feature_loss, resume=resume, pool=pool, device=device, force=force))
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: say how to continue, if work was saved
         from calibrate.api import resumable_state
