@@ -211,6 +211,7 @@ class CollectReport:
     seconds: float
     rule_seconds: float
     quantizers: int
+    tap_seconds: float = 0.0  # the ``tap``'s share of ``seconds`` (not in ``rule_seconds``)
 
 
 def per_row(rule: Rule, w: torch.Tensor, search: Search, *extra) -> dict:
@@ -234,7 +235,7 @@ def collect(student: nn.Module, calib_lr: torch.Tensor, rule: Rule,
     with ``rule_arg``, ``rule(tensor, search, rule_arg(name))`` (quantizers that see one tensor
     and give the same ``rule_arg`` share one call). ``tap(name, tensor)``, when given, also sees
     every activation quantizer's input (e.g. ``calibrate.gptq.HessianTap``), in the same pass;
-    its time counts in the report's ``rule_seconds``.
+    its time is the report's ``tap_seconds``.
 
     Quantizers are disabled (identity) during the pass, so every tensor is the FP network's
     activation (spec §7.12); weight quantizers see their weight blocks directly. Each tensor is
@@ -247,6 +248,7 @@ def collect(student: nn.Module, calib_lr: torch.Tensor, rule: Rule,
     results: dict[str, Any] = {}
     cache: dict[tuple, Any] = {}
     rule_time = [0.0]
+    tap_time = [0.0]
 
     def run_rule(name: str, q: BoundFakeQuantizer, x: torch.Tensor) -> None:
         t = time.perf_counter()
@@ -256,6 +258,8 @@ def collect(student: nn.Module, calib_lr: torch.Tensor, rule: Rule,
         if tap is not None:
             host = x.detach().cpu()
             tap(name, host)
+            tap_time[0] += time.perf_counter() - t
+            t = time.perf_counter()
         if key not in cache or pass_name:  # qkv separation: three quantizers see one tensor
             cache.clear()
             # keep ``x`` alive with its result: once freed, a later tensor of the same shape
@@ -289,7 +293,7 @@ def collect(student: nn.Module, calib_lr: torch.Tensor, rule: Rule,
         raise RuntimeError(f"{len(missing)} quantizers saw no data during calibration, "
                            f"e.g. {missing[0]}")
     total = time.perf_counter() - t0
-    return results, CollectReport(total, rule_time[0], len(results))
+    return results, CollectReport(total, rule_time[0], len(results), tap_time[0])
 
 
 def apply_bounds(student: nn.Module, bounds: dict[str, tuple[float, float]]) -> None:
@@ -324,8 +328,9 @@ def dobi_bounds(student: nn.Module, calib_lr: torch.Tensor, bits_list: list[int]
                            x, search, s, max_elements=max_elements, grid=grid),
                        rule_arg=grids.get, tap=tap)
     out = {b: {name: r[fixed.get(name, b)] for name, r in res.items()} for b in bits_list}
-    log.info("DOBI: %d quantizers x %d bit widths in %.1f s (search %.1f s)", rep.quantizers,
-             len(bits_list), rep.seconds, rep.rule_seconds)
+    log.info("DOBI: %d quantizers x %d bit widths in %.1f s (search %.1f s%s)", rep.quantizers,
+             len(bits_list), rep.seconds, rep.rule_seconds,
+             f", GPTQ's Hessians on the same pass {rep.tap_seconds:.1f} s" if tap else "")
     return out, rep
 
 
