@@ -235,7 +235,8 @@ def test_profile_compare_json_plot(engine, tmp_path):
     q = res["variants"]["quantized"]
     assert q["fps"] == pytest.approx(1000.0 / q["p50_ms"])  # the same median as every ratio
     assert q["speed_vs_fp32_rounds"]["q25"] <= q["speed_vs_fp32_rounds"]["q75"]
-    assert "-" in r.output.split("p50 ms")[1].splitlines()[1]  # no p99 of 3 runs printed
+    row = r.output.split("p50 ms")[1].splitlines()[1].split()  # quantized precision runs p50 ...
+    assert row[2] == "3" and row[4:6] == ["-", "-"]  # no p90 / p99 printed from 3 runs
     png = js.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "p50 ms" in r.output and "FP32 / quantized" in r.output
